@@ -1,0 +1,229 @@
+"""Revoke round trip with 1, 8 and 32 VA clients in separate processes, beside baselines
+measured in the same run: raw madvise+mprotect, a Unix-socket ping-pong between processes, an
+empty gRPC unary call to the same daemon.
+
+    .venv/bin/python bench/revoke_bench.py [--iterations N] [--out bench/results/revoke.md]
+
+Prints a table and writes it (with the machine and command) to the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import membroker
+from membroker._sys import memfd as sys_memfd
+from membroker._sys import mman
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    s = sorted(samples)
+    p50 = statistics.median(s)
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return p50 * 1e6, p99 * 1e6, statistics.fmean(s) * 1e6
+
+
+def timeit(fn: Callable[[], object], n: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_zap(n: int) -> list[float]:
+    fd = sys_memfd.create_memfd("bench", 64 * PAGE)
+    m = mman.Mapping.map_shared(fd, 64 * PAGE, mman.PROT_NONE)
+    os.close(fd)
+    samples = []
+    for _ in range(n + 20):
+        m.protect(0, PAGE, mman.PROT_READ | mman.PROT_WRITE)
+        m.write(0, b"x")
+        t0 = time.perf_counter()
+        m.protect(0, PAGE, mman.PROT_NONE)
+        m.discard(0, PAGE)
+        samples.append(time.perf_counter() - t0)
+    m.close()
+    return samples[20:]
+
+
+def bench_socket_pingpong(n: int) -> list[float]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        while data := b.recv(64):
+            b.sendall(data)
+        os._exit(0)
+    b.close()
+
+    def once() -> None:
+        a.sendall(b"12345678")
+        a.recv(64)
+
+    samples = timeit(once, n)
+    a.close()
+    os.waitpid(pid, 0)
+    return samples
+
+
+class Daemon:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "membrokerd", "--runtime-dir", str(runtime_dir),
+             "--metrics-address", "", "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdout is not None
+        out = b""
+        deadline = time.monotonic() + 20
+        while b"metrics:" not in out and time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                out += os.read(self.proc.stdout.fileno(), 4096)
+        if b"metrics:" not in out:
+            raise RuntimeError("membrokerd did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+
+
+def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
+    with grpc.insecure_channel(f"unix:{runtime_dir / 'control.sock'}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        req = health_pb2.HealthCheckRequest(service="")
+        return timeit(lambda: stub.Check(req, timeout=10), n)
+
+
+def start_clients(runtime_dir: Path, space_id: str, k: int) -> list[subprocess.Popen[bytes]]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "_client.py"),
+                               str(runtime_dir), f"c{i}", space_id],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+             for i in range(k)]
+    for p in procs:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != b"ready":
+            raise RuntimeError("a benchmark client failed to attach")
+    return procs
+
+
+def stop_clients(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    for p in procs:
+        p.wait(15)
+        if p.stdout:
+            p.stdout.close()
+
+
+def bench_revoke(runtime_dir: Path, k: int, n: int) -> tuple[list[float], list[float]]:
+    """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold)."""
+    with membroker.connect("bench-owner", runtime_dir) as owner:
+        space = owner.create_space(1 << 20)
+        space.share(0, 1 << 20)
+        for i in range(k):
+            space.grant(f"c{i}", 0, PAGE)
+        procs = start_clients(runtime_dir, space.space_id, k)
+        try:
+            single = []
+            for it in range(n + 10):
+                t0 = time.perf_counter()
+                report = space.revoke("c0", 0, PAGE)
+                single.append(time.perf_counter() - t0)
+                assert report.all_acked and len(report.clients) == 1, report
+                space.grant("c0", 0, PAGE)
+                del it
+            fan = []
+            for _ in range(n + 10):
+                t0 = time.perf_counter()
+                report = space.unshare(0, PAGE)
+                fan.append(time.perf_counter() - t0)
+                assert report.all_acked and len(report.clients) == k, report
+                space.share(0, PAGE)
+        finally:
+            stop_clients(procs)
+        space.delete()
+    return single[10:], fan[10:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
+    args = parser.parse_args()
+    n = args.iterations
+    rows: list[tuple[str, tuple[float, float, float]]] = []
+    with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
+        rt = Path(tmp) / "rt"
+        daemon = Daemon(rt)
+        try:
+            rows.append(("baseline: madvise(DONTNEED)+mprotect(NONE), 1 page",
+                         percentiles(bench_zap(n))))
+            sock_rt = percentiles(bench_socket_pingpong(n))
+            rows.append(("baseline: Unix-socket ping-pong between processes", sock_rt))
+            grpc_rt = percentiles(bench_grpc_unary(rt, n))
+            rows.append(("baseline: empty gRPC unary call (health Check)", grpc_rt))
+            with membroker.connect("bench-ping", rt) as s:
+                rows.append(("membroker session ping (SDK thread, framed)",
+                             percentiles(timeit(s.ping, n))))
+            target = 1.3 * (sock_rt[0] + grpc_rt[0])
+            for k in (1, 8, 32):
+                iters = n if k == 1 else max(50, n // (k // 4 + 1))
+                single, fan = bench_revoke(rt, k, iters)
+                if k == 1:
+                    rows.append(("Revoke, 1 VA client", percentiles(single)))
+                rows.append((f"SetAttributes(private) fan-out, {k} VA client(s)",
+                             percentiles(fan)))
+        finally:
+            daemon.stop()
+
+    lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean)
+              in rows]
+    revoke1 = next(v for name, v in rows if name == "Revoke, 1 VA client")
+    fan32 = next(v for name, v in rows if name.endswith("32 VA client(s)"))
+    summary = [
+        "",
+        f"Target 1: Revoke (1 client) p50 {revoke1[0]:.0f} µs vs 1.3 × (gRPC unary + socket "
+        f"ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
+        f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}×).",
+        f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
+        f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
+    ]
+    table = "\n".join(lines + summary)
+    print(table)
+    header = (f"# Revoke round trip\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+              f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
+              f"{platform.python_version()}, {n} iterations (fan-out rows fewer for K>1).\n\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(header + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

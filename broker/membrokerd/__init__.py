@@ -1,0 +1,3 @@
+"""membrokerd: the membroker daemon."""
+
+__version__ = "0.1.0"

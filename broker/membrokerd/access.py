@@ -1,0 +1,539 @@
+"""Access table of one space, pure and synchronous: the servicer and revocation engine ask it.
+
+It answers "what changes, and who must be told"; the async layers do the telling. No I/O,
+asyncio or logging happens here. Offsets and lengths are bytes at the API and pages inside. A
+client's effective access is its grants intersected with the shared pages; every mutation bumps
+`AccessTable.seq` by one and returns a `Delta` naming, per client, the ranges whose effective
+access went up or down. Pins are the fd+offset clients' "in use" declarations; the table records
+them, the revocation engine waits on them.
+
+Exceptions::
+
+    AccessError            root: everything this module raises on purpose
+     ├── InvalidRange      bad offset, length, alignment or access level (also a ValueError)
+     ├── NotShared         grant over a range with a private page  (.offset: first private byte)
+     ├── NotGranted        pin without the needed access  (.client, .offset: first such byte)
+     └── UnknownPin        unpin of an id that is not held  (.pin_id)
+
+A call that raises changes nothing, `seq` included.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from membrokerd.rangeset import RangeSet
+
+__all__ = [
+    "Access",
+    "AccessError",
+    "AccessRange",
+    "AccessTable",
+    "ClientDelta",
+    "Delta",
+    "InvalidRange",
+    "NotGranted",
+    "NotShared",
+    "Pin",
+    "UnknownPin",
+]
+
+
+class Access(enum.IntEnum):
+    """An access level; ordered, so the minimum over a range is meaningful."""
+
+    NONE = 0
+    RO = 1
+    RW = 2
+
+    def __repr__(self) -> str:
+        """``Access.RO``."""
+        return f"Access.{self.name}"
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+class AccessError(Exception):
+    """Root of the errors the access table raises."""
+
+
+class InvalidRange(AccessError, ValueError):
+    """A byte range (or access level) the table refuses: negative, empty, unaligned, too long."""
+
+    def __init__(self, offset: int, length: int, reason: str) -> None:
+        super().__init__(f"invalid range offset={offset!r} length={length!r}: {reason}")
+        self.offset = offset
+        self.length = length
+        self.reason = reason
+
+
+class NotShared(AccessError):
+    """A grant over a range that is not entirely shared; `offset` is the first private byte."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"range is not shared: first private byte at offset {offset:#x}")
+        self.offset = offset
+
+
+class NotGranted(AccessError):
+    """A pin over a range where `client` lacks access; `offset` is the first such byte."""
+
+    def __init__(self, client: str, offset: int) -> None:
+        super().__init__(f"client {client!r} lacks the needed access at offset {offset:#x}")
+        self.client = client
+        self.offset = offset
+
+
+class UnknownPin(AccessError):
+    """An unpin of a pin id the table does not hold."""
+
+    def __init__(self, pin_id: int) -> None:
+        super().__init__(f"unknown pin id {pin_id}")
+        self.pin_id = pin_id
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRange:
+    """`length` bytes from `offset` at one access level."""
+
+    offset: int
+    length: int
+    access: Access
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDelta:
+    """How one client's effective access changed.
+
+    `raised`: ranges whose access went up, carrying the new level (RO or RW). `lowered`: ranges
+    whose access went down, carrying the new level (NONE or RO). Sorted; adjacent ranges with the
+    same new level are coalesced.
+    """
+
+    client: str
+    raised: tuple[AccessRange, ...]
+    lowered: tuple[AccessRange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The effect of one mutation: the table's new `seq` and the clients it changed, by name."""
+
+    seq: int
+    clients: tuple[ClientDelta, ...]
+
+    @property
+    def lowered_clients(self) -> tuple[str, ...]:
+        """Names of the clients that lost access somewhere: these must be revoked and waited on."""
+        return tuple(c.client for c in self.clients if c.lowered)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether no client's effective access changed."""
+        return all(not c.raised and not c.lowered for c in self.clients)
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """`holder` (a session) uses `client`'s access to `length` bytes from `offset` since `since`
+    (a `time.monotonic()` value); `write` pins need RW."""
+
+    pin_id: int
+    holder: str
+    client: str
+    offset: int
+    length: int
+    write: bool
+    since: float
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+_Piece = tuple[int, int, Access]  # pages [start, end) at one level
+
+# Module constants: looking a member up on the enum class costs ~0.2 µs, a global ~0.02 µs.
+_NONE, _RO, _RW = Access.NONE, Access.RO, Access.RW
+
+
+class _Grants:
+    """One client's grants in pages: `readable` holds RO and RW, `writable` (a subset) RW."""
+
+    __slots__ = ("readable", "writable")
+
+    def __init__(self) -> None:
+        self.readable = RangeSet()
+        self.writable = RangeSet()
+
+
+def _split_levels(
+    readable: Iterable[tuple[int, int]], writable: Iterable[tuple[int, int]]
+) -> list[_Piece]:
+    """Label the sorted intervals of `readable` RW where `writable` covers them and RO elsewhere.
+
+    `writable` must lie within `readable`. A linear merge of the two.
+    """
+    out: list[_Piece] = []
+    w_iter = iter(writable)
+    w_start, w_end = next(w_iter, (-1, -1))
+    for start, end in readable:
+        pos = start
+        while 0 <= w_start < end:  # writable pieces start inside [start, end) as w ⊆ readable
+            if w_start > pos:
+                out.append((pos, w_start, _RO))
+            out.append((w_start, w_end, _RW))
+            pos = w_end
+            w_start, w_end = next(w_iter, (-1, -1))
+        if pos < end:
+            out.append((pos, end, _RO))
+    return out
+
+
+class AccessTable:
+    """Shared pages, per-client grants and pins of one space of `size` bytes.
+
+    Grants persist independently of the shared attribute; effective access is grants ∩ shared.
+    Every mutating call (`set_shared`, `set_private`, `grant`, `revoke`, `drop_client`) increments
+    `seq` by exactly one, even when nothing changes, and returns the `Delta`; pins leave `seq`
+    alone. Cost is proportional to the fragments inside the range touched, never to its pages.
+    """
+
+    __slots__ = ("_grants", "_next_pin", "_page_size", "_pins", "_seq", "_shared", "_size")
+
+    def __init__(self, size: int, page_size: int = 4096) -> None:
+        """An empty table: every page private, no grants, no pins, `seq` 0."""
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, not {page_size}")
+        if size <= 0 or size % page_size:
+            raise InvalidRange(0, size, f"size must be a positive multiple of {page_size}")
+        self._size = size
+        self._page_size = page_size
+        self._seq = 0
+        self._shared = RangeSet()
+        self._grants: dict[str, _Grants] = {}
+        self._pins: dict[int, Pin] = {}
+        self._next_pin = 1
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The space's size in bytes."""
+        return self._size
+
+    @property
+    def page_size(self) -> int:
+        """The granule of every offset and length, in bytes."""
+        return self._page_size
+
+    @property
+    def seq(self) -> int:
+        """The number of mutating calls so far; the `seq` of the latest `Delta`."""
+        return self._seq
+
+    @property
+    def shared(self) -> RangeSet:
+        """A copy of the shared pages (page numbers, not bytes)."""
+        return self._shared.copy()
+
+    def _pages(self, offset: int, length: int) -> tuple[int, int]:
+        """Validate a byte range and return it as pages ``[start, end)``."""
+        ps = self._page_size
+        if not isinstance(offset, int) or not isinstance(length, int):
+            reason = "offset and length must be integers"
+        elif length <= 0:
+            reason = "length must be positive"
+        elif offset < 0:
+            reason = "offset must not be negative"
+        elif offset % ps or length % ps:
+            reason = f"offset and length must be multiples of the page size {ps}"
+        elif offset + length > self._size:
+            reason = f"range ends past the end of the space ({self._size} bytes)"
+        else:
+            return offset // ps, (offset + length) // ps
+        raise InvalidRange(offset, length, reason)
+
+    def _ranges(self, pieces: list[_Piece]) -> tuple[AccessRange, ...]:
+        """Sorted page pieces as byte ranges, adjacent pieces of one level coalesced."""
+        ps = self._page_size
+        out: list[AccessRange] = []
+        cur_start = cur_end = -1
+        cur_level = _NONE
+        for start, end, level in pieces:
+            if start == cur_end and level == cur_level:
+                cur_end = end
+                continue
+            if cur_end >= 0:
+                out.append(AccessRange(cur_start * ps, (cur_end - cur_start) * ps, cur_level))
+            cur_start, cur_end, cur_level = start, end, level
+        if cur_end >= 0:
+            out.append(AccessRange(cur_start * ps, (cur_end - cur_start) * ps, cur_level))
+        return tuple(out)
+
+    def _commit(self, clients: list[ClientDelta]) -> Delta:
+        """Bump `seq` and wrap the per-client changes."""
+        self._seq += 1
+        return Delta(self._seq, tuple(clients))
+
+    # -- attributes -----------------------------------------------------------------------------
+
+    def set_shared(self, offset: int, length: int) -> Delta:
+        """Make a range shared; clients granted pages there that were private gain access."""
+        start, end = self._pages(offset, length)
+        newly = self._shared.missing(start, end)
+        changes: list[ClientDelta] = []
+        if newly:
+            for name in sorted(self._grants):
+                g = self._grants[name]
+                pieces: list[_Piece] = []
+                for n_start, n_end in newly:
+                    readable = g.readable.intersection(n_start, n_end)
+                    if readable:
+                        writable = g.writable.intersection(n_start, n_end)
+                        pieces += _split_levels(readable, writable)
+                if pieces:
+                    changes.append(ClientDelta(name, self._ranges(pieces), ()))
+            self._shared.add(start, end)
+        return self._commit(changes)
+
+    def set_private(self, offset: int, length: int) -> Delta:
+        """Make a range private (owner only); clients granted shared pages there lose them."""
+        start, end = self._pages(offset, length)
+        was_shared = self._shared.intersection(start, end)
+        changes: list[ClientDelta] = []
+        if was_shared:
+            for name in sorted(self._grants):
+                readable = self._grants[name].readable
+                pieces = [
+                    (r_start, r_end, _NONE)
+                    for s_start, s_end in was_shared
+                    for r_start, r_end in readable.intersection(s_start, s_end)
+                ]
+                if pieces:
+                    changes.append(ClientDelta(name, (), self._ranges(pieces)))
+            self._shared.remove(start, end)
+        return self._commit(changes)
+
+    def is_shared(self, offset: int, length: int) -> bool:
+        """Whether every page of the range is shared."""
+        return self._shared.covers(*self._pages(offset, length))
+
+    def shared_bytes(self) -> int:
+        """How many bytes are shared."""
+        return self._shared.total() * self._page_size
+
+    # -- grants ---------------------------------------------------------------------------------
+
+    def grant(self, client: str, offset: int, length: int, access: Access) -> Delta:
+        """Set `client`'s grant over a wholly shared range to exactly `access` (RO or RW).
+
+        Raises InvalidRange for a bad range or an access of NONE, NotShared if a page is private.
+        """
+        # The hot path of building a fragmented grant pattern: kept free of generic helpers.
+        start, end = self._pages(offset, length)
+        if access != _RO and access != _RW:
+            raise InvalidRange(offset, length, f"grant access must be RO or RW, not {access!r}")
+        first_private = self._shared.first_missing(start, end)
+        if first_private is not None:
+            raise NotShared(first_private * self._page_size)
+        g = self._grants.get(client)
+        if g is None:
+            g = self._grants[client] = _Grants()
+        ps = self._page_size
+        # missing() and intersection() return maximal, separated pieces: already coalesced.
+        lowered: tuple[AccessRange, ...] = ()
+        if access == _RW:
+            raised = tuple(
+                [AccessRange(s * ps, (e - s) * ps, _RW) for s, e in g.writable.missing(start, end)]
+            )
+            g.readable.add(start, end)
+            g.writable.add(start, end)
+        else:
+            raised = tuple(
+                [AccessRange(s * ps, (e - s) * ps, _RO) for s, e in g.readable.missing(start, end)]
+            )
+            was_writable = g.writable.intersection(start, end)
+            g.readable.add(start, end)
+            if was_writable:
+                lowered = tuple([AccessRange(s * ps, (e - s) * ps, _RO) for s, e in was_writable])
+                g.writable.remove(start, end)
+        self._seq += 1
+        if raised or lowered:
+            return Delta(self._seq, (ClientDelta(client, raised, lowered),))
+        return Delta(self._seq, ())
+
+    def revoke(self, client: str, offset: int, length: int) -> Delta:
+        """Remove `client`'s grants in a range; where they were effective, access drops to NONE."""
+        start, end = self._pages(offset, length)
+        g = self._grants.get(client)
+        if g is None:
+            return self._commit([])
+        pieces = [
+            (s_start, s_end, _NONE)
+            for r_start, r_end in g.readable.intersection(start, end)
+            for s_start, s_end in self._shared.intersection(r_start, r_end)
+        ]
+        g.readable.remove(start, end)
+        g.writable.remove(start, end)
+        if not g.readable:
+            del self._grants[client]
+        if pieces:
+            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
+        return self._commit([])
+
+    def drop_client(self, client: str) -> Delta:
+        """Remove every grant of `client` (it was fenced); all its access drops to NONE."""
+        g = self._grants.pop(client, None)
+        if g is None:
+            return self._commit([])
+        pieces = [(s, e, _NONE) for s, e in g.readable.intersect(self._shared)]
+        if pieces:
+            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
+        return self._commit([])
+
+    def effective(self, client: str) -> list[AccessRange]:
+        """`client`'s effective access (grants ∩ shared), sorted and coalesced."""
+        g = self._grants.get(client)
+        if g is None:
+            return []
+        readable = g.readable.intersect(self._shared)
+        writable = g.writable.intersect(self._shared)
+        return list(self._ranges(_split_levels(readable, writable)))
+
+    def effective_access(self, client: str, offset: int, length: int) -> Access:
+        """The lowest effective access `client` has on any page of the range."""
+        start, end = self._pages(offset, length)
+        g = self._grants.get(client)
+        if g is None or not self._shared.covers(start, end):
+            return _NONE
+        if g.writable.covers(start, end):
+            return _RW
+        if g.readable.covers(start, end):
+            return _RO
+        return _NONE
+
+    def grants(self, client: str | None = None) -> list[tuple[str, AccessRange]]:
+        """The grant records (not intersected with shared) of `client`, or of every client,
+        sorted by client name then offset."""
+        names = sorted(self._grants) if client is None else [client]
+        out: list[tuple[str, AccessRange]] = []
+        for name in names:
+            g = self._grants.get(name)
+            if g is not None:
+                out += [(name, r) for r in self._ranges(_split_levels(g.readable, g.writable))]
+        return out
+
+    def clients(self) -> list[str]:
+        """Sorted names of the clients holding any grant."""
+        return sorted(self._grants)
+
+    def fragment_count(self) -> int:
+        """Grant intervals stored, about 16 bytes each: every client's readable (RO or RW) set
+        plus its writable set, so an RW range counts twice; shared intervals are not counted."""
+        return sum(len(g.readable) + len(g.writable) for g in self._grants.values())
+
+    # -- pins -----------------------------------------------------------------------------------
+
+    def pin(
+        self,
+        holder: str,
+        client: str,
+        offset: int,
+        length: int,
+        write: bool = False,
+        now: float | None = None,
+    ) -> Pin:
+        """Record that `holder` uses `client`'s access to the range; each call is its own pin.
+
+        Needs effective RO (RW if `write`) over the whole range, else NotGranted naming the first
+        byte lacking it. `now` defaults to `time.monotonic()`.
+        """
+        start, end = self._pages(offset, length)
+        g = self._grants.get(client)
+        if g is None:
+            first: int | None = start
+        else:
+            first = (g.writable if write else g.readable).first_missing(start, end)
+            first_private = self._shared.first_missing(start, end)
+            if first is None or (first_private is not None and first_private < first):
+                first = first_private
+        if first is not None:
+            raise NotGranted(client, first * self._page_size)
+        pin = Pin(
+            self._next_pin,
+            holder,
+            client,
+            offset,
+            length,
+            write,
+            time.monotonic() if now is None else now,
+        )
+        self._next_pin += 1
+        self._pins[pin.pin_id] = pin
+        return pin
+
+    def unpin(self, pin_id: int) -> Pin:
+        """Release one pin and return it; UnknownPin if it is not held."""
+        try:
+            return self._pins.pop(pin_id)
+        except KeyError:
+            raise UnknownPin(pin_id) from None
+
+    def pins(self, holder: str | None = None) -> list[Pin]:
+        """The pins of `holder`, or all pins, in pin id order."""
+        return [p for p in self._pins.values() if holder is None or p.holder == holder]
+
+    def pins_overlapping(self, offset: int, length: int, client: str | None = None) -> list[Pin]:
+        """The pins (of `client`, or of anyone) touching any byte of the range, in id order."""
+        self._pages(offset, length)
+        end = offset + length
+        return [
+            p
+            for p in self._pins.values()
+            if p.offset < end
+            and offset < p.offset + p.length
+            and (client is None or p.client == client)
+        ]
+
+    def release_pins(
+        self, holder: str, ranges: Iterable[tuple[int, int]] | None = None
+    ) -> list[Pin]:
+        """Release `holder`'s pins touching any of the byte ``(offset, length)`` ranges, or all
+        of its pins when `ranges` is None; return them in id order."""
+        if ranges is None:
+            spans = None
+        else:
+            spans = list(ranges)
+            for offset, length in spans:
+                self._pages(offset, length)
+        released = [
+            p
+            for p in self._pins.values()
+            if p.holder == holder
+            and (
+                spans is None or any(p.offset < o + n and o < p.offset + p.length for o, n in spans)
+            )
+        ]
+        for p in released:
+            del self._pins[p.pin_id]
+        return released
+
+    def is_pinned(self, offset: int, length: int) -> bool:
+        """Whether any pin touches any byte of the range."""
+        self._pages(offset, length)
+        end = offset + length
+        return any(p.offset < end and offset < p.offset + p.length for p in self._pins.values())
+
+    def __repr__(self) -> str:
+        """``AccessTable(size=…, page_size=…, seq=…, shared_bytes=…, clients=…, pins=…)``."""
+        return (
+            f"AccessTable(size={self._size}, page_size={self._page_size}, seq={self._seq}, "
+            f"shared_bytes={self.shared_bytes()}, clients={len(self._grants)}, "
+            f"pins={len(self._pins)})"
+        )

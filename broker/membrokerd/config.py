@@ -1,0 +1,130 @@
+"""membrokerd's configuration: a TOML file plus MEMBROKER_* environment variables.
+
+Precedence, highest first: explicit overrides (command-line flags), environment variables
+(`MEMBROKER_REVOKE_DEADLINE_MS=500`), the TOML file, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/membroker")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "membroker" if xdg else Path("/tmp") / f"membroker-{os.geteuid()}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+class BrokerConfig(BaseSettings):
+    """Every setting of the daemon, validated."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMBROKER_", extra="forbid")
+
+    runtime_dir: Path = Field(default_factory=default_runtime_dir,
+                              description="Where control.sock and session.sock are created.")
+    control_socket_mode: int = Field(0o660, ge=0, le=0o777)
+    session_socket_mode: int = Field(0o660, ge=0, le=0o777)
+    metrics_address: str = Field(
+        "127.0.0.1:9464",
+        description="host:port of the Prometheus endpoint; port 0 picks a free one; empty disables.")
+    revoke_deadline_ms: int = Field(2000, ge=1, le=600_000,
+                                    description="How long a client has to acknowledge a revoke.")
+    max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_sessions: int = Field(1024, ge=1)
+    max_spaces: int = Field(256, ge=1)
+    max_space_bytes: int = Field(1 << 40, ge=4096, description="Largest single space, bytes.")
+    max_offered_fds: int = Field(8, ge=1, le=64,
+                                 description="Fds a session may have offered and not yet used.")
+    log_level: str = Field("INFO")
+
+    @field_validator("control_socket_mode", "session_socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError as exc:
+                raise ValueError(f"socket mode {value!r} is not an octal number like 0660") from exc
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9464)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    @property
+    def session_socket(self) -> Path:
+        return self.runtime_dir / "session.sock"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_file.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+# The TOML path for the one load in progress (pydantic-settings takes sources at class level).
+_toml_file: dict[str, Path] = {}
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> BrokerConfig:
+    """Loads and validates; raises ConfigError naming each bad setting and where it came from."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    if path is not None:
+        _toml_file["path"] = path
+    try:
+        return BrokerConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+            env = f"MEMBROKER_{loc.upper()}"
+            lines.append(f"  {loc} (file key {loc!r} or ${env}): {err['msg']}")
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(lines)) from None
+    except (OSError, ValueError) as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    finally:
+        _toml_file.pop("path", None)

@@ -1,0 +1,137 @@
+"""Prometheus metrics of the daemon, served over HTTP on loopback by the event loop itself.
+
+Gauges are read from the broker's state at scrape time (a collector), counters and histograms are
+updated where things happen. Everything runs on the event loop thread: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("membrokerd.metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the gauges show, taken from the broker at scrape time."""
+
+    sessions: int
+    spaces_by_backing: dict[str, int]
+    bytes_shared: int
+    bytes_private: int
+    grant_fragments: int
+    pins: int
+    attachments: int
+    open_fds: int
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        yield GaugeMetricFamily("membroker_sessions", "Live sessions.", value=s.sessions)
+        spaces = GaugeMetricFamily("membroker_spaces", "Spaces, by backing.", labels=["backing"])
+        for backing in ("memfd", "memfd-hugetlb", "guest_memfd"):
+            spaces.add_metric([backing], s.spaces_by_backing.get(backing, 0))
+        yield spaces
+        space_bytes = GaugeMetricFamily("membroker_space_bytes",
+                                        "Bytes of all spaces, by attribute.", labels=["attribute"])
+        space_bytes.add_metric(["shared"], s.bytes_shared)
+        space_bytes.add_metric(["private"], s.bytes_private)
+        yield space_bytes
+        yield GaugeMetricFamily("membroker_grant_fragments",
+                                "Grant ranges held by client names (coalesced).",
+                                value=s.grant_fragments)
+        yield GaugeMetricFamily("membroker_pins", "Live pins.", value=s.pins)
+        yield GaugeMetricFamily("membroker_attachments", "Session attachments to spaces.",
+                                value=s.attachments)
+        yield GaugeMetricFamily("membroker_process_open_fds_count",
+                                "File descriptors the daemon holds.", value=s.open_fds)
+
+
+class Metrics:
+    """The daemon's registry and the counters the broker updates."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StateCollector(snapshot))
+        self.revocations = Counter(
+            "membroker_revocations_total", "Revocations carried out, by cause.", ["cause"],
+            registry=self.registry)
+        self.revocation_clients = Counter(
+            "membroker_revocation_clients_total",
+            "Client outcomes of revocations (acked, fenced, gone).", ["outcome"],
+            registry=self.registry)
+        self.revoke_latency = Histogram(
+            "membroker_revoke_latency_seconds",
+            "From the start of a revocation until every affected client is settled.",
+            buckets=(50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.1, 0.5, 1,
+                     2, 5, 10),
+            registry=self.registry)
+        self.fenced = Counter("membroker_fenced_total", "Sessions fenced, by reason.", ["reason"],
+                              registry=self.registry)
+        self.protocol_errors = Counter("membroker_session_protocol_errors_total",
+                                       "Session connections closed for a protocol error.",
+                                       registry=self.registry)
+        self.grants = Counter("membroker_grant_calls_total", "Grant calls that succeeded.",
+                              registry=self.registry)
+        self.rpc_errors = Counter("membroker_rpc_errors_total",
+                                  "Control calls that failed, by gRPC status code.", ["code"],
+                                  registry=self.registry)
+        for outcome in ("acked", "fenced", "gone"):
+            self.revocation_clients.labels(outcome)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server for GET /metrics on the event loop."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self, address: str) -> str:
+        host, _, port = address.rpartition(":")
+        self.server = await asyncio.start_server(self._handle, host, int(port))
+        bound = self.server.sockets[0].getsockname()
+        self.url = f"http://{bound[0]}:{bound[1]}/metrics"
+        return self.url
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            line = request.split(b"\r\n", 1)[0].split()
+            if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
+                status, body, ctype = b"405 Method Not Allowed", b"GET only\n", b"text/plain"
+            elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+                status, body, ctype = b"404 Not Found", b"try /metrics\n", b"text/plain"
+            else:
+                status, body = b"200 OK", self.metrics.exposition()
+                ctype = CONTENT_TYPE_LATEST.encode()
+            head = (b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype +
+                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            writer.write(head + (body if line and line[0] != b"HEAD" else b""))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()

@@ -1,0 +1,159 @@
+"""Spaces: one guest's memory (a backing fd, its layout, its access table) and their creation.
+
+Used by the broker core. Creation and import validate the backing here, so that a space that
+exists is always sealed, page aligned and of the size it claims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import secrets
+import time
+from collections.abc import Sequence
+
+from membroker._sys import kvm as sys_kvm
+from membroker._sys import memfd as sys_memfd
+from membroker._sys.libc import PAGE_SIZE
+from membroker._sys.kvm import KernelFeatureMissing
+
+from membrokerd.access import AccessTable
+from membrokerd.errors import BadRequest, FeatureMissing
+
+HUGE_PAGE_SIZES = (2 << 20, 1 << 30)
+REQUIRED_SEALS = sys_memfd.F_SEAL_SHRINK | sys_memfd.F_SEAL_GROW
+
+
+class BackingKind(enum.Enum):
+    MEMFD = "memfd"
+    MEMFD_HUGETLB = "memfd-hugetlb"
+    GUEST_MEMFD = "guest_memfd"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Region:
+    """Guest-physical [gpa, gpa+size) is backing [offset, offset+size)."""
+
+    gpa: int
+    offset: int
+    size: int
+
+
+class Attachment(enum.Enum):
+    VA = "va"
+    FD = "fd"
+
+
+class Space:
+    """A backing fd (owned), its guest-physical layout and its access table."""
+
+    def __init__(self, *, name: str, fd: int, size: int, backing: BackingKind, page_size: int,
+                 owner: str, owner_uid: int, ephemeral: bool, imported: bool,
+                 regions: Sequence[Region], dev: int, ino: int) -> None:
+        self.space_id = "sp-" + secrets.token_hex(4)
+        self.name = name or self.space_id
+        self.fd = fd
+        self.size = size
+        self.backing = backing
+        self.page_size = page_size
+        self.owner = owner
+        self.owner_uid = owner_uid
+        self.ephemeral = ephemeral
+        self.imported = imported
+        self.regions = tuple(regions)
+        self.dev = dev
+        self.ino = ino
+        self.table = AccessTable(size, page_size)
+        # session id -> how that session uses the space
+        self.attachments: dict[str, Attachment] = {}
+        self.created_unix = time.time()
+        self.deleting = False
+
+    def __repr__(self) -> str:
+        return (f"<Space {self.space_id} {self.name!r} {self.backing.value} size={self.size} "
+                f"owner={self.owner!r} seq={self.table.seq} attached={len(self.attachments)}>")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def check_regions(regions: Sequence[Region], size: int, page_size: int) -> None:
+    """Regions must be page aligned, inside the backing, and not overlap in guest space."""
+    spans = []
+    for r in regions:
+        if r.size == 0 or r.gpa % page_size or r.offset % page_size or r.size % page_size:
+            raise BadRequest(f"region gpa={r.gpa:#x} offset={r.offset:#x} size={r.size:#x} "
+                             f"is empty or not aligned to {page_size}")
+        if r.offset + r.size > size:
+            raise BadRequest(f"region gpa={r.gpa:#x} ends at backing offset "
+                             f"{r.offset + r.size:#x}, beyond the space size {size:#x}")
+        spans.append((r.gpa, r.gpa + r.size))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise BadRequest(f"regions overlap in guest-physical space at {start:#x}")
+
+
+def check_size(size: int, page_size: int, limit: int) -> None:
+    if size <= 0 or size % page_size:
+        raise BadRequest(f"size {size} is not a positive multiple of the page size {page_size}")
+    if size > limit:
+        raise BadRequest(f"size {size} exceeds max_space_bytes {limit}")
+
+
+def create_backing(kind: BackingKind, name: str, size: int, huge_page_size: int,
+                   gmem: sys_kvm.GuestMemfdFactory | None) -> tuple[int, int]:
+    """Allocates a backing; returns (owned fd, page size). The memfd is sealed before return."""
+    if kind is BackingKind.MEMFD:
+        return sys_memfd.create_memfd(f"membroker:{name}", size), PAGE_SIZE
+    if kind is BackingKind.MEMFD_HUGETLB:
+        if huge_page_size not in HUGE_PAGE_SIZES:
+            raise BadRequest(f"huge_page_size must be 2 MiB or 1 GiB, not {huge_page_size}")
+        if size % huge_page_size:
+            raise BadRequest(f"size {size} is not a multiple of the huge page {huge_page_size}")
+        try:
+            fd = sys_memfd.create_memfd(f"membroker:{name}", size,
+                                        hugetlb_page_size=huge_page_size)
+        except OSError as exc:
+            raise FeatureMissing(f"cannot allocate {size} bytes of {huge_page_size >> 20} MiB "
+                                 f"huge pages (are any reserved? vm.nr_hugepages): {exc}") from exc
+        return fd, huge_page_size
+    if gmem is None:
+        raise FeatureMissing("guest_memfd backing is unavailable: no KVM support configured")
+    try:
+        return gmem.create(size), PAGE_SIZE
+    except KernelFeatureMissing as exc:
+        raise FeatureMissing(f"guest_memfd backing is unavailable: {exc}") from exc
+
+
+def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
+    """Validates an owner's fd (taking ownership only if it passes: the caller closes it on error).
+
+    Returns (kind, size, page size, dev, ino). An unsealed memfd is sealed against shrink and
+    grow here; one that can no longer be sealed is refused.
+    """
+    info = sys_memfd.describe_fd(fd)
+    if info.kind == "other":
+        raise BadRequest(f"imported fd is not a memfd or guest_memfd ({info.path})")
+    if not info.writable:
+        raise BadRequest("imported fd must be open read-write")
+    kind = {"memfd": BackingKind.MEMFD, "memfd-hugetlb": BackingKind.MEMFD_HUGETLB,
+            "guest_memfd": BackingKind.GUEST_MEMFD}[info.kind]
+    page = PAGE_SIZE
+    if kind is BackingKind.MEMFD_HUGETLB:
+        page = os.fstatvfs(fd).f_bsize
+    if info.size <= 0 or info.size % page:
+        raise BadRequest(f"imported fd has size {info.size}, not a positive multiple of {page}")
+    if kind is not BackingKind.GUEST_MEMFD:
+        seals = info.seals or 0
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+            if seals & sys_memfd.F_SEAL_SEAL:
+                raise BadRequest("imported memfd is not sealed against shrink/grow and its "
+                                 "seals are locked (F_SEAL_SEAL): create it with "
+                                 "MFD_ALLOW_SEALING and leave the sealing to the broker")
+            # Kernel fact: seals belong to the inode, so the owner's own fd is sealed too.
+            sys_memfd.add_seals(fd, REQUIRED_SEALS | sys_memfd.F_SEAL_SEAL)
+    return kind, info.size, page, info.dev, info.ino

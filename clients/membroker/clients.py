@@ -1,0 +1,330 @@
+"""Attached clients of a space: `VaClient` (maps it, follows pointers) and `FdClient` (fd+offset).
+
+Both are created by `Session.attach_va` / `Session.attach_fd`. Their push handlers run on the
+session's thread: by the time a revocation is acknowledged, a VaClient has zapped the pages
+(`MADV_DONTNEED` + `PROT_NONE`), an FdClient has run the application's `on_revoke` callback and
+forgotten its pins there. A later touch of a revoked page in a VaClient is a SIGSEGV: the intent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+from membroker._sys import mman
+from membroker.errors import MembrokerError, SessionClosed
+from membroker.rangeset import RangeSet
+from membroker.session import Session
+from membroker.types import Access, AccessRange, SpaceInfo, access_of
+from membroker.v1 import broker_pb2 as pb
+from membroker.v1 import session_pb2 as spb
+
+log = logging.getLogger("membroker")
+
+RevokeCallback = Callable[[list[AccessRange]], None]
+
+
+class NotHeld(MembrokerError):
+    """The range asked for is not (or no longer) accessible to this client."""
+
+    def __init__(self, offset: int, length: int, needed: Access) -> None:
+        super().__init__(f"range {offset:#x}+{length:#x} is not held with {needed.name} access")
+        self.offset = offset
+        self.length = length
+        self.needed = needed
+
+
+class _Attachment:
+    """What both client kinds share: attach/detach and the local view of effective access."""
+
+    kind: int
+
+    def __init__(self, session: Session, space_id: str, on_revoke: RevokeCallback | None) -> None:
+        self.session = session
+        self.space_id = space_id
+        self._user_on_revoke = on_revoke
+        self._lock = threading.RLock()
+        self._closed = False
+        self.seq = 0
+        session._expect(space_id)
+        try:
+            resp = session.call("Attach", pb.AttachRequest(space_id=space_id, kind=self.kind))
+            self.info = SpaceInfo.from_pb(resp.space)
+            self.page_size = self.info.page_size
+            self._readable = RangeSet()
+            self._writable = RangeSet()
+            fd = session.take_fd(resp.fd_tag)
+            self._adopt_fd(fd)
+        except BaseException:
+            session._uninstall(space_id)
+            raise
+        self.seq = resp.seq
+        self.on_access_update(resp.seq, [access_of(r) for r in resp.ranges])
+        session._install(space_id, self, resp.seq)
+
+    def _adopt_fd(self, fd: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def _pages(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.page_size, (offset + length) // self.page_size
+
+    def ranges(self) -> list[AccessRange]:
+        """The effective access this client holds now, coalesced."""
+        with self._lock:
+            out = []
+            for start, end in self._readable:
+                cursor = start
+                for ws, we in self._writable.intersection(start, end):
+                    if cursor < ws:
+                        out.append(self._range(cursor, ws, Access.RO))
+                    out.append(self._range(ws, we, Access.RW))
+                    cursor = we
+                if cursor < end:
+                    out.append(self._range(cursor, end, Access.RO))
+            return out
+
+    def _range(self, start: int, end: int, access: Access) -> AccessRange:
+        return AccessRange(start * self.page_size, (end - start) * self.page_size, access)
+
+    def holds(self, offset: int, length: int, access: Access = Access.RO) -> bool:
+        if length <= 0 or offset < 0 or offset + length > self.size:
+            return False
+        first, last = offset // self.page_size, -(-(offset + length) // self.page_size)
+        with self._lock:
+            held = self._writable if access is Access.RW else self._readable
+            return held.covers(first, last)
+
+    def _record(self, r: AccessRange) -> None:
+        start, end = self._pages(r.offset, r.length)
+        if r.access is Access.NONE:
+            self._readable.remove(start, end)
+            self._writable.remove(start, end)
+        elif r.access is Access.RO:
+            self._readable.add(start, end)
+            self._writable.remove(start, end)
+        else:
+            self._readable.add(start, end)
+            self._writable.add(start, end)
+
+    # -- push handler protocol (session thread) ------------------------------------------------
+
+    def on_access_update(self, seq: int, ranges: list[AccessRange]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for r in ranges:
+                self._record(r)
+            self.seq = max(self.seq, seq)
+
+    def on_revoke(self, seq: int, ranges: list[AccessRange], space_deleted: bool) -> None:
+        if self._user_on_revoke is not None:
+            try:
+                self._user_on_revoke(ranges)
+            except Exception:
+                log.exception("on_revoke callback of %s failed; tearing down anyway",
+                              self.space_id)
+        with self._lock:
+            for r in ranges:
+                self._record(r)
+            self._teardown(ranges)
+            self.seq = max(self.seq, seq)
+            if space_deleted:
+                self._release()
+
+    def _teardown(self, ranges: list[AccessRange]) -> None:
+        raise NotImplementedError
+
+    def on_session_closed(self, reason: str) -> None:
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops using the space (tearing down first), then detaches."""
+        with self._lock:
+            if self._closed:
+                return
+            self._release()
+        self.session._uninstall(self.space_id)
+        with contextlib.suppress(SessionClosed):
+            self.session.call("Detach", pb.DetachRequest(space_id=self.space_id))
+
+    def __enter__(self) -> _Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VaClient(_Attachment):
+    """Maps the whole space once, PROT_NONE, and opens exactly the ranges it holds.
+
+    `view(offset, length)` returns a zero-copy memoryview into the mapping. After a revoke the
+    same memoryview still points at the (now PROT_NONE) pages: touching it kills the process
+    with SIGSEGV, which is how a stray pointer in a backend is kept from corrupting the guest.
+    """
+
+    kind = pb.ATTACH_KIND_VA
+
+    def _adopt_fd(self, fd: int) -> None:
+        try:
+            # The broker's fd is only needed to map: keeping it open would let a later mmap
+            # reopen access without the broker, so it is closed as soon as the mapping exists.
+            self.mapping = mman.Mapping.map_shared(fd, self.info.size, mman.PROT_NONE)
+        finally:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return (f"<VaClient {self.space_id} at {self.mapping.address:#x} seq={self.seq} "
+                f"held={len(self._readable)} range(s)>")
+
+    @property
+    def address(self) -> int:
+        return self.mapping.address
+
+    def on_access_update(self, seq: int, ranges: list[AccessRange]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for r in ranges:
+                prot = mman.PROT_READ | (mman.PROT_WRITE if r.access is Access.RW else 0)
+                self.mapping.protect(r.offset, r.length, prot)
+            super().on_access_update(seq, ranges)
+
+    def _teardown(self, ranges: list[AccessRange]) -> None:
+        if self._closed:
+            return
+        for r in ranges:
+            if r.access is Access.RO:
+                self.mapping.protect(r.offset, r.length, mman.PROT_READ)
+            else:
+                self.mapping.protect(r.offset, r.length, mman.PROT_NONE)
+                self.mapping.discard(r.offset, r.length)
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._readable = RangeSet()
+            self._writable = RangeSet()
+            self.mapping.close()
+
+    def view(self, offset: int, length: int, *, check: bool = True) -> memoryview:
+        """A zero-copy view of held bytes (NotHeld if not held, unless check=False)."""
+        if check and not self.holds(offset, length):
+            raise NotHeld(offset, length, Access.RO)
+        return self.mapping.view(offset, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if not self.holds(offset, length):
+            raise NotHeld(offset, length, Access.RO)
+        return self.mapping.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not self.holds(offset, len(data), Access.RW):
+            raise NotHeld(offset, len(data), Access.RW)
+        self.mapping.write(offset, data)
+
+
+class Pin:
+    """A pinned range of an FdClient; a context manager that unpins on exit."""
+
+    def __init__(self, client: FdClient, pin_id: int, offset: int, length: int,
+                 write: bool) -> None:
+        self.client = client
+        self.pin_id = pin_id
+        self.offset = offset
+        self.length = length
+        self.write = write
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<Pin {self.pin_id} {self.offset:#x}+{self.length:#x} {state}>"
+
+    def unpin(self) -> None:
+        self.client._unpin(self)
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unpin()
+
+
+class FdClient(_Attachment):
+    """Holds the space's fd and uses it by offset; pins every range while it uses it.
+
+    `on_revoke(ranges)` runs on the session thread before the acknowledgement: stop using the
+    ranges there (delete the memslot, stop the DMA, unmap). Pins in revoked ranges are released
+    by the acknowledgement itself.
+    """
+
+    kind = pb.ATTACH_KIND_FD
+
+    def _adopt_fd(self, fd: int) -> None:
+        self.fd = fd
+        self._pins: dict[int, Pin] = {}
+
+    def __repr__(self) -> str:
+        return f"<FdClient {self.space_id} fd={self.fd} seq={self.seq} pins={len(self._pins)}>"
+
+    def pin(self, offset: int, length: int, *, write: bool = False) -> Pin:
+        """Declares a range in use; the broker refuses unless it is held (and not revoking)."""
+        resp = self.session.call("Pin", pb.PinRequest(
+            space_id=self.space_id, range=spb.Range(offset=offset, length=length), write=write))
+        pin = Pin(self, int(resp.pin_id), offset, length, write)
+        with self._lock:
+            self._pins[pin.pin_id] = pin
+        return pin
+
+    def _unpin(self, pin: Pin) -> None:
+        with self._lock:
+            if pin.released or self._pins.pop(pin.pin_id, None) is None:
+                pin.released = True
+                return
+            pin.released = True
+        if not self.session.closed:
+            self.session.call("Unpin", pb.UnpinRequest(space_id=self.space_id,
+                                                       pin_id=pin.pin_id))
+
+    @property
+    def pins(self) -> list[Pin]:
+        with self._lock:
+            return list(self._pins.values())
+
+    def _teardown(self, ranges: list[AccessRange]) -> None:
+        for pin in list(self._pins.values()):
+            if any(pin.offset < r.end and r.offset < pin.offset + pin.length for r in ranges):
+                pin.released = True
+                del self._pins[pin.pin_id]
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for pin in self._pins.values():
+                pin.released = True
+            self._pins.clear()
+            self._readable = RangeSet()
+            self._writable = RangeSet()
+            os.close(self.fd)
+            self.fd = -1
+
+    @contextlib.contextmanager
+    def using(self, offset: int, length: int, *, write: bool = False) -> Iterator[Pin]:
+        """`with client.using(off, n):` pins for the duration of the block."""
+        pin = self.pin(offset, length, write=write)
+        try:
+            yield pin
+        finally:
+            pin.unpin()

@@ -1,0 +1,122 @@
+"""The SDK's exceptions: one root, typed subclasses that keep the failed request.
+
+    MembrokerError
+    ├── ProtocolError          a malformed session frame (either side)
+    ├── SessionClosed          the broker ended the session (.reason, .fenced)
+    ├── ConnectError           the broker's sockets cannot be reached
+    └── BrokerError            a control call failed (.code, .details, .method, .request)
+        ├── InvalidArgument    bad size, alignment, range or enum
+        ├── NotFound           unknown space, pin or client
+        ├── AlreadyExists      a client name already in use by a live session
+        ├── PermissionDenied   not the owner / not allowed by policy
+        ├── Unauthenticated    no live session token
+        ├── ResourceExhausted  a quota or limit (named in the details)
+        ├── FailedPrecondition wrong state: range private, not granted, pinned ...
+        ├── Aborted            stale epoch
+        ├── Unimplemented      the kernel or build lacks a feature
+        └── Unavailable        the broker went away mid-call
+
+gRPC status codes are turned into these in exactly one place, `from_rpc_error`. A cancelled call
+(`KeyboardInterrupt`, `CancelledError`) is never wrapped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+
+class MembrokerError(Exception):
+    """Root of every error the SDK raises on purpose."""
+
+
+class ProtocolError(MembrokerError):
+    """A session frame broke the protocol (size, fds, type, decoding)."""
+
+    def __init__(self, message: str, *, code: int = 3) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SessionClosed(MembrokerError):
+    """The broker closed the session (shutdown, fencing, or a protocol error)."""
+
+    def __init__(self, reason: str, *, fenced: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fenced = fenced
+
+
+class ConnectError(MembrokerError):
+    """The broker's sockets cannot be reached or the handshake failed."""
+
+
+class BrokerError(MembrokerError):
+    """A control call failed; `code` is the gRPC status, `details` the broker's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, *, method: str = "", request: Any = None,
+                 code: grpc.StatusCode | None = None) -> None:
+        super().__init__(f"{method}: {details}" if method else details)
+        self.details = details
+        self.method = method
+        self.request = request
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(BrokerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(BrokerError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(BrokerError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(BrokerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(BrokerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(BrokerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(BrokerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(BrokerError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unimplemented(BrokerError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unavailable(BrokerError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
+                ResourceExhausted, FailedPrecondition, Aborted, Unimplemented, Unavailable)
+}
+
+
+def from_rpc_error(err: grpc.RpcError, method: str, request: Any) -> BrokerError:
+    """The typed exception for a failed call (the caller raises it `from err`)."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    cls = _BY_CODE.get(code, BrokerError)
+    return cls(details, method=method, request=request, code=code)

@@ -1,0 +1,226 @@
+"""Compact sets of page numbers, the storage under the access table's shares and grants.
+
+A `RangeSet` keeps sorted, disjoint, coalesced half-open intervals ``[start, end)`` in two
+``array('Q')`` columns, so a million fragments cost about 16 MB and no page is ever an object::
+
+    starts: [ s0, s1, ... ]     ends: [ e0, e1, ... ]
+    invariant: s0 < e0 < s1 < e1 < ...   (strictly: touching intervals are merged)
+
+Lookups bisect the columns; an update costs O(log n + k) plus the move of the arrays' tails.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
+
+__all__ = ["RangeSet"]
+
+Interval = tuple[int, int]
+
+_MAX_PAGE = 2**64 - 1  # the largest value an array('Q') holds
+
+
+def _check(start: int, end: int) -> None:
+    """Raise ValueError unless ``[start, end)`` is a non-empty interval that fits in 64 bits."""
+    if not 0 <= start < end <= _MAX_PAGE:
+        raise ValueError(f"invalid interval [{start}, {end}): need 0 <= start < end < 2**64")
+
+
+class RangeSet:
+    """A mutable set of page numbers stored as half-open intervals.
+
+    Every method taking ``(start, end)`` requires ``0 <= start < end < 2**64`` and raises
+    ValueError otherwise.
+    """
+
+    __slots__ = ("_ends", "_starts")
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __init__(self, intervals: Iterable[Interval] = ()) -> None:
+        """Build the union of `intervals` (in any order; they may overlap or touch)."""
+        starts: array[int] = array("Q")
+        ends: array[int] = array("Q")
+        for start, end in sorted(intervals):
+            _check(start, end)
+            if ends and start <= ends[-1]:
+                if end > ends[-1]:
+                    ends[-1] = end
+            else:
+                starts.append(start)
+                ends.append(end)
+        self._starts = starts
+        self._ends = ends
+
+    # -- mutation ---------------------------------------------------------------------------
+
+    def add(self, start: int, end: int) -> None:
+        """Add the pages ``[start, end)``, merging with every interval it overlaps or touches."""
+        _check(start, end)
+        starts, ends = self._starts, self._ends
+        if not ends or start > ends[-1]:  # fast path: past the last interval
+            starts.append(start)
+            ends.append(end)
+            return
+        if start >= starts[-1]:  # fast path: overlaps or touches the last interval only
+            if end > ends[-1]:
+                ends[-1] = end
+            return
+        i = bisect_left(ends, start)  # first interval ending at or after `start`
+        j = bisect_right(starts, end, i)  # first interval starting after `end`
+        if i == j:
+            starts.insert(i, start)
+            ends.insert(i, end)
+            return
+        if starts[i] < start:
+            start = starts[i]
+        if ends[j - 1] > end:
+            end = ends[j - 1]
+        if j > i + 1:
+            del starts[i + 1 : j]
+            del ends[i + 1 : j]
+        starts[i] = start
+        ends[i] = end
+
+    def remove(self, start: int, end: int) -> None:
+        """Remove the pages ``[start, end)``, splitting an interval that straddles an edge."""
+        starts, ends = self._starts, self._ends
+        i, j = self._span(start, end)
+        if i == j:
+            return
+        new_starts: array[int] = array("Q")
+        new_ends: array[int] = array("Q")
+        if starts[i] < start:
+            new_starts.append(starts[i])
+            new_ends.append(start)
+        if ends[j - 1] > end:
+            new_starts.append(end)
+            new_ends.append(ends[j - 1])
+        starts[i:j] = new_starts
+        ends[i:j] = new_ends
+
+    # -- queries over one interval ----------------------------------------------------------
+
+    def _first_after(self, start: int) -> int:
+        """Index of the first interval ending after page `start` (len(self) if none does)."""
+        ends = self._ends
+        if not ends or start >= ends[-1]:  # fast path: past the last interval
+            return len(ends)
+        return bisect_right(ends, start)
+
+    def _span(self, start: int, end: int) -> tuple[int, int]:
+        """Index range ``[i, j)`` of the intervals overlapping ``[start, end)``."""
+        _check(start, end)
+        i = self._first_after(start)
+        return i, bisect_left(self._starts, end, i)  # first interval starting at/after `end`
+
+    def intersection(self, start: int, end: int) -> list[Interval]:
+        """The parts of ``[start, end)`` that are in the set, in order."""
+        i, j = self._span(start, end)
+        if i == j:
+            return []
+        if j == i + 1:
+            return [(max(self._starts[i], start), min(self._ends[i], end))]
+        out = list(zip(self._starts[i:j], self._ends[i:j], strict=True))
+        first_start, first_end = out[0]
+        if first_start < start:
+            out[0] = (start, first_end)
+        last_start, last_end = out[-1]
+        if last_end > end:
+            out[-1] = (last_start, end)
+        return out
+
+    def missing(self, start: int, end: int) -> list[Interval]:
+        """The parts of ``[start, end)`` that are not in the set, in order."""
+        i, j = self._span(start, end)
+        if i == j:
+            return [(start, end)]
+        out: list[Interval] = []
+        pos = start
+        for s, e in zip(self._starts[i:j], self._ends[i:j], strict=True):
+            if s > pos:
+                out.append((pos, s))
+            pos = e
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any page of ``[start, end)`` is in the set."""
+        i, j = self._span(start, end)
+        return i < j
+
+    def covers(self, start: int, end: int) -> bool:
+        """Whether every page of ``[start, end)`` is in the set."""
+        _check(start, end)
+        i = self._first_after(start)
+        return i < len(self._starts) and self._starts[i] <= start and self._ends[i] >= end
+
+    def first_missing(self, start: int, end: int) -> int | None:
+        """The lowest page of ``[start, end)`` not in the set, or None if it is covered."""
+        _check(start, end)
+        i = self._first_after(start)
+        if i < len(self._starts) and self._starts[i] <= start:
+            pos: int = self._ends[i]
+            return pos if pos < end else None
+        return start
+
+    def first_present(self, start: int, end: int) -> int | None:
+        """The lowest page of ``[start, end)`` in the set, or None if none is."""
+        _check(start, end)
+        i = self._first_after(start)
+        if i < len(self._starts) and self._starts[i] < end:
+            return max(self._starts[i], start)
+        return None
+
+    # -- whole-set operations ---------------------------------------------------------------
+
+    def intersect(self, other: RangeSet) -> RangeSet:
+        """A new set holding the pages in both sets.
+
+        A merge driven by the set with fewer intervals, each of which selects its overlap in the
+        other by bisection: O(min(n, m) log max(n, m) + output).
+        """
+        small, large = (self, other) if len(self) <= len(other) else (other, self)
+        pieces: list[Interval] = []
+        for start, end in small:
+            pieces += large.intersection(start, end)
+        result = RangeSet()
+        result._starts = array("Q", [start for start, _ in pieces])
+        result._ends = array("Q", [end for _, end in pieces])
+        return result
+
+    def total(self) -> int:
+        """The number of pages in the set."""
+        return sum(self._ends) - sum(self._starts)
+
+    def copy(self) -> RangeSet:
+        """An independent copy."""
+        result = RangeSet()
+        result._starts = self._starts[:]
+        result._ends = self._ends[:]
+        return result
+
+    def __iter__(self) -> Iterator[Interval]:
+        """The intervals ``(start, end)`` in ascending order."""
+        return zip(self._starts, self._ends, strict=True)
+
+    def __len__(self) -> int:
+        """The number of intervals (fragments), not pages: see `total`."""
+        return len(self._starts)
+
+    def __bool__(self) -> bool:
+        """Whether the set holds any page."""
+        return len(self._starts) > 0
+
+    def __eq__(self, other: object) -> bool:
+        """Sets are equal when they hold the same pages."""
+        if not isinstance(other, RangeSet):
+            return NotImplemented
+        return self._starts == other._starts and self._ends == other._ends
+
+    def __repr__(self) -> str:
+        """``RangeSet([(0, 4), (8, 9)])``."""
+        return f"RangeSet({list(self)!r})"

@@ -1,0 +1,135 @@
+"""Plain data types of the SDK (spaces, ranges, reports) and their protobuf conversions."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from membroker.v1 import broker_pb2 as pb
+from membroker.v1 import session_pb2 as spb
+
+
+class Access(enum.IntEnum):
+    """Effective access to a range: what is granted, intersected with what is shared."""
+
+    NONE = 0
+    RO = 1
+    RW = 2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccessRange:
+    """Bytes [offset, offset+length) of the backing, with an access level."""
+
+    offset: int
+    length: int
+    access: Access
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Region:
+    """Guest-physical [gpa, gpa+size) is backing [offset, offset+size)."""
+
+    gpa: int
+    offset: int
+    size: int
+
+    def to_pb(self) -> pb.Region:
+        return pb.Region(gpa=self.gpa, offset=self.offset, size=self.size)
+
+
+_BACKINGS = {"memfd": pb.BACKING_MEMFD, "guest_memfd": pb.BACKING_GUEST_MEMFD,
+             "memfd-hugetlb": pb.BACKING_MEMFD_HUGETLB}
+_BACKING_NAMES = {v: k for k, v in _BACKINGS.items()}
+_ACCESS = {"ro": spb.ACCESS_RO, "rw": spb.ACCESS_RW}
+
+
+def backing_pb(name: str) -> int:
+    try:
+        return _BACKINGS[name]
+    except KeyError:
+        raise ValueError(f"backing must be one of {', '.join(_BACKINGS)}, not {name!r}") from None
+
+
+def backing_of(value: int) -> str:
+    return _BACKING_NAMES.get(value, "unspecified")
+
+
+def access_pb(name: str) -> int:
+    try:
+        return _ACCESS[name]
+    except KeyError:
+        raise ValueError(f"access must be 'ro' or 'rw', not {name!r}") from None
+
+
+def access_of(r: spb.AccessRange) -> AccessRange:
+    return AccessRange(r.offset, r.length, Access(r.access))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpaceInfo:
+    space_id: str
+    name: str
+    size: int
+    backing: str
+    owner: str
+    ephemeral: bool
+    seq: int
+    regions: tuple[Region, ...]
+    shared_bytes: int
+    page_size: int
+    imported: bool
+    attachments: int
+    grant_clients: int
+
+    @classmethod
+    def from_pb(cls, s: pb.Space) -> SpaceInfo:
+        return cls(s.space_id, s.name, s.size, backing_of(s.backing), s.owner, s.ephemeral, s.seq,
+                   tuple(Region(r.gpa, r.offset, r.size) for r in s.regions), s.shared_bytes,
+                   s.page_size, s.imported, s.attachments, s.grant_clients)
+
+    def gpa_to_offset(self, gpa: int) -> int:
+        """The backing offset of a guest-physical address (ValueError outside every region)."""
+        for r in self.regions:
+            if r.gpa <= gpa < r.gpa + r.size:
+                return r.offset + gpa - r.gpa
+        raise ValueError(f"guest-physical address {gpa:#x} is in no region of {self.space_id}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientOutcome:
+    client: str
+    session_id: str
+    pid: int
+    outcome: str  # "acked", "fenced" or "gone"
+    latency_us: int
+    reason: str
+
+
+_OUTCOMES = {pb.OUTCOME_ACKED: "acked", pb.OUTCOME_FENCED: "fenced", pb.OUTCOME_GONE: "gone"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RevocationReport:
+    """What a revocation did: who acknowledged, how fast, who was fenced and why."""
+
+    space_id: str
+    seq: int
+    clients: tuple[ClientOutcome, ...]
+    duration_us: int
+    revoked_bytes: int
+
+    @classmethod
+    def from_pb(cls, r: pb.RevocationReport) -> RevocationReport:
+        return cls(r.space_id, r.seq, tuple(
+            ClientOutcome(c.client, c.session_id, c.pid, _OUTCOMES.get(c.outcome, "unknown"),
+                          c.latency_us, c.reason) for c in r.clients),
+            r.duration_us, r.revoked_bytes)
+
+    @property
+    def all_acked(self) -> bool:
+        return all(c.outcome == "acked" for c in self.clients)

@@ -1,0 +1,399 @@
+from membroker.v1 import session_pb2 as _session_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Backing(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BACKING_UNSPECIFIED: _ClassVar[Backing]
+    BACKING_MEMFD: _ClassVar[Backing]
+    BACKING_GUEST_MEMFD: _ClassVar[Backing]
+    BACKING_MEMFD_HUGETLB: _ClassVar[Backing]
+
+class Attribute(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTRIBUTE_UNSPECIFIED: _ClassVar[Attribute]
+    ATTRIBUTE_SHARED: _ClassVar[Attribute]
+    ATTRIBUTE_PRIVATE: _ClassVar[Attribute]
+
+class AttachKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTACH_KIND_UNSPECIFIED: _ClassVar[AttachKind]
+    ATTACH_KIND_VA: _ClassVar[AttachKind]
+    ATTACH_KIND_FD: _ClassVar[AttachKind]
+
+class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
+    OUTCOME_ACKED: _ClassVar[Outcome]
+    OUTCOME_FENCED: _ClassVar[Outcome]
+    OUTCOME_GONE: _ClassVar[Outcome]
+BACKING_UNSPECIFIED: Backing
+BACKING_MEMFD: Backing
+BACKING_GUEST_MEMFD: Backing
+BACKING_MEMFD_HUGETLB: Backing
+ATTRIBUTE_UNSPECIFIED: Attribute
+ATTRIBUTE_SHARED: Attribute
+ATTRIBUTE_PRIVATE: Attribute
+ATTACH_KIND_UNSPECIFIED: AttachKind
+ATTACH_KIND_VA: AttachKind
+ATTACH_KIND_FD: AttachKind
+OUTCOME_UNSPECIFIED: Outcome
+OUTCOME_ACKED: Outcome
+OUTCOME_FENCED: Outcome
+OUTCOME_GONE: Outcome
+
+class Region(_message.Message):
+    __slots__ = ("gpa", "offset", "size")
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    gpa: int
+    offset: int
+    size: int
+    def __init__(self, gpa: _Optional[int] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class Space(_message.Message):
+    __slots__ = ("space_id", "name", "size", "backing", "owner", "ephemeral", "seq", "regions", "shared_bytes", "page_size", "imported", "attachments", "grant_clients", "created_unix")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKING_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    GRANT_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    name: str
+    size: int
+    backing: Backing
+    owner: str
+    ephemeral: bool
+    seq: int
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    shared_bytes: int
+    page_size: int
+    imported: bool
+    attachments: int
+    grant_clients: int
+    created_unix: float
+    def __init__(self, space_id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., owner: _Optional[str] = ..., ephemeral: _Optional[bool] = ..., seq: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., shared_bytes: _Optional[int] = ..., page_size: _Optional[int] = ..., imported: _Optional[bool] = ..., attachments: _Optional[int] = ..., grant_clients: _Optional[int] = ..., created_unix: _Optional[float] = ...) -> None: ...
+
+class CreateSpaceRequest(_message.Message):
+    __slots__ = ("size", "backing", "name", "ephemeral", "regions", "huge_page_size")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKING_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    HUGE_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    backing: Backing
+    name: str
+    ephemeral: bool
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    huge_page_size: int
+    def __init__(self, size: _Optional[int] = ..., backing: _Optional[_Union[Backing, str]] = ..., name: _Optional[str] = ..., ephemeral: _Optional[bool] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., huge_page_size: _Optional[int] = ...) -> None: ...
+
+class ImportSpaceRequest(_message.Message):
+    __slots__ = ("fd_tag", "name", "ephemeral", "regions", "expected_size")
+    FD_TAG_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    fd_tag: int
+    name: str
+    ephemeral: bool
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    expected_size: int
+    def __init__(self, fd_tag: _Optional[int] = ..., name: _Optional[str] = ..., ephemeral: _Optional[bool] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., expected_size: _Optional[int] = ...) -> None: ...
+
+class CreateSpaceResponse(_message.Message):
+    __slots__ = ("space", "fd_tag")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    FD_TAG_FIELD_NUMBER: _ClassVar[int]
+    space: Space
+    fd_tag: int
+    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ...) -> None: ...
+
+class DeleteSpaceRequest(_message.Message):
+    __slots__ = ("space_id",)
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    def __init__(self, space_id: _Optional[str] = ...) -> None: ...
+
+class GetSpaceRequest(_message.Message):
+    __slots__ = ("space_id",)
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    def __init__(self, space_id: _Optional[str] = ...) -> None: ...
+
+class ListSpacesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSpacesResponse(_message.Message):
+    __slots__ = ("spaces",)
+    SPACES_FIELD_NUMBER: _ClassVar[int]
+    spaces: _containers.RepeatedCompositeFieldContainer[Space]
+    def __init__(self, spaces: _Optional[_Iterable[_Union[Space, _Mapping]]] = ...) -> None: ...
+
+class SetAttributesRequest(_message.Message):
+    __slots__ = ("space_id", "range", "attribute")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    range: _session_pb2.Range
+    attribute: Attribute
+    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., attribute: _Optional[_Union[Attribute, str]] = ...) -> None: ...
+
+class GrantRequest(_message.Message):
+    __slots__ = ("space_id", "client", "range", "access")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    client: str
+    range: _session_pb2.Range
+    access: _session_pb2.Access
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., access: _Optional[_Union[_session_pb2.Access, str]] = ...) -> None: ...
+
+class GrantResponse(_message.Message):
+    __slots__ = ("seq", "notified")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    NOTIFIED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    notified: int
+    def __init__(self, seq: _Optional[int] = ..., notified: _Optional[int] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("space_id", "client", "range")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    client: str
+    range: _session_pb2.Range
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ...) -> None: ...
+
+class ClientOutcome(_message.Message):
+    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    session_id: str
+    pid: int
+    outcome: Outcome
+    latency_us: int
+    reason: str
+    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevocationReport(_message.Message):
+    __slots__ = ("space_id", "seq", "clients", "duration_us", "revoked_bytes")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    seq: int
+    clients: _containers.RepeatedCompositeFieldContainer[ClientOutcome]
+    duration_us: int
+    revoked_bytes: int
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientOutcome, _Mapping]]] = ..., duration_us: _Optional[int] = ..., revoked_bytes: _Optional[int] = ...) -> None: ...
+
+class GrantRecord(_message.Message):
+    __slots__ = ("client", "range")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    range: _session_pb2.AccessRange
+    def __init__(self, client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.AccessRange, _Mapping]] = ...) -> None: ...
+
+class ListGrantsRequest(_message.Message):
+    __slots__ = ("space_id", "client")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    client: str
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ...) -> None: ...
+
+class ListGrantsResponse(_message.Message):
+    __slots__ = ("grants",)
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    grants: _containers.RepeatedCompositeFieldContainer[GrantRecord]
+    def __init__(self, grants: _Optional[_Iterable[_Union[GrantRecord, _Mapping]]] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("space_id", "kind")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    kind: AttachKind
+    def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("space", "fd_tag", "seq", "ranges")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    FD_TAG_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    space: Space
+    fd_tag: int
+    seq: int
+    ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.AccessRange]
+    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.AccessRange, _Mapping]]] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("space_id",)
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    def __init__(self, space_id: _Optional[str] = ...) -> None: ...
+
+class DetachResponse(_message.Message):
+    __slots__ = ("released_pins",)
+    RELEASED_PINS_FIELD_NUMBER: _ClassVar[int]
+    released_pins: int
+    def __init__(self, released_pins: _Optional[int] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("space_id", "range", "write")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    range: _session_pb2.Range
+    write: bool
+    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., write: _Optional[bool] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("pin_id", "seq")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    pin_id: int
+    seq: int
+    def __init__(self, pin_id: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class UnpinRequest(_message.Message):
+    __slots__ = ("space_id", "pin_id")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    pin_id: int
+    def __init__(self, space_id: _Optional[str] = ..., pin_id: _Optional[int] = ...) -> None: ...
+
+class UnpinResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PinRecord(_message.Message):
+    __slots__ = ("pin_id", "client", "session_id", "range", "write", "age_seconds")
+    PIN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    pin_id: int
+    client: str
+    session_id: str
+    range: _session_pb2.Range
+    write: bool
+    age_seconds: float
+    def __init__(self, pin_id: _Optional[int] = ..., client: _Optional[str] = ..., session_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., write: _Optional[bool] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class ListPinsRequest(_message.Message):
+    __slots__ = ("space_id",)
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    def __init__(self, space_id: _Optional[str] = ...) -> None: ...
+
+class ListPinsResponse(_message.Message):
+    __slots__ = ("pins",)
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    pins: _containers.RepeatedCompositeFieldContainer[PinRecord]
+    def __init__(self, pins: _Optional[_Iterable[_Union[PinRecord, _Mapping]]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "client", "pid", "uid", "gid", "attached_spaces", "owned_spaces", "pins", "age_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_SPACES_FIELD_NUMBER: _ClassVar[int]
+    OWNED_SPACES_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    client: str
+    pid: int
+    uid: int
+    gid: int
+    attached_spaces: _containers.RepeatedScalarFieldContainer[str]
+    owned_spaces: _containers.RepeatedScalarFieldContainer[str]
+    pins: int
+    age_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., client: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., attached_spaces: _Optional[_Iterable[str]] = ..., owned_spaces: _Optional[_Iterable[str]] = ..., pins: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("sessions", "spaces", "bytes_total", "bytes_shared", "grants", "pins", "revocations_total", "fenced_total", "open_fds", "metrics_url", "version", "pid", "uptime_seconds")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SPACES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SHARED_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    REVOCATIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FENCED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    spaces: int
+    bytes_total: int
+    bytes_shared: int
+    grants: int
+    pins: int
+    revocations_total: int
+    fenced_total: int
+    open_fds: int
+    metrics_url: str
+    version: str
+    pid: int
+    uptime_seconds: float
+    def __init__(self, sessions: _Optional[int] = ..., spaces: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_shared: _Optional[int] = ..., grants: _Optional[int] = ..., pins: _Optional[int] = ..., revocations_total: _Optional[int] = ..., fenced_total: _Optional[int] = ..., open_fds: _Optional[int] = ..., metrics_url: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,159 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Access(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACCESS_NONE: _ClassVar[Access]
+    ACCESS_RO: _ClassVar[Access]
+    ACCESS_RW: _ClassVar[Access]
+ACCESS_NONE: Access
+ACCESS_RO: Access
+ACCESS_RW: Access
+
+class Range(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class AccessRange(_message.Message):
+    __slots__ = ("offset", "length", "access")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    access: Access
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., access: _Optional[_Union[Access, str]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "client_name")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    client_name: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("session_id", "token", "protocol_version", "max_frame_bytes", "broker_pid", "page_size")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BROKER_PID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token: str
+    protocol_version: int
+    max_frame_bytes: int
+    broker_pid: int
+    page_size: int
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., broker_pid: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class FdOffer(_message.Message):
+    __slots__ = ("tag",)
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    def __init__(self, tag: _Optional[int] = ...) -> None: ...
+
+class FdDelivery(_message.Message):
+    __slots__ = ("tag", "space_id")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    space_id: str
+    def __init__(self, tag: _Optional[int] = ..., space_id: _Optional[str] = ...) -> None: ...
+
+class AccessUpdate(_message.Message):
+    __slots__ = ("space_id", "seq", "ranges")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    seq: int
+    ranges: _containers.RepeatedCompositeFieldContainer[AccessRange]
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ...) -> None: ...
+
+class Revoke(_message.Message):
+    __slots__ = ("space_id", "seq", "ranges", "space_deleted", "deadline_ms")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    SPACE_DELETED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    seq: int
+    ranges: _containers.RepeatedCompositeFieldContainer[AccessRange]
+    space_deleted: bool
+    deadline_ms: int
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., space_deleted: _Optional[bool] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class RevokeAck(_message.Message):
+    __slots__ = ("space_id", "seq")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    seq: int
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Goodbye(_message.Message):
+    __slots__ = ("reason", "fenced")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    fenced: bool
+    def __init__(self, reason: _Optional[str] = ..., fenced: _Optional[bool] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    FD_OFFER_FIELD_NUMBER: _ClassVar[int]
+    FD_DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_ACK_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    welcome: Welcome
+    fd_offer: FdOffer
+    fd_delivery: FdDelivery
+    access_update: AccessUpdate
+    revoke: Revoke
+    revoke_ack: RevokeAck
+    ping: Ping
+    pong: Pong
+    error: Error
+    goodbye: Goodbye
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...

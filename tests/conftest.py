@@ -1,0 +1,161 @@
+"""Shared fixtures: a real membrokerd process per test and real client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_PROC = ROOT / "tests" / "integration" / "client_proc.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(ROOT / "clients"), str(ROOT / "broker")]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+class Daemon:
+    """A membrokerd child process with its own runtime directory."""
+
+    def __init__(self, runtime_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.runtime_dir = runtime_dir
+        self.log_path = runtime_dir.parent / f"{runtime_dir.name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "membrokerd", "--runtime-dir", str(runtime_dir),
+             "--metrics-address", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=self._log, env=env or _env())
+        self.pid = self.proc.pid
+        self.metrics_url = ""
+        deadline = time.monotonic() + 20
+        assert self.proc.stdout is not None
+        out = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                out += chunk
+                for line in out.decode(errors="replace").splitlines():
+                    if "metrics:" in line and out.endswith(b"\n"):
+                        self.metrics_url = line.split("metrics:", 1)[1].strip()
+                        return
+            if self.proc.poll() is not None:
+                break
+        lines = out.decode(errors="replace")
+        self.stop()
+        raise RuntimeError(f"membrokerd did not start: {lines} {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "3000")
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.log()
+    assert not (d.runtime_dir / "control.sock").exists()
+    assert not (d.runtime_dir / "session.sock").exists()
+
+
+class ClientProc:
+    """A real client process driven by JSON lines (see tests/integration/client_proc.py)."""
+
+    def __init__(self, runtime_dir: Path, name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLIENT_PROC), "--runtime-dir", str(runtime_dir), "--name", name],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        self.pid = self.proc.pid
+        hello = self._read(20)
+        assert hello.get("ready"), hello
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"client {self.name} did not answer in {timeout}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            return {"dead": True, "returncode": self.proc.wait(10), "stderr": err}
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def cmd(self, op: str, timeout: float = 20, **kw: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def ok(self, op: str, **kw: Any) -> dict[str, Any]:
+        out = self.cmd(op, **kw)
+        assert out.get("ok"), out
+        return out
+
+    def wait(self, timeout: float = 20) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.cmd("exit", timeout=10)
+                self.proc.wait(10)
+            except (OSError, TimeoutError, subprocess.TimeoutExpired, ValueError):
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+@pytest.fixture
+def clients(daemon: Daemon) -> Iterator[Any]:
+    started: list[ClientProc] = []
+
+    def start(name: str) -> ClientProc:
+        c = ClientProc(daemon.runtime_dir, name)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.close()

@@ -1,0 +1,104 @@
+"""A real client process for the integration tests, driven by JSON lines on stdin.
+
+Each line is {"op": ..., ...}; each answer one JSON line on stdout. Ops: attach_va, attach_fd,
+read, write, touch (read one byte through the raw mapping, unchecked: may die of SIGSEGV),
+hold / touch_held (keep a view across a revocation, touch it later), poke,
+pin, unpin, ranges, truncate, pread, close, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import membroker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args()
+    session = membroker.connect(args.name, args.runtime_dir)
+    revokes: list[Any] = []
+    attached: dict[str, Any] = {}
+    pins: dict[int, Any] = {}
+    held: dict[str, memoryview] = {}
+
+    def out(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    out({"ready": True, "pid": os.getpid(), "session_id": session.session_id})
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "exit":
+                out({"ok": True})
+                break
+            if op == "attach_va":
+                c = session.attach_va(req["space"], on_revoke=lambda r: revokes.append(len(r)))
+                attached[req["space"]] = c
+                out({"ok": True, "address": c.address, "ranges": _ranges(c)})
+            elif op == "attach_fd":
+                c = session.attach_fd(req["space"], on_revoke=lambda r: revokes.append(len(r)))
+                attached[req["space"]] = c
+                out({"ok": True, "ranges": _ranges(c)})
+            elif op == "ranges":
+                out({"ok": True, "ranges": _ranges(attached[req["space"]]),
+                     "revokes": revokes})
+            elif op == "read":
+                data = attached[req["space"]].read(req["offset"], req["length"])
+                out({"ok": True, "data": data.hex()})
+            elif op == "write":
+                attached[req["space"]].write(req["offset"], bytes.fromhex(req["data"]))
+                out({"ok": True})
+            elif op == "touch":
+                view = attached[req["space"]].view(req["offset"], 1, check=False)
+                value = view[0]
+                out({"ok": True, "value": value})
+            elif op == "hold":
+                # A pointer the backend keeps across a revocation (a stale descriptor, say).
+                held[req["space"]] = attached[req["space"]].view(req["offset"], 1, check=False)
+                out({"ok": True})
+            elif op == "touch_held":
+                out({"ok": True, "value": held[req["space"]][0]})
+            elif op == "poke":
+                view = attached[req["space"]].view(req["offset"], 1, check=False)
+                view[0] = req["value"]
+                out({"ok": True})
+            elif op == "pin":
+                pin = attached[req["space"]].pin(req["offset"], req["length"])
+                pins[pin.pin_id] = pin
+                out({"ok": True, "pin_id": pin.pin_id})
+            elif op == "unpin":
+                pins.pop(req["pin_id"]).unpin()
+                out({"ok": True})
+            elif op == "truncate":
+                os.ftruncate(attached[req["space"]].fd, req["size"])
+                out({"ok": True})
+            elif op == "pread":
+                data = os.pread(attached[req["space"]].fd, req["length"], req["offset"])
+                out({"ok": True, "data": data.hex()})
+            elif op == "close":
+                attached.pop(req["space"]).close()
+                out({"ok": True})
+            else:
+                out({"ok": False, "error": f"unknown op {op}"})
+        except Exception as exc:
+            out({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                 "errno": getattr(exc, "errno", None), "trace": traceback.format_exc()})
+    session.close()
+
+
+def _ranges(client: Any) -> list[list[Any]]:
+    return [[r.offset, r.length, r.access.name] for r in client.ranges()]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""RangeSet: examples, and random add/remove sequences against a set-of-pages model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from membrokerd.rangeset import RangeSet
+
+UNIVERSE = 64
+
+
+def pages_of(rs: RangeSet) -> set[int]:
+    return {p for start, end in rs for p in range(start, end)}
+
+
+def runs(pages: set[int], start: int, end: int, present: bool) -> list[tuple[int, int]]:
+    """Maximal runs of [start, end) whose membership in `pages` is `present`."""
+    out: list[tuple[int, int]] = []
+    for p in range(start, end):
+        if (p in pages) == present:
+            if out and out[-1][1] == p:
+                out[-1] = (out[-1][0], p + 1)
+            else:
+                out.append((p, p + 1))
+    return out
+
+
+def assert_canonical(rs: RangeSet) -> None:
+    """Sorted, disjoint, non-touching, non-empty intervals."""
+    items = list(rs)
+    assert len(rs) == len(items)
+    assert bool(rs) == bool(items)
+    for start, end in items:
+        assert start < end
+    for (_, end), (start, _) in itertools.pairwise(items):
+        assert end < start
+
+
+# -- examples -----------------------------------------------------------------------------------
+
+
+def test_empty() -> None:
+    rs = RangeSet()
+    assert repr(rs) == "RangeSet([])"
+    assert len(rs) == 0
+    assert not rs
+    assert rs.total() == 0
+    assert rs.intersection(0, 10) == []
+    assert rs.missing(0, 10) == [(0, 10)]
+    assert not rs.overlaps(0, 10)
+    assert not rs.covers(0, 1)
+    assert rs.first_missing(3, 10) == 3
+    assert rs.first_present(0, 10) is None
+
+
+def test_constructor_sorts_and_merges() -> None:
+    rs = RangeSet([(8, 9), (0, 2), (2, 4), (1, 3)])
+    assert repr(rs) == "RangeSet([(0, 4), (8, 9)])"
+    assert list(rs) == [(0, 4), (8, 9)]
+    assert len(rs) == 2
+    assert rs.total() == 5
+
+
+def test_add_merges_touching_and_overlapping() -> None:
+    rs = RangeSet([(0, 2), (4, 6), (8, 10)])
+    rs.add(2, 4)
+    assert repr(rs) == "RangeSet([(0, 6), (8, 10)])"
+    rs.add(5, 9)
+    assert repr(rs) == "RangeSet([(0, 10)])"
+    rs.add(20, 30)
+    rs.add(12, 14)
+    rs.add(10, 11)
+    assert repr(rs) == "RangeSet([(0, 11), (12, 14), (20, 30)])"
+    rs.add(29, 31)
+    assert repr(rs) == "RangeSet([(0, 11), (12, 14), (20, 31)])"
+    rs.add(1, 2)
+    assert repr(rs) == "RangeSet([(0, 11), (12, 14), (20, 31)])"
+
+
+def test_remove_splits_and_trims() -> None:
+    rs = RangeSet([(0, 10), (20, 30)])
+    rs.remove(3, 5)
+    assert repr(rs) == "RangeSet([(0, 3), (5, 10), (20, 30)])"
+    rs.remove(8, 25)
+    assert repr(rs) == "RangeSet([(0, 3), (5, 8), (25, 30)])"
+    rs.remove(0, 100)
+    assert repr(rs) == "RangeSet([])"
+    rs.remove(0, 1)
+    assert not rs
+
+
+def test_queries() -> None:
+    rs = RangeSet([(0, 4), (8, 9), (12, 20)])
+    assert rs.intersection(2, 14) == [(2, 4), (8, 9), (12, 14)]
+    assert rs.intersection(4, 8) == []
+    assert rs.intersection(13, 15) == [(13, 15)]
+    assert rs.missing(2, 14) == [(4, 8), (9, 12)]
+    assert rs.missing(0, 25) == [(4, 8), (9, 12), (20, 25)]
+    assert rs.missing(12, 20) == []
+    assert rs.overlaps(3, 5)
+    assert not rs.overlaps(4, 8)
+    assert rs.covers(12, 20)
+    assert not rs.covers(11, 13)
+    assert not rs.covers(3, 9)
+    assert rs.first_missing(0, 10) == 4
+    assert rs.first_missing(12, 20) is None
+    assert rs.first_missing(5, 7) == 5
+    assert rs.first_present(4, 20) == 8
+    assert rs.first_present(13, 30) == 13
+    assert rs.first_present(20, 30) is None
+
+
+def test_intersect_copy_eq() -> None:
+    a = RangeSet([(0, 10), (20, 30)])
+    b = RangeSet([(5, 25), (28, 40)])
+    assert a.intersect(b) == RangeSet([(5, 10), (20, 25), (28, 30)])
+    assert b.intersect(a) == a.intersect(b)
+    assert a.intersect(RangeSet()) == RangeSet()
+    c = a.copy()
+    c.add(10, 20)
+    assert a == RangeSet([(0, 10), (20, 30)])
+    assert c == RangeSet([(0, 30)])
+    assert a != c
+    assert a != [(0, 10), (20, 30)]
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [(5, 5), (6, 5), (-1, 3), (0, 2**64)], ids=["empty", "reversed", "neg", "big"]
+)
+def test_invalid_intervals(start: int, end: int) -> None:
+    rs = RangeSet([(0, 10)])
+    for method in (
+        rs.add,
+        rs.remove,
+        rs.intersection,
+        rs.missing,
+        rs.overlaps,
+        rs.covers,
+        rs.first_missing,
+        rs.first_present,
+    ):
+        with pytest.raises(ValueError, match=r"invalid interval"):
+            method(start, end)
+    with pytest.raises(ValueError, match=r"invalid interval"):
+        RangeSet([(start, end)])
+    assert rs == RangeSet([(0, 10)])
+
+
+def test_large_page_numbers() -> None:
+    top = 2**64 - 1
+    rs = RangeSet([(top - 10, top)])
+    rs.add(0, 1)
+    assert rs.total() == 11
+    assert rs.covers(top - 3, top)
+
+
+def test_unhashable() -> None:
+    with pytest.raises(TypeError):
+        hash(RangeSet())
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+interval = st.tuples(st.integers(0, UNIVERSE - 1), st.integers(1, UNIVERSE)).filter(
+    lambda t: t[0] < t[1]
+)
+ops = st.lists(st.tuples(st.sampled_from(["add", "remove"]), interval), max_size=40)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(ops=ops, initial=st.lists(interval, max_size=6), queries=st.lists(interval, max_size=4))
+def test_matches_page_set_model(
+    ops: list[tuple[str, tuple[int, int]]],
+    initial: list[tuple[int, int]],
+    queries: list[tuple[int, int]],
+) -> None:
+    rs = RangeSet(initial)
+    model = {p for start, end in initial for p in range(start, end)}
+    assert pages_of(rs) == model
+    assert_canonical(rs)
+    for op, (start, end) in ops:
+        before = rs.copy()
+        if op == "add":
+            rs.add(start, end)
+            model |= set(range(start, end))
+        else:
+            rs.remove(start, end)
+            model -= set(range(start, end))
+        assert pages_of(rs) == model
+        assert_canonical(rs)
+        assert rs.total() == len(model)
+        assert pages_of(before) != model or before == rs
+        for q_start, q_end in [*queries, (start, end)]:
+            span = set(range(q_start, q_end))
+            assert rs.intersection(q_start, q_end) == runs(model, q_start, q_end, True)
+            assert rs.missing(q_start, q_end) == runs(model, q_start, q_end, False)
+            assert rs.overlaps(q_start, q_end) == bool(span & model)
+            assert rs.covers(q_start, q_end) == (span <= model)
+            absent = sorted(span - model)
+            present = sorted(span & model)
+            assert rs.first_missing(q_start, q_end) == (absent[0] if absent else None)
+            assert rs.first_present(q_start, q_end) == (present[0] if present else None)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(a=st.lists(interval, max_size=8), b=st.lists(interval, max_size=8))
+def test_intersect_and_eq_match_model(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> None:
+    ra, rb = RangeSet(a), RangeSet(b)
+    both = ra.intersect(rb)
+    assert_canonical(both)
+    assert pages_of(both) == pages_of(ra) & pages_of(rb)
+    assert (ra == rb) == (pages_of(ra) == pages_of(rb))
+    assert RangeSet(list(ra)) == ra
+    assert eval(repr(ra), {"RangeSet": RangeSet}) == ra

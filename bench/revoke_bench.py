@@ -37,7 +37,7 @@ PAGE = 4096
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     s = sorted(samples)
     p50 = statistics.median(s)
-    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
     return p50 * 1e6, p99 * 1e6, statistics.fmean(s) * 1e6
 
 
@@ -93,9 +93,20 @@ class Daemon:
         self.runtime_dir = runtime_dir
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "membrokerd", "--runtime-dir", str(runtime_dir),
-             "--metrics-address", "", "--log-level", "WARNING"],
-            stdout=subprocess.PIPE, env=env)
+            [
+                sys.executable,
+                "-m",
+                "membrokerd",
+                "--runtime-dir",
+                str(runtime_dir),
+                "--metrics-address",
+                "",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
         assert self.proc.stdout is not None
         out = b""
         deadline = time.monotonic() + 20
@@ -119,10 +130,21 @@ def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
 
 def start_clients(runtime_dir: Path, space_id: str, k: int) -> list[subprocess.Popen[bytes]]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "_client.py"),
-                               str(runtime_dir), f"c{i}", space_id],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-             for i in range(k)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "_client.py"),
+                str(runtime_dir),
+                f"c{i}",
+                space_id,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for i in range(k)
+    ]
     for p in procs:
         assert p.stdout is not None
         if p.stdout.readline().strip() != b"ready":
@@ -181,45 +203,47 @@ def main() -> int:
         rt = Path(tmp) / "rt"
         daemon = Daemon(rt)
         try:
-            rows.append(("baseline: madvise(DONTNEED)+mprotect(NONE), 1 page",
-                         percentiles(bench_zap(n))))
+            rows.append(
+                ("baseline: madvise(DONTNEED)+mprotect(NONE), 1 page", percentiles(bench_zap(n)))
+            )
             sock_rt = percentiles(bench_socket_pingpong(n))
             rows.append(("baseline: Unix-socket ping-pong between processes", sock_rt))
             grpc_rt = percentiles(bench_grpc_unary(rt, n))
             rows.append(("baseline: empty gRPC unary call (health Check)", grpc_rt))
             with membroker.connect("bench-ping", rt) as s:
-                rows.append(("membroker session ping (SDK thread, framed)",
-                             percentiles(timeit(s.ping, n))))
+                rows.append(
+                    ("membroker session ping (SDK thread, framed)", percentiles(timeit(s.ping, n)))
+                )
             target = 1.3 * (sock_rt[0] + grpc_rt[0])
             for k in (1, 8, 32):
                 iters = n if k == 1 else max(50, n // (k // 4 + 1))
                 single, fan = bench_revoke(rt, k, iters)
                 if k == 1:
                     rows.append(("Revoke, 1 VA client", percentiles(single)))
-                rows.append((f"SetAttributes(private) fan-out, {k} VA client(s)",
-                             percentiles(fan)))
+                rows.append((f"SetAttributes(private) fan-out, {k} VA client(s)", percentiles(fan)))
         finally:
             daemon.stop()
 
     lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean)
-              in rows]
+    lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
     revoke1 = next(v for name, v in rows if name == "Revoke, 1 VA client")
     fan32 = next(v for name, v in rows if name.endswith("32 VA client(s)"))
     summary = [
         "",
-        f"Target 1: Revoke (1 client) p50 {revoke1[0]:.0f} µs vs 1.3 × (gRPC unary + socket "
+        f"Target 1: Revoke (1 client) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + socket "
         f"ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
-        f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}×).",
+        f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}x).",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]
     table = "\n".join(lines + summary)
     print(table)
-    header = (f"# Revoke round trip\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-              f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-              f"{platform.python_version()}, {n} iterations (fan-out rows fewer for K>1).\n\n")
+    header = (
+        f"# Revoke round trip\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, {n} iterations (fan-out rows fewer for K>1).\n\n"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + table + "\n")
     return 0

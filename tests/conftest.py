@@ -36,9 +36,20 @@ class Daemon:
         self.log_path = runtime_dir.parent / f"{runtime_dir.name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "membrokerd", "--runtime-dir", str(runtime_dir),
-             "--metrics-address", "127.0.0.1:0", *extra],
-            stdout=subprocess.PIPE, stderr=self._log, env=env or _env())
+            [
+                sys.executable,
+                "-m",
+                "membrokerd",
+                "--runtime-dir",
+                str(runtime_dir),
+                "--metrics-address",
+                "127.0.0.1:0",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env or _env(),
+        )
         self.pid = self.proc.pid
         self.metrics_url = ""
         deadline = time.monotonic() + 20
@@ -99,7 +110,11 @@ class ClientProc:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, str(CLIENT_PROC), "--runtime-dir", str(runtime_dir), "--name", name],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(),
+        )
         self.pid = self.proc.pid
         hello = self._read(20)
         assert hello.get("ready"), hello

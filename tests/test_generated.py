@@ -15,8 +15,8 @@ def test_generated_modules_are_fresh(tmp_path):
     spec.loader.exec_module(gen)
     fresh = {p.name: p.read_bytes() for p in gen.generate(tmp_path)}
     committed_dir = ROOT / "clients" / "membroker" / "v1"
-    committed = {p.name: p.read_bytes() for p in committed_dir.iterdir()
-                 if p.suffix in (".py", ".pyi")}
-    stale = sorted(n for n in fresh.keys() | committed.keys()
-                   if fresh.get(n) != committed.get(n))
+    committed = {
+        p.name: p.read_bytes() for p in committed_dir.iterdir() if p.suffix in (".py", ".pyi")
+    }
+    stale = sorted(n for n in fresh.keys() | committed.keys() if fresh.get(n) != committed.get(n))
     assert stale == [], f"stale generated modules {stale}: run `make proto`"

@@ -18,19 +18,18 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable
+from typing import cast
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import sock as sys_sock
 from membroker.errors import ProtocolError
 from membroker.v1 import session_pb2 as spb
-
 from membrokerd.access import Access, AccessRange, Delta, Pin
 from membrokerd.config import BrokerConfig
 from membrokerd.errors import (
     BadRequest,
     LimitReached,
-    NameInUse,
     NoSession,
     NotAllowed,
     UnknownObject,
@@ -113,8 +112,10 @@ class Session:
         return tag
 
     def __repr__(self) -> str:
-        return (f"<Session {self.session_id} {self.name!r} pid={self.pid} "
-                f"attached={sorted(self.attached)}>")
+        return (
+            f"<Session {self.session_id} {self.name!r} pid={self.pid} "
+            f"attached={sorted(self.attached)}>"
+        )
 
 
 class SessionGone(Exception):
@@ -145,9 +146,15 @@ class Broker:
     def accept(self, sock: socket.socket, cred: sys_sock.PeerCred, pidfd: int) -> None:
         conn = Connection(self.loop, sock, self, self.config.max_frame_bytes, cred, pidfd)
         if len(self.sessions) >= self.config.max_sessions:
-            conn.send(spb.Frame(error=spb.Error(
-                code=8, message=f"too many sessions (limit max_sessions = "
-                                f"{self.config.max_sessions})")))
+            conn.send(
+                spb.Frame(
+                    error=spb.Error(
+                        code=8,
+                        message=f"too many sessions (limit max_sessions = "
+                        f"{self.config.max_sessions})",
+                    )
+                )
+            )
             conn.close("session limit")
             return
         self.sessions[conn] = None
@@ -162,8 +169,10 @@ class Broker:
     def authenticate(self, token: str | None) -> Session:
         session = self._by_token.get(token or "")
         if session is None:
-            raise NoSession("a live session token is required as metadata "
-                            "'membroker-session-token' (open a session on session.sock first)")
+            raise NoSession(
+                "a live session token is required as metadata "
+                "'membroker-session-token' (open a session on session.sock first)"
+            )
         return session
 
     def on_protocol_error(self, conn: Connection, error: ProtocolError) -> None:
@@ -199,40 +208,65 @@ class Broker:
 
     def _hello(self, conn: Connection, hello: spb.Hello) -> None:
         if hello.protocol_version != wire.PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {hello.protocol_version} is not supported "
-                                f"(this broker speaks {wire.PROTOCOL_VERSION})", code=9)
+            raise ProtocolError(
+                f"protocol version {hello.protocol_version} is not supported "
+                f"(this broker speaks {wire.PROTOCOL_VERSION})",
+                code=9,
+            )
         if not CLIENT_NAME.match(hello.client_name):
-            raise ProtocolError(f"client name {hello.client_name!r} must be 1-64 characters of "
-                                "letters, digits and . _ : @ -, starting with a letter or digit")
+            raise ProtocolError(
+                f"client name {hello.client_name!r} must be 1-64 characters of "
+                "letters, digits and . _ : @ -, starting with a letter or digit"
+            )
         if hello.client_name in self._by_name:
             other = self._by_name[hello.client_name]
-            raise ProtocolError(f"client name {hello.client_name!r} is in use by the session of "
-                                f"pid {other.pid}", code=6)
+            raise ProtocolError(
+                f"client name {hello.client_name!r} is in use by the session of pid {other.pid}",
+                code=6,
+            )
         session = Session(conn, hello.client_name)
         self.sessions[conn] = session
         self._by_token[session.token] = session
         self._by_name[session.name] = session
         self._by_id[session.session_id] = session
-        conn.send(spb.Frame(welcome=spb.Welcome(
-            session_id=session.session_id, token=session.token,
-            protocol_version=wire.PROTOCOL_VERSION, max_frame_bytes=self.config.max_frame_bytes,
-            broker_pid=os.getpid(), page_size=os.sysconf("SC_PAGE_SIZE"))))
-        log.info("session %s: client %r pid %d uid %d", session.session_id, session.name,
-                 session.pid, session.uid)
+        conn.send(
+            spb.Frame(
+                welcome=spb.Welcome(
+                    session_id=session.session_id,
+                    token=session.token,
+                    protocol_version=wire.PROTOCOL_VERSION,
+                    max_frame_bytes=self.config.max_frame_bytes,
+                    broker_pid=os.getpid(),
+                    page_size=os.sysconf("SC_PAGE_SIZE"),
+                )
+            )
+        )
+        log.info(
+            "session %s: client %r pid %d uid %d",
+            session.session_id,
+            session.name,
+            session.pid,
+            session.uid,
+        )
 
     def _offer(self, session: Session, tag: int, fds: list[int]) -> None:
         if tag == 0 or tag in session.offered:
             raise ProtocolError(f"fd_offer tag {tag} is zero or already pending")
         if len(session.offered) >= self.config.max_offered_fds:
-            raise ProtocolError(f"more than {self.config.max_offered_fds} offered fds pending "
-                                "(limit max_offered_fds)", code=8)
+            raise ProtocolError(
+                f"more than {self.config.max_offered_fds} offered fds pending "
+                "(limit max_offered_fds)",
+                code=8,
+            )
         session.offered[tag] = fds[0]
 
     def _ack(self, session: Session, ack: spb.RevokeAck) -> None:
         fut = session.pending_acks.pop((ack.space_id, ack.seq), None)
         if fut is None:
-            raise ProtocolError(f"revoke_ack for space {ack.space_id!r} seq {ack.seq}, "
-                                "which this session was not asked to acknowledge")
+            raise ProtocolError(
+                f"revoke_ack for space {ack.space_id!r} seq {ack.seq}, "
+                "which this session was not asked to acknowledge"
+            )
         if not fut.done():
             fut.set_result(time.perf_counter())
 
@@ -258,8 +292,13 @@ class Broker:
         for space in list(self.spaces.values()):
             if space.ephemeral and space.owner == session.name and not space.deleting:
                 self._spawn(self.delete_space_now(space, "owner session ended"))
-        log.info("session %s (%r, pid %d) ended: %s", session.session_id, session.name,
-                 session.pid, conn.close_reason)
+        log.info(
+            "session %s (%r, pid %d) ended: %s",
+            session.session_id,
+            session.name,
+            session.pid,
+            conn.close_reason,
+        )
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[object] = self.loop.create_task(coro)  # type: ignore[arg-type]
@@ -272,8 +311,13 @@ class Broker:
             return
         self.fenced_total += 1
         self.metrics.fenced.labels(reason.split(":")[0]).inc()
-        log.warning("fencing client %r (session %s, pid %d): %s", session.name,
-                    session.session_id, session.pid, reason)
+        log.warning(
+            "fencing client %r (session %s, pid %d): %s",
+            session.name,
+            session.session_id,
+            session.pid,
+            reason,
+        )
         session.conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason, fenced=True)))
         session.conn.close(f"fenced: {reason}")
         for space in self.spaces.values():
@@ -290,20 +334,31 @@ class Broker:
     def owned_space(self, session: Session, space_id: str) -> Space:
         space = self.space(space_id)
         if space.owner != session.name or space.owner_uid != session.uid:
-            raise NotAllowed(f"client {session.name!r} is not the owner of space {space_id} "
-                             f"(owner: {space.owner!r})")
+            raise NotAllowed(
+                f"client {session.name!r} is not the owner of space {space_id} "
+                f"(owner: {space.owner!r})"
+            )
         return space
 
     def _check_space_quota(self) -> None:
         if len(self.spaces) >= self.config.max_spaces:
             raise LimitReached("max_spaces", self.config.max_spaces, "too many spaces")
 
-    def create_space(self, session: Session, *, size: int, backing: BackingKind, name: str,
-                     ephemeral: bool, regions: list[Region],
-                     huge_page_size: int) -> tuple[Space, int]:
+    def create_space(
+        self,
+        session: Session,
+        *,
+        size: int,
+        backing: BackingKind,
+        name: str,
+        ephemeral: bool,
+        regions: list[Region],
+        huge_page_size: int,
+    ) -> tuple[Space, int]:
         self._check_space_quota()
-        page = huge_page_size if backing is BackingKind.MEMFD_HUGETLB else os.sysconf(
-            "SC_PAGE_SIZE")
+        page = (
+            huge_page_size if backing is BackingKind.MEMFD_HUGETLB else os.sysconf("SC_PAGE_SIZE")
+        )
         check_size(size, page or 1, self.config.max_space_bytes)
         check_regions(regions, size, page or 1)
         if backing is BackingKind.GUEST_MEMFD and self._gmem is None:
@@ -311,37 +366,75 @@ class Broker:
         fd, page_size = create_backing(backing, name or "space", size, huge_page_size, self._gmem)
         try:
             st = os.fstat(fd)
-            space = Space(name=name, fd=fd, size=size, backing=backing, page_size=page_size,
-                          owner=session.name, owner_uid=session.uid, ephemeral=ephemeral,
-                          imported=False, regions=regions, dev=st.st_dev, ino=st.st_ino)
+            space = Space(
+                name=name,
+                fd=fd,
+                size=size,
+                backing=backing,
+                page_size=page_size,
+                owner=session.name,
+                owner_uid=session.uid,
+                ephemeral=ephemeral,
+                imported=False,
+                regions=regions,
+                dev=st.st_dev,
+                ino=st.st_ino,
+            )
         except BaseException:
             os.close(fd)
             raise
         self.spaces[space.space_id] = space
         tag = session.deliver_fd(space.fd, space.space_id)
-        log.info("space %s created by %r: %s, %d bytes", space.space_id, session.name,
-                 backing.value, size)
+        log.info(
+            "space %s created by %r: %s, %d bytes",
+            space.space_id,
+            session.name,
+            backing.value,
+            size,
+        )
         return space, tag
 
-    def import_space(self, session: Session, *, tag: int, name: str, ephemeral: bool,
-                     regions: list[Region], expected_size: int) -> Space:
+    def import_space(
+        self,
+        session: Session,
+        *,
+        tag: int,
+        name: str,
+        ephemeral: bool,
+        regions: list[Region],
+        expected_size: int,
+    ) -> Space:
         self._check_space_quota()
         fd = session.offered.get(tag)
         if fd is None:
-            raise BadRequest(f"no fd offered with tag {tag} on this session (send an fd_offer "
-                             "frame before ImportSpace)")
+            raise BadRequest(
+                f"no fd offered with tag {tag} on this session (send an fd_offer "
+                "frame before ImportSpace)"
+            )
         kind, size, page, dev, ino = adopt_import(fd)
         if expected_size and expected_size != size:
             raise BadRequest(f"imported fd has {size} bytes, expected {expected_size}")
         check_size(size, page, self.config.max_space_bytes)
         check_regions(regions, size, page)
         del session.offered[tag]
-        space = Space(name=name, fd=fd, size=size, backing=kind, page_size=page,
-                      owner=session.name, owner_uid=session.uid, ephemeral=ephemeral,
-                      imported=True, regions=regions, dev=dev, ino=ino)
+        space = Space(
+            name=name,
+            fd=fd,
+            size=size,
+            backing=kind,
+            page_size=page,
+            owner=session.name,
+            owner_uid=session.uid,
+            ephemeral=ephemeral,
+            imported=True,
+            regions=regions,
+            dev=dev,
+            ino=ino,
+        )
         self.spaces[space.space_id] = space
-        log.info("space %s imported by %r: %s, %d bytes", space.space_id, session.name,
-                 kind.value, size)
+        log.info(
+            "space %s imported by %r: %s, %d bytes", space.space_id, session.name, kind.value, size
+        )
         return space
 
     async def delete_space(self, session: Session, space_id: str) -> RevocationResult:
@@ -372,8 +465,9 @@ class Broker:
 
     # -- access --------------------------------------------------------------------------------
 
-    async def set_attributes(self, session: Session, space_id: str, offset: int, length: int,
-                             shared: bool) -> RevocationResult:
+    async def set_attributes(
+        self, session: Session, space_id: str, offset: int, length: int, shared: bool
+    ) -> RevocationResult:
         space = self.owned_space(session, space_id)
         t0 = time.perf_counter()
         if shared:
@@ -382,8 +476,9 @@ class Broker:
             delta = space.table.set_private(offset, length)
         return await self.carry_out(space, delta, "private" if not shared else "shared", t0)
 
-    async def grant(self, session: Session, space_id: str, client: str, offset: int,
-                    length: int, access: Access) -> tuple[int, int]:
+    async def grant(
+        self, session: Session, space_id: str, client: str, offset: int, length: int, access: Access
+    ) -> tuple[int, int]:
         space = self.owned_space(session, space_id)
         if not CLIENT_NAME.match(client):
             raise BadRequest(f"client name {client!r} is not a valid client name")
@@ -394,8 +489,9 @@ class Broker:
         await self.carry_out(space, delta, "downgrade", t0)
         return delta.seq, int(notified)
 
-    async def revoke(self, session: Session, space_id: str, client: str, offset: int,
-                     length: int) -> RevocationResult:
+    async def revoke(
+        self, session: Session, space_id: str, client: str, offset: int, length: int
+    ) -> RevocationResult:
         space = self.owned_space(session, space_id)
         t0 = time.perf_counter()
         delta = space.table.revoke(client, offset, length)
@@ -407,8 +503,9 @@ class Broker:
             return session
         return None
 
-    async def carry_out(self, space: Space, delta: Delta, cause: str,
-                        t0: float) -> RevocationResult:
+    async def carry_out(
+        self, space: Space, delta: Delta, cause: str, t0: float
+    ) -> RevocationResult:
         """Pushes a delta to the attached sessions; waits for the acks of what was lowered."""
         waits = []
         revoked = 0
@@ -418,55 +515,106 @@ class Broker:
             if session is None:
                 continue
             if change.raised:
-                session.conn.send(spb.Frame(access_update=spb.AccessUpdate(
-                    space_id=space.space_id, seq=delta.seq,
-                    ranges=[_pb_range(r) for r in change.raised])))
+                session.conn.send(
+                    spb.Frame(
+                        access_update=spb.AccessUpdate(
+                            space_id=space.space_id,
+                            seq=delta.seq,
+                            ranges=[access_range_pb(r) for r in change.raised],
+                        )
+                    )
+                )
             if change.lowered:
                 waits.append(self._push_revoke(space, session, delta.seq, change.lowered))
         if not any(c.lowered for c in delta.clients):
             return RevocationResult(space.space_id, delta.seq, (), time.perf_counter() - t0, 0)
         return await self._settle(space, delta.seq, waits, cause, t0, revoked)
 
-    def _push_revoke(self, space: Space, session: Session, seq: int,
-                     ranges: Iterable[AccessRange], space_deleted: bool = False
-                     ) -> tuple[Session, tuple[AccessRange, ...], asyncio.Future[float], float]:
+    def _push_revoke(
+        self,
+        space: Space,
+        session: Session,
+        seq: int,
+        ranges: Iterable[AccessRange],
+        space_deleted: bool = False,
+    ) -> tuple[Session, tuple[AccessRange, ...], asyncio.Future[float], float]:
         ranges = tuple(ranges)
         fut: asyncio.Future[float] = self.loop.create_future()
         session.pending_acks[(space.space_id, seq)] = fut
-        session.conn.send(spb.Frame(revoke=spb.Revoke(
-            space_id=space.space_id, seq=seq, ranges=[_pb_range(r) for r in ranges],
-            space_deleted=space_deleted, deadline_ms=self.config.revoke_deadline_ms)))
+        session.conn.send(
+            spb.Frame(
+                revoke=spb.Revoke(
+                    space_id=space.space_id,
+                    seq=seq,
+                    ranges=[access_range_pb(r) for r in ranges],
+                    space_deleted=space_deleted,
+                    deadline_ms=self.config.revoke_deadline_ms,
+                )
+            )
+        )
         return session, ranges, fut, time.perf_counter()
 
-    async def _settle(self, space: Space,  seq: int,
-                      waits: list[tuple[Session, tuple[AccessRange, ...],
-                                        asyncio.Future[float], float]],
-                      cause: str, t0: float, revoked: int) -> RevocationResult:
+    async def _settle(
+        self,
+        space: Space,
+        seq: int,
+        waits: list[tuple[Session, tuple[AccessRange, ...], asyncio.Future[float], float]],
+        cause: str,
+        t0: float,
+        revoked: int,
+    ) -> RevocationResult:
         futures = [w[2] for w in waits]
         if futures:
             await asyncio.wait(futures, timeout=self.config.revoke_deadline_ms / 1000)
         results = []
         for session, ranges, fut, sent in waits:
             if fut.done() and fut.exception() is None:
-                results.append(ClientResult(session.name, session.session_id, session.pid,
-                                            Outcome.ACKED, fut.result() - sent))
+                results.append(
+                    ClientResult(
+                        session.name,
+                        session.session_id,
+                        session.pid,
+                        Outcome.ACKED,
+                        fut.result() - sent,
+                    )
+                )
                 released = space.table.release_pins(
-                    session.session_id, [(r.offset, r.length) for r in ranges])
+                    session.session_id, [(r.offset, r.length) for r in ranges]
+                )
                 if released:
-                    log.info("released %d pin(s) of %r on acknowledged revoke", len(released),
-                             session.name)
+                    log.info(
+                        "released %d pin(s) of %r on acknowledged revoke",
+                        len(released),
+                        session.name,
+                    )
             elif fut.done():
-                results.append(ClientResult(session.name, session.session_id, session.pid,
-                                            Outcome.GONE, time.perf_counter() - sent,
-                                            f"session ended: {fut.exception()}"))
+                results.append(
+                    ClientResult(
+                        session.name,
+                        session.session_id,
+                        session.pid,
+                        Outcome.GONE,
+                        time.perf_counter() - sent,
+                        f"session ended: {fut.exception()}",
+                    )
+                )
             else:
                 fut.cancel()
                 session.pending_acks.pop((space.space_id, seq), None)
-                reason = (f"no acknowledgement of seq {seq} within "
-                          f"{self.config.revoke_deadline_ms} ms")
+                reason = (
+                    f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms"
+                )
                 self.fence(session, reason)
-                results.append(ClientResult(session.name, session.session_id, session.pid,
-                                            Outcome.FENCED, time.perf_counter() - sent, reason))
+                results.append(
+                    ClientResult(
+                        session.name,
+                        session.session_id,
+                        session.pid,
+                        Outcome.FENCED,
+                        time.perf_counter() - sent,
+                        reason,
+                    )
+                )
         duration = time.perf_counter() - t0
         self.revocations_total += 1
         self.metrics.revocations.labels(cause).inc()
@@ -477,8 +625,9 @@ class Broker:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def attach(self, session: Session, space_id: str,
-               kind: Attachment) -> tuple[Space, int, list[AccessRange]]:
+    def attach(
+        self, session: Session, space_id: str, kind: Attachment
+    ) -> tuple[Space, int, list[AccessRange]]:
         space = self.space(space_id)
         if space_id in session.attached:
             raise WrongState(f"client {session.name!r} is already attached to {space_id}")
@@ -502,13 +651,15 @@ class Broker:
                 fut.set_exception(SessionGone("detached"))
         return len(space.table.release_pins(session.session_id))
 
-    def pin(self, session: Session, space_id: str, offset: int, length: int,
-            write: bool) -> tuple[Pin, int]:
+    def pin(
+        self, session: Session, space_id: str, offset: int, length: int, write: bool
+    ) -> tuple[Pin, int]:
         space = self.space(space_id)
         if space_id not in session.attached:
             raise WrongState(f"client {session.name!r} must attach to {space_id} before pinning")
-        return space.table.pin(session.session_id, session.name, offset, length, write), \
-            space.table.seq
+        return space.table.pin(
+            session.session_id, session.name, offset, length, write
+        ), space.table.seq
 
     def unpin(self, session: Session, space_id: str, pin_id: int) -> None:
         space = self.space(space_id)
@@ -536,10 +687,16 @@ class Broker:
             fragments += space.table.fragment_count()
             pins += len(space.table.pins())
             attachments += len(space.attachments)
-        return Snapshot(sessions=len(self._by_token), spaces_by_backing=by_backing,
-                        bytes_shared=shared, bytes_private=total - shared,
-                        grant_fragments=fragments, pins=pins, attachments=attachments,
-                        open_fds=len(os.listdir("/proc/self/fd")))
+        return Snapshot(
+            sessions=len(self._by_token),
+            spaces_by_backing=by_backing,
+            bytes_shared=shared,
+            bytes_private=total - shared,
+            grant_fragments=fragments,
+            pins=pins,
+            attachments=attachments,
+            open_fds=len(os.listdir("/proc/self/fd")),
+        )
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -558,5 +715,6 @@ class Broker:
             self._gmem = None
 
 
-def _pb_range(r: AccessRange) -> spb.AccessRange:
-    return spb.AccessRange(offset=r.offset, length=r.length, access=int(r.access))
+def access_range_pb(r: AccessRange) -> spb.AccessRange:
+    """The wire form of an access-table range (the enums share their numbers by design)."""
+    return spb.AccessRange(offset=r.offset, length=r.length, access=cast(spb.Access, int(r.access)))

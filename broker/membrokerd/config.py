@@ -35,21 +35,26 @@ class BrokerConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MEMBROKER_", extra="forbid")
 
-    runtime_dir: Path = Field(default_factory=default_runtime_dir,
-                              description="Where control.sock and session.sock are created.")
+    runtime_dir: Path = Field(
+        default_factory=default_runtime_dir,
+        description="Where control.sock and session.sock are created.",
+    )
     control_socket_mode: int = Field(0o660, ge=0, le=0o777)
     session_socket_mode: int = Field(0o660, ge=0, le=0o777)
     metrics_address: str = Field(
         "127.0.0.1:9464",
-        description="host:port of the Prometheus endpoint; port 0 picks a free one; empty disables.")
-    revoke_deadline_ms: int = Field(2000, ge=1, le=600_000,
-                                    description="How long a client has to acknowledge a revoke.")
+        description="host:port of the Prometheus endpoint; port 0 picks one; empty disables.",
+    )
+    revoke_deadline_ms: int = Field(
+        2000, ge=1, le=600_000, description="How long a client has to acknowledge a revoke."
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_sessions: int = Field(1024, ge=1)
     max_spaces: int = Field(256, ge=1)
     max_space_bytes: int = Field(1 << 40, ge=4096, description="Largest single space, bytes.")
-    max_offered_fds: int = Field(8, ge=1, le=64,
-                                 description="Fds a session may have offered and not yet used.")
+    max_offered_fds: int = Field(
+        8, ge=1, le=64, description="Fds a session may have offered and not yet used."
+    )
     log_level: str = Field("INFO")
 
     @field_validator("control_socket_mode", "session_socket_mode", mode="before")

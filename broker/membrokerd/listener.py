@@ -40,8 +40,15 @@ class SessionHost(Protocol):
 class Connection:
     """One accepted session socket: reads frames, queues writes, owns the peer's pidfd."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: SessionHost,
-                 max_frame: int, cred: sys_sock.PeerCred, pidfd: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        host: SessionHost,
+        max_frame: int,
+        cred: sys_sock.PeerCred,
+        pidfd: int,
+    ) -> None:
         self.loop = loop
         self.sock = sock
         self.host = host
@@ -165,8 +172,9 @@ class Connection:
 class Listener:
     """The listening session socket; hands each accepted connection to the host."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: Path, mode: int,
-                 accept: SessionAcceptor) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, path: Path, mode: int, accept: SessionAcceptor
+    ) -> None:
         self.loop = loop
         self.path = path
         self._accept_cb = accept

@@ -44,19 +44,26 @@ class _StateCollector(Collector):
         for backing in ("memfd", "memfd-hugetlb", "guest_memfd"):
             spaces.add_metric([backing], s.spaces_by_backing.get(backing, 0))
         yield spaces
-        space_bytes = GaugeMetricFamily("membroker_space_bytes",
-                                        "Bytes of all spaces, by attribute.", labels=["attribute"])
+        space_bytes = GaugeMetricFamily(
+            "membroker_space_bytes", "Bytes of all spaces, by attribute.", labels=["attribute"]
+        )
         space_bytes.add_metric(["shared"], s.bytes_shared)
         space_bytes.add_metric(["private"], s.bytes_private)
         yield space_bytes
-        yield GaugeMetricFamily("membroker_grant_fragments",
-                                "Grant ranges held by client names (coalesced).",
-                                value=s.grant_fragments)
+        yield GaugeMetricFamily(
+            "membroker_grant_fragments",
+            "Grant ranges held by client names (coalesced).",
+            value=s.grant_fragments,
+        )
         yield GaugeMetricFamily("membroker_pins", "Live pins.", value=s.pins)
-        yield GaugeMetricFamily("membroker_attachments", "Session attachments to spaces.",
-                                value=s.attachments)
-        yield GaugeMetricFamily("membroker_process_open_fds_count",
-                                "File descriptors the daemon holds.", value=s.open_fds)
+        yield GaugeMetricFamily(
+            "membroker_attachments", "Session attachments to spaces.", value=s.attachments
+        )
+        yield GaugeMetricFamily(
+            "membroker_process_open_fds_count",
+            "File descriptors the daemon holds.",
+            value=s.open_fds,
+        )
 
 
 class Metrics:
@@ -66,28 +73,59 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(snapshot))
         self.revocations = Counter(
-            "membroker_revocations_total", "Revocations carried out, by cause.", ["cause"],
-            registry=self.registry)
+            "membroker_revocations_total",
+            "Revocations carried out, by cause.",
+            ["cause"],
+            registry=self.registry,
+        )
         self.revocation_clients = Counter(
             "membroker_revocation_clients_total",
-            "Client outcomes of revocations (acked, fenced, gone).", ["outcome"],
-            registry=self.registry)
+            "Client outcomes of revocations (acked, fenced, gone).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.revoke_latency = Histogram(
             "membroker_revoke_latency_seconds",
             "From the start of a revocation until every affected client is settled.",
-            buckets=(50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.1, 0.5, 1,
-                     2, 5, 10),
-            registry=self.registry)
-        self.fenced = Counter("membroker_fenced_total", "Sessions fenced, by reason.", ["reason"],
-                              registry=self.registry)
-        self.protocol_errors = Counter("membroker_session_protocol_errors_total",
-                                       "Session connections closed for a protocol error.",
-                                       registry=self.registry)
-        self.grants = Counter("membroker_grant_calls_total", "Grant calls that succeeded.",
-                              registry=self.registry)
-        self.rpc_errors = Counter("membroker_rpc_errors_total",
-                                  "Control calls that failed, by gRPC status code.", ["code"],
-                                  registry=self.registry)
+            buckets=(
+                50e-6,
+                100e-6,
+                200e-6,
+                500e-6,
+                1e-3,
+                2e-3,
+                5e-3,
+                10e-3,
+                50e-3,
+                0.1,
+                0.5,
+                1,
+                2,
+                5,
+                10,
+            ),
+            registry=self.registry,
+        )
+        self.fenced = Counter(
+            "membroker_fenced_total",
+            "Sessions fenced, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.protocol_errors = Counter(
+            "membroker_session_protocol_errors_total",
+            "Session connections closed for a protocol error.",
+            registry=self.registry,
+        )
+        self.grants = Counter(
+            "membroker_grant_calls_total", "Grant calls that succeeded.", registry=self.registry
+        )
+        self.rpc_errors = Counter(
+            "membroker_rpc_errors_total",
+            "Control calls that failed, by gRPC status code.",
+            ["code"],
+            registry=self.registry,
+        )
         for outcome in ("acked", "fenced", "gone"):
             self.revocation_clients.labels(outcome)
 
@@ -121,12 +159,23 @@ class MetricsServer:
             else:
                 status, body = b"200 OK", self.metrics.exposition()
                 ctype = CONTENT_TYPE_LATEST.encode()
-            head = (b"HTTP/1.0 " + status + b"\r\nContent-Type: " + ctype +
-                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            head = (
+                b"HTTP/1.0 "
+                + status
+                + b"\r\nContent-Type: "
+                + ctype
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+            )
             writer.write(head + (body if line and line[0] != b"HEAD" else b""))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()

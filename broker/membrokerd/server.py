@@ -16,8 +16,8 @@ from grpc import aio
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from membroker.v1 import broker_pb2, broker_pb2_grpc
 
+from membroker.v1 import broker_pb2, broker_pb2_grpc
 from membrokerd.broker import Broker
 from membrokerd.config import BrokerConfig
 from membrokerd.listener import Listener
@@ -54,12 +54,17 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
 
     listener = Listener(loop, config.session_socket, config.session_socket_mode, broker.accept)
     server = aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
-    broker_pb2_grpc.add_MemBrokerServicer_to_server(Servicer(broker), server)
+    broker_pb2_grpc.add_MemBrokerServicer_to_server(Servicer(broker), server)  # type: ignore[no-untyped-call]
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        [
+            SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
     control = config.control_socket
     if control.exists() or control.is_symlink():
         control.unlink()
@@ -77,11 +82,18 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     if config.metrics_address:
         broker.metrics_url = await metrics_server.start(config.metrics_address)
 
-    log.info("membrokerd %d ready: control %s, session %s, metrics %s", os.getpid(), control,
-             config.session_socket, broker.metrics_url or "off")
-    print(f"membrokerd ready\n  control socket: {control}\n  session socket: "
-          f"{config.session_socket}\n  metrics:        {broker.metrics_url or 'off'}",
-          flush=True)
+    log.info(
+        "membrokerd %d ready: control %s, session %s, metrics %s",
+        os.getpid(),
+        control,
+        config.session_socket,
+        broker.metrics_url or "off",
+    )
+    print(
+        f"membrokerd ready\n  control socket: {control}\n  session socket: "
+        f"{config.session_socket}\n  metrics:        {broker.metrics_url or 'off'}",
+        flush=True,
+    )
     _sd_notify("READY=1")
     if ready is not None:
         ready.set()

@@ -14,22 +14,21 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
+
+import membrokerd
 from membroker.v1 import broker_pb2 as pb
 from membroker.v1 import broker_pb2_grpc as pb_grpc
 from membroker.v1 import session_pb2 as spb
-
-import membrokerd
 from membrokerd import errors
 from membrokerd.access import (
     Access,
     AccessError,
-    AccessRange,
     InvalidRange,
     NotGranted,
     NotShared,
     UnknownPin,
 )
-from membrokerd.broker import Broker, Outcome, RevocationResult, Session
+from membrokerd.broker import Broker, Outcome, RevocationResult, Session, access_range_pb
 from membrokerd.spaces import Attachment, BackingKind, Region, Space
 
 log = logging.getLogger("membrokerd.rpc")
@@ -51,12 +50,18 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     errors.FeatureMissing: grpc.StatusCode.UNIMPLEMENTED,
 }
 
-BACKINGS = {pb.BACKING_MEMFD: BackingKind.MEMFD, pb.BACKING_GUEST_MEMFD: BackingKind.GUEST_MEMFD,
-            pb.BACKING_MEMFD_HUGETLB: BackingKind.MEMFD_HUGETLB}
+BACKINGS = {
+    pb.BACKING_MEMFD: BackingKind.MEMFD,
+    pb.BACKING_GUEST_MEMFD: BackingKind.GUEST_MEMFD,
+    pb.BACKING_MEMFD_HUGETLB: BackingKind.MEMFD_HUGETLB,
+}
 BACKING_PB = {v: k for k, v in BACKINGS.items()}
 KINDS = {pb.ATTACH_KIND_VA: Attachment.VA, pb.ATTACH_KIND_FD: Attachment.FD}
-OUTCOMES = {Outcome.ACKED: pb.OUTCOME_ACKED, Outcome.FENCED: pb.OUTCOME_FENCED,
-            Outcome.GONE: pb.OUTCOME_GONE}
+OUTCOMES = {
+    Outcome.ACKED: pb.OUTCOME_ACKED,
+    Outcome.FENCED: pb.OUTCOME_FENCED,
+    Outcome.GONE: pb.OUTCOME_GONE,
+}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -67,7 +72,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, NotShared):
         return f"range is not shared: offset {exc.offset:#x} is private"
     if isinstance(exc, NotGranted):
-        return (f"client {exc.client!r} lacks the needed access at offset {exc.offset:#x}")
+        return f"client {exc.client!r} lacks the needed access at offset {exc.offset:#x}"
     return str(exc)
 
 
@@ -82,8 +87,10 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
             session = self.broker.authenticate(token if isinstance(token, str) else None)
             return await method(self, request, session)
         except (errors.BrokerFault, AccessError) as exc:
-            code = next((c for t, c in STATUS.items() if isinstance(exc, t)),
-                        grpc.StatusCode.INVALID_ARGUMENT)
+            code = next(
+                (c for t, c in STATUS.items() if isinstance(exc, t)),
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
             self.broker.metrics.rpc_errors.labels(code.name).inc()
             log.debug("%s refused: %s: %s", name, code.name, exc)
             await context.abort(code, _describe(exc))
@@ -92,14 +99,16 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
         except Exception:
             self.broker.metrics.rpc_errors.labels("INTERNAL").inc()
             log.exception("%s failed unexpectedly", name)
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error in {name} (details in the broker log)")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {name} (details in the broker log)"
+            )
 
     return wrapper
 
 
-def _range(msg: pb.SetAttributesRequest | pb.GrantRequest | pb.RevokeRequest | pb.PinRequest,
-           ) -> tuple[int, int]:
+def _range(
+    msg: pb.SetAttributesRequest | pb.GrantRequest | pb.RevokeRequest | pb.PinRequest,
+) -> tuple[int, int]:
     if not msg.HasField("range"):
         raise errors.BadRequest("range is required")
     if msg.range.length == 0:
@@ -113,26 +122,41 @@ def _regions(regions: Any) -> list[Region]:
 
 def _space_pb(space: Space) -> pb.Space:
     return pb.Space(
-        space_id=space.space_id, name=space.name, size=space.size,
-        backing=BACKING_PB[space.backing], owner=space.owner, ephemeral=space.ephemeral,
-        seq=space.table.seq, regions=[pb.Region(gpa=r.gpa, offset=r.offset, size=r.size)
-                                      for r in space.regions],
-        shared_bytes=space.table.shared_bytes(), page_size=space.page_size,
-        imported=space.imported, attachments=len(space.attachments),
-        grant_clients=len(space.table.clients()), created_unix=space.created_unix)
-
-
-def _access_pb(r: AccessRange) -> spb.AccessRange:
-    return spb.AccessRange(offset=r.offset, length=r.length, access=int(r.access))
+        space_id=space.space_id,
+        name=space.name,
+        size=space.size,
+        backing=BACKING_PB[space.backing],
+        owner=space.owner,
+        ephemeral=space.ephemeral,
+        seq=space.table.seq,
+        regions=[pb.Region(gpa=r.gpa, offset=r.offset, size=r.size) for r in space.regions],
+        shared_bytes=space.table.shared_bytes(),
+        page_size=space.page_size,
+        imported=space.imported,
+        attachments=len(space.attachments),
+        grant_clients=len(space.table.clients()),
+        created_unix=space.created_unix,
+    )
 
 
 def _report(result: RevocationResult) -> pb.RevocationReport:
     return pb.RevocationReport(
-        space_id=result.space_id, seq=result.seq, duration_us=int(result.duration_s * 1e6),
+        space_id=result.space_id,
+        seq=result.seq,
+        duration_us=int(result.duration_s * 1e6),
         revoked_bytes=result.revoked_bytes,
-        clients=[pb.ClientOutcome(client=c.client, session_id=c.session_id, pid=c.pid,
-                                  outcome=OUTCOMES[c.outcome], latency_us=int(c.latency_s * 1e6),
-                                  reason=c.reason) for c in result.clients])
+        clients=[
+            pb.ClientOutcome(
+                client=c.client,
+                session_id=c.session_id,
+                pid=c.pid,
+                outcome=OUTCOMES[c.outcome],
+                latency_us=int(c.latency_s * 1e6),
+                reason=c.reason,
+            )
+            for c in result.clients
+        ],
+    )
 
 
 class Servicer(pb_grpc.MemBrokerServicer):
@@ -142,8 +166,9 @@ class Servicer(pb_grpc.MemBrokerServicer):
         self.broker = broker
 
     @edge
-    async def CreateSpace(self, request: pb.CreateSpaceRequest,
-                          session: Session) -> pb.CreateSpaceResponse:
+    async def CreateSpace(
+        self, request: pb.CreateSpaceRequest, session: Session
+    ) -> pb.CreateSpaceResponse:
         backing = BACKINGS.get(request.backing)
         if backing is None:
             raise errors.BadRequest("backing must be MEMFD, MEMFD_HUGETLB or GUEST_MEMFD")
@@ -151,23 +176,35 @@ class Servicer(pb_grpc.MemBrokerServicer):
             raise errors.BadRequest("huge_page_size applies to MEMFD_HUGETLB only")
         _check_name(request.name)
         space, tag = self.broker.create_space(
-            session, size=request.size, backing=backing, name=request.name,
-            ephemeral=request.ephemeral, regions=_regions(request.regions),
-            huge_page_size=request.huge_page_size)
+            session,
+            size=request.size,
+            backing=backing,
+            name=request.name,
+            ephemeral=request.ephemeral,
+            regions=_regions(request.regions),
+            huge_page_size=request.huge_page_size,
+        )
         return pb.CreateSpaceResponse(space=_space_pb(space), fd_tag=tag)
 
     @edge
-    async def ImportSpace(self, request: pb.ImportSpaceRequest,
-                          session: Session) -> pb.CreateSpaceResponse:
+    async def ImportSpace(
+        self, request: pb.ImportSpaceRequest, session: Session
+    ) -> pb.CreateSpaceResponse:
         _check_name(request.name)
         space = self.broker.import_space(
-            session, tag=request.fd_tag, name=request.name, ephemeral=request.ephemeral,
-            regions=_regions(request.regions), expected_size=request.expected_size)
+            session,
+            tag=request.fd_tag,
+            name=request.name,
+            ephemeral=request.ephemeral,
+            regions=_regions(request.regions),
+            expected_size=request.expected_size,
+        )
         return pb.CreateSpaceResponse(space=_space_pb(space), fd_tag=0)
 
     @edge
-    async def DeleteSpace(self, request: pb.DeleteSpaceRequest,
-                          session: Session) -> pb.RevocationReport:
+    async def DeleteSpace(
+        self, request: pb.DeleteSpaceRequest, session: Session
+    ) -> pb.RevocationReport:
         return _report(await self.broker.delete_space(session, request.space_id))
 
     @edge
@@ -175,27 +212,34 @@ class Servicer(pb_grpc.MemBrokerServicer):
         return _space_pb(self.broker.space(request.space_id))
 
     @edge
-    async def ListSpaces(self, request: pb.ListSpacesRequest,
-                         session: Session) -> pb.ListSpacesResponse:
-        return pb.ListSpacesResponse(spaces=[_space_pb(s) for s in self.broker.spaces.values()
-                                             if not s.deleting])
+    async def ListSpaces(
+        self, request: pb.ListSpacesRequest, session: Session
+    ) -> pb.ListSpacesResponse:
+        return pb.ListSpacesResponse(
+            spaces=[_space_pb(s) for s in self.broker.spaces.values() if not s.deleting]
+        )
 
     @edge
-    async def SetAttributes(self, request: pb.SetAttributesRequest,
-                            session: Session) -> pb.RevocationReport:
+    async def SetAttributes(
+        self, request: pb.SetAttributesRequest, session: Session
+    ) -> pb.RevocationReport:
         if request.attribute not in (pb.ATTRIBUTE_SHARED, pb.ATTRIBUTE_PRIVATE):
             raise errors.BadRequest("attribute must be SHARED or PRIVATE")
         offset, length = _range(request)
-        return _report(await self.broker.set_attributes(
-            session, request.space_id, offset, length, request.attribute == pb.ATTRIBUTE_SHARED))
+        return _report(
+            await self.broker.set_attributes(
+                session, request.space_id, offset, length, request.attribute == pb.ATTRIBUTE_SHARED
+            )
+        )
 
     @edge
     async def Grant(self, request: pb.GrantRequest, session: Session) -> pb.GrantResponse:
         if request.access not in (spb.ACCESS_RO, spb.ACCESS_RW):
             raise errors.BadRequest("access must be RO or RW (use Revoke to remove access)")
         offset, length = _range(request)
-        seq, notified = await self.broker.grant(session, request.space_id, request.client,
-                                                offset, length, Access(request.access))
+        seq, notified = await self.broker.grant(
+            session, request.space_id, request.client, offset, length, Access(request.access)
+        )
         return pb.GrantResponse(seq=seq, notified=notified)
 
     @edge
@@ -203,16 +247,19 @@ class Servicer(pb_grpc.MemBrokerServicer):
         offset, length = _range(request)
         if not request.client:
             raise errors.BadRequest("client is required")
-        return _report(await self.broker.revoke(session, request.space_id, request.client,
-                                                offset, length))
+        return _report(
+            await self.broker.revoke(session, request.space_id, request.client, offset, length)
+        )
 
     @edge
-    async def ListGrants(self, request: pb.ListGrantsRequest,
-                         session: Session) -> pb.ListGrantsResponse:
+    async def ListGrants(
+        self, request: pb.ListGrantsRequest, session: Session
+    ) -> pb.ListGrantsResponse:
         space = self.broker.space(request.space_id)
         grants = space.table.grants(request.client or None)
-        return pb.ListGrantsResponse(grants=[pb.GrantRecord(client=c, range=_access_pb(r))
-                                             for c, r in grants])
+        return pb.ListGrantsResponse(
+            grants=[pb.GrantRecord(client=c, range=access_range_pb(r)) for c, r in grants]
+        )
 
     @edge
     async def Attach(self, request: pb.AttachRequest, session: Session) -> pb.AttachResponse:
@@ -220,8 +267,12 @@ class Servicer(pb_grpc.MemBrokerServicer):
         if kind is None:
             raise errors.BadRequest("kind must be VA or FD")
         space, tag, ranges = self.broker.attach(session, request.space_id, kind)
-        return pb.AttachResponse(space=_space_pb(space), fd_tag=tag, seq=space.table.seq,
-                                 ranges=[_access_pb(r) for r in ranges])
+        return pb.AttachResponse(
+            space=_space_pb(space),
+            fd_tag=tag,
+            seq=space.table.seq,
+            ranges=[access_range_pb(r) for r in ranges],
+        )
 
     @edge
     async def Detach(self, request: pb.DetachRequest, session: Session) -> pb.DetachResponse:
@@ -242,36 +293,62 @@ class Servicer(pb_grpc.MemBrokerServicer):
     async def ListPins(self, request: pb.ListPinsRequest, session: Session) -> pb.ListPinsResponse:
         space = self.broker.space(request.space_id)
         now = time.monotonic()
-        return pb.ListPinsResponse(pins=[
-            pb.PinRecord(pin_id=p.pin_id, client=p.client, session_id=p.holder,
-                         range=spb.Range(offset=p.offset, length=p.length), write=p.write,
-                         age_seconds=now - p.since) for p in space.table.pins()])
+        return pb.ListPinsResponse(
+            pins=[
+                pb.PinRecord(
+                    pin_id=p.pin_id,
+                    client=p.client,
+                    session_id=p.holder,
+                    range=spb.Range(offset=p.offset, length=p.length),
+                    write=p.write,
+                    age_seconds=now - p.since,
+                )
+                for p in space.table.pins()
+            ]
+        )
 
     @edge
-    async def ListSessions(self, request: pb.ListSessionsRequest,
-                           session: Session) -> pb.ListSessionsResponse:
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, session: Session
+    ) -> pb.ListSessionsResponse:
         now = time.monotonic()
         out = []
         for s in self.broker.live_sessions():
             owned = [sp.space_id for sp in self.broker.spaces.values() if sp.owner == s.name]
             pins = sum(len(sp.table.pins(s.session_id)) for sp in self.broker.spaces.values())
-            out.append(pb.SessionInfo(
-                session_id=s.session_id, client=s.name, pid=s.pid, uid=s.uid,
-                gid=s.conn.cred.gid, attached_spaces=sorted(s.attached), owned_spaces=owned,
-                pins=pins, age_seconds=now - s.created))
+            out.append(
+                pb.SessionInfo(
+                    session_id=s.session_id,
+                    client=s.name,
+                    pid=s.pid,
+                    uid=s.uid,
+                    gid=s.conn.cred.gid,
+                    attached_spaces=sorted(s.attached),
+                    owned_spaces=owned,
+                    pins=pins,
+                    age_seconds=now - s.created,
+                )
+            )
         return pb.ListSessionsResponse(sessions=out)
 
     @edge
     async def GetStats(self, request: pb.GetStatsRequest, session: Session) -> pb.Stats:
         snap = self.broker.snapshot()
         return pb.Stats(
-            sessions=snap.sessions, spaces=sum(snap.spaces_by_backing.values()),
-            bytes_total=snap.bytes_shared + snap.bytes_private, bytes_shared=snap.bytes_shared,
-            grants=snap.grant_fragments, pins=snap.pins,
+            sessions=snap.sessions,
+            spaces=sum(snap.spaces_by_backing.values()),
+            bytes_total=snap.bytes_shared + snap.bytes_private,
+            bytes_shared=snap.bytes_shared,
+            grants=snap.grant_fragments,
+            pins=snap.pins,
             revocations_total=self.broker.revocations_total,
-            fenced_total=self.broker.fenced_total, open_fds=snap.open_fds,
-            metrics_url=self.broker.metrics_url, version=membrokerd.__version__,
-            pid=_pid(), uptime_seconds=time.monotonic() - self.broker.started)
+            fenced_total=self.broker.fenced_total,
+            open_fds=snap.open_fds,
+            metrics_url=self.broker.metrics_url,
+            version=membrokerd.__version__,
+            pid=_pid(),
+            uptime_seconds=time.monotonic() - self.broker.started,
+        )
 
 
 def _pid() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import os
 import secrets
 import time
@@ -15,9 +16,7 @@ from collections.abc import Sequence
 
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import memfd as sys_memfd
-from membroker._sys.libc import PAGE_SIZE
-from membroker._sys.kvm import KernelFeatureMissing
-
+from membroker._sys.libc import PAGE_SIZE, KernelFeatureMissing
 from membrokerd.access import AccessTable
 from membrokerd.errors import BadRequest, FeatureMissing
 
@@ -48,9 +47,22 @@ class Attachment(enum.Enum):
 class Space:
     """A backing fd (owned), its guest-physical layout and its access table."""
 
-    def __init__(self, *, name: str, fd: int, size: int, backing: BackingKind, page_size: int,
-                 owner: str, owner_uid: int, ephemeral: bool, imported: bool,
-                 regions: Sequence[Region], dev: int, ino: int) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        fd: int,
+        size: int,
+        backing: BackingKind,
+        page_size: int,
+        owner: str,
+        owner_uid: int,
+        ephemeral: bool,
+        imported: bool,
+        regions: Sequence[Region],
+        dev: int,
+        ino: int,
+    ) -> None:
         self.space_id = "sp-" + secrets.token_hex(4)
         self.name = name or self.space_id
         self.fd = fd
@@ -71,8 +83,10 @@ class Space:
         self.deleting = False
 
     def __repr__(self) -> str:
-        return (f"<Space {self.space_id} {self.name!r} {self.backing.value} size={self.size} "
-                f"owner={self.owner!r} seq={self.table.seq} attached={len(self.attachments)}>")
+        return (
+            f"<Space {self.space_id} {self.name!r} {self.backing.value} size={self.size} "
+            f"owner={self.owner!r} seq={self.table.seq} attached={len(self.attachments)}>"
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -85,14 +99,18 @@ def check_regions(regions: Sequence[Region], size: int, page_size: int) -> None:
     spans = []
     for r in regions:
         if r.size == 0 or r.gpa % page_size or r.offset % page_size or r.size % page_size:
-            raise BadRequest(f"region gpa={r.gpa:#x} offset={r.offset:#x} size={r.size:#x} "
-                             f"is empty or not aligned to {page_size}")
+            raise BadRequest(
+                f"region gpa={r.gpa:#x} offset={r.offset:#x} size={r.size:#x} "
+                f"is empty or not aligned to {page_size}"
+            )
         if r.offset + r.size > size:
-            raise BadRequest(f"region gpa={r.gpa:#x} ends at backing offset "
-                             f"{r.offset + r.size:#x}, beyond the space size {size:#x}")
+            raise BadRequest(
+                f"region gpa={r.gpa:#x} ends at backing offset "
+                f"{r.offset + r.size:#x}, beyond the space size {size:#x}"
+            )
         spans.append((r.gpa, r.gpa + r.size))
     spans.sort()
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
             raise BadRequest(f"regions overlap in guest-physical space at {start:#x}")
 
@@ -104,8 +122,13 @@ def check_size(size: int, page_size: int, limit: int) -> None:
         raise BadRequest(f"size {size} exceeds max_space_bytes {limit}")
 
 
-def create_backing(kind: BackingKind, name: str, size: int, huge_page_size: int,
-                   gmem: sys_kvm.GuestMemfdFactory | None) -> tuple[int, int]:
+def create_backing(
+    kind: BackingKind,
+    name: str,
+    size: int,
+    huge_page_size: int,
+    gmem: sys_kvm.GuestMemfdFactory | None,
+) -> tuple[int, int]:
     """Allocates a backing; returns (owned fd, page size). The memfd is sealed before return."""
     if kind is BackingKind.MEMFD:
         return sys_memfd.create_memfd(f"membroker:{name}", size), PAGE_SIZE
@@ -115,11 +138,12 @@ def create_backing(kind: BackingKind, name: str, size: int, huge_page_size: int,
         if size % huge_page_size:
             raise BadRequest(f"size {size} is not a multiple of the huge page {huge_page_size}")
         try:
-            fd = sys_memfd.create_memfd(f"membroker:{name}", size,
-                                        hugetlb_page_size=huge_page_size)
+            fd = sys_memfd.create_memfd(f"membroker:{name}", size, hugetlb_page_size=huge_page_size)
         except OSError as exc:
-            raise FeatureMissing(f"cannot allocate {size} bytes of {huge_page_size >> 20} MiB "
-                                 f"huge pages (are any reserved? vm.nr_hugepages): {exc}") from exc
+            raise FeatureMissing(
+                f"cannot allocate {size} bytes of {huge_page_size >> 20} MiB "
+                f"huge pages (are any reserved? vm.nr_hugepages): {exc}"
+            ) from exc
         return fd, huge_page_size
     if gmem is None:
         raise FeatureMissing("guest_memfd backing is unavailable: no KVM support configured")
@@ -140,8 +164,11 @@ def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
         raise BadRequest(f"imported fd is not a memfd or guest_memfd ({info.path})")
     if not info.writable:
         raise BadRequest("imported fd must be open read-write")
-    kind = {"memfd": BackingKind.MEMFD, "memfd-hugetlb": BackingKind.MEMFD_HUGETLB,
-            "guest_memfd": BackingKind.GUEST_MEMFD}[info.kind]
+    kind = {
+        "memfd": BackingKind.MEMFD,
+        "memfd-hugetlb": BackingKind.MEMFD_HUGETLB,
+        "guest_memfd": BackingKind.GUEST_MEMFD,
+    }[info.kind]
     page = PAGE_SIZE
     if kind is BackingKind.MEMFD_HUGETLB:
         page = os.fstatvfs(fd).f_bsize
@@ -151,9 +178,11 @@ def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
         seals = info.seals or 0
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             if seals & sys_memfd.F_SEAL_SEAL:
-                raise BadRequest("imported memfd is not sealed against shrink/grow and its "
-                                 "seals are locked (F_SEAL_SEAL): create it with "
-                                 "MFD_ALLOW_SEALING and leave the sealing to the broker")
+                raise BadRequest(
+                    "imported memfd is not sealed against shrink/grow and its "
+                    "seals are locked (F_SEAL_SEAL): create it with "
+                    "MFD_ALLOW_SEALING and leave the sealing to the broker"
+                )
             # Kernel fact: seals belong to the inode, so the owner's own fd is sealed too.
             sys_memfd.add_seals(fd, REQUIRED_SEALS | sys_memfd.F_SEAL_SEAL)
     return kind, info.size, page, info.dev, info.ino

@@ -40,7 +40,7 @@ class NotHeld(MembrokerError):
 class _Attachment:
     """What both client kinds share: attach/detach and the local view of effective access."""
 
-    kind: int
+    kind: pb.AttachKind
 
     def __init__(self, session: Session, space_id: str, on_revoke: RevokeCallback | None) -> None:
         self.session = session
@@ -128,8 +128,7 @@ class _Attachment:
             try:
                 self._user_on_revoke(ranges)
             except Exception:
-                log.exception("on_revoke callback of %s failed; tearing down anyway",
-                              self.space_id)
+                log.exception("on_revoke callback of %s failed; tearing down anyway", self.space_id)
         with self._lock:
             for r in ranges:
                 self._record(r)
@@ -186,8 +185,10 @@ class VaClient(_Attachment):
             os.close(fd)
 
     def __repr__(self) -> str:
-        return (f"<VaClient {self.space_id} at {self.mapping.address:#x} seq={self.seq} "
-                f"held={len(self._readable)} range(s)>")
+        return (
+            f"<VaClient {self.space_id} at {self.mapping.address:#x} seq={self.seq} "
+            f"held={len(self._readable)} range(s)>"
+        )
 
     @property
     def address(self) -> int:
@@ -239,8 +240,9 @@ class VaClient(_Attachment):
 class Pin:
     """A pinned range of an FdClient; a context manager that unpins on exit."""
 
-    def __init__(self, client: FdClient, pin_id: int, offset: int, length: int,
-                 write: bool) -> None:
+    def __init__(
+        self, client: FdClient, pin_id: int, offset: int, length: int, write: bool
+    ) -> None:
         self.client = client
         self.pin_id = pin_id
         self.offset = offset
@@ -281,8 +283,12 @@ class FdClient(_Attachment):
 
     def pin(self, offset: int, length: int, *, write: bool = False) -> Pin:
         """Declares a range in use; the broker refuses unless it is held (and not revoking)."""
-        resp = self.session.call("Pin", pb.PinRequest(
-            space_id=self.space_id, range=spb.Range(offset=offset, length=length), write=write))
+        resp = self.session.call(
+            "Pin",
+            pb.PinRequest(
+                space_id=self.space_id, range=spb.Range(offset=offset, length=length), write=write
+            ),
+        )
         pin = Pin(self, int(resp.pin_id), offset, length, write)
         with self._lock:
             self._pins[pin.pin_id] = pin
@@ -295,8 +301,7 @@ class FdClient(_Attachment):
                 return
             pin.released = True
         if not self.session.closed:
-            self.session.call("Unpin", pb.UnpinRequest(space_id=self.space_id,
-                                                       pin_id=pin.pin_id))
+            self.session.call("Unpin", pb.UnpinRequest(space_id=self.space_id, pin_id=pin.pin_id))
 
     @property
     def pins(self) -> list[Pin]:

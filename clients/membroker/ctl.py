@@ -34,7 +34,8 @@ def parse_size(text: str) -> int:
         return int(number) * _UNITS[unit]
     except (ValueError, IndexError):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (examples: 4096, 0x1000, 64M, 2G)") from None
+            f"{text!r} is not a size (examples: 4096, 0x1000, 64M, 2G)"
+        ) from None
 
 
 def human(n: int) -> str:
@@ -47,35 +48,61 @@ def human(n: int) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
     if not rows:
         lines.append("(none)")
     return "\n".join(lines)
 
 
 def _report(report: RevocationReport) -> str:
-    head = (f"space {report.space_id} seq {report.seq}: {human(report.revoked_bytes)} revoked "
-            f"in {report.duration_us} us")
+    head = (
+        f"space {report.space_id} seq {report.seq}: {human(report.revoked_bytes)} revoked "
+        f"in {report.duration_us} us"
+    )
     if not report.clients:
         return head + " (no attached client affected)"
-    return head + "\n" + table(
-        ["CLIENT", "SESSION", "PID", "OUTCOME", "LATENCY_US", "REASON"],
-        [(c.client, c.session_id, c.pid, c.outcome, c.latency_us, c.reason)
-         for c in report.clients])
+    return (
+        head
+        + "\n"
+        + table(
+            ["CLIENT", "SESSION", "PID", "OUTCOME", "LATENCY_US", "REASON"],
+            [
+                (c.client, c.session_id, c.pid, c.outcome, c.latency_us, c.reason)
+                for c in report.clients
+            ],
+        )
+    )
 
 
 def _spaces(spaces: list[SpaceInfo]) -> str:
-    return table(["SPACE", "NAME", "BACKING", "SIZE", "SHARED", "OWNER", "SEQ", "ATTACHED",
-                  "GRANTEES"],
-                 [(s.space_id, s.name, s.backing, human(s.size), human(s.shared_bytes), s.owner,
-                   s.seq, s.attachments, s.grant_clients) for s in spaces])
+    return table(
+        ["SPACE", "NAME", "BACKING", "SIZE", "SHARED", "OWNER", "SEQ", "ATTACHED", "GRANTEES"],
+        [
+            (
+                s.space_id,
+                s.name,
+                s.backing,
+                human(s.size),
+                human(s.shared_bytes),
+                s.owner,
+                s.seq,
+                s.attachments,
+                s.grant_clients,
+            )
+            for s in spaces
+        ],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="membrokerctl", description=__doc__.splitlines()[0])
-    p.add_argument("--runtime-dir", help="where membrokerd's sockets are "
-                   "(default $MEMBROKER_RUNTIME_DIR or the daemon's default)")
+    p.add_argument(
+        "--runtime-dir",
+        help="where membrokerd's sockets are "
+        "(default $MEMBROKER_RUNTIME_DIR or the daemon's default)",
+    )
     p.add_argument("--name", default="membrokerctl", help="client name of this session")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -91,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("create-space", help="allocate a space owned by --name")
     c.add_argument("--size", type=parse_size, required=True)
-    c.add_argument("--backing", choices=["memfd", "guest_memfd", "memfd-hugetlb"],
-                   default="memfd")
+    c.add_argument("--backing", choices=["memfd", "guest_memfd", "memfd-hugetlb"], default="memfd")
     c.add_argument("--space-name", default="")
     c.add_argument("--huge-page-size", type=parse_size, default=0)
     c.add_argument("-q", "--quiet", action="store_true", help="print only the new space id")
@@ -100,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("delete-space", help="revoke everything, then free the space")
     d.add_argument("space")
 
-    for cmd, text in (("share", "mark a range shared"),
-                      ("unshare", "mark a range private (revokes it from every client)")):
+    for cmd, text in (
+        ("share", "mark a range shared"),
+        ("unshare", "mark a range private (revokes it from every client)"),
+    ):
         s = sub.add_parser(cmd, help=text)
         s.add_argument("space")
         s.add_argument("offset", type=parse_size)
@@ -130,30 +158,61 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         return _spaces(spaces), [dataclasses.asdict(s) for s in spaces]
     if cmd == "sessions":
         sessions = session.list_sessions()
-        return table(["SESSION", "CLIENT", "PID", "UID", "ATTACHED", "OWNS", "PINS", "AGE_S"],
-                     [(s.session_id, s.client, s.pid, s.uid, ",".join(s.attached_spaces) or "-",
-                       ",".join(s.owned_spaces) or "-", s.pins, f"{s.age_seconds:.0f}")
-                      for s in sessions]), [MessageToDict(s) for s in sessions]
+        return table(
+            ["SESSION", "CLIENT", "PID", "UID", "ATTACHED", "OWNS", "PINS", "AGE_S"],
+            [
+                (
+                    s.session_id,
+                    s.client,
+                    s.pid,
+                    s.uid,
+                    ",".join(s.attached_spaces) or "-",
+                    ",".join(s.owned_spaces) or "-",
+                    s.pins,
+                    f"{s.age_seconds:.0f}",
+                )
+                for s in sessions
+            ],
+        ), [MessageToDict(s) for s in sessions]
     if cmd == "stats":
         st = session.stats()
-        d = MessageToDict(st, always_print_fields_with_no_presence=True,
-                          preserving_proto_field_name=True)
+        d = MessageToDict(
+            st, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+        )
         return table(["STAT", "VALUE"], sorted(d.items())), d
     if cmd == "grants":
         grants = session.list_grants(args.space, args.client)
-        return table(["CLIENT", "OFFSET", "LENGTH", "ACCESS"],
-                     [(c, hex(r.offset), human(r.length), r.access.name) for c, r in grants]), [
+        return table(
+            ["CLIENT", "OFFSET", "LENGTH", "ACCESS"],
+            [(c, hex(r.offset), human(r.length), r.access.name) for c, r in grants],
+        ), [
             {"client": c, "offset": r.offset, "length": r.length, "access": r.access.name}
-            for c, r in grants]
+            for c, r in grants
+        ]
     if cmd == "pins":
         pins = session.list_pins(args.space)
-        return table(["PIN", "CLIENT", "SESSION", "OFFSET", "LENGTH", "WRITE", "AGE_S"],
-                     [(p.pin_id, p.client, p.session_id, hex(p.range.offset),
-                       human(p.range.length), p.write, f"{p.age_seconds:.1f}") for p in pins]), [
-            MessageToDict(p) for p in pins]
+        return table(
+            ["PIN", "CLIENT", "SESSION", "OFFSET", "LENGTH", "WRITE", "AGE_S"],
+            [
+                (
+                    p.pin_id,
+                    p.client,
+                    p.session_id,
+                    hex(p.range.offset),
+                    human(p.range.length),
+                    p.write,
+                    f"{p.age_seconds:.1f}",
+                )
+                for p in pins
+            ],
+        ), [MessageToDict(p) for p in pins]
     if cmd == "create-space":
-        space = session.create_space(args.size, backing=args.backing, name=args.space_name,
-                                     huge_page_size=args.huge_page_size)
+        space = session.create_space(
+            args.size,
+            backing=args.backing,
+            name=args.space_name,
+            huge_page_size=args.huge_page_size,
+        )
         space.close()
         text = space.space_id if args.quiet else _spaces([space.info])
         return text, dataclasses.asdict(space.info)
@@ -167,8 +226,10 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         return _report(report), dataclasses.asdict(report)
     if cmd == "grant":
         seq = session.space(args.space).grant(args.client, args.offset, args.length, args.access)
-        text = (f"granted {args.client} {args.access} {hex(args.offset)}+{human(args.length)} "
-                f"on {args.space} (seq {seq})")
+        text = (
+            f"granted {args.client} {args.access} {hex(args.offset)}+{human(args.length)} "
+            f"on {args.space} (seq {seq})"
+        )
         return text, {"seq": seq}
     if cmd == "revoke":
         report = session.space(args.space).revoke(args.client, args.offset, args.length)

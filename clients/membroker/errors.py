@@ -57,8 +57,14 @@ class BrokerError(MembrokerError):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, *, method: str = "", request: Any = None,
-                 code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        details: str,
+        *,
+        method: str = "",
+        request: Any = None,
+        code: grpc.StatusCode | None = None,
+    ) -> None:
         super().__init__(f"{method}: {details}" if method else details)
         self.details = details
         self.method = method
@@ -109,8 +115,18 @@ class Unavailable(BrokerError):
 
 _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unauthenticated,
-                ResourceExhausted, FailedPrecondition, Aborted, Unimplemented, Unavailable)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        Unimplemented,
+        Unavailable,
+    )
 }
 
 

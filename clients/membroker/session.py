@@ -29,7 +29,7 @@ from membroker.errors import (
     SessionClosed,
     from_rpc_error,
 )
-from membroker.types import (  # noqa: I001
+from membroker.types import (
     AccessRange,
     Region,
     RevocationReport,
@@ -71,8 +71,13 @@ class PushHandler(Protocol):
 class Session:
     """A live session with membrokerd. Use as a context manager, or call `close()`."""
 
-    def __init__(self, name: str, runtime_dir: str | os.PathLike[str] | None = None, *,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        name: str,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         rdir = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
         self.name = name
         self.timeout = timeout
@@ -95,11 +100,13 @@ class Session:
             try:
                 self._sock.connect(str(self.session_socket))
             except OSError as exc:
-                raise ConnectError(f"cannot connect to {self.session_socket}: {exc} "
-                                   "(is membrokerd running with this runtime directory?)"
-                                   ) from exc
-            self._send(spb.Frame(hello=spb.Hello(protocol_version=wire.PROTOCOL_VERSION,
-                                                 client_name=name)))
+                raise ConnectError(
+                    f"cannot connect to {self.session_socket}: {exc} "
+                    "(is membrokerd running with this runtime directory?)"
+                ) from exc
+            self._send(
+                spb.Frame(hello=spb.Hello(protocol_version=wire.PROTOCOL_VERSION, client_name=name))
+            )
             welcome = self._read_welcome()
             self._sock.settimeout(None)
         except BaseException:
@@ -112,9 +119,10 @@ class Session:
         self.page_size = welcome.page_size
         self._metadata = ((TOKEN_KEY, self.token),)
         self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
-        self._stub = pb_grpc.MemBrokerStub(self._channel)
-        self._reader = threading.Thread(target=self._read_loop, name=f"membroker-{name}",
-                                        daemon=True)
+        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"membroker-{name}", daemon=True
+        )
         self._reader.start()
 
     def __repr__(self) -> str:
@@ -179,10 +187,7 @@ class Session:
                 for frame, frame_fds in self._decoder.feed(data, fds):
                     self._dispatch(frame, frame_fds)
         except (OSError, MembrokerError) as exc:
-            if self._closed_reason is None:
-                reason = f"session ended: {exc}"
-            else:
-                reason = self._closed_reason
+            reason = self._closed_reason or f"session ended: {exc}"
         self._mark_closed(reason)
 
     def _mark_closed(self, reason: str) -> None:
@@ -221,8 +226,9 @@ class Session:
             self._closed_reason = f"broker error {frame.error.code}: {frame.error.message}"
         elif kind == "goodbye":
             self._fenced = frame.goodbye.fenced
-            self._closed_reason = (("fenced: " if frame.goodbye.fenced else "")
-                                   + frame.goodbye.reason)
+            self._closed_reason = (
+                "fenced: " if frame.goodbye.fenced else ""
+            ) + frame.goodbye.reason
         else:
             log.warning("ignoring unexpected %s frame from the broker", kind)
 
@@ -294,8 +300,10 @@ class Session:
             raise SessionClosed(self._closed_reason, fenced=self._fenced)
         try:
             return getattr(self._stub, method)(
-                request, metadata=self._metadata,
-                timeout=timeout if timeout is not None else self.timeout)
+                request,
+                metadata=self._metadata,
+                timeout=timeout if timeout is not None else self.timeout,
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, method, request) from exc
 
@@ -314,28 +322,54 @@ class Session:
 
     # -- owner API -----------------------------------------------------------------------------
 
-    def create_space(self, size: int, *, backing: str = "memfd", name: str = "",
-                     ephemeral: bool = False, regions: Sequence[Region] = (),
-                     huge_page_size: int = 0) -> OwnedSpace:
+    def create_space(
+        self,
+        size: int,
+        *,
+        backing: str = "memfd",
+        name: str = "",
+        ephemeral: bool = False,
+        regions: Sequence[Region] = (),
+        huge_page_size: int = 0,
+    ) -> OwnedSpace:
         """Allocates a space owned by this session's client name; returns it with its fd."""
         from membroker.types import backing_pb
 
-        req = pb.CreateSpaceRequest(size=size, backing=backing_pb(backing), name=name,
-                                    ephemeral=ephemeral, huge_page_size=huge_page_size,
-                                    regions=[r.to_pb() for r in regions])
+        req = pb.CreateSpaceRequest(
+            size=size,
+            backing=backing_pb(backing),
+            name=name,
+            ephemeral=ephemeral,
+            huge_page_size=huge_page_size,
+            regions=[r.to_pb() for r in regions],
+        )
         resp = self.call("CreateSpace", req)
         return OwnedSpace(self, SpaceInfo.from_pb(resp.space), self.take_fd(resp.fd_tag))
 
-    def import_space(self, fd: int, *, name: str = "", ephemeral: bool = False,
-                     regions: Sequence[Region] = (), expected_size: int = 0) -> OwnedSpace:
+    def import_space(
+        self,
+        fd: int,
+        *,
+        name: str = "",
+        ephemeral: bool = False,
+        regions: Sequence[Region] = (),
+        expected_size: int = 0,
+    ) -> OwnedSpace:
         """Hands the broker a copy of an fd this process owns (a memfd or guest_memfd).
 
         An unsealed memfd is sealed against shrink and grow. The caller keeps its own fd.
         """
         tag = self.offer_fd(fd)
-        resp = self.call("ImportSpace", pb.ImportSpaceRequest(
-            fd_tag=tag, name=name, ephemeral=ephemeral, regions=[r.to_pb() for r in regions],
-            expected_size=expected_size))
+        resp = self.call(
+            "ImportSpace",
+            pb.ImportSpaceRequest(
+                fd_tag=tag,
+                name=name,
+                ephemeral=ephemeral,
+                regions=[r.to_pb() for r in regions],
+                expected_size=expected_size,
+            ),
+        )
         return OwnedSpace(self, SpaceInfo.from_pb(resp.space), None)
 
     def space(self, space_id: str) -> OwnedSpace:
@@ -346,8 +380,9 @@ class Session:
         return SpaceInfo.from_pb(self.call("GetSpace", pb.GetSpaceRequest(space_id=space_id)))
 
     def list_spaces(self) -> list[SpaceInfo]:
-        return [SpaceInfo.from_pb(s) for s in self.call("ListSpaces",
-                                                        pb.ListSpacesRequest()).spaces]
+        return [
+            SpaceInfo.from_pb(s) for s in self.call("ListSpaces", pb.ListSpacesRequest()).spaces
+        ]
 
     def list_grants(self, space_id: str, client: str = "") -> list[tuple[str, AccessRange]]:
         resp = self.call("ListGrants", pb.ListGrantsRequest(space_id=space_id, client=client))
@@ -360,19 +395,22 @@ class Session:
         return list(self.call("ListPins", pb.ListPinsRequest(space_id=space_id)).pins)
 
     def stats(self) -> pb.Stats:
-        return self.call("GetStats", pb.GetStatsRequest())
+        stats: pb.Stats = self.call("GetStats", pb.GetStatsRequest())
+        return stats
 
     # -- client API ----------------------------------------------------------------------------
 
-    def attach_va(self, space_id: str,
-                  on_revoke: Callable[[list[AccessRange]], None] | None = None) -> VaClient:
+    def attach_va(
+        self, space_id: str, on_revoke: Callable[[list[AccessRange]], None] | None = None
+    ) -> VaClient:
         """Maps the space PROT_NONE and opens what this client name is granted."""
         from membroker.clients import VaClient
 
         return VaClient(self, space_id, on_revoke)
 
-    def attach_fd(self, space_id: str,
-                  on_revoke: Callable[[list[AccessRange]], None] | None = None) -> FdClient:
+    def attach_fd(
+        self, space_id: str, on_revoke: Callable[[list[AccessRange]], None] | None = None
+    ) -> FdClient:
         """Receives the space's fd; use `pin()` around every use of a range."""
         from membroker.clients import FdClient
 
@@ -420,25 +458,40 @@ class OwnedSpace:
         """Converts to private: every client loses access before this returns."""
         return self._attributes(offset, length, pb.ATTRIBUTE_PRIVATE)
 
-    def _attributes(self, offset: int, length: int, attribute: int) -> RevocationReport:
-        resp = self.session.call("SetAttributes", pb.SetAttributesRequest(
-            space_id=self.space_id, range=spb.Range(offset=offset, length=length),
-            attribute=attribute))
+    def _attributes(self, offset: int, length: int, attribute: pb.Attribute) -> RevocationReport:
+        resp = self.session.call(
+            "SetAttributes",
+            pb.SetAttributesRequest(
+                space_id=self.space_id,
+                range=spb.Range(offset=offset, length=length),
+                attribute=attribute,
+            ),
+        )
         return RevocationReport.from_pb(resp)
 
     def grant(self, client: str, offset: int, length: int, access: str = "rw") -> int:
         """Grants `client` ro or rw access; returns the new seq."""
         from membroker.types import access_pb
 
-        resp = self.session.call("Grant", pb.GrantRequest(
-            space_id=self.space_id, client=client,
-            range=spb.Range(offset=offset, length=length), access=access_pb(access)))
+        resp = self.session.call(
+            "Grant",
+            pb.GrantRequest(
+                space_id=self.space_id,
+                client=client,
+                range=spb.Range(offset=offset, length=length),
+                access=access_pb(access),
+            ),
+        )
         return int(resp.seq)
 
     def revoke(self, client: str, offset: int, length: int) -> RevocationReport:
         """Takes access back; returns once every affected client acknowledged or was fenced."""
-        resp = self.session.call("Revoke", pb.RevokeRequest(
-            space_id=self.space_id, client=client, range=spb.Range(offset=offset, length=length)))
+        resp = self.session.call(
+            "Revoke",
+            pb.RevokeRequest(
+                space_id=self.space_id, client=client, range=spb.Range(offset=offset, length=length)
+            ),
+        )
         return RevocationReport.from_pb(resp)
 
     def grants(self, client: str = "") -> list[tuple[str, AccessRange]]:

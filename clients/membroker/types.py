@@ -42,13 +42,16 @@ class Region:
         return pb.Region(gpa=self.gpa, offset=self.offset, size=self.size)
 
 
-_BACKINGS = {"memfd": pb.BACKING_MEMFD, "guest_memfd": pb.BACKING_GUEST_MEMFD,
-             "memfd-hugetlb": pb.BACKING_MEMFD_HUGETLB}
-_BACKING_NAMES = {v: k for k, v in _BACKINGS.items()}
-_ACCESS = {"ro": spb.ACCESS_RO, "rw": spb.ACCESS_RW}
+_BACKINGS: dict[str, pb.Backing] = {
+    "memfd": pb.BACKING_MEMFD,
+    "guest_memfd": pb.BACKING_GUEST_MEMFD,
+    "memfd-hugetlb": pb.BACKING_MEMFD_HUGETLB,
+}
+_BACKING_NAMES: dict[int, str] = {v: k for k, v in _BACKINGS.items()}
+_ACCESS: dict[str, spb.Access] = {"ro": spb.ACCESS_RO, "rw": spb.ACCESS_RW}
 
 
-def backing_pb(name: str) -> int:
+def backing_pb(name: str) -> pb.Backing:
     try:
         return _BACKINGS[name]
     except KeyError:
@@ -59,7 +62,7 @@ def backing_of(value: int) -> str:
     return _BACKING_NAMES.get(value, "unspecified")
 
 
-def access_pb(name: str) -> int:
+def access_pb(name: str) -> spb.Access:
     try:
         return _ACCESS[name]
     except KeyError:
@@ -88,9 +91,21 @@ class SpaceInfo:
 
     @classmethod
     def from_pb(cls, s: pb.Space) -> SpaceInfo:
-        return cls(s.space_id, s.name, s.size, backing_of(s.backing), s.owner, s.ephemeral, s.seq,
-                   tuple(Region(r.gpa, r.offset, r.size) for r in s.regions), s.shared_bytes,
-                   s.page_size, s.imported, s.attachments, s.grant_clients)
+        return cls(
+            s.space_id,
+            s.name,
+            s.size,
+            backing_of(s.backing),
+            s.owner,
+            s.ephemeral,
+            s.seq,
+            tuple(Region(r.gpa, r.offset, r.size) for r in s.regions),
+            s.shared_bytes,
+            s.page_size,
+            s.imported,
+            s.attachments,
+            s.grant_clients,
+        )
 
     def gpa_to_offset(self, gpa: int) -> int:
         """The backing offset of a guest-physical address (ValueError outside every region)."""
@@ -125,10 +140,23 @@ class RevocationReport:
 
     @classmethod
     def from_pb(cls, r: pb.RevocationReport) -> RevocationReport:
-        return cls(r.space_id, r.seq, tuple(
-            ClientOutcome(c.client, c.session_id, c.pid, _OUTCOMES.get(c.outcome, "unknown"),
-                          c.latency_us, c.reason) for c in r.clients),
-            r.duration_us, r.revoked_bytes)
+        return cls(
+            r.space_id,
+            r.seq,
+            tuple(
+                ClientOutcome(
+                    c.client,
+                    c.session_id,
+                    c.pid,
+                    _OUTCOMES.get(c.outcome, "unknown"),
+                    c.latency_us,
+                    c.reason,
+                )
+                for c in r.clients
+            ),
+            r.duration_us,
+            r.revoked_bytes,
+        )
 
     @property
     def all_acked(self) -> bool:

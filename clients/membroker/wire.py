@@ -67,11 +67,12 @@ class FrameDecoder:
                 (length,) = HEADER.unpack_from(self._buf)
                 if length > self.max_frame:
                     raise ProtocolError(
-                        f"frame of {length} bytes exceeds the limit of {self.max_frame}")
+                        f"frame of {length} bytes exceeds the limit of {self.max_frame}"
+                    )
                 if len(self._buf) < HEADER.size + length:
                     break
-                body = bytes(self._buf[HEADER.size:HEADER.size + length])
-                del self._buf[:HEADER.size + length]
+                body = bytes(self._buf[HEADER.size : HEADER.size + length])
+                del self._buf[: HEADER.size + length]
                 frame = pb.Frame()
                 try:
                     frame.ParseFromString(body)
@@ -86,7 +87,9 @@ class FrameDecoder:
                 taken, self._fds = self._fds[:want], self._fds[want:]
                 out.append((frame, taken))
             if self._fds and not self._buf:
-                raise ProtocolError(f"{len(self._fds)} unexpected fd(s) with no frame expecting them")
+                raise ProtocolError(
+                    f"{len(self._fds)} unexpected fd(s) with no frame expecting them"
+                )
         except ProtocolError:
             for _, taken in out:
                 _close_all(taken)

@@ -50,8 +50,7 @@ def main() -> None:
                 attached[req["space"]] = c
                 out({"ok": True, "ranges": _ranges(c)})
             elif op == "ranges":
-                out({"ok": True, "ranges": _ranges(attached[req["space"]]),
-                     "revokes": revokes})
+                out({"ok": True, "ranges": _ranges(attached[req["space"]]), "revokes": revokes})
             elif op == "read":
                 data = attached[req["space"]].read(req["offset"], req["length"])
                 out({"ok": True, "data": data.hex()})
@@ -91,8 +90,14 @@ def main() -> None:
             else:
                 out({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:
-            out({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                 "errno": getattr(exc, "errno", None), "trace": traceback.format_exc()})
+            out(
+                {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "errno": getattr(exc, "errno", None),
+                    "trace": traceback.format_exc(),
+                }
+            )
     session.close()
 
 

@@ -30,8 +30,13 @@ def test_readme_has_the_blocks():
 def test_tour_shell_block(daemon):
     tour = next(body for kind, body in BLOCKS if kind == "sh" and "membrokerctl" in body)
     script = "\n".join(line for line in tour.splitlines() if not line.startswith("export "))
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=_env(daemon),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=_env(daemon),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert re.search(r"sp-[0-9a-f]{8}\s+guest0\s+memfd\s+64M\s+2M\s+membrokerctl", out), out
@@ -42,8 +47,9 @@ def test_tour_shell_block(daemon):
 @pytest.mark.parametrize("index", [i for i, (k, _) in enumerate(BLOCKS) if k == "python"])
 def test_python_blocks(daemon, index):
     code = BLOCKS[index][1]
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(daemon), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_env(daemon), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     if "hello from the guest" in code:
         lines = proc.stdout.splitlines()
@@ -52,6 +58,8 @@ def test_python_blocks(daemon, index):
         assert lines[2].startswith("[('backend', 'acked', ")
         assert lines[3] == "False"
     else:
-        assert "stop DMA on [AccessRange(offset=0, length=1048576, access=<Access.NONE: 0>)]" \
+        assert (
+            "stop DMA on [AccessRange(offset=0, length=1048576, access=<Access.NONE: 0>)]"
             in proc.stdout
+        )
         assert "1 pin" in proc.stdout

@@ -35,86 +35,229 @@ def world(daemon):
 
 def _state(session, space_id):
     info = session.get_space(space_id)
-    return (sorted((s.space_id, s.size, s.shared_bytes) for s in session.list_spaces()),
-            info.seq, info.shared_bytes, session.list_grants(space_id),
-            [p.pin_id for p in session.list_pins(space_id)])
+    return (
+        sorted((s.space_id, s.size, s.shared_bytes) for s in session.list_spaces()),
+        info.seq,
+        info.shared_bytes,
+        session.list_grants(space_id),
+        [p.pin_id for p in session.list_pins(space_id)],
+    )
 
 
 def CASES(sid):
     return [
         # (who, method, request, expected code, text in details)
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(size=0, backing=pb.BACKING_MEMFD),
-         C.INVALID_ARGUMENT, "positive multiple"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(size=PAGE + 1, backing=pb.BACKING_MEMFD),
-         C.INVALID_ARGUMENT, "page size"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(size=PAGE), C.INVALID_ARGUMENT,
-         "backing must be"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(size=1 << 50, backing=pb.BACKING_MEMFD),
-         C.INVALID_ARGUMENT, "max_space_bytes"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(
-            size=MiB, backing=pb.BACKING_MEMFD, regions=[pb.Region(gpa=0, offset=MiB,
-                                                                   size=MiB)]),
-         C.INVALID_ARGUMENT, "beyond the space size"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(
-            size=MiB, backing=pb.BACKING_MEMFD, regions=[
-                pb.Region(gpa=0, offset=0, size=2 * PAGE),
-                pb.Region(gpa=PAGE, offset=4 * PAGE, size=PAGE)]),
-         C.INVALID_ARGUMENT, "overlap"),
-        ("owner", "CreateSpace", pb.CreateSpaceRequest(
-            size=MiB, backing=pb.BACKING_MEMFD_HUGETLB, huge_page_size=12345),
-         C.INVALID_ARGUMENT, ""),
-        ("owner", "ImportSpace", pb.ImportSpaceRequest(fd_tag=77), C.INVALID_ARGUMENT,
-         "no fd offered"),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(size=0, backing=pb.BACKING_MEMFD),
+            C.INVALID_ARGUMENT,
+            "positive multiple",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(size=PAGE + 1, backing=pb.BACKING_MEMFD),
+            C.INVALID_ARGUMENT,
+            "page size",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(size=PAGE),
+            C.INVALID_ARGUMENT,
+            "backing must be",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(size=1 << 50, backing=pb.BACKING_MEMFD),
+            C.INVALID_ARGUMENT,
+            "max_space_bytes",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(
+                size=MiB, backing=pb.BACKING_MEMFD, regions=[pb.Region(gpa=0, offset=MiB, size=MiB)]
+            ),
+            C.INVALID_ARGUMENT,
+            "beyond the space size",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(
+                size=MiB,
+                backing=pb.BACKING_MEMFD,
+                regions=[
+                    pb.Region(gpa=0, offset=0, size=2 * PAGE),
+                    pb.Region(gpa=PAGE, offset=4 * PAGE, size=PAGE),
+                ],
+            ),
+            C.INVALID_ARGUMENT,
+            "overlap",
+        ),
+        (
+            "owner",
+            "CreateSpace",
+            pb.CreateSpaceRequest(size=MiB, backing=pb.BACKING_MEMFD_HUGETLB, huge_page_size=12345),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "ImportSpace",
+            pb.ImportSpaceRequest(fd_tag=77),
+            C.INVALID_ARGUMENT,
+            "no fd offered",
+        ),
         ("owner", "GetSpace", pb.GetSpaceRequest(space_id="sp-nope"), C.NOT_FOUND, "sp-nope"),
         ("owner", "DeleteSpace", pb.DeleteSpaceRequest(space_id="sp-nope"), C.NOT_FOUND, ""),
-        ("other", "DeleteSpace", pb.DeleteSpaceRequest(space_id=sid), C.PERMISSION_DENIED,
-         "not the owner"),
-        ("owner", "SetAttributes", pb.SetAttributesRequest(space_id=sid, range=R(0, PAGE)),
-         C.INVALID_ARGUMENT, "attribute must be"),
-        ("owner", "SetAttributes", pb.SetAttributesRequest(
-            space_id=sid, range=R(1, PAGE), attribute=pb.ATTRIBUTE_PRIVATE),
-         C.INVALID_ARGUMENT, ""),
-        ("owner", "SetAttributes", pb.SetAttributesRequest(
-            space_id=sid, range=R(MiB, 2 * MiB), attribute=pb.ATTRIBUTE_SHARED),
-         C.INVALID_ARGUMENT, ""),
-        ("owner", "SetAttributes", pb.SetAttributesRequest(
-            space_id=sid, attribute=pb.ATTRIBUTE_SHARED), C.INVALID_ARGUMENT, "range is required"),
-        ("other", "SetAttributes", pb.SetAttributesRequest(
-            space_id=sid, range=R(0, PAGE), attribute=pb.ATTRIBUTE_PRIVATE),
-         C.PERMISSION_DENIED, ""),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="b", range=R(0, PAGE)),
-         C.INVALID_ARGUMENT, "access must be"),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="b", range=R(0, PAGE - 1),
-                                           access=spb.ACCESS_RW), C.INVALID_ARGUMENT, ""),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="b", range=R(0, 0),
-                                           access=spb.ACCESS_RW), C.INVALID_ARGUMENT, ""),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="b",
-                                           range=R(2 ** 64 - PAGE, PAGE),
-                                           access=spb.ACCESS_RW), C.INVALID_ARGUMENT, ""),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="bad name",
-                                           range=R(0, PAGE), access=spb.ACCESS_RW),
-         C.INVALID_ARGUMENT, "client name"),
-        ("owner", "Grant", pb.GrantRequest(space_id=sid, client="b", range=R(MiB, PAGE),
-                                           access=spb.ACCESS_RW),
-         C.FAILED_PRECONDITION, "private"),
-        ("other", "Grant", pb.GrantRequest(space_id=sid, client="intruder", range=R(0, PAGE),
-                                           access=spb.ACCESS_RW), C.PERMISSION_DENIED, ""),
-        ("owner", "Grant", pb.GrantRequest(space_id="sp-nope", client="b", range=R(0, PAGE),
-                                           access=spb.ACCESS_RW), C.NOT_FOUND, ""),
-        ("owner", "Revoke", pb.RevokeRequest(space_id=sid, range=R(0, PAGE)),
-         C.INVALID_ARGUMENT, "client is required"),
-        ("other", "Revoke", pb.RevokeRequest(space_id=sid, client="backend", range=R(0, PAGE)),
-         C.PERMISSION_DENIED, ""),
-        ("owner", "Revoke", pb.RevokeRequest(space_id=sid, client="backend",
-                                             range=R(3 * MiB, PAGE)), C.INVALID_ARGUMENT, ""),
+        (
+            "other",
+            "DeleteSpace",
+            pb.DeleteSpaceRequest(space_id=sid),
+            C.PERMISSION_DENIED,
+            "not the owner",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(space_id=sid, range=R(0, PAGE)),
+            C.INVALID_ARGUMENT,
+            "attribute must be",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(space_id=sid, range=R(1, PAGE), attribute=pb.ATTRIBUTE_PRIVATE),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(
+                space_id=sid, range=R(MiB, 2 * MiB), attribute=pb.ATTRIBUTE_SHARED
+            ),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(space_id=sid, attribute=pb.ATTRIBUTE_SHARED),
+            C.INVALID_ARGUMENT,
+            "range is required",
+        ),
+        (
+            "other",
+            "SetAttributes",
+            pb.SetAttributesRequest(space_id=sid, range=R(0, PAGE), attribute=pb.ATTRIBUTE_PRIVATE),
+            C.PERMISSION_DENIED,
+            "",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(space_id=sid, client="b", range=R(0, PAGE)),
+            C.INVALID_ARGUMENT,
+            "access must be",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(space_id=sid, client="b", range=R(0, PAGE - 1), access=spb.ACCESS_RW),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(space_id=sid, client="b", range=R(0, 0), access=spb.ACCESS_RW),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid, client="b", range=R(2**64 - PAGE, PAGE), access=spb.ACCESS_RW
+            ),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid, client="bad name", range=R(0, PAGE), access=spb.ACCESS_RW
+            ),
+            C.INVALID_ARGUMENT,
+            "client name",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(space_id=sid, client="b", range=R(MiB, PAGE), access=spb.ACCESS_RW),
+            C.FAILED_PRECONDITION,
+            "private",
+        ),
+        (
+            "other",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid, client="intruder", range=R(0, PAGE), access=spb.ACCESS_RW
+            ),
+            C.PERMISSION_DENIED,
+            "",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(space_id="sp-nope", client="b", range=R(0, PAGE), access=spb.ACCESS_RW),
+            C.NOT_FOUND,
+            "",
+        ),
+        (
+            "owner",
+            "Revoke",
+            pb.RevokeRequest(space_id=sid, range=R(0, PAGE)),
+            C.INVALID_ARGUMENT,
+            "client is required",
+        ),
+        (
+            "other",
+            "Revoke",
+            pb.RevokeRequest(space_id=sid, client="backend", range=R(0, PAGE)),
+            C.PERMISSION_DENIED,
+            "",
+        ),
+        (
+            "owner",
+            "Revoke",
+            pb.RevokeRequest(space_id=sid, client="backend", range=R(3 * MiB, PAGE)),
+            C.INVALID_ARGUMENT,
+            "",
+        ),
         ("owner", "ListGrants", pb.ListGrantsRequest(space_id="sp-nope"), C.NOT_FOUND, ""),
         ("owner", "Attach", pb.AttachRequest(space_id=sid), C.INVALID_ARGUMENT, "kind must be"),
-        ("owner", "Attach", pb.AttachRequest(space_id="sp-nope", kind=pb.ATTACH_KIND_VA),
-         C.NOT_FOUND, ""),
-        ("owner", "Detach", pb.DetachRequest(space_id=sid), C.FAILED_PRECONDITION,
-         "not attached"),
-        ("owner", "Pin", pb.PinRequest(space_id=sid, range=R(0, PAGE)), C.FAILED_PRECONDITION,
-         "attach"),
+        (
+            "owner",
+            "Attach",
+            pb.AttachRequest(space_id="sp-nope", kind=pb.ATTACH_KIND_VA),
+            C.NOT_FOUND,
+            "",
+        ),
+        ("owner", "Detach", pb.DetachRequest(space_id=sid), C.FAILED_PRECONDITION, "not attached"),
+        (
+            "owner",
+            "Pin",
+            pb.PinRequest(space_id=sid, range=R(0, PAGE)),
+            C.FAILED_PRECONDITION,
+            "attach",
+        ),
         ("owner", "Unpin", pb.UnpinRequest(space_id=sid, pin_id=5), C.NOT_FOUND, "no pin 5"),
         ("owner", "ListPins", pb.ListPinsRequest(space_id="sp-nope"), C.NOT_FOUND, ""),
     ]
@@ -141,11 +284,14 @@ def test_calls_without_a_live_token_are_unauthenticated(daemon, world, metadata)
     before = _state(owner, sid)
     with grpc.insecure_channel(f"unix:{daemon.runtime_dir / 'control.sock'}") as channel:
         stub = pb_grpc.MemBrokerStub(channel)
-        for call, request in ((stub.ListSpaces, pb.ListSpacesRequest()),
-                              (stub.DeleteSpace, pb.DeleteSpaceRequest(space_id=sid)),
-                              (stub.Grant, pb.GrantRequest(space_id=sid, client="x",
-                                                           range=R(0, PAGE),
-                                                           access=spb.ACCESS_RW))):
+        for call, request in (
+            (stub.ListSpaces, pb.ListSpacesRequest()),
+            (stub.DeleteSpace, pb.DeleteSpaceRequest(space_id=sid)),
+            (
+                stub.Grant,
+                pb.GrantRequest(space_id=sid, client="x", range=R(0, PAGE), access=spb.ACCESS_RW),
+            ),
+        ):
             with pytest.raises(grpc.RpcError) as info:
                 call(request, metadata=metadata, timeout=10)
             assert info.value.code() == C.UNAUTHENTICATED
@@ -160,8 +306,9 @@ def test_token_of_a_closed_session_stops_working(daemon):
     with grpc.insecure_channel(f"unix:{daemon.runtime_dir / 'control.sock'}") as channel:
         stub = pb_grpc.MemBrokerStub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            stub.ListSpaces(pb.ListSpacesRequest(),
-                            metadata=(("membroker-session-token", token),), timeout=10)
+            stub.ListSpaces(
+                pb.ListSpacesRequest(), metadata=(("membroker-session-token", token),), timeout=10
+            )
         assert info.value.code() == C.UNAUTHENTICATED
 
 
@@ -181,11 +328,15 @@ def test_health_and_reflection_are_served(daemon):
 
     with grpc.insecure_channel(f"unix:{daemon.runtime_dir / 'control.sock'}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        resp = health.Check(health_pb2.HealthCheckRequest(service="membroker.v1.MemBroker"),
-                            timeout=10)
+        resp = health.Check(
+            health_pb2.HealthCheckRequest(service="membroker.v1.MemBroker"), timeout=10
+        )
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(refl.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+        answers = list(
+            refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
         names = {s.name for s in answers[0].list_services_response.service}
         assert "membroker.v1.MemBroker" in names and "grpc.health.v1.Health" in names

@@ -70,20 +70,24 @@ BAD_AFTER_HELLO = {
     "oversized": (struct.pack("<I", 10 << 20), (), "exceeds the limit"),
     "garbage": (struct.pack("<I", 6) + b"\xff\xff\xff\xff\xff\xff", (), "undecodable"),
     "empty frame": (struct.pack("<I", 0), (), "no known body"),
-    "ping with an fd": (wire.encode(spb.Frame(ping=spb.Ping(nonce=1))), ("fd",),
-                        "unexpected fd"),
-    "fd_offer without fd": (wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=1))), (),
-                            "needs 1 fd"),
-    "five fds": (wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=1))), ("fd",) * 5,
-                 "truncated"),
-    "broker-only frame": (wire.encode(spb.Frame(revoke=spb.Revoke(space_id="x", seq=1))), (),
-                          "may not send revoke"),
-    "ack never asked for": (wire.encode(spb.Frame(revoke_ack=spb.RevokeAck(space_id="x",
-                                                                           seq=7))), (),
-                            "was not asked"),
-    "second hello": (wire.encode(spb.Frame(hello=spb.Hello(protocol_version=1,
-                                                           client_name="again"))), (),
-                     "may not send hello"),
+    "ping with an fd": (wire.encode(spb.Frame(ping=spb.Ping(nonce=1))), ("fd",), "unexpected fd"),
+    "fd_offer without fd": (wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=1))), (), "needs 1 fd"),
+    "five fds": (wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=1))), ("fd",) * 5, "truncated"),
+    "broker-only frame": (
+        wire.encode(spb.Frame(revoke=spb.Revoke(space_id="x", seq=1))),
+        (),
+        "may not send revoke",
+    ),
+    "ack never asked for": (
+        wire.encode(spb.Frame(revoke_ack=spb.RevokeAck(space_id="x", seq=7))),
+        (),
+        "was not asked",
+    ),
+    "second hello": (
+        wire.encode(spb.Frame(hello=spb.Hello(protocol_version=1, client_name="again"))),
+        (),
+        "may not send hello",
+    ),
 }
 
 
@@ -131,8 +135,10 @@ def test_unsupported_protocol_version_is_refused(daemon):
 
 
 def test_name_in_use_is_refused_with_the_holder(daemon):
-    with membroker.connect("backend", daemon.runtime_dir), pytest.raises(
-            membroker.ConnectError, match=f"in use by the session of pid {os.getpid()}"):
+    with (
+        membroker.connect("backend", daemon.runtime_dir),
+        pytest.raises(membroker.ConnectError, match=f"in use by the session of pid {os.getpid()}"),
+    ):
         membroker.connect("backend", daemon.runtime_dir)
 
 
@@ -157,7 +163,7 @@ def test_frame_split_byte_by_byte_is_reassembled(daemon):
     _hello(s)
     frame = wire.encode(spb.Frame(ping=spb.Ping(nonce=42)))
     for i in range(len(frame)):
-        s.send(frame[i:i + 1])
+        s.send(frame[i : i + 1])
         time.sleep(0.001)
     reply = _read_frame(s)
     assert reply.pong.nonce == 42
@@ -172,8 +178,7 @@ def test_offered_fds_are_limited_and_released(daemon):
         _hello(s)
         for tag in range(1, 9):
             fd = _memfd()
-            sys_sock.send_with_fds(s, wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=tag))),
-                                   [fd])
+            sys_sock.send_with_fds(s, wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=tag))), [fd])
             os.close(fd)
         fd = _memfd()
         sys_sock.send_with_fds(s, wire.encode(spb.Frame(fd_offer=spb.FdOffer(tag=99))), [fd])

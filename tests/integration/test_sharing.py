@@ -46,8 +46,10 @@ def test_client_reads_owner_pattern_and_owner_sees_client_write(owner, clients, 
     backend = clients("backend")
     attached = backend.ok("attach_va", space=space.space_id)
     assert attached["ranges"] == [[MiB, MiB, "RW"]]
-    assert bytes.fromhex(backend.ok("read", space=space.space_id, offset=MiB,
-                                    length=PAGE)["data"]) == pattern
+    assert (
+        bytes.fromhex(backend.ok("read", space=space.space_id, offset=MiB, length=PAGE)["data"])
+        == pattern
+    )
     backend.ok("write", space=space.space_id, offset=MiB + 8, data="deadbeef")
     # Same pages, no copy: the owner's own mapping sees the client's store at once.
     assert mem.read(MiB + 8, 4) == bytes.fromhex("deadbeef")
@@ -68,7 +70,8 @@ def test_revoked_page_kills_client_while_granted_page_stays_readable(owner, clie
 
     report = space.revoke("backend", PAGE, PAGE)
     assert [(c.client, c.outcome, c.pid) for c in report.clients] == [
-        ("backend", "acked", backend.pid)]
+        ("backend", "acked", backend.pid)
+    ]
     assert report.revoked_bytes == PAGE
     # The page that is still granted stays readable in that same process ...
     assert backend.ok("touch", space=space.space_id, offset=0)["value"] == ord("A")
@@ -83,8 +86,9 @@ def test_revoked_page_kills_client_while_granted_page_stays_readable(owner, clie
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_conversion_to_private_revokes_and_private_ranges_cannot_be_granted(owner, clients,
-                                                                            backing):
+def test_conversion_to_private_revokes_and_private_ranges_cannot_be_granted(
+    owner, clients, backing
+):
     space = owner.create_space(2 * MiB, backing=backing)
     space.share(0, 4 * PAGE)
     space.grant("backend", 0, 4 * PAGE, "ro")
@@ -169,7 +173,8 @@ def test_fd_client_pins_and_on_revoke_runs_before_the_ack(owner, clients):
     pin_id = dma.ok("pin", space=space.space_id, offset=0, length=2 * PAGE)["pin_id"]
     pins = owner.list_pins(space.space_id)
     assert [(p.pin_id, p.client, p.range.offset, p.range.length) for p in pins] == [
-        (pin_id, "dma", 0, 2 * PAGE)]
+        (pin_id, "dma", 0, 2 * PAGE)
+    ]
     refused = dma.cmd("pin", space=space.space_id, offset=4 * PAGE, length=PAGE)
     assert not refused["ok"] and "FailedPrecondition" in refused["error"]
 
@@ -201,8 +206,9 @@ def test_sigkilled_client_releases_everything_but_keeps_its_grants(owner, client
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (owner.get_space(space.space_id).attachments
-                                           or daemon.open_fds() != baseline):
+    while time.monotonic() < deadline and (
+        owner.get_space(space.space_id).attachments or daemon.open_fds() != baseline
+    ):
         time.sleep(0.02)
     assert owner.get_space(space.space_id).attachments == 0
     assert owner.list_pins(space.space_id) == []

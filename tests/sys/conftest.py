@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from membroker._sys import GuestMemfdFactory, guest_memfd_support, open_fd_count
 
 

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
+
 from membroker._sys import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,

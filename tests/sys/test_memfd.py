@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
+
 from membroker._sys import (
     F_SEAL_GROW,
     F_SEAL_SEAL,

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from membroker._sys import (
     F_SEAL_WRITE,
     PAGE_SIZE,

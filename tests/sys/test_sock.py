@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from membroker._sys import (
     MAX_FDS_PER_FRAME,
     PAGE_SIZE,

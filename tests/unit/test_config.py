@@ -24,14 +24,17 @@ def test_precedence_flags_over_env_over_file(tmp_path, monkeypatch):
     assert cfg.session_socket == tmp_path / "session.sock"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("revoke_deadline_ms = 0", "revoke_deadline_ms"),
-    ('metrics_address = "nowhere"', "is not host:port"),
-    ('control_socket_mode = "rw"', "not an octal number"),
-    ('log_level = "LOUD"', "is not one of"),
-    ("no_such_setting = 1", "no_such_setting"),
-    ("revoke_deadline_ms = ", "cannot read configuration"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("revoke_deadline_ms = 0", "revoke_deadline_ms"),
+        ('metrics_address = "nowhere"', "is not host:port"),
+        ('control_socket_mode = "rw"', "not an octal number"),
+        ('log_level = "LOUD"', "is not one of"),
+        ("no_such_setting = 1", "no_such_setting"),
+        ("revoke_deadline_ms = ", "cannot read configuration"),
+    ],
+)
 def test_bad_values_are_named(tmp_path, text, message):
     f = tmp_path / "bad.toml"
     f.write_text(text + "\n")
@@ -45,9 +48,17 @@ def test_missing_file(tmp_path):
 
 
 def test_daemon_exits_2_with_the_message(tmp_path):
-    env = {"PYTHONPATH": f"{ROOT / 'clients'}:{ROOT / 'broker'}",
-           "MEMBROKER_MAX_SPACES": "many", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "membrokerd", "--runtime-dir",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PYTHONPATH": f"{ROOT / 'clients'}:{ROOT / 'broker'}",
+        "MEMBROKER_MAX_SPACES": "many",
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "membrokerd", "--runtime-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "max_spaces" in proc.stderr and "$MEMBROKER_MAX_SPACES" in proc.stderr

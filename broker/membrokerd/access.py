@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from membrokerd.rangeset import RangeSet
+from membroker.rangeset import RangeSet
 
 __all__ = [
     "Access",

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from membroker.rangeset import RangeSet
 from membrokerd.access import (
     Access,
     AccessError,
@@ -27,7 +28,6 @@ from membrokerd.access import (
     Pin,
     UnknownPin,
 )
-from membrokerd.rangeset import RangeSet
 
 PS = 4096
 MiB = 1 << 20

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from membrokerd.rangeset import RangeSet
+from membroker.rangeset import RangeSet
 
 UNIVERSE = 64
 

@@ -1,4 +1,4 @@
-"""Compact sets of page numbers: the storage under the access table (daemon) and the SDK's view of what a client holds.
+"""Compact sets of page numbers, under the daemon's access table and the SDK's held ranges.
 
 A `RangeSet` keeps sorted, disjoint, coalesced half-open intervals ``[start, end)`` in two
 ``array('Q')`` columns, so a million fragments cost about 16 MB and no page is ever an object::

@@ -89,8 +89,9 @@ def bench_socket_pingpong(n: int) -> list[float]:
 
 
 class Daemon:
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, nice: int = 0) -> None:
         self.runtime_dir = runtime_dir
+        prefix = ["nice", "-n", str(nice)] if nice else []
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
         self.proc = subprocess.Popen(
             [
@@ -195,13 +196,19 @@ def bench_revoke(runtime_dir: Path, k: int, n: int) -> tuple[list[float], list[f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run membrokerd at this nice value (e.g. -10, as the unit does)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
     args = parser.parse_args()
     n = args.iterations
     rows: list[tuple[str, tuple[float, float, float]]] = []
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
         rt = Path(tmp) / "rt"
-        daemon = Daemon(rt)
+        daemon = Daemon(rt, args.nice)
         try:
             rows.append(
                 ("baseline: madvise(DONTNEED)+mprotect(NONE), 1 page", percentiles(bench_zap(n)))
@@ -233,6 +240,8 @@ def main() -> int:
         f"Target 1: Revoke (1 client) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + socket "
         f"ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
         f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}x).",
+        f"Revoke beyond an empty gRPC call: {revoke1[0] - grpc_rt[0]:.0f} µs p50 (the push, "
+        f"the client's teardown and its ack; a socket round trip alone is {sock_rt[0]:.0f} µs).",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]

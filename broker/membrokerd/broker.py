@@ -37,6 +37,7 @@ from membrokerd.errors import (
 )
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
+from membrokerd.revocation import Ack, Batch
 from membrokerd.spaces import (
     Attachment,
     BackingKind,
@@ -90,7 +91,7 @@ class Session:
         self.created = time.monotonic()
         self.attached: dict[str, Attachment] = {}
         self.offered: dict[int, int] = {}
-        self.pending_acks: dict[tuple[str, int], asyncio.Future[float]] = {}
+        self.pending_acks: dict[tuple[str, int], Ack] = {}
         self._next_tag = 1
 
     @property
@@ -116,10 +117,6 @@ class Session:
             f"<Session {self.session_id} {self.name!r} pid={self.pid} "
             f"attached={sorted(self.attached)}>"
         )
-
-
-class SessionGone(Exception):
-    """The session ended while a revocation waited for it."""
 
 
 class Broker:
@@ -261,14 +258,13 @@ class Broker:
         session.offered[tag] = fds[0]
 
     def _ack(self, session: Session, ack: spb.RevokeAck) -> None:
-        fut = session.pending_acks.pop((ack.space_id, ack.seq), None)
-        if fut is None:
+        awaited = session.pending_acks.pop((ack.space_id, ack.seq), None)
+        if awaited is None:
             raise ProtocolError(
                 f"revoke_ack for space {ack.space_id!r} seq {ack.seq}, "
                 "which this session was not asked to acknowledge"
             )
-        if not fut.done():
-            fut.set_result(time.perf_counter())
+        awaited.acknowledge(time.perf_counter())
 
     def on_closed(self, conn: Connection) -> None:
         session = self.sessions.pop(conn, None)
@@ -281,9 +277,8 @@ class Broker:
         for fd in session.offered.values():
             os.close(fd)
         session.offered.clear()
-        for fut in session.pending_acks.values():
-            if not fut.done():
-                fut.set_exception(SessionGone(conn.close_reason))
+        for awaited in session.pending_acks.values():
+            awaited.lose(f"session ended: {conn.close_reason}")
         session.pending_acks.clear()
         for space_id in list(session.attached):
             space = self.spaces.get(space_id)
@@ -445,12 +440,12 @@ class Broker:
         space.deleting = True
         seq = space.table.seq + 1
         whole = (AccessRange(0, space.size, Access.NONE),)
-        waits = []
+        batch = Batch(self.loop)
         for session_id in list(space.attachments):
             session = self._session_by_id(session_id)
             if session is not None:
-                waits.append(self._push_revoke(space, session, seq, whole, space_deleted=True))
-        result = await self._settle(space, seq, waits, "delete", time.perf_counter(), space.size)
+                self._push_revoke(batch, space, session, seq, whole, space_deleted=True)
+        result = await self._settle(space, seq, batch, "delete", time.perf_counter(), space.size)
         for session_id in list(space.attachments):
             session = self._session_by_id(session_id)
             if session is not None:
@@ -507,7 +502,7 @@ class Broker:
         self, space: Space, delta: Delta, cause: str, t0: float
     ) -> RevocationResult:
         """Pushes a delta to the attached sessions; waits for the acks of what was lowered."""
-        waits = []
+        batch = Batch(self.loop)
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
@@ -525,22 +520,24 @@ class Broker:
                     )
                 )
             if change.lowered:
-                waits.append(self._push_revoke(space, session, delta.seq, change.lowered))
-        if not any(c.lowered for c in delta.clients):
+                self._push_revoke(batch, space, session, delta.seq, change.lowered)
+        if not revoked:
             return RevocationResult(space.space_id, delta.seq, (), time.perf_counter() - t0, 0)
-        return await self._settle(space, delta.seq, waits, cause, t0, revoked)
+        return await self._settle(space, delta.seq, batch, cause, t0, revoked)
 
     def _push_revoke(
         self,
+        batch: Batch,
         space: Space,
         session: Session,
         seq: int,
         ranges: Iterable[AccessRange],
         space_deleted: bool = False,
-    ) -> tuple[Session, tuple[AccessRange, ...], asyncio.Future[float], float]:
+    ) -> None:
         ranges = tuple(ranges)
-        fut: asyncio.Future[float] = self.loop.create_future()
-        session.pending_acks[(space.space_id, seq)] = fut
+        session.pending_acks[(space.space_id, seq)] = batch.expect(
+            session, space.space_id, seq, ranges
+        )
         session.conn.send(
             spb.Frame(
                 revoke=spb.Revoke(
@@ -552,34 +549,18 @@ class Broker:
                 )
             )
         )
-        return session, ranges, fut, time.perf_counter()
 
     async def _settle(
-        self,
-        space: Space,
-        seq: int,
-        waits: list[tuple[Session, tuple[AccessRange, ...], asyncio.Future[float], float]],
-        cause: str,
-        t0: float,
-        revoked: int,
+        self, space: Space, seq: int, batch: Batch, cause: str, t0: float, revoked: int
     ) -> RevocationResult:
-        futures = [w[2] for w in waits]
-        if futures:
-            await asyncio.wait(futures, timeout=self.config.revoke_deadline_ms / 1000)
+        await batch.wait(self.config.revoke_deadline_ms / 1000)
         results = []
-        for session, ranges, fut, sent in waits:
-            if fut.done() and fut.exception() is None:
-                results.append(
-                    ClientResult(
-                        session.name,
-                        session.session_id,
-                        session.pid,
-                        Outcome.ACKED,
-                        fut.result() - sent,
-                    )
-                )
+        for ack in batch.acks:
+            session = ack.session
+            if ack.acked_at is not None:
+                outcome, latency, reason = Outcome.ACKED, ack.acked_at - ack.sent, ""
                 released = space.table.release_pins(
-                    session.session_id, [(r.offset, r.length) for r in ranges]
+                    session.session_id, [(r.offset, r.length) for r in ack.ranges]
                 )
                 if released:
                     log.info(
@@ -587,40 +568,23 @@ class Broker:
                         len(released),
                         session.name,
                     )
-            elif fut.done():
-                results.append(
-                    ClientResult(
-                        session.name,
-                        session.session_id,
-                        session.pid,
-                        Outcome.GONE,
-                        time.perf_counter() - sent,
-                        f"session ended: {fut.exception()}",
-                    )
-                )
+            elif ack.lost is not None:
+                outcome, latency, reason = Outcome.GONE, time.perf_counter() - ack.sent, ack.lost
             else:
-                fut.cancel()
                 session.pending_acks.pop((space.space_id, seq), None)
                 reason = (
                     f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms"
                 )
                 self.fence(session, reason)
-                results.append(
-                    ClientResult(
-                        session.name,
-                        session.session_id,
-                        session.pid,
-                        Outcome.FENCED,
-                        time.perf_counter() - sent,
-                        reason,
-                    )
+                outcome, latency = Outcome.FENCED, time.perf_counter() - ack.sent
+            results.append(
+                ClientResult(
+                    session.name, session.session_id, session.pid, outcome, latency, reason
                 )
+            )
         duration = time.perf_counter() - t0
         self.revocations_total += 1
-        self.metrics.revocations.labels(cause).inc()
-        self.metrics.revoke_latency.observe(duration)
-        for r in results:
-            self.metrics.revocation_clients.labels(r.outcome.value).inc()
+        self.metrics.revoked(cause, duration, [r.outcome.value for r in results])
         return RevocationResult(space.space_id, seq, tuple(results), duration, revoked)
 
     # -- clients -------------------------------------------------------------------------------
@@ -646,9 +610,7 @@ class Broker:
         session.attached.pop(space.space_id, None)
         space.attachments.pop(session.session_id, None)
         for key in [k for k in session.pending_acks if k[0] == space.space_id]:
-            fut = session.pending_acks.pop(key)
-            if not fut.done():
-                fut.set_exception(SessionGone("detached"))
+            session.pending_acks.pop(key).lose("detached")
         return len(space.table.release_pins(session.session_id))
 
     def pin(

@@ -95,6 +95,7 @@ class Daemon:
         env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "membrokerd",

@@ -43,10 +43,11 @@ from membrokerd.spaces import (
     BackingKind,
     Region,
     Space,
-    adopt_import,
     check_regions,
     check_size,
     create_backing,
+    inspect_import,
+    seal_import,
 )
 
 log = logging.getLogger("membrokerd")
@@ -406,29 +407,36 @@ class Broker:
                 f"no fd offered with tag {tag} on this session (send an fd_offer "
                 "frame before ImportSpace)"
             )
-        kind, size, page, dev, ino = adopt_import(fd)
-        if expected_size and expected_size != size:
-            raise BadRequest(f"imported fd has {size} bytes, expected {expected_size}")
-        check_size(size, page, self.config.max_space_bytes)
-        check_regions(regions, size, page)
+        found = inspect_import(fd)
+        if expected_size and expected_size != found.size:
+            raise BadRequest(f"imported fd has {found.size} bytes, expected {expected_size}")
+        check_size(found.size, found.page_size, self.config.max_space_bytes)
+        check_regions(regions, found.size, found.page_size)
+        # Everything is checked: only now is the owner's memfd changed (sealed) and adopted.
+        if found.needs_seals:
+            seal_import(fd)
         del session.offered[tag]
         space = Space(
             name=name,
             fd=fd,
-            size=size,
-            backing=kind,
-            page_size=page,
+            size=found.size,
+            backing=found.kind,
+            page_size=found.page_size,
             owner=session.name,
             owner_uid=session.uid,
             ephemeral=ephemeral,
             imported=True,
             regions=regions,
-            dev=dev,
-            ino=ino,
+            dev=found.dev,
+            ino=found.ino,
         )
         self.spaces[space.space_id] = space
         log.info(
-            "space %s imported by %r: %s, %d bytes", space.space_id, session.name, kind.value, size
+            "space %s imported by %r: %s, %d bytes",
+            space.space_id,
+            session.name,
+            found.kind.value,
+            found.size,
         )
         return space
 

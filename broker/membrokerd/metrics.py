@@ -61,7 +61,7 @@ class _StateCollector(Collector):
             "membroker_attachments", "Session attachments to spaces.", value=s.attachments
         )
         yield GaugeMetricFamily(
-            "membroker_process_open_fds_count",
+            "membroker_process_open_fds",
             "File descriptors the daemon holds.",
             value=s.open_fds,
         )

@@ -153,12 +153,20 @@ def create_backing(
         raise FeatureMissing(f"guest_memfd backing is unavailable: {exc}") from exc
 
 
-def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
-    """Validates an owner's fd (taking ownership only if it passes: the caller closes it on error).
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImportedBacking:
+    """What an owner's fd turned out to be; `needs_seals` when the broker must seal it."""
 
-    Returns (kind, size, page size, dev, ino). An unsealed memfd is sealed against shrink and
-    grow here; one that can no longer be sealed is refused.
-    """
+    kind: BackingKind
+    size: int
+    page_size: int
+    dev: int
+    ino: int
+    needs_seals: bool
+
+
+def inspect_import(fd: int) -> ImportedBacking:
+    """Validates an owner's fd without changing it (BadRequest says what is wrong)."""
     info = sys_memfd.describe_fd(fd)
     if info.kind == "other":
         raise BadRequest(f"imported fd is not a memfd or guest_memfd ({info.path})")
@@ -169,11 +177,10 @@ def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
         "memfd-hugetlb": BackingKind.MEMFD_HUGETLB,
         "guest_memfd": BackingKind.GUEST_MEMFD,
     }[info.kind]
-    page = PAGE_SIZE
-    if kind is BackingKind.MEMFD_HUGETLB:
-        page = os.fstatvfs(fd).f_bsize
+    page = info.page_size
     if info.size <= 0 or info.size % page:
         raise BadRequest(f"imported fd has size {info.size}, not a positive multiple of {page}")
+    needs_seals = False
     if kind is not BackingKind.GUEST_MEMFD:
         seals = info.seals or 0
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
@@ -183,6 +190,14 @@ def adopt_import(fd: int) -> tuple[BackingKind, int, int, int, int]:
                     "seals are locked (F_SEAL_SEAL): create it with "
                     "MFD_ALLOW_SEALING and leave the sealing to the broker"
                 )
-            # Kernel fact: seals belong to the inode, so the owner's own fd is sealed too.
-            sys_memfd.add_seals(fd, REQUIRED_SEALS | sys_memfd.F_SEAL_SEAL)
-    return kind, info.size, page, info.dev, info.ino
+            needs_seals = True
+    return ImportedBacking(kind, info.size, page, info.dev, info.ino, needs_seals)
+
+
+def seal_import(fd: int) -> None:
+    """Seals an accepted memfd against shrink and grow, and locks its seals.
+
+    Kernel fact: seals belong to the inode, so the owner's own fd is sealed too: from now on
+    no holder of the memfd can resize it under the guest.
+    """
+    sys_memfd.add_seals(fd, REQUIRED_SEALS | sys_memfd.F_SEAL_SEAL)

@@ -176,9 +176,7 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         ), [MessageToDict(s) for s in sessions]
     if cmd == "stats":
         st = session.stats()
-        d = MessageToDict(
-            st, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
-        )
+        d = {f.name: getattr(st, f.name) for f in st.DESCRIPTOR.fields}
         return table(["STAT", "VALUE"], sorted(d.items())), d
     if cmd == "grants":
         grants = session.list_grants(args.space, args.client)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Iterable
@@ -301,12 +302,22 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def fence(self, session: Session, reason: str) -> None:
-        """Closes a non-compliant session and drops every grant of its name."""
+    def fence(self, session: Session, kind: str, reason: str) -> str:
+        """Closes a non-compliant session, drops every grant of its name and, with
+        `fence_action = "kill"`, kills the process through the pidfd taken at accept (never a
+        bare pid, which could have been reused). Returns the reason as reported."""
         if session.conn.closed:
-            return
+            return reason
+        if self.config.fence_action == "kill":
+            try:
+                sys_sock.pidfd_send_signal(session.conn.pidfd, signal.SIGKILL)
+                reason += "; killed with SIGKILL"
+            except ProcessLookupError:
+                reason += "; the process had already exited"
+            except OSError as exc:
+                reason += f"; SIGKILL failed: {exc}"
         self.fenced_total += 1
-        self.metrics.fenced.labels(reason.split(":")[0]).inc()
+        self.metrics.fenced.labels(kind).inc()
         log.warning(
             "fencing client %r (session %s, pid %d): %s",
             session.name,
@@ -318,6 +329,7 @@ class Broker:
         session.conn.close(f"fenced: {reason}")
         for space in self.spaces.values():
             space.table.drop_client(session.name)
+        return reason
 
     # -- spaces --------------------------------------------------------------------------------
 
@@ -583,7 +595,7 @@ class Broker:
                 reason = (
                     f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms"
                 )
-                self.fence(session, reason)
+                reason = self.fence(session, "no_ack", reason)
                 outcome, latency = Outcome.FENCED, time.perf_counter() - ack.sent
             results.append(
                 ClientResult(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -47,6 +47,11 @@ class BrokerConfig(BaseSettings):
     )
     revoke_deadline_ms: int = Field(
         2000, ge=1, le=600_000, description="How long a client has to acknowledge a revoke."
+    )
+    fence_action: Literal["disconnect", "kill"] = Field(
+        "disconnect",
+        description="What fencing does besides closing the session and dropping its grants: "
+        "'kill' also sends SIGKILL through the pidfd taken when the session was accepted.",
     )
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_sessions: int = Field(1024, ge=1)

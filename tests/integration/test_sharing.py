@@ -236,10 +236,12 @@ def test_delete_space_revokes_every_attached_client_first(owner, clients, daemon
     assert _dead_signal(backend) == signal.SIGSEGV
 
 
-def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(daemon, tmp_path):
-    from tests.conftest import ClientProc, Daemon
+@pytest.mark.parametrize("action", ["disconnect", "kill"])
+def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, action):
+    from tests.conftest import ClientProc, Daemon, _env
 
-    fast = Daemon(tmp_path / "rt2", "--revoke-deadline-ms", "1000")
+    env = dict(_env(), MEMBROKER_FENCE_ACTION=action)
+    fast = Daemon(tmp_path / "rt2", "--revoke-deadline-ms", "1000", env=env)
     procs = []
     try:
         with membroker.connect("vmm", fast.runtime_dir) as owner:
@@ -250,22 +252,30 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(daemon, tmp_pat
                 proc = ClientProc(fast.runtime_dir, name)
                 procs.append(proc)
                 proc.ok("attach_va", space=space.space_id)
-            os.kill(procs[1].pid, signal.SIGSTOP)
+            good, stuck = procs
+            os.kill(stuck.pid, signal.SIGSTOP)
             t0 = time.monotonic()
             report = space.unshare(0, MiB)
             elapsed = time.monotonic() - t0
             outcomes = {c.client: (c.outcome, c.reason) for c in report.clients}
             assert outcomes["good"] == ("acked", "")
             assert outcomes["stuck"][0] == "fenced"
-            assert "no acknowledgement" in outcomes["stuck"][1]
+            assert outcomes["stuck"][1].startswith("no acknowledgement of seq 4 within 1000 ms")
             # Returns at the deadline plus a small margin, not later.
             assert 1.0 <= elapsed < 6
             # A fenced client loses its grants; the others keep theirs.
             assert [c for c, _ in space.grants()] == ["good"]
             assert sorted(s.client for s in owner.list_sessions()) == ["good", "vmm"]
             assert owner.stats().fenced_total == 1
+            if action == "kill":
+                assert outcomes["stuck"][1].endswith("; killed with SIGKILL")
+                assert stuck.wait(10) == -signal.SIGKILL
+            else:
+                assert stuck.proc.poll() is None  # only disconnected: still alive (stopped)
+            assert good.ok("ranges", space=space.space_id)["ranges"] == []
     finally:
         for proc in procs:
-            os.kill(proc.pid, signal.SIGCONT)
+            if proc.proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
             proc.close()
         assert fast.stop() == 0

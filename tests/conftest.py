@@ -76,6 +76,13 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def scrape(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            text: str = resp.read().decode()
+        return text
+
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 

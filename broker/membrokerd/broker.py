@@ -24,6 +24,7 @@ from typing import cast
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import sock as sys_sock
+from membroker._sys.proc import ProcessView
 from membroker.errors import ProtocolError
 from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange, Delta, Pin
@@ -50,6 +51,7 @@ from membrokerd.spaces import (
     inspect_import,
     seal_import,
 )
+from membrokerd.verify import check_holdings, check_revoked
 
 log = logging.getLogger("membrokerd")
 
@@ -94,6 +96,10 @@ class Session:
         self.attached: dict[str, Attachment] = {}
         self.offered: dict[int, int] = {}
         self.pending_acks: dict[tuple[str, int], Ack] = {}
+        # The kernel's view of the process (None when verification is off).
+        self.view: ProcessView | None = None
+        # space id -> where this (VA) client says it mapped the space
+        self.va_base: dict[str, int] = {}
         self._next_tag = 1
 
     @property
@@ -191,6 +197,8 @@ class Broker:
             elif kind == "fd_offer":
                 self._offer(session, frame.fd_offer.tag, fds)
                 fds = []
+            elif kind == "mapped":
+                self._mapped(session, frame.mapped)
             elif kind == "ping":
                 conn.send(spb.Frame(pong=spb.Pong(nonce=frame.ping.nonce)))
             elif kind == "goodbye":
@@ -224,6 +232,19 @@ class Broker:
                 code=6,
             )
         session = Session(conn, hello.client_name)
+        if self.config.verify == "always":
+            try:
+                session.view = ProcessView(conn.cred.pid)
+            except OSError as exc:
+                raise ProtocolError(
+                    f"cannot inspect process {conn.cred.pid} ({exc.strerror}): verification "
+                    "needs its /proc maps and pagemap (CAP_SYS_PTRACE for other users' "
+                    "processes), or verify = off",
+                    code=7,
+                ) from exc
+            if not sys_sock.pidfd_is_alive(conn.pidfd):
+                session.view.close()
+                raise ProtocolError("the process exited during the handshake")
         self.sessions[conn] = session
         self._by_token[session.token] = session
         self._by_name[session.name] = session
@@ -259,6 +280,17 @@ class Broker:
             )
         session.offered[tag] = fds[0]
 
+    def _mapped(self, session: Session, mapped: spb.Mapped) -> None:
+        space = self.spaces.get(mapped.space_id)
+        if space is None or mapped.space_id not in session.attached:
+            raise ProtocolError(f"mapped report for {mapped.space_id!r}, which is not attached")
+        if mapped.length != space.size or mapped.address % space.page_size:
+            raise ProtocolError(
+                f"mapped report of {mapped.length} bytes at {mapped.address:#x}: a VA client "
+                f"maps the whole space ({space.size} bytes) at a page-aligned address"
+            )
+        session.va_base[space.space_id] = mapped.address
+
     def _ack(self, session: Session, ack: spb.RevokeAck) -> None:
         awaited = session.pending_acks.pop((ack.space_id, ack.seq), None)
         if awaited is None:
@@ -279,6 +311,9 @@ class Broker:
         for fd in session.offered.values():
             os.close(fd)
         session.offered.clear()
+        if session.view is not None:
+            session.view.close()
+            session.view = None
         for awaited in session.pending_acks.values():
             awaited.lose(f"session ended: {conn.close_reason}")
         session.pending_acks.clear()
@@ -577,7 +612,12 @@ class Broker:
         results = []
         for ack in batch.acks:
             session = ack.session
-            if ack.acked_at is not None:
+            problem = self._verify(space, ack) if ack.acked_at is not None else None
+            if problem is not None:
+                session.pending_acks.pop((space.space_id, seq), None)
+                reason = self.fence(session, "verify", f"acknowledged seq {seq} but {problem}")
+                outcome, latency = Outcome.FENCED, time.perf_counter() - ack.sent
+            elif ack.acked_at is not None:
                 outcome, latency, reason = Outcome.ACKED, ack.acked_at - ack.sent, ""
                 released = space.table.release_pins(
                     session.session_id, [(r.offset, r.length) for r in ack.ranges]
@@ -606,6 +646,61 @@ class Broker:
         self.revocations_total += 1
         self.metrics.revoked(cause, duration, [r.outcome.value for r in results])
         return RevocationResult(space.space_id, seq, tuple(results), duration, revoked)
+
+    def _verify(self, space: Space, ack: Ack) -> str | None:
+        """What the acknowledging process still reaches of the revoked ranges (None: nothing)."""
+        view = ack.session.view
+        if view is None or ack.session.conn.closed:
+            return None
+        try:
+            return check_revoked(
+                view,
+                space.dev,
+                space.ino,
+                ack.ranges,
+                space.page_size,
+                ack.session.va_base.get(space.space_id),
+            )
+        except OSError as exc:
+            # The process is gone (ESRCH): nothing of it can touch memory any more.
+            log.info("cannot verify %r (%s): treating as gone", ack.session.name, exc)
+            return None
+
+    async def audit_forever(self) -> None:
+        """Every audit_interval_s, scans every attached client's mappings in full."""
+        while True:
+            await asyncio.sleep(self.config.audit_interval_s)
+            self.audit()
+
+    def audit(self) -> list[tuple[str, str]]:
+        """One full audit; fences whoever maps what it does not hold. Returns the fenced."""
+        t0 = time.perf_counter()
+        fenced = []
+        for session in self.live_sessions():
+            if session.view is None:
+                continue
+            for space_id in list(session.attached):
+                space = self.spaces.get(space_id)
+                if space is None or session.conn.closed or space.owner == session.name:
+                    continue
+                if any(key[0] == space_id for key in session.pending_acks):
+                    continue  # a revocation is in flight: the verifier has this one
+                try:
+                    problem = check_holdings(
+                        session.view,
+                        space.dev,
+                        space.ino,
+                        space.table.effective(session.name),
+                        space.page_size,
+                    )
+                except OSError:
+                    continue
+                if problem is not None:
+                    reason = self.fence(session, "audit", f"audit of {space_id}: {problem}")
+                    fenced.append((session.name, reason))
+        self.metrics.audits.inc()
+        self.metrics.audit_seconds.observe(time.perf_counter() - t0)
+        return fenced
 
     # -- clients -------------------------------------------------------------------------------
 

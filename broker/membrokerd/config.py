@@ -53,6 +53,16 @@ class BrokerConfig(BaseSettings):
         description="What fencing does besides closing the session and dropping its grants: "
         "'kill' also sends SIGKILL through the pidfd taken when the session was accepted.",
     )
+    verify: Literal["always", "off"] = Field(
+        "always",
+        description="Check the kernel's view of each client (/proc/PID/maps, pagemap) before "
+        "counting its acknowledgement of a revoke.",
+    )
+    audit_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between full audits of every attached client's mappings; 0 = off.",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_sessions: int = Field(1024, ge=1)
     max_spaces: int = Field(256, ge=1)

@@ -118,6 +118,15 @@ class Metrics:
             "Session connections closed for a protocol error.",
             registry=self.registry,
         )
+        self.audits = Counter(
+            "membroker_audits_total", "Full audits of client mappings.", registry=self.registry
+        )
+        self.audit_seconds = Histogram(
+            "membroker_audit_duration_seconds",
+            "How long one full audit of every attached client took.",
+            buckets=(1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            registry=self.registry,
+        )
         self.grants = Counter(
             "membroker_grant_calls_total", "Grant calls that succeeded.", registry=self.registry
         )

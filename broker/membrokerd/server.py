@@ -82,6 +82,7 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     if config.metrics_address:
         broker.metrics_url = await metrics_server.start(config.metrics_address)
 
+    audit = loop.create_task(broker.audit_forever()) if config.audit_interval_s > 0 else None
     log.info(
         "membrokerd %d ready: control %s, session %s, metrics %s",
         os.getpid(),
@@ -101,6 +102,8 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         await stop.wait()
     finally:
         log.info("shutting down")
+        if audit is not None:
+            audit.cancel()
         _sd_notify("STOPPING=1")
         await health.enter_graceful_shutdown()
         listener.close()

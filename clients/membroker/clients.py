@@ -183,6 +183,14 @@ class VaClient(_Attachment):
             self.mapping = mman.Mapping.map_shared(fd, self.info.size, mman.PROT_NONE)
         finally:
             os.close(fd)
+        # Telling the broker where lets it verify revokes with a few targeted questions.
+        self.session._send(
+            spb.Frame(
+                mapped=spb.Mapped(
+                    space_id=self.space_id, address=self.mapping.address, length=self.info.size
+                )
+            )
+        )
 
     def __repr__(self) -> str:
         return (

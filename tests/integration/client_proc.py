@@ -3,6 +3,7 @@
 Each line is {"op": ..., ...}; each answer one JSON line on stdout. Ops: attach_va, attach_fd,
 read, write, touch (read one byte through the raw mapping, unchecked: may die of SIGSEGV),
 hold / touch_held (keep a view across a revocation, touch it later), poke,
+lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly),
 pin, unpin, ranges, truncate, pread, close, exit.
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     attached: dict[str, Any] = {}
     pins: dict[int, Any] = {}
     held: dict[str, memoryview] = {}
+    kept: list[Any] = []
 
     def out(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -61,6 +63,32 @@ def main() -> None:
                 view = attached[req["space"]].view(req["offset"], 1, check=False)
                 value = view[0]
                 out({"ok": True, "value": value})
+            elif op == "lie":
+                # A client that acknowledges revokes without tearing anything down.
+                attached[req["space"]]._teardown = lambda ranges: None
+                out({"ok": True})
+            elif op == "protect_only":
+                # A client that only mprotects on revoke: its pages stay mapped.
+                from membroker._sys import mman
+
+                client = attached[req["space"]]
+
+                def protect_only(ranges: Any, client: Any = client) -> None:
+                    for r in ranges:
+                        client.mapping.protect(r.offset, r.length, mman.PROT_NONE)
+
+                client._teardown = protect_only
+                out({"ok": True})
+            elif op == "map_fd":
+                # A client that maps the fd it was given, beyond what it holds.
+                from membroker._sys import mman
+
+                client = attached[req["space"]]
+                extra = mman.Mapping.map_shared(
+                    client.fd, req["length"], mman.PROT_READ | mman.PROT_WRITE, req["offset"]
+                )
+                kept.append(extra)
+                out({"ok": True, "address": extra.address})
             elif op == "hold":
                 # A pointer the backend keeps across a revocation (a stale descriptor, say).
                 held[req["space"]] = attached[req["space"]].view(req["offset"], 1, check=False)

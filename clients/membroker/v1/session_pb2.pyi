@@ -132,8 +132,18 @@ class Goodbye(_message.Message):
     fenced: bool
     def __init__(self, reason: _Optional[str] = ..., fenced: _Optional[bool] = ...) -> None: ...
 
+class Mapped(_message.Message):
+    __slots__ = ("space_id", "address", "length")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    address: int
+    length: int
+    def __init__(self, space_id: _Optional[str] = ..., address: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +155,7 @@ class Frame(_message.Message):
     PONG_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -156,4 +167,5 @@ class Frame(_message.Message):
     pong: Pong
     error: Error
     goodbye: Goodbye
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    mapped: Mapped
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ...) -> None: ...

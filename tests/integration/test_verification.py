@@ -1,0 +1,130 @@
+"""Verified teardown and audits: the broker asks the kernel, not the client."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import membroker
+from tests.conftest import ClientProc, Daemon, _env
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+@pytest.fixture
+def strict(tmp_path):
+    """A daemon that verifies every acknowledgement and audits every 0.2 s."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0.2")
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "2000", env=env)
+    procs: list[ClientProc] = []
+
+    def start(name: str) -> ClientProc:
+        p = ClientProc(d.runtime_dir, name)
+        procs.append(p)
+        return p
+
+    yield d, start
+    for p in procs:
+        p.close()
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("verify", ["always", "off"])
+def test_client_that_acks_without_unmapping_is_caught_and_fenced(tmp_path, verify):
+    env = dict(_env(), MEMBROKER_VERIFY=verify, MEMBROKER_AUDIT_INTERVAL_S="0")
+    d = Daemon(tmp_path / "rt", env=env)
+    liar = honest = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("liar", 0, 4 * PAGE)
+            space.grant("honest", 0, 4 * PAGE)
+            liar, honest = ClientProc(d.runtime_dir, "liar"), ClientProc(d.runtime_dir, "honest")
+            for c in (liar, honest):
+                c.ok("attach_va", space=space.space_id)
+                c.ok("touch", space=space.space_id, offset=PAGE)
+            liar.ok("lie", space=space.space_id)
+
+            report = space.revoke("liar", PAGE, PAGE)
+            (outcome,) = report.clients
+            if verify == "off":
+                # Without verification the lie is believed: this is what the check is for.
+                assert outcome.outcome == "acked"
+                assert liar.ok("touch", space=space.space_id, offset=PAGE)["value"] == 0
+                return
+            assert outcome.outcome == "fenced"
+            assert outcome.reason.startswith(
+                "acknowledged seq 4 but maps offsets 0x1000-0x2000 writable (rws) at "
+            )
+            assert [c for c, _ in space.grants()] == ["honest"]
+            assert owner.stats().fenced_total == 1
+
+            # An honest client is verified and counted as acknowledged.
+            report = space.revoke("honest", PAGE, PAGE)
+            assert [c.outcome for c in report.clients] == ["acked"]
+            assert sorted(s.client for s in owner.list_sessions()) == ["honest", "vmm"]
+    finally:
+        for c in (liar, honest):
+            if c is not None:
+                c.close()
+        assert d.stop() == 0
+
+
+def test_revoke_checks_pages_too_not_only_permissions(tmp_path):
+    """A client that makes the pages PROT_NONE but keeps them mapped (no MADV_DONTNEED)."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0")
+    d = Daemon(tmp_path / "rt", env=env)
+    client = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("half", 0, 2 * PAGE)
+            client = ClientProc(d.runtime_dir, "half")
+            client.ok("attach_va", space=space.space_id)
+            client.ok("touch", space=space.space_id, offset=PAGE)
+            client.ok("protect_only", space=space.space_id)
+            (outcome,) = space.revoke("half", PAGE, PAGE).clients
+            assert outcome.outcome == "fenced"
+            assert "still has the page at offset 0x1000 present" in outcome.reason
+    finally:
+        if client is not None:
+            client.close()
+        assert d.stop() == 0
+
+
+def test_audit_fences_a_client_that_maps_its_fd_beyond_its_grant(strict):
+    d, start = strict
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("dma", 0, 4 * PAGE)
+        space.grant("backend", 0, 4 * PAGE)
+        backend = start("backend")
+        backend.ok("attach_va", space=space.space_id)
+        dma = start("dma")
+        dma.ok("attach_fd", space=space.space_id)
+        # Mapping what it holds is allowed: several audits pass without fencing anyone.
+        dma.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
+        time.sleep(0.8)
+        assert owner.stats().fenced_total == 0
+        # Mapping the fd again, over memory it holds no grant for, is not.
+        dma.ok("map_fd", space=space.space_id, offset=0, length=MiB)
+        deadline = time.monotonic() + 10
+        while owner.stats().fenced_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert owner.stats().fenced_total == 1
+        assert sorted(s.client for s in owner.list_sessions()) == ["backend", "vmm"]
+        assert [c for c, _ in space.grants()] == ["backend"]
+        assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()
+        # The fenced client's next control call learns why.
+        refused = dma.cmd("pin", space=space.space_id, offset=0, length=PAGE)
+        assert not refused["ok"] and "fenced: audit of" in refused["error"]
+        assert (
+            "maps offset 0x4000 readable (rws)" in refused["error"]
+            or "maps offset 0x4000 writable (rws)" in refused["error"]
+        )
+        assert dma.proc.poll() is None

@@ -89,10 +89,15 @@ def bench_socket_pingpong(n: int) -> list[float]:
 
 
 class Daemon:
-    def __init__(self, runtime_dir: Path, nice: int = 0) -> None:
+    def __init__(self, runtime_dir: Path, nice: int = 0, verify: str = "always") -> None:
         self.runtime_dir = runtime_dir
         prefix = ["nice", "-n", str(nice)] if nice else []
-        env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}",
+            MEMBROKER_VERIFY=verify,
+            MEMBROKER_AUDIT_INTERVAL_S="0",
+        )
         self.proc = subprocess.Popen(
             [
                 *prefix,
@@ -194,6 +199,56 @@ def bench_revoke(runtime_dir: Path, k: int, n: int) -> tuple[list[float], list[f
     return single[10:], fan[10:]
 
 
+def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float, float, float]]]:
+    """The daemon's checks, run here against a real client process: a targeted verify (the
+    client reported its mapping), a verify by full scan, and a full audit of one client."""
+    from membroker._sys.proc import ProcessView
+    from membrokerd.access import Access, AccessRange
+    from membrokerd.verify import check_holdings, check_revoked
+
+    with membroker.connect("bench-owner", runtime_dir) as owner:
+        space = owner.create_space(1 << 20)
+        space.share(0, 1 << 20)
+        space.grant("c0", 0, 2 * PAGE)
+        procs = start_clients(runtime_dir, space.space_id, 1)
+        try:
+            space.revoke("c0", PAGE, PAGE)
+            st = os.fstat(space.fd)  # type: ignore[arg-type]
+            view = ProcessView(procs[0].pid)
+            base = next(v.start for v in view.mappings_of(st.st_dev, st.st_ino))
+            gone = [AccessRange(PAGE, PAGE, Access.NONE)]
+            held = [AccessRange(0, PAGE, Access.RW)]
+            assert check_revoked(view, st.st_dev, st.st_ino, gone, PAGE, base) is None
+            assert check_holdings(view, st.st_dev, st.st_ino, held, PAGE) is None
+            rows = [
+                (
+                    "verify one revoked page, targeted (PROCMAP_QUERY + pagemap)",
+                    percentiles(
+                        timeit(
+                            lambda: check_revoked(view, st.st_dev, st.st_ino, gone, PAGE, base), n
+                        )
+                    ),
+                ),
+                (
+                    "verify one revoked page, full scan (/proc/PID/maps + pagemap)",
+                    percentiles(
+                        timeit(lambda: check_revoked(view, st.st_dev, st.st_ino, gone, PAGE), n)
+                    ),
+                ),
+                (
+                    "full audit of one client",
+                    percentiles(
+                        timeit(lambda: check_holdings(view, st.st_dev, st.st_ino, held, PAGE), n)
+                    ),
+                ),
+            ]
+            view.close()
+        finally:
+            stop_clients(procs)
+        space.delete()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -208,41 +263,58 @@ def main() -> int:
     n = args.iterations
     rows: list[tuple[str, tuple[float, float, float]]] = []
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
-        rt = Path(tmp) / "rt"
-        daemon = Daemon(rt, args.nice)
-        try:
-            rows.append(
-                ("baseline: madvise(DONTNEED)+mprotect(NONE), 1 page", percentiles(bench_zap(n)))
-            )
-            sock_rt = percentiles(bench_socket_pingpong(n))
-            rows.append(("baseline: Unix-socket ping-pong between processes", sock_rt))
-            grpc_rt = percentiles(bench_grpc_unary(rt, n))
-            rows.append(("baseline: empty gRPC unary call (health Check)", grpc_rt))
-            with membroker.connect("bench-ping", rt) as s:
-                rows.append(
-                    ("membroker session ping (SDK thread, framed)", percentiles(timeit(s.ping, n)))
-                )
-            target = 1.3 * (sock_rt[0] + grpc_rt[0])
-            for k in (1, 8, 32):
-                iters = n if k == 1 else max(50, n // (k // 4 + 1))
-                single, fan = bench_revoke(rt, k, iters)
-                if k == 1:
-                    rows.append(("Revoke, 1 VA client", percentiles(single)))
-                rows.append((f"SetAttributes(private) fan-out, {k} VA client(s)", percentiles(fan)))
-        finally:
-            daemon.stop()
+        for verify in ("off", "always"):
+            rt = Path(tmp) / f"rt-{verify}"
+            daemon = Daemon(rt, args.nice, verify)
+            try:
+                if verify == "off":
+                    rows.append(
+                        (
+                            "baseline: madvise(DONTNEED)+mprotect(NONE), 1 page",
+                            percentiles(bench_zap(n)),
+                        )
+                    )
+                    sock_rt = percentiles(bench_socket_pingpong(n))
+                    rows.append(("baseline: Unix-socket ping-pong between processes", sock_rt))
+                    grpc_rt = percentiles(bench_grpc_unary(rt, n))
+                    rows.append(("baseline: empty gRPC unary call (health Check)", grpc_rt))
+                    with membroker.connect("bench-ping", rt) as s:
+                        rows.append(
+                            (
+                                "membroker session ping (SDK thread, framed)",
+                                percentiles(timeit(s.ping, n)),
+                            )
+                        )
+                else:
+                    rows += bench_verification(rt, n)
+                for k in (1, 8, 32):
+                    iters = n if k == 1 else max(50, n // (k // 4 + 1))
+                    single, fan = bench_revoke(rt, k, iters)
+                    if k == 1:
+                        rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
+                    rows.append(
+                        (
+                            f"SetAttributes(private) fan-out, {k} VA client(s), verify {verify}",
+                            percentiles(fan),
+                        )
+                    )
+            finally:
+                daemon.stop()
+    target = 1.3 * (sock_rt[0] + grpc_rt[0])
 
     lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
-    revoke1 = next(v for name, v in rows if name == "Revoke, 1 VA client")
-    fan32 = next(v for name, v in rows if name.endswith("32 VA client(s)"))
+    revoke1 = next(v for name, v in rows if name == "Revoke, 1 VA client, verify always")
+    revoke1_off = next(v for name, v in rows if name == "Revoke, 1 VA client, verify off")
+    fan32 = next(v for name, v in rows if name.endswith("32 VA client(s), verify always"))
     summary = [
         "",
-        f"Target 1: Revoke (1 client) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + socket "
+        f"Target 1: Revoke (1 client, verified) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + socket "
         f"ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
         f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}x).",
         f"Revoke beyond an empty gRPC call: {revoke1[0] - grpc_rt[0]:.0f} µs p50 (the push, "
         f"the client's teardown and its ack; a socket round trip alone is {sock_rt[0]:.0f} µs).",
+        f"Verification adds {revoke1[0] - revoke1_off[0]:.0f} µs p50 to a 1-client revoke.",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]

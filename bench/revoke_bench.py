@@ -309,8 +309,8 @@ def main() -> int:
     fan32 = next(v for name, v in rows if name.endswith("32 VA client(s), verify always"))
     summary = [
         "",
-        f"Target 1: Revoke (1 client, verified) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + socket "
-        f"ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
+        f"Target 1: Revoke (1 client, verified) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + "
+        f"socket ping-pong) = {target:.0f} µs → {'met' if revoke1[0] <= target else 'NOT met'} "
         f"(ratio {revoke1[0] / (sock_rt[0] + grpc_rt[0]):.2f}x).",
         f"Revoke beyond an empty gRPC call: {revoke1[0] - grpc_rt[0]:.0f} µs p50 (the push, "
         f"the client's teardown and its ack; a socket round trip alone is {sock_rt[0]:.0f} µs).",

@@ -556,8 +556,13 @@ class Broker:
     async def carry_out(
         self, space: Space, delta: Delta, cause: str, t0: float
     ) -> RevocationResult:
-        """Pushes a delta to the attached sessions; waits for the acks of what was lowered."""
+        """Pushes a delta to the attached sessions; waits for the acks of what was lowered.
+
+        Clients that get the same ranges (a conversion to private seen by every grantee) get
+        the same bytes: each distinct frame is encoded once per fan-out.
+        """
         batch = Batch(self.loop)
+        encoded: dict[tuple[str, tuple[AccessRange, ...]], bytes] = {}
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
@@ -565,17 +570,21 @@ class Broker:
             if session is None:
                 continue
             if change.raised:
-                session.conn.send(
-                    spb.Frame(
-                        access_update=spb.AccessUpdate(
-                            space_id=space.space_id,
-                            seq=delta.seq,
-                            ranges=[access_range_pb(r) for r in change.raised],
+                key = ("update", change.raised)
+                data = encoded.get(key)
+                if data is None:
+                    data = encoded[key] = wire.encode(
+                        spb.Frame(
+                            access_update=spb.AccessUpdate(
+                                space_id=space.space_id,
+                                seq=delta.seq,
+                                ranges=[access_range_pb(r) for r in change.raised],
+                            )
                         )
                     )
-                )
+                session.conn.send_encoded(data)
             if change.lowered:
-                self._push_revoke(batch, space, session, delta.seq, change.lowered)
+                self._push_revoke(batch, space, session, delta.seq, change.lowered, encoded=encoded)
         if not revoked:
             return RevocationResult(space.space_id, delta.seq, (), time.perf_counter() - t0, 0)
         return await self._settle(space, delta.seq, batch, cause, t0, revoked)
@@ -588,22 +597,29 @@ class Broker:
         seq: int,
         ranges: Iterable[AccessRange],
         space_deleted: bool = False,
+        encoded: dict[tuple[str, tuple[AccessRange, ...]], bytes] | None = None,
     ) -> None:
         ranges = tuple(ranges)
         session.pending_acks[(space.space_id, seq)] = batch.expect(
             session, space.space_id, seq, ranges
         )
-        session.conn.send(
-            spb.Frame(
-                revoke=spb.Revoke(
-                    space_id=space.space_id,
-                    seq=seq,
-                    ranges=[access_range_pb(r) for r in ranges],
-                    space_deleted=space_deleted,
-                    deadline_ms=self.config.revoke_deadline_ms,
+        key = ("revoke", ranges)
+        data = encoded.get(key) if encoded is not None else None
+        if data is None:
+            data = wire.encode(
+                spb.Frame(
+                    revoke=spb.Revoke(
+                        space_id=space.space_id,
+                        seq=seq,
+                        ranges=[access_range_pb(r) for r in ranges],
+                        space_deleted=space_deleted,
+                        deadline_ms=self.config.revoke_deadline_ms,
+                    )
                 )
             )
-        )
+            if encoded is not None:
+                encoded[key] = data
+        session.conn.send_encoded(data)
 
     async def _settle(
         self, space: Space, seq: int, batch: Batch, cause: str, t0: float, revoked: int

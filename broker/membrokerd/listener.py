@@ -110,9 +110,13 @@ class Connection:
 
     def send(self, frame: spb.Frame, fds: Sequence[int] = ()) -> None:
         """Queues one frame (fds borrowed: they are duplicated by the kernel at send time)."""
+        self.send_encoded(wire.encode(frame), fds)
+
+    def send_encoded(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Queues one already encoded frame (a fan-out encodes a shared frame once)."""
         if self.closed:
             return
-        self._out.append((memoryview(wire.encode(frame)), tuple(fds)))
+        self._out.append((memoryview(data), tuple(fds)))
         if not self._writing:
             self._flush()
 

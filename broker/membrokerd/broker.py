@@ -34,6 +34,7 @@ from membrokerd.errors import (
     LimitReached,
     NoSession,
     NotAllowed,
+    RangePinned,
     UnknownObject,
     WrongState,
 )
@@ -487,11 +488,18 @@ class Broker:
         )
         return space
 
-    async def delete_space(self, session: Session, space_id: str) -> RevocationResult:
-        return await self.delete_space_now(self.owned_space(session, space_id), "deleted")
+    async def delete_space(
+        self, session: Session, space_id: str, on_pinned: str | None = None
+    ) -> RevocationResult:
+        space = self.owned_space(session, space_id)
+        return await self.delete_space_now(space, "deleted", on_pinned)
 
-    async def delete_space_now(self, space: Space, why: str) -> RevocationResult:
+    async def delete_space_now(
+        self, space: Space, why: str, on_pinned: str | None = "fence"
+    ) -> RevocationResult:
         """Revokes everything from every attached session, then frees the space."""
+        t0 = time.perf_counter()
+        fenced = await self._clear_pins(space, 0, space.size, None, on_pinned)
         space.deleting = True
         seq = space.table.seq + 1
         whole = (AccessRange(0, space.size, Access.NONE),)
@@ -500,7 +508,7 @@ class Broker:
             session = self._session_by_id(session_id)
             if session is not None:
                 self._push_revoke(batch, space, session, seq, whole, space_deleted=True)
-        result = await self._settle(space, seq, batch, "delete", time.perf_counter(), space.size)
+        result = await self._settle(space, seq, batch, "delete", t0, space.size, fenced)
         for session_id in list(space.attachments):
             session = self._session_by_id(session_id)
             if session is not None:
@@ -516,36 +524,139 @@ class Broker:
     # -- access --------------------------------------------------------------------------------
 
     async def set_attributes(
-        self, session: Session, space_id: str, offset: int, length: int, shared: bool
+        self,
+        session: Session,
+        space_id: str,
+        offset: int,
+        length: int,
+        shared: bool,
+        on_pinned: str | None = None,
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
         t0 = time.perf_counter()
         if shared:
             delta = space.table.set_shared(offset, length)
-        else:
-            delta = space.table.set_private(offset, length)
-        return await self.carry_out(space, delta, "private" if not shared else "shared", t0)
+            return await self.carry_out(space, delta, "shared", t0)
+        space.table.effective_access("", offset, length)  # validates the range up front
+        fenced = await self._clear_pins(space, offset, length, None, on_pinned)
+        delta = space.table.set_private(offset, length)
+        return await self.carry_out(space, delta, "private", t0, fenced)
 
     async def grant(
-        self, session: Session, space_id: str, client: str, offset: int, length: int, access: Access
+        self,
+        session: Session,
+        space_id: str,
+        client: str,
+        offset: int,
+        length: int,
+        access: Access,
+        on_pinned: str | None = None,
     ) -> tuple[int, int]:
         space = self.owned_space(session, space_id)
         if not CLIENT_NAME.match(client):
             raise BadRequest(f"client name {client!r} is not a valid client name")
         t0 = time.perf_counter()
+        fenced: list[ClientResult] = []
+        if access is Access.RO and space.table.is_shared(offset, length):
+            fenced = await self._clear_pins(
+                space, offset, length, client, on_pinned, write_only=True
+            )
         delta = space.table.grant(client, offset, length, access)
         self.metrics.grants.inc()
         notified = self._attached(space, client) is not None
-        await self.carry_out(space, delta, "downgrade", t0)
+        await self.carry_out(space, delta, "downgrade", t0, fenced)
         return delta.seq, int(notified)
 
     async def revoke(
-        self, session: Session, space_id: str, client: str, offset: int, length: int
+        self,
+        session: Session,
+        space_id: str,
+        client: str,
+        offset: int,
+        length: int,
+        on_pinned: str | None = None,
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
         t0 = time.perf_counter()
+        space.table.effective_access(client, offset, length)  # validates the range up front
+        fenced = await self._clear_pins(space, offset, length, client, on_pinned)
         delta = space.table.revoke(client, offset, length)
-        return await self.carry_out(space, delta, "revoke", t0)
+        return await self.carry_out(space, delta, "revoke", t0, fenced)
+
+    async def _clear_pins(
+        self,
+        space: Space,
+        offset: int,
+        length: int,
+        client: str | None,
+        on_pinned: str | None,
+        write_only: bool = False,
+    ) -> list[ClientResult]:
+        """Before access is lowered: waits, up to the deadline, for the pins in the range to
+        go (no new pin may start there meanwhile); then fails (RangePinned, nothing changed)
+        or fences the pinning clients, per `on_pinned` (None: the configured default).
+        Returns the fenced clients' results for the report."""
+
+        def pinned() -> list[Pin]:
+            pins = space.table.pins_overlapping(offset, length, client)
+            return [p for p in pins if p.write] if write_only else pins
+
+        pins = pinned()
+        if not pins:
+            return []
+        deadline_ms = self.config.revoke_deadline_ms
+        deadline = self.loop.time() + deadline_ms / 1000
+        blocked = (offset, offset + length)
+        space.blocked.append(blocked)
+        t_wait = time.perf_counter()
+        try:
+            while pins and (left := deadline - self.loop.time()) > 0:
+                space.unpinned.clear()
+                try:
+                    await asyncio.wait_for(space.unpinned.wait(), left)
+                except TimeoutError:
+                    pass
+                pins = pinned()
+        finally:
+            space.blocked.remove(blocked)
+        if not pins:
+            return []
+        if (on_pinned or self.config.on_pinned) == "fail":
+            first = min(pins, key=lambda p: max(p.offset, offset))
+            holder = self._by_id.get(first.holder)
+            raise RangePinned(
+                first.client,
+                first.holder,
+                holder.pid if holder else 0,
+                max(first.offset, offset),
+                first.pin_id,
+                deadline_ms,
+            )
+        results = []
+        for holder_id in dict.fromkeys(p.holder for p in pins):
+            holder = self._by_id.get(holder_id)
+            if holder is None:
+                continue
+            first = next(p for p in pins if p.holder == holder_id)
+            reason = self.fence(
+                holder,
+                "pinned",
+                (
+                    f"offset {max(first.offset, offset):#x} still pinned (pin {first.pin_id}) "
+                    f"after {deadline_ms} ms"
+                ),
+            )
+            results.append(
+                ClientResult(
+                    holder.name,
+                    holder.session_id,
+                    holder.pid,
+                    Outcome.FENCED,
+                    time.perf_counter() - t_wait,
+                    reason,
+                )
+            )
+        return results
 
     def _attached(self, space: Space, client: str) -> Session | None:
         session = self._by_name.get(client)
@@ -554,7 +665,12 @@ class Broker:
         return None
 
     async def carry_out(
-        self, space: Space, delta: Delta, cause: str, t0: float
+        self,
+        space: Space,
+        delta: Delta,
+        cause: str,
+        t0: float,
+        fenced: list[ClientResult] | None = None,
     ) -> RevocationResult:
         """Pushes a delta to the attached sessions; waits for the acks of what was lowered.
 
@@ -585,9 +701,9 @@ class Broker:
                 session.conn.send_encoded(data)
             if change.lowered:
                 self._push_revoke(batch, space, session, delta.seq, change.lowered, encoded=encoded)
-        if not revoked:
+        if not revoked and not fenced:
             return RevocationResult(space.space_id, delta.seq, (), time.perf_counter() - t0, 0)
-        return await self._settle(space, delta.seq, batch, cause, t0, revoked)
+        return await self._settle(space, delta.seq, batch, cause, t0, revoked, fenced)
 
     def _push_revoke(
         self,
@@ -622,10 +738,17 @@ class Broker:
         session.conn.send_encoded(data)
 
     async def _settle(
-        self, space: Space, seq: int, batch: Batch, cause: str, t0: float, revoked: int
+        self,
+        space: Space,
+        seq: int,
+        batch: Batch,
+        cause: str,
+        t0: float,
+        revoked: int,
+        fenced: list[ClientResult] | None = None,
     ) -> RevocationResult:
         await batch.wait(self.config.revoke_deadline_ms / 1000)
-        results = []
+        results = list(fenced or ())
         for ack in batch.acks:
             session = ack.session
             problem = self._verify(space, ack) if ack.acked_at is not None else None
@@ -742,7 +865,10 @@ class Broker:
         space.attachments.pop(session.session_id, None)
         for key in [k for k in session.pending_acks if k[0] == space.space_id]:
             session.pending_acks.pop(key).lose("detached")
-        return len(space.table.release_pins(session.session_id))
+        released = space.table.release_pins(session.session_id)
+        if released:
+            space.unpinned.set()
+        return len(released)
 
     def pin(
         self, session: Session, space_id: str, offset: int, length: int, write: bool
@@ -750,6 +876,10 @@ class Broker:
         space = self.space(space_id)
         if space_id not in session.attached:
             raise WrongState(f"client {session.name!r} must attach to {space_id} before pinning")
+        if space.is_blocked(offset, length):
+            raise WrongState(
+                f"range {offset:#x}+{length:#x} of {space_id} is being revoked: no new pins"
+            )
         return space.table.pin(
             session.session_id, session.name, offset, length, write
         ), space.table.seq
@@ -760,11 +890,16 @@ class Broker:
         if pin_id not in mine:
             raise UnknownObject(f"no pin {pin_id} of this session on {space_id}")
         space.table.unpin(pin_id)
+        space.unpinned.set()
 
     # -- views ---------------------------------------------------------------------------------
 
     def live_sessions(self) -> list[Session]:
         return [s for s in self.sessions.values() if s is not None]
+
+    def pid_of(self, session_id: str) -> int:
+        found = self._session_by_id(session_id)
+        return found.pid if found else 0
 
     def session_name_of(self, session_id: str) -> str:
         found = self._session_by_id(session_id)

@@ -53,6 +53,11 @@ class BrokerConfig(BaseSettings):
         description="What fencing does besides closing the session and dropping its grants: "
         "'kill' also sends SIGKILL through the pidfd taken when the session was accepted.",
     )
+    on_pinned: Literal["fail", "fence"] = Field(
+        "fail",
+        description="What a revocation does, by default, about a range still pinned at the "
+        "deadline: 'fail' (nothing changes) or 'fence' (fence the pinning clients, go on).",
+    )
     verify: Literal["always", "off"] = Field(
         "always",
         description="Check the kernel's view of each client (/proc/PID/maps, pagemap) before "

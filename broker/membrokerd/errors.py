@@ -8,6 +8,7 @@
     ├── NoSession           missing or unknown session token         -> UNAUTHENTICATED
     ├── LimitReached        a configured limit (named)               -> RESOURCE_EXHAUSTED
     ├── WrongState          private range, not granted, not attached -> FAILED_PRECONDITION
+    │   └── RangePinned     a pin outlived the revoke deadline        -> FAILED_PRECONDITION
     └── FeatureMissing      the kernel lacks what the call needs     -> UNIMPLEMENTED
 
 The access table's own errors (membrokerd.access.AccessError tree) are mapped at the same edge.
@@ -49,6 +50,23 @@ class LimitReached(BrokerFault):
 
 class WrongState(BrokerFault):
     pass
+
+
+class RangePinned(WrongState):
+    """A revocation met a pin that outlived the deadline (on_pinned = fail): nothing changed."""
+
+    def __init__(
+        self, client: str, session_id: str, pid: int, offset: int, pin_id: int, deadline_ms: int
+    ) -> None:
+        super().__init__(
+            f"offset {offset:#x} is pinned by client {client!r} (session {session_id}, pid "
+            f"{pid}, pin {pin_id}) and was not unpinned within {deadline_ms} ms; nothing changed"
+        )
+        self.client = client
+        self.session_id = session_id
+        self.pid = pid
+        self.offset = offset
+        self.pin_id = pin_id
 
 
 class FeatureMissing(BrokerFault):

@@ -57,6 +57,7 @@ BACKINGS = {
 }
 BACKING_PB = {v: k for k, v in BACKINGS.items()}
 KINDS = {pb.ATTACH_KIND_VA: Attachment.VA, pb.ATTACH_KIND_FD: Attachment.FD}
+ON_PINNED = {pb.ON_PINNED_DEFAULT: None, pb.ON_PINNED_FAIL: "fail", pb.ON_PINNED_FENCE: "fence"}
 OUTCOMES = {
     Outcome.ACKED: pb.OUTCOME_ACKED,
     Outcome.FENCED: pb.OUTCOME_FENCED,
@@ -205,7 +206,9 @@ class Servicer(pb_grpc.MemBrokerServicer):
     async def DeleteSpace(
         self, request: pb.DeleteSpaceRequest, session: Session
     ) -> pb.RevocationReport:
-        return _report(await self.broker.delete_space(session, request.space_id))
+        return _report(
+            await self.broker.delete_space(session, request.space_id, _on_pinned(request))
+        )
 
     @edge
     async def GetSpace(self, request: pb.GetSpaceRequest, session: Session) -> pb.Space:
@@ -228,7 +231,12 @@ class Servicer(pb_grpc.MemBrokerServicer):
         offset, length = _range(request)
         return _report(
             await self.broker.set_attributes(
-                session, request.space_id, offset, length, request.attribute == pb.ATTRIBUTE_SHARED
+                session,
+                request.space_id,
+                offset,
+                length,
+                request.attribute == pb.ATTRIBUTE_SHARED,
+                _on_pinned(request),
             )
         )
 
@@ -238,7 +246,13 @@ class Servicer(pb_grpc.MemBrokerServicer):
             raise errors.BadRequest("access must be RO or RW (use Revoke to remove access)")
         offset, length = _range(request)
         seq, notified = await self.broker.grant(
-            session, request.space_id, request.client, offset, length, Access(request.access)
+            session,
+            request.space_id,
+            request.client,
+            offset,
+            length,
+            Access(request.access),
+            _on_pinned(request),
         )
         return pb.GrantResponse(seq=seq, notified=notified)
 
@@ -248,7 +262,9 @@ class Servicer(pb_grpc.MemBrokerServicer):
         if not request.client:
             raise errors.BadRequest("client is required")
         return _report(
-            await self.broker.revoke(session, request.space_id, request.client, offset, length)
+            await self.broker.revoke(
+                session, request.space_id, request.client, offset, length, _on_pinned(request)
+            )
         )
 
     @edge
@@ -302,6 +318,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
                     range=spb.Range(offset=p.offset, length=p.length),
                     write=p.write,
                     age_seconds=now - p.since,
+                    pid=self.broker.pid_of(p.holder),
                 )
                 for p in space.table.pins()
             ]
@@ -355,6 +372,14 @@ def _pid() -> int:
     import os
 
     return os.getpid()
+
+
+def _on_pinned(
+    request: pb.RevokeRequest | pb.SetAttributesRequest | pb.GrantRequest | pb.DeleteSpaceRequest,
+) -> str | None:
+    if request.on_pinned not in ON_PINNED:
+        raise errors.BadRequest("on_pinned must be DEFAULT, FAIL or FENCE")
+    return ON_PINNED[request.on_pinned]
 
 
 def _check_name(name: str) -> None:

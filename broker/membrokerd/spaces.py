@@ -6,6 +6,7 @@ exists is always sealed, page aligned and of the size it claims.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import itertools
@@ -81,6 +82,13 @@ class Space:
         self.attachments: dict[str, Attachment] = {}
         self.created_unix = time.time()
         self.deleting = False
+        # Byte ranges a revocation is waiting to clear of pins: no new pin may start there.
+        self.blocked: list[tuple[int, int]] = []
+        # Set whenever a pin of this space goes away (revocations waiting on pins wake up).
+        self.unpinned = asyncio.Event()
+
+    def is_blocked(self, offset: int, length: int) -> bool:
+        return any(offset < end and start < offset + length for start, end in self.blocked)
 
     def __repr__(self) -> str:
         return (

@@ -96,6 +96,12 @@ def _spaces(spaces: list[SpaceInfo]) -> str:
     )
 
 
+ON_PINNED_HELP = (
+    "if a client still pins the range at the deadline: fail (nothing changes) or fence it "
+    "(default: the broker's on_pinned setting)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="membrokerctl", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -125,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("delete-space", help="revoke everything, then free the space")
     d.add_argument("space")
+    d.add_argument("--on-pinned", choices=["fail", "fence"], help=ON_PINNED_HELP)
 
     for cmd, text in (
         ("share", "mark a range shared"),
@@ -134,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("space")
         s.add_argument("offset", type=parse_size)
         s.add_argument("length", type=parse_size)
+        if cmd == "unshare":
+            s.add_argument("--on-pinned", choices=["fail", "fence"], help=ON_PINNED_HELP)
 
     gr = sub.add_parser("grant", help="grant a client ro/rw access to a shared range")
     gr.add_argument("space")
@@ -147,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("client")
     rv.add_argument("offset", type=parse_size)
     rv.add_argument("length", type=parse_size)
+    rv.add_argument("--on-pinned", choices=["fail", "fence"], help=ON_PINNED_HELP)
     return p
 
 
@@ -215,12 +225,14 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         text = space.space_id if args.quiet else _spaces([space.info])
         return text, dataclasses.asdict(space.info)
     if cmd == "delete-space":
-        report = session.space(args.space).delete()
+        report = session.space(args.space).delete(on_pinned=args.on_pinned)
         return _report(report), dataclasses.asdict(report)
     if cmd in ("share", "unshare"):
         handle = session.space(args.space)
-        fn = handle.share if cmd == "share" else handle.unshare
-        report = fn(args.offset, args.length)
+        if cmd == "share":
+            report = handle.share(args.offset, args.length)
+        else:
+            report = handle.unshare(args.offset, args.length, on_pinned=args.on_pinned)
         return _report(report), dataclasses.asdict(report)
     if cmd == "grant":
         seq = session.space(args.space).grant(args.client, args.offset, args.length, args.access)
@@ -230,7 +242,9 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         )
         return text, {"seq": seq}
     if cmd == "revoke":
-        report = session.space(args.space).revoke(args.client, args.offset, args.length)
+        report = session.space(args.space).revoke(
+            args.client, args.offset, args.length, on_pinned=args.on_pinned
+        )
         return _report(report), dataclasses.asdict(report)
     raise AssertionError(cmd)
 

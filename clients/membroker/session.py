@@ -36,6 +36,7 @@ from membroker.types import (
     SpaceInfo,
     access_of,
     backing_of,
+    on_pinned_pb,
 )
 from membroker.v1 import broker_pb2 as pb
 from membroker.v1 import broker_pb2_grpc as pb_grpc
@@ -454,23 +455,41 @@ class OwnedSpace:
     def share(self, offset: int, length: int) -> RevocationReport:
         return self._attributes(offset, length, pb.ATTRIBUTE_SHARED)
 
-    def unshare(self, offset: int, length: int) -> RevocationReport:
-        """Converts to private: every client loses access before this returns."""
-        return self._attributes(offset, length, pb.ATTRIBUTE_PRIVATE)
+    def unshare(
+        self, offset: int, length: int, *, on_pinned: str | None = None
+    ) -> RevocationReport:
+        """Converts to private: every client loses access before this returns.
 
-    def _attributes(self, offset: int, length: int, attribute: pb.Attribute) -> RevocationReport:
+        on_pinned: "fail" (FailedPrecondition naming the pinning client, nothing changes) or
+        "fence" (the pinning clients are fenced) once a pin outlives the deadline; None takes
+        the broker's default."""
+        return self._attributes(offset, length, pb.ATTRIBUTE_PRIVATE, on_pinned)
+
+    def _attributes(
+        self, offset: int, length: int, attribute: pb.Attribute, on_pinned: str | None = None
+    ) -> RevocationReport:
         resp = self.session.call(
             "SetAttributes",
             pb.SetAttributesRequest(
                 space_id=self.space_id,
                 range=spb.Range(offset=offset, length=length),
                 attribute=attribute,
+                on_pinned=on_pinned_pb(on_pinned),
             ),
         )
         return RevocationReport.from_pb(resp)
 
-    def grant(self, client: str, offset: int, length: int, access: str = "rw") -> int:
-        """Grants `client` ro or rw access; returns the new seq."""
+    def grant(
+        self,
+        client: str,
+        offset: int,
+        length: int,
+        access: str = "rw",
+        *,
+        on_pinned: str | None = None,
+    ) -> int:
+        """Grants `client` ro or rw access; returns the new seq. (on_pinned applies when rw
+        is lowered to ro over a range pinned for writing; see `unshare`.)"""
         from membroker.types import access_pb
 
         resp = self.session.call(
@@ -480,16 +499,25 @@ class OwnedSpace:
                 client=client,
                 range=spb.Range(offset=offset, length=length),
                 access=access_pb(access),
+                on_pinned=on_pinned_pb(on_pinned),
             ),
         )
         return int(resp.seq)
 
-    def revoke(self, client: str, offset: int, length: int) -> RevocationReport:
-        """Takes access back; returns once every affected client acknowledged or was fenced."""
+    def revoke(
+        self, client: str, offset: int, length: int, *, on_pinned: str | None = None
+    ) -> RevocationReport:
+        """Takes access back; returns once every affected client acknowledged or was fenced.
+
+        A pinned range is waited for up to the deadline; then on_pinned decides (see
+        `unshare`)."""
         resp = self.session.call(
             "Revoke",
             pb.RevokeRequest(
-                space_id=self.space_id, client=client, range=spb.Range(offset=offset, length=length)
+                space_id=self.space_id,
+                client=client,
+                range=spb.Range(offset=offset, length=length),
+                on_pinned=on_pinned_pb(on_pinned),
             ),
         )
         return RevocationReport.from_pb(resp)
@@ -497,8 +525,12 @@ class OwnedSpace:
     def grants(self, client: str = "") -> list[tuple[str, AccessRange]]:
         return self.session.list_grants(self.space_id, client)
 
-    def delete(self) -> RevocationReport:
-        resp = self.session.call("DeleteSpace", pb.DeleteSpaceRequest(space_id=self.space_id))
+    def delete(self, *, on_pinned: str | None = None) -> RevocationReport:
+        """Revokes everything from every client (pins: see `unshare`), then frees the space."""
+        resp = self.session.call(
+            "DeleteSpace",
+            pb.DeleteSpaceRequest(space_id=self.space_id, on_pinned=on_pinned_pb(on_pinned)),
+        )
         self.close()
         return RevocationReport.from_pb(resp)
 

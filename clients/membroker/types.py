@@ -69,6 +69,20 @@ def access_pb(name: str) -> spb.Access:
         raise ValueError(f"access must be 'ro' or 'rw', not {name!r}") from None
 
 
+_ON_PINNED: dict[str | None, pb.OnPinned] = {
+    None: pb.ON_PINNED_DEFAULT,
+    "fail": pb.ON_PINNED_FAIL,
+    "fence": pb.ON_PINNED_FENCE,
+}
+
+
+def on_pinned_pb(name: str | None) -> pb.OnPinned:
+    try:
+        return _ON_PINNED[name]
+    except KeyError:
+        raise ValueError(f"on_pinned must be 'fail', 'fence' or None, not {name!r}") from None
+
+
 def access_of(r: spb.AccessRange) -> AccessRange:
     return AccessRange(r.offset, r.length, Access(r.access))
 

@@ -21,6 +21,12 @@ class Attribute(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTRIBUTE_SHARED: _ClassVar[Attribute]
     ATTRIBUTE_PRIVATE: _ClassVar[Attribute]
 
+class OnPinned(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_PINNED_DEFAULT: _ClassVar[OnPinned]
+    ON_PINNED_FAIL: _ClassVar[OnPinned]
+    ON_PINNED_FENCE: _ClassVar[OnPinned]
+
 class AttachKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ATTACH_KIND_UNSPECIFIED: _ClassVar[AttachKind]
@@ -40,6 +46,9 @@ BACKING_MEMFD_HUGETLB: Backing
 ATTRIBUTE_UNSPECIFIED: Attribute
 ATTRIBUTE_SHARED: Attribute
 ATTRIBUTE_PRIVATE: Attribute
+ON_PINNED_DEFAULT: OnPinned
+ON_PINNED_FAIL: OnPinned
+ON_PINNED_FENCE: OnPinned
 ATTACH_KIND_UNSPECIFIED: AttachKind
 ATTACH_KIND_VA: AttachKind
 ATTACH_KIND_FD: AttachKind
@@ -129,10 +138,12 @@ class CreateSpaceResponse(_message.Message):
     def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ...) -> None: ...
 
 class DeleteSpaceRequest(_message.Message):
-    __slots__ = ("space_id",)
+    __slots__ = ("space_id", "on_pinned")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ON_PINNED_FIELD_NUMBER: _ClassVar[int]
     space_id: str
-    def __init__(self, space_id: _Optional[str] = ...) -> None: ...
+    on_pinned: OnPinned
+    def __init__(self, space_id: _Optional[str] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
 
 class GetSpaceRequest(_message.Message):
     __slots__ = ("space_id",)
@@ -151,26 +162,30 @@ class ListSpacesResponse(_message.Message):
     def __init__(self, spaces: _Optional[_Iterable[_Union[Space, _Mapping]]] = ...) -> None: ...
 
 class SetAttributesRequest(_message.Message):
-    __slots__ = ("space_id", "range", "attribute")
+    __slots__ = ("space_id", "range", "attribute", "on_pinned")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    ON_PINNED_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     range: _session_pb2.Range
     attribute: Attribute
-    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., attribute: _Optional[_Union[Attribute, str]] = ...) -> None: ...
+    on_pinned: OnPinned
+    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., attribute: _Optional[_Union[Attribute, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
 
 class GrantRequest(_message.Message):
-    __slots__ = ("space_id", "client", "range", "access")
+    __slots__ = ("space_id", "client", "range", "access", "on_pinned")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ACCESS_FIELD_NUMBER: _ClassVar[int]
+    ON_PINNED_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     client: str
     range: _session_pb2.Range
     access: _session_pb2.Access
-    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., access: _Optional[_Union[_session_pb2.Access, str]] = ...) -> None: ...
+    on_pinned: OnPinned
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., access: _Optional[_Union[_session_pb2.Access, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
 
 class GrantResponse(_message.Message):
     __slots__ = ("seq", "notified")
@@ -181,14 +196,16 @@ class GrantResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., notified: _Optional[int] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
-    __slots__ = ("space_id", "client", "range")
+    __slots__ = ("space_id", "client", "range", "on_pinned")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
+    ON_PINNED_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     client: str
     range: _session_pb2.Range
-    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ...) -> None: ...
+    on_pinned: OnPinned
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
 
 class ClientOutcome(_message.Message):
     __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason")
@@ -305,20 +322,22 @@ class UnpinResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PinRecord(_message.Message):
-    __slots__ = ("pin_id", "client", "session_id", "range", "write", "age_seconds")
+    __slots__ = ("pin_id", "client", "session_id", "range", "write", "age_seconds", "pid")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     pin_id: int
     client: str
     session_id: str
     range: _session_pb2.Range
     write: bool
     age_seconds: float
-    def __init__(self, pin_id: _Optional[int] = ..., client: _Optional[str] = ..., session_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., write: _Optional[bool] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+    pid: int
+    def __init__(self, pin_id: _Optional[int] = ..., client: _Optional[str] = ..., session_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., write: _Optional[bool] = ..., age_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ListPinsRequest(_message.Message):
     __slots__ = ("space_id",)

@@ -433,9 +433,13 @@ class AccessTable:
         """Sorted names of the clients holding any grant."""
         return sorted(self._grants)
 
-    def fragment_count(self) -> int:
-        """Grant intervals stored, about 16 bytes each: every client's readable (RO or RW) set
-        plus its writable set, so an RW range counts twice; shared intervals are not counted."""
+    def fragment_count(self, client: str | None = None) -> int:
+        """Grant intervals stored, about 16 bytes each: every client's (or one client's)
+        readable (RO or RW) set plus its writable set, so an RW range counts twice; shared
+        intervals are not counted."""
+        if client is not None:
+            g = self._grants.get(client)
+            return len(g.readable) + len(g.writable) if g is not None else 0
         return sum(len(g.readable) + len(g.writable) for g in self._grants.values())
 
     # -- pins -----------------------------------------------------------------------------------

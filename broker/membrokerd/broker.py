@@ -24,9 +24,10 @@ from typing import cast
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import sock as sys_sock
-from membroker._sys.proc import ProcessView
+from membroker._sys.proc import ProcessView, process_groups
 from membroker.errors import ProtocolError
 from membroker.v1 import session_pb2 as spb
+from membrokerd import policy
 from membrokerd.access import Access, AccessRange, Delta, Pin
 from membrokerd.config import BrokerConfig
 from membrokerd.errors import (
@@ -40,6 +41,7 @@ from membrokerd.errors import (
 )
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
+from membrokerd.policy import Identity
 from membrokerd.revocation import Ack, Batch
 from membrokerd.spaces import (
     Attachment,
@@ -97,6 +99,9 @@ class Session:
         self.attached: dict[str, Attachment] = {}
         self.offered: dict[int, int] = {}
         self.pending_acks: dict[tuple[str, int], Ack] = {}
+        self.identity = Identity(
+            conn.cred.pid, conn.cred.uid, conn.cred.gid, frozenset({conn.cred.gid})
+        )
         # The kernel's view of the process (None when verification is off).
         self.view: ProcessView | None = None
         # space id -> where this (VA) client says it mapped the space
@@ -232,7 +237,22 @@ class Broker:
                 f"client name {hello.client_name!r} is in use by the session of pid {other.pid}",
                 code=6,
             )
+        try:
+            groups = process_groups(conn.cred.pid)
+        except OSError:
+            groups = frozenset({conn.cred.gid})
+        who = Identity(conn.cred.pid, conn.cred.uid, conn.cred.gid, groups)
+        try:
+            policy.check_name(self.config, who, hello.client_name)
+            policy.check_sessions(
+                self.config, who, sum(1 for s in self.live_sessions() if s.uid == who.uid)
+            )
+        except NotAllowed as exc:
+            raise ProtocolError(str(exc), code=7) from None
+        except LimitReached as exc:
+            raise ProtocolError(str(exc), code=8) from None
         session = Session(conn, hello.client_name)
+        session.identity = who
         if self.config.verify == "always":
             try:
                 session.view = ProcessView(conn.cred.pid)
@@ -384,9 +404,15 @@ class Broker:
             )
         return space
 
-    def _check_space_quota(self) -> None:
+    def _check_space_quota(self, session: Session, size: int) -> None:
+        """Policy (may this identity own spaces?) and quotas, before anything is allocated."""
+        policy.check_owner(self.config, session.identity)
         if len(self.spaces) >= self.config.max_spaces:
             raise LimitReached("max_spaces", self.config.max_spaces, "too many spaces")
+        owned = [s for s in self.spaces.values() if s.owner == session.name]
+        policy.check_owner_quota(
+            self.config, session.name, len(owned), sum(s.size for s in owned), size
+        )
 
     def create_space(
         self,
@@ -399,7 +425,7 @@ class Broker:
         regions: list[Region],
         huge_page_size: int,
     ) -> tuple[Space, int]:
-        self._check_space_quota()
+        self._check_space_quota(session, size)
         page = (
             huge_page_size if backing is BackingKind.MEMFD_HUGETLB else os.sysconf("SC_PAGE_SIZE")
         )
@@ -448,7 +474,7 @@ class Broker:
         regions: list[Region],
         expected_size: int,
     ) -> Space:
-        self._check_space_quota()
+        policy.check_owner(self.config, session.identity)
         fd = session.offered.get(tag)
         if fd is None:
             raise BadRequest(
@@ -458,6 +484,7 @@ class Broker:
         found = inspect_import(fd)
         if expected_size and expected_size != found.size:
             raise BadRequest(f"imported fd has {found.size} bytes, expected {expected_size}")
+        self._check_space_quota(session, found.size)
         check_size(found.size, found.page_size, self.config.max_space_bytes)
         check_regions(regions, found.size, found.page_size)
         # Everything is checked: only now is the owner's memfd changed (sealed) and adopted.
@@ -555,6 +582,7 @@ class Broker:
         space = self.owned_space(session, space_id)
         if not CLIENT_NAME.match(client):
             raise BadRequest(f"client name {client!r} is not a valid client name")
+        policy.check_grant_quota(self.config, client, space.table.fragment_count(client))
         t0 = time.perf_counter()
         fenced: list[ClientResult] = []
         if access is Access.RO and space.table.is_shared(offset, length):
@@ -847,6 +875,7 @@ class Broker:
         self, session: Session, space_id: str, kind: Attachment
     ) -> tuple[Space, int, list[AccessRange]]:
         space = self.space(space_id)
+        policy.check_attach(self.config, session.identity)
         if space_id in session.attached:
             raise WrongState(f"client {session.name!r} is already attached to {space_id}")
         session.attached[space_id] = kind

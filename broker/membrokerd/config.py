@@ -68,6 +68,27 @@ class BrokerConfig(BaseSettings):
         ge=0,
         description="Seconds between full audits of every attached client's mappings; 0 = off.",
     )
+    owner_uids: list[int] = Field(
+        default_factory=list,
+        description="Uids that may create or import spaces (with owner_gids; both empty: any).",
+    )
+    owner_gids: list[int] = Field(default_factory=list)
+    attach_uids: list[int] = Field(
+        default_factory=list,
+        description="Uids that may attach to spaces (with attach_gids; both empty: any).",
+    )
+    attach_gids: list[int] = Field(default_factory=list)
+    client_names: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Client names reserved for some uids: {name = [uid, ...]}; a name not "
+        "listed may be used by anyone.",
+    )
+    max_sessions_per_uid: int = Field(256, ge=1)
+    max_spaces_per_owner: int = Field(64, ge=1)
+    max_bytes_per_owner: int = Field(1 << 40, ge=4096)
+    max_grant_fragments_per_client: int = Field(
+        1_000_000, ge=2, description="Grant ranges one client name may hold in one space."
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_sessions: int = Field(1024, ge=1)
     max_spaces: int = Field(256, ge=1)

@@ -14,7 +14,7 @@ from typing import Final
 from .kvm import _IOWR
 from .libc import PAGE_SIZE, KernelFeatureMissing
 
-__all__ = ["ProcessView", "Vma", "fd_targets", "open_fd_count"]
+__all__ = ["ProcessView", "Vma", "fd_targets", "open_fd_count", "process_groups"]
 
 
 def _fd_numbers(pid: int) -> list[int]:
@@ -48,6 +48,18 @@ def fd_targets(pid: int) -> list[str]:
         except FileNotFoundError:
             continue
     return targets
+
+
+def process_groups(pid: int) -> frozenset[int]:
+    """The real gid and supplementary groups of `pid` (from /proc/PID/status)."""
+    groups: set[int] = set()
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Gid:"):
+                groups.add(int(line.split()[1]))
+            elif line.startswith(b"Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    return frozenset(groups)
 
 
 class ProcmapQuery(ctypes.Structure):

@@ -1,0 +1,153 @@
+"""Identity and limits: socket modes, uid/gid policy, quotas; refusals name the rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import membroker
+from tests.conftest import Daemon, _env
+
+NOBODY = 65534
+MiB = 1 << 20
+AS_USER = Path(__file__).with_name("as_user.py")
+
+
+def as_nobody(d: Daemon, name: str, scenario: str, *extra: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(AS_USER),
+            "--runtime-dir",
+            str(d.runtime_dir),
+            "--uid",
+            str(NOBODY),
+            "--gid",
+            str(NOBODY),
+            "--name",
+            name,
+            scenario,
+            *extra,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    assert result["uid"] == NOBODY
+    return result
+
+
+def daemon_with(tmp_path: Path, **settings: str) -> Daemon:
+    env = dict(_env(), **{f"MEMBROKER_{k.upper()}": v for k, v in settings.items()})
+    # pytest's tmp_path is under a 0700 directory; other users must at least reach the sockets.
+    top = Path(tempfile.mkdtemp(prefix="membroker-id-"))
+    top.chmod(0o755)
+    return Daemon(top / "rt", env=env)
+
+
+def stop_and_clean(d: Daemon) -> None:
+    rc = d.stop()
+    shutil.rmtree(d.runtime_dir.parent)
+    assert rc == 0
+
+
+def test_sockets_are_not_open_to_other_users_by_default(tmp_path):
+    d = daemon_with(tmp_path)
+    try:
+        for sock in ("control.sock", "session.sock"):
+            assert (d.runtime_dir / sock).stat().st_mode & 0o777 == 0o660
+        result = as_nobody(d, "guest", "connect")
+        assert result["error"] == "ConnectError"
+        assert "Permission denied" in str(result["message"])
+    finally:
+        stop_and_clean(d)
+
+
+def test_policy_by_uid_refuses_names_ownership_and_attachment(tmp_path):
+    d = daemon_with(
+        tmp_path,
+        SESSION_SOCKET_MODE="0666",
+        CONTROL_SOCKET_MODE="0666",
+        CLIENT_NAMES='{"backend": [0]}',
+        OWNER_UIDS="[0]",
+        ATTACH_UIDS="[0]",
+    )
+    try:
+        refused = as_nobody(d, "backend", "connect")
+        assert refused["error"] == "ConnectError"
+        assert "client name 'backend' is reserved for uid(s) [0] (client_names)" in str(
+            refused["message"]
+        )
+        assert as_nobody(d, "guest", "connect")["ok"] is True
+
+        owner_refused = as_nobody(d, "guest", "create")
+        assert owner_refused["error"] == "PermissionDenied"
+        assert f"(uid {NOBODY}, gid {NOBODY}) may not own spaces (owner_uids = [0]" in str(
+            owner_refused["message"]
+        )
+
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("guest", 0, MiB)
+            attach_refused = as_nobody(d, "guest", "attach", space.space_id)
+            assert attach_refused["error"] == "PermissionDenied"
+            assert "may not attach to spaces (attach_uids = [0]" in str(attach_refused["message"])
+            assert owner.get_space(space.space_id).attachments == 0
+            assert [s.client for s in owner.list_sessions()] == ["vmm"]
+    finally:
+        stop_and_clean(d)
+
+
+def test_quotas_refuse_with_resource_exhausted_naming_the_limit(tmp_path):
+    d = daemon_with(
+        tmp_path,
+        MAX_SPACES_PER_OWNER="2",
+        MAX_BYTES_PER_OWNER=str(3 * MiB),
+        MAX_GRANT_FRAGMENTS_PER_CLIENT="6",
+        MAX_SESSIONS_PER_UID="3",
+    )
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            a = owner.create_space(2 * MiB)
+            with pytest.raises(
+                membroker.ResourceExhausted,
+                match=r"'vmm' owns 2097152 bytes and asks for 2097152 more "
+                r"\(limit max_bytes_per_owner = 3145728\)",
+            ):
+                owner.create_space(2 * MiB)
+            owner.create_space(MiB).close()
+            with pytest.raises(
+                membroker.ResourceExhausted,
+                match=r"'vmm' owns 2 spaces \(limit max_spaces_per_owner = 2\)",
+            ):
+                owner.create_space(4096)
+            a.share(0, 2 * MiB)
+            for page in range(3):  # three separate rw ranges: 6 stored ranges
+                a.grant("backend", page * 8192, 4096)
+            with pytest.raises(
+                membroker.ResourceExhausted, match="limit max_grant_fragments_per_client = 6"
+            ):
+                a.grant("backend", 6 * 8192, 4096)
+            assert len(a.grants("backend")) == 3
+            with (
+                membroker.connect("s2", d.runtime_dir),
+                membroker.connect("s3", d.runtime_dir),
+                pytest.raises(
+                    membroker.ConnectError,
+                    match=r"too many sessions of uid 0 \(limit max_sessions_per_uid = 3\)",
+                ),
+            ):
+                membroker.connect("s4", d.runtime_dir)
+            a.close()
+    finally:
+        stop_and_clean(d)

@@ -425,12 +425,12 @@ class Broker:
         regions: list[Region],
         huge_page_size: int,
     ) -> tuple[Space, int]:
-        self._check_space_quota(session, size)
         page = (
             huge_page_size if backing is BackingKind.MEMFD_HUGETLB else os.sysconf("SC_PAGE_SIZE")
         )
         check_size(size, page or 1, self.config.max_space_bytes)
         check_regions(regions, size, page or 1)
+        self._check_space_quota(session, size)
         if backing is BackingKind.GUEST_MEMFD and self._gmem is None:
             self._gmem = sys_kvm.GuestMemfdFactory()
         fd, page_size = create_backing(backing, name or "space", size, huge_page_size, self._gmem)

@@ -25,12 +25,20 @@ def _still_reachable(
 ) -> str | None:
     """What of file range [lo, hi) this mapping still gives beyond `access`, if anything."""
     addr = vma.start + lo - vma.offset
+    pages = (hi - lo) // page
+    if access is Access.NONE and (vma.readable or vma.writable):
+        # Guard markers fault like PROT_NONE without splitting the VMA: fine if every page has one.
+        unguarded = view.first_unguarded(addr, pages)
+        if unguarded is None:
+            return None
+        return (
+            f"maps offset {lo + unguarded * page:#x} {'writable' if vma.writable else 'readable'}"
+            f" ({vma.perms}) at {addr + unguarded * page:#x} with no guard marker"
+        )
     if vma.writable and access is not Access.RW:
         return f"maps offsets {lo:#x}-{hi:#x} writable ({vma.perms}) at {addr:#x}"
     if access is Access.NONE:
-        if vma.readable:
-            return f"maps offsets {lo:#x}-{hi:#x} readable ({vma.perms}) at {addr:#x}"
-        present = view.first_present(addr, (hi - lo) // page)
+        present = view.first_present(addr, pages)
         if present is not None:
             return (
                 f"still has the page at offset {lo + present * page:#x} present "
@@ -105,14 +113,19 @@ def check_holdings(
             writable.add(r.offset // page, (r.offset + r.length) // page)
     for vma in view.mappings_of(dev, ino):
         first, last = vma.offset // page, -(-vma.file_end // page)
-        if vma.writable and (gap := writable.first_missing(first, last)) is not None:
-            return (
-                f"maps offset {gap * page:#x} writable ({vma.perms}) at "
-                f"{vma.start + gap * page - vma.offset:#x} without a rw grant"
-            )
-        if vma.readable and (gap := readable.first_missing(first, last)) is not None:
-            return (
-                f"maps offset {gap * page:#x} readable ({vma.perms}) at "
-                f"{vma.start + gap * page - vma.offset:#x} without a grant"
-            )
+        for needed, allowed, what in (
+            (vma.writable, writable, "writable"),
+            (vma.readable, readable, "readable"),
+        ):
+            if not needed:
+                continue
+            for gs, ge in allowed.missing(first, last):
+                # Pages not held are fine where they carry guard markers (they fault on touch).
+                addr = vma.start + gs * page - vma.offset
+                unguarded = view.first_unguarded(addr, ge - gs)
+                if unguarded is not None:
+                    return (
+                        f"maps offset {(gs + unguarded) * page:#x} {what} ({vma.perms}) at "
+                        f"{addr + unguarded * page:#x} without a grant for it"
+                    )
     return None

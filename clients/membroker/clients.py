@@ -14,7 +14,9 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
+from membroker import protection
 from membroker._sys import mman
+from membroker._sys.libc import KernelFeatureMissing
 from membroker.errors import MembrokerError, SessionClosed
 from membroker.rangeset import RangeSet
 from membroker.session import Session
@@ -169,14 +171,22 @@ class _Attachment:
 class VaClient(_Attachment):
     """Maps the whole space once, PROT_NONE, and opens exactly the ranges it holds.
 
+    Pages it does not hold fault on touch: PROT_NONE, or guard markers inside a 2 MiB chunk
+    where it holds something (see membroker.protection: fragmented grants cost no VMAs).
+
     `view(offset, length)` returns a zero-copy memoryview into the mapping. After a revoke the
-    same memoryview still points at the (now PROT_NONE) pages: touching it kills the process
+    same memoryview still points at the (now unreachable) pages: touching it kills the process
     with SIGSEGV, which is how a stray pointer in a backend is kept from corrupting the guest.
     """
 
     kind = pb.ATTACH_KIND_VA
 
     def _adopt_fd(self, fd: int) -> None:
+        self._chunk_pages = max(1, protection.CHUNK_BYTES // self.page_size)
+        self._use_guards = True
+        self._guarded = RangeSet()
+        self._cur_r = RangeSet()
+        self._cur_w = RangeSet()
         try:
             # The broker's fd is only needed to map: keeping it open would let a later mmap
             # reopen access without the broker, so it is closed as soon as the mapping exists.
@@ -206,20 +216,105 @@ class VaClient(_Attachment):
         with self._lock:
             if self._closed:
                 return
-            for r in ranges:
-                prot = mman.PROT_READ | (mman.PROT_WRITE if r.access is Access.RW else 0)
-                self.mapping.protect(r.offset, r.length, prot)
             super().on_access_update(seq, ranges)
+            self._apply(ranges)
 
     def _teardown(self, ranges: list[AccessRange]) -> None:
-        if self._closed:
-            return
+        if not self._closed:
+            self._apply(ranges)
+
+    def _apply(self, ranges: list[AccessRange]) -> None:
+        """Makes the mapping match what is held, for the chunks the ranges touch.
+
+        Order matters: first every page that must stop being reachable is guarded or lowered,
+        then what is held is raised; a page is never more accessible than held, even briefly.
+        """
+        page = self.page_size
+        total = self.info.size // page
+        cp = self._chunk_pages
+        # Re-plan each run of touched chunks once, however many ranges fall in it.
+        touched = RangeSet()
         for r in ranges:
-            if r.access is Access.RO:
-                self.mapping.protect(r.offset, r.length, mman.PROT_READ)
-            else:
-                self.mapping.protect(r.offset, r.length, mman.PROT_NONE)
-                self.mapping.discard(r.offset, r.length)
+            first, last = r.offset // page, -(-(r.offset + r.length) // page)
+            touched.add(first // cp * cp, min(total, -(-last // cp) * cp))
+        spans = list(touched)
+        for index, (first, last) in enumerate(spans):
+            p = protection.plan(
+                self._readable,
+                self._writable,
+                first,
+                last,
+                self._chunk_pages,
+                total,
+                self._use_guards,
+            )
+            if self._use_guards:
+                try:
+                    for gs, ge in p.guard:
+                        for ms, me in self._guarded.missing(gs, ge):
+                            # Guard markers zap the pages too: no MADV_DONTNEED needed.
+                            self.mapping.guard_install(ms * page, (me - ms) * page)
+                            self._guarded.add(ms, me)
+                except KernelFeatureMissing:
+                    # An older kernel: fall back to PROT_NONE for what is not held.
+                    self._use_guards = False
+                    self._apply(
+                        [
+                            AccessRange(s * page, (e - s) * page, Access.NONE)
+                            for s, e in spans[index:]
+                        ]
+                    )
+                    return
+            raised = []
+            for rs, re_, prot in p.runs:
+                for cs, ce, cur in self._current(rs, re_):
+                    if cur == prot:
+                        continue
+                    if prot < cur or (prot == protection.PROT_READ and cur == protection.PROT_RW):
+                        self.mapping.protect(cs * page, (ce - cs) * page, prot)
+                        if prot == protection.PROT_NONE:
+                            # mprotect keeps the pages mapped; drop them so none is present.
+                            self.mapping.discard(cs * page, (ce - cs) * page)
+                        self._set_current(cs, ce, prot)
+                    else:
+                        raised.append((cs, ce, prot))
+            for cs, ce, prot in raised:
+                self.mapping.protect(cs * page, (ce - cs) * page, prot)
+                self._set_current(cs, ce, prot)
+            for us, ue in p.unguard:
+                for gs, ge in self._guarded.intersection(us, ue):
+                    self.mapping.guard_remove(gs * page, (ge - gs) * page)
+                    self._guarded.remove(gs, ge)
+
+    def _current(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """The protection the mapping has now over pages [start, end), as runs."""
+        out = []
+        cursor = start
+        for rs, re_ in self._cur_r.intersection(start, end):
+            if cursor < rs:
+                out.append((cursor, rs, protection.PROT_NONE))
+            pos = rs
+            for ws, we in self._cur_w.intersection(rs, re_):
+                if pos < ws:
+                    out.append((pos, ws, protection.PROT_READ))
+                out.append((ws, we, protection.PROT_RW))
+                pos = we
+            if pos < re_:
+                out.append((pos, re_, protection.PROT_READ))
+            cursor = re_
+        if cursor < end:
+            out.append((cursor, end, protection.PROT_NONE))
+        return out
+
+    def _set_current(self, start: int, end: int, prot: int) -> None:
+        if prot == protection.PROT_NONE:
+            self._cur_r.remove(start, end)
+        else:
+            self._cur_r.add(start, end)
+        if prot == protection.PROT_RW:
+            self._cur_w.add(start, end)
+        else:
+            self._cur_w.remove(start, end)
 
     def _release(self) -> None:
         if not self._closed:

@@ -3,7 +3,7 @@
 Each line is {"op": ..., ...}; each answer one JSON line on stdout. Ops: attach_va, attach_fd,
 read, write, touch (read one byte through the raw mapping, unchecked: may die of SIGSEGV),
 hold / touch_held (keep a view across a revocation, touch it later), poke,
-lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly),
+lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 pin, unpin, ranges, truncate, pread, close, exit.
 """
 
@@ -89,6 +89,16 @@ def main() -> None:
                 )
                 kept.append(extra)
                 out({"ok": True, "address": extra.address})
+            elif op == "vmas":
+                # VMAs inside this client's mapping of the space.
+                client = attached[req["space"]]
+                lo, hi = client.address, client.address + client.size
+                count = 0
+                with open("/proc/self/maps") as maps:
+                    for line in maps:
+                        start = int(line.split("-", 1)[0], 16)
+                        count += lo <= start < hi
+                out({"ok": True, "vmas": count})
             elif op == "hold":
                 # A pointer the backend keeps across a revocation (a stale descriptor, say).
                 held[req["space"]] = attached[req["space"]].view(req["offset"], 1, check=False)

@@ -103,9 +103,12 @@ PROCMAP_QUERY_VMA_EXECUTABLE: Final = 0x04
 PROCMAP_QUERY_VMA_SHARED: Final = 0x08
 PROCMAP_QUERY_COVERING_OR_NEXT_VMA: Final = 0x10
 PROCMAP_QUERY_FILE_BACKED_VMA: Final = 0x20
-# /proc/PID/pagemap: one u64 per virtual page; bit 63 present, bit 62 swapped.
+# /proc/PID/pagemap: one u64 per virtual page; bit 63 present, bit 62 swapped, bit 58 guard
+# marker (MADV_GUARD_INSTALL; since 6.15). Gotcha: a guard marker is a special swap-type entry,
+# so it shows bit 62 as well: "swapped" only counts without bit 58.
 _PAGEMAP_PRESENT: Final = 1 << 63
 _PAGEMAP_SWAPPED: Final = 1 << 62
+_PAGEMAP_GUARD: Final = 1 << 58
 _PAGEMAP_ENTRY = struct.Struct("<Q")
 
 
@@ -226,11 +229,23 @@ class ProcessView:
             )
         return out
 
+    def _entries(self, addr: int, pages: int) -> list[int]:
+        data = os.pread(self._pagemap, pages * 8, (addr // PAGE_SIZE) * 8)
+        return [entry for (entry,) in _PAGEMAP_ENTRY.iter_unpack(data)]
+
     def first_present(self, addr: int, pages: int) -> int | None:
         """Index of the first of `pages` pages from `addr` still mapped (present or swapped)."""
-        data = os.pread(self._pagemap, pages * 8, (addr // PAGE_SIZE) * 8)
-        for index, (entry,) in enumerate(_PAGEMAP_ENTRY.iter_unpack(data)):
-            if entry & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED):
+        for index, entry in enumerate(self._entries(addr, pages)):
+            if entry & _PAGEMAP_PRESENT or (
+                entry & _PAGEMAP_SWAPPED and not entry & _PAGEMAP_GUARD
+            ):
+                return index
+        return None
+
+    def first_unguarded(self, addr: int, pages: int) -> int | None:
+        """Index of the first of `pages` pages from `addr` without a guard marker."""
+        for index, entry in enumerate(self._entries(addr, pages)):
+            if not entry & _PAGEMAP_GUARD:
                 return index
         return None
 

@@ -1,0 +1,85 @@
+"""Fragmented access must not exhaust vm.max_map_count: guard markers instead of VMA splits."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+
+import membroker
+from membroker import Access, AccessRange
+from membroker._sys.mman import mapping_count_for_inode
+
+PAGE = 4096
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _vmas_in(lo: int, hi: int) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(lo <= int(line.split("-", 1)[0], 16) < hi for line in maps)
+
+
+def _child_reads(view: memoryview) -> int:
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.disable()  # the SIGSEGV below is the expected outcome, not a crash report
+        value = view[0]
+        os._exit(0 if value >= 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def test_every_other_page_of_1_gib_revoked_and_regranted_costs_no_vmas(daemon):
+    """The VaClient's teardown with the pattern delivered straight to its push handler: a Revoke
+    frame carrying 131072 ranges would not fit a session frame; the mapping work is the same."""
+    with (
+        membroker.connect("vmm", daemon.runtime_dir) as vmm,
+        membroker.connect("backend", daemon.runtime_dir) as be,
+    ):
+        space = vmm.create_space(GiB)
+        space.share(0, GiB)
+        space.grant("backend", 0, GiB)
+        va = be.attach_va(space.space_id)
+        lo, hi = va.address, va.address + GiB
+        assert _vmas_in(lo, hi) == 1
+        every_other = [AccessRange(p * PAGE, PAGE, Access.NONE) for p in range(1, GiB // PAGE, 2)]
+        va.on_revoke(va.seq + 1, every_other, False)
+        # 131072 holes, still one VMA: the holes are guard markers, not mprotect splits.
+        assert _vmas_in(lo, hi) == 1
+        assert len(va.ranges()) == GiB // PAGE // 2
+        assert _child_reads(va.view(0, 1)) == 0
+        assert _child_reads(va.view(PAGE, 1, check=False)) == -signal.SIGSEGV
+        assert _child_reads(va.view(GiB - PAGE, 1, check=False)) == -signal.SIGSEGV
+        back = [AccessRange(r.offset, r.length, Access.RW) for r in every_other]
+        va.on_access_update(va.seq + 1, back)
+        assert _vmas_in(lo, hi) == 1
+        assert _child_reads(va.view(PAGE, 1)) == 0
+        # Read-only access does need mprotect: a read-only page in the middle costs 2 VMAs.
+        va.on_revoke(va.seq + 1, [AccessRange(MiB, PAGE, Access.RO)], False)
+        assert _vmas_in(lo, hi) == 3
+        va.close()
+        space.delete()
+
+
+def test_revoked_holes_are_verified_and_fault_in_a_real_client(daemon, clients):
+    with membroker.connect("vmm", daemon.runtime_dir) as vmm:
+        space = vmm.create_space(4 * MiB)
+        space.share(0, 4 * MiB)
+        space.grant("backend", 0, 4 * MiB)
+        backend = clients("backend")
+        backend.ok("attach_va", space=space.space_id)
+        for p in range(0, 1024, 2):
+            backend.ok("touch", space=space.space_id, offset=p * PAGE)
+        for p in range(1, 1024, 2):
+            report = space.revoke("backend", p * PAGE, PAGE)
+            assert [c.outcome for c in report.clients] == ["acked"], report
+        # Verified by the broker (no fencing), and still one VMA in the client.
+        assert vmm.stats().fenced_total == 0
+        assert backend.ok("vmas", space=space.space_id)["vmas"] == 1
+        st = os.fstat(space.fd)  # the owner's fd: same inode as the client's mapping
+        assert mapping_count_for_inode(backend.pid, st.st_dev, st.st_ino) == 1
+        assert backend.ok("touch", space=space.space_id, offset=2 * PAGE)["value"] == 0
+        result = backend.cmd("touch", space=space.space_id, offset=3 * PAGE)
+        assert result.get("dead"), result
+        assert backend.wait() == -signal.SIGSEGV

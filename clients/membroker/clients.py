@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from membroker import protection
@@ -27,6 +28,8 @@ from membroker.v1 import session_pb2 as spb
 log = logging.getLogger("membroker")
 
 RevokeCallback = Callable[[list[AccessRange]], None]
+# Share of the revoke deadline a VaClient waits for access() blocks before tearing down anyway.
+GUARD_WAIT_SHARE = 0.6
 
 
 class NotHeld(MembrokerError):
@@ -49,6 +52,10 @@ class _Attachment:
         self.space_id = space_id
         self._user_on_revoke = on_revoke
         self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        # access() blocks in progress (offset, end, write) and ranges a revoke waits to clear
+        self._guards: list[tuple[int, int, bool]] = []
+        self._revoking: list[tuple[int, int]] = []
         self._closed = False
         self.seq = 0
         session._expect(space_id)
@@ -125,13 +132,16 @@ class _Attachment:
                 self._record(r)
             self.seq = max(self.seq, seq)
 
-    def on_revoke(self, seq: int, ranges: list[AccessRange], space_deleted: bool) -> None:
+    def on_revoke(
+        self, seq: int, ranges: list[AccessRange], space_deleted: bool, deadline_ms: int = 0
+    ) -> None:
         if self._user_on_revoke is not None:
             try:
                 self._user_on_revoke(ranges)
             except Exception:
                 log.exception("on_revoke callback of %s failed; tearing down anyway", self.space_id)
         with self._lock:
+            self._wait_for_access_guards(ranges, deadline_ms)
             for r in ranges:
                 self._record(r)
             self._teardown(ranges)
@@ -141,6 +151,39 @@ class _Attachment:
 
     def _teardown(self, ranges: list[AccessRange]) -> None:
         raise NotImplementedError
+
+    def _wait_for_access_guards(self, ranges: list[AccessRange], deadline_ms: int) -> None:
+        """Lets `access()` blocks over the ranges finish first (called with the lock held).
+
+        Waits at most GUARD_WAIT_SHARE of the broker's deadline, leaving the rest for the
+        teardown and the acknowledgement; a block still running then loses the pages (and
+        faults if it touches them) rather than have this client fenced.
+        """
+
+        def conflicts() -> bool:
+            return any(
+                (write or r.access is Access.NONE) and start < r.end and r.offset < end
+                for start, end, write in self._guards
+                for r in ranges
+            )
+
+        if not conflicts():
+            return
+        marks = [(r.offset, r.end) for r in ranges]
+        self._revoking.extend(marks)
+        try:
+            deadline = time.monotonic() + GUARD_WAIT_SHARE * (deadline_ms or 1000) / 1000
+            while conflicts() and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            if conflicts():
+                log.warning(
+                    "access() block on %s still running at the revoke deadline: the "
+                    "pages are torn down under it",
+                    self.space_id,
+                )
+        finally:
+            for mark in marks:
+                self._revoking.remove(mark)
 
     def on_session_closed(self, reason: str) -> None:
         with self._lock:
@@ -322,6 +365,29 @@ class VaClient(_Attachment):
             self._readable = RangeSet()
             self._writable = RangeSet()
             self.mapping.close()
+
+    @contextlib.contextmanager
+    def access(self, offset: int, length: int, *, write: bool = False) -> Iterator[memoryview]:
+        """`with va.access(off, n) as mem:` -- a revoke of that range waits for the block.
+
+        The zap of the range is delayed until the block exits (bounded by the revoke deadline),
+        so a well-behaved backend is never cut off in the middle of a request. NotHeld if the
+        range is not held, or a revocation of it is already waiting.
+        """
+        needed = Access.RW if write else Access.RO
+        with self._lock:
+            if not self.holds(offset, length, needed):
+                raise NotHeld(offset, length, needed)
+            if any(offset < end and start < offset + length for start, end in self._revoking):
+                raise NotHeld(offset, length, needed)
+            guard = (offset, offset + length, write)
+            self._guards.append(guard)
+        try:
+            yield self.mapping.view(offset, length)
+        finally:
+            with self._lock:
+                self._guards.remove(guard)
+                self._cv.notify_all()
 
     def view(self, offset: int, length: int, *, check: bool = True) -> memoryview:
         """A zero-copy view of held bytes (NotHeld if not held, unless check=False)."""

@@ -64,7 +64,9 @@ class PushHandler(Protocol):
 
     def on_access_update(self, seq: int, ranges: list[AccessRange]) -> None: ...
 
-    def on_revoke(self, seq: int, ranges: list[AccessRange], space_deleted: bool) -> None: ...
+    def on_revoke(
+        self, seq: int, ranges: list[AccessRange], space_deleted: bool, deadline_ms: int = 0
+    ) -> None: ...
 
     def on_session_closed(self, reason: str) -> None: ...
 
@@ -242,7 +244,9 @@ class Session:
         rev = frame.revoke
         try:
             if handler is not None:
-                handler.on_revoke(rev.seq, [access_of(r) for r in rev.ranges], rev.space_deleted)
+                handler.on_revoke(
+                    rev.seq, [access_of(r) for r in rev.ranges], rev.space_deleted, rev.deadline_ms
+                )
         finally:
             # Acknowledge only after the handler returned: by then the ranges are torn down.
             self._send(spb.Frame(revoke_ack=spb.RevokeAck(space_id=rev.space_id, seq=rev.seq)))

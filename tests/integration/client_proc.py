@@ -4,6 +4,7 @@ Each line is {"op": ..., ...}; each answer one JSON line on stdout. Ops: attach_
 read, write, touch (read one byte through the raw mapping, unchecked: may die of SIGSEGV),
 hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
+access_enter / access_read / access_exit (an access() block held open across commands),
 pin, unpin, ranges, truncate, pread, close, exit.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     pins: dict[int, Any] = {}
     held: dict[str, memoryview] = {}
     kept: list[Any] = []
+    blocks: dict[str, Any] = {}
 
     def out(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -89,6 +91,16 @@ def main() -> None:
                 )
                 kept.append(extra)
                 out({"ok": True, "address": extra.address})
+            elif op == "access_enter":
+                # Opens a `with va.access(...)` block and keeps it open across commands.
+                cm = attached[req["space"]].access(req["offset"], req["length"])
+                blocks[req["space"]] = (cm, cm.__enter__())
+                out({"ok": True})
+            elif op == "access_read":
+                out({"ok": True, "value": blocks[req["space"]][1][req["index"]]})
+            elif op == "access_exit":
+                blocks.pop(req["space"])[0].__exit__(None, None, None)
+                out({"ok": True})
             elif op == "vmas":
                 # VMAs inside this client's mapping of the space.
                 client = attached[req["space"]]

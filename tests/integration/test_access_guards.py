@@ -1,0 +1,93 @@
+"""`with va.access(...)`: a revocation waits for the block (bounded by the deadline)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import membroker
+from tests.conftest import ClientProc, Daemon, _env
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+def _revoke_in_thread(space, client, offset, length):
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        box["report"] = space.revoke(client, offset, length)
+        box["elapsed"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
+
+
+def test_revoke_waits_for_the_access_block_and_the_block_reads_safely(tmp_path):
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "5000", env=_env())
+    backend = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as vmm:
+            space = vmm.create_space(MiB)
+            mem = space.map()
+            mem.write(PAGE, b"\x2a")
+            space.share(0, MiB)
+            space.grant("backend", 0, 4 * PAGE)
+            backend = ClientProc(d.runtime_dir, "backend")
+            backend.ok("attach_va", space=space.space_id)
+            backend.ok("access_enter", space=space.space_id, offset=PAGE, length=PAGE)
+            thread, box = _revoke_in_thread(space, "backend", 0, 4 * PAGE)
+            time.sleep(0.4)
+            # The revoke is held back by the block, which still reads its pages safely ...
+            assert thread.is_alive()
+            assert backend.ok("access_read", space=space.space_id, index=0)["value"] == 0x2A
+            # ... and returns, acknowledged, as soon as the block exits.
+            backend.ok("access_exit", space=space.space_id)
+            thread.join(10)
+            report = box["report"]
+            assert isinstance(report, membroker.RevocationReport)
+            assert [c.outcome for c in report.clients] == ["acked"]
+            assert float(box["elapsed"]) >= 0.4  # type: ignore[arg-type]
+            result = backend.cmd("touch", space=space.space_id, offset=PAGE)
+            assert result.get("dead") and backend.wait() == -signal.SIGSEGV
+            mem.close()
+    finally:
+        if backend is not None:
+            backend.close()
+        assert d.stop() == 0
+
+
+def test_a_block_that_outlives_the_deadline_loses_its_pages_not_its_session(tmp_path):
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "1000", env=_env())
+    backend = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as vmm:
+            space = vmm.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("backend", 0, 4 * PAGE)
+            backend = ClientProc(d.runtime_dir, "backend")
+            backend.ok("attach_va", space=space.space_id)
+            backend.ok("access_enter", space=space.space_id, offset=0, length=PAGE)
+            # A new block over a range being revoked is refused while the revoke waits.
+            thread, box = _revoke_in_thread(space, "backend", 0, 4 * PAGE)
+            time.sleep(0.2)
+            refused = backend.cmd(
+                "access_enter", space=space.space_id, offset=2 * PAGE, length=PAGE
+            )
+            assert not refused["ok"] and refused["error"].startswith("NotHeld")
+            thread.join(10)
+            report = box["report"]
+            assert isinstance(report, membroker.RevocationReport)
+            # Torn down at ~60 % of the deadline and acknowledged: not fenced.
+            assert [c.outcome for c in report.clients] == ["acked"]
+            assert 0.5 <= float(box["elapsed"]) < 1.0 + 5  # type: ignore[arg-type]
+            assert vmm.stats().fenced_total == 0
+            result = backend.cmd("access_read", space=space.space_id, index=0)
+            assert result.get("dead") and backend.wait() == -signal.SIGSEGV
+    finally:
+        if backend is not None:
+            backend.close()
+        assert d.stop() == 0

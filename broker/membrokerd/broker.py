@@ -634,6 +634,24 @@ class Broker:
             return []
         deadline_ms = self.config.revoke_deadline_ms
         deadline = self.loop.time() + deadline_ms / 1000
+        # Tell each pinning client which of its pins are in the way: a VMM deletes its
+        # memslot and unpins, a DMA engine finishes and unpins.
+        for holder_id in dict.fromkeys(p.holder for p in pins):
+            holder = self._by_id.get(holder_id)
+            if holder is None:
+                continue
+            ranges = []
+            for p in pins:
+                if p.holder == holder_id:
+                    lo, hi = max(p.offset, offset), min(p.offset + p.length, offset + length)
+                    ranges.append(spb.Range(offset=lo, length=hi - lo))
+            holder.conn.send(
+                spb.Frame(
+                    release_pins=spb.ReleasePins(
+                        space_id=space.space_id, ranges=ranges, deadline_ms=deadline_ms
+                    )
+                )
+            )
         blocked = (offset, offset + length)
         space.blocked.append(blocked)
         t_wait = time.perf_counter()

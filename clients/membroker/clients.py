@@ -185,6 +185,9 @@ class _Attachment:
             for mark in marks:
                 self._revoking.remove(mark)
 
+    def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None:
+        """A revocation waits for this client's pins in `ranges` (FdClient acts on it)."""
+
     def on_session_closed(self, reason: str) -> None:
         with self._lock:
             self._release()
@@ -446,6 +449,11 @@ class FdClient(_Attachment):
     def _adopt_fd(self, fd: int) -> None:
         self.fd = fd
         self._pins: dict[int, Pin] = {}
+        self.on_unpin_requested: Callable[[list[tuple[int, int]]], None] | None = None
+
+    def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None:
+        if self.on_unpin_requested is not None:
+            self.on_unpin_requested(ranges)
 
     def __repr__(self) -> str:
         return f"<FdClient {self.space_id} fd={self.fd} seq={self.seq} pins={len(self._pins)}>"

@@ -68,6 +68,8 @@ class PushHandler(Protocol):
         self, seq: int, ranges: list[AccessRange], space_deleted: bool, deadline_ms: int = 0
     ) -> None: ...
 
+    def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None: ...
+
     def on_session_closed(self, reason: str) -> None: ...
 
 
@@ -219,6 +221,15 @@ class Session:
                     self._buffered[space_id].append(frame)
                     return
             self._deliver(handler, frame)
+        elif kind == "release_pins":
+            req = frame.release_pins
+            with self._cv:
+                target = self._handlers.get(req.space_id)
+            if target is not None:
+                try:
+                    target.on_unpin_request([(r.offset, r.length) for r in req.ranges])
+                except Exception:
+                    log.exception("on_unpin_request of %s failed", req.space_id)
         elif kind == "ping":
             self._send(spb.Frame(pong=spb.Pong(nonce=frame.ping.nonce)))
         elif kind == "pong":
@@ -414,12 +425,21 @@ class Session:
         return VaClient(self, space_id, on_revoke)
 
     def attach_fd(
-        self, space_id: str, on_revoke: Callable[[list[AccessRange]], None] | None = None
+        self,
+        space_id: str,
+        on_revoke: Callable[[list[AccessRange]], None] | None = None,
+        on_unpin_request: Callable[[list[tuple[int, int]]], None] | None = None,
     ) -> FdClient:
-        """Receives the space's fd; use `pin()` around every use of a range."""
+        """Receives the space's fd; use `pin()` around every use of a range.
+
+        on_unpin_request(ranges): a revocation is waiting for this client's pins in these
+        (offset, length) ranges; stop using them and unpin, or the revocation fails or fences
+        this client at its deadline."""
         from membroker.clients import FdClient
 
-        return FdClient(self, space_id, on_revoke)
+        client = FdClient(self, space_id, on_revoke)
+        client.on_unpin_requested = on_unpin_request
+        return client
 
     # -- closing -------------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
+import struct
 from types import TracebackType
 from typing import Final
 
@@ -282,3 +284,156 @@ class GuestMemfdFactory:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"vm_fd={self._vm_fd} kvm_fd={self._kvm_fd}"
         return f"<GuestMemfdFactory {state}>"
+
+
+# -- a minimal VMM: memslots, one vCPU in real mode ---------------------------------------------
+
+KVM_CREATE_VCPU: Final = _IO(KVMIO, 0x41)
+KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
+KVM_RUN: Final = _IO(KVMIO, 0x80)
+KVM_MEM_GUEST_MEMFD: Final = 1 << 2
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+
+
+class KvmUserspaceMemoryRegion2(ctypes.Structure):
+    """struct kvm_userspace_memory_region2 (160 bytes): slot, flags, guest_phys_addr,
+    memory_size, userspace_addr, guest_memfd_offset, guest_memfd, pad1, pad2[14]."""
+
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+        ("guest_memfd_offset", ctypes.c_uint64),
+        ("guest_memfd", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint64 * 14),
+    ]
+
+
+assert ctypes.sizeof(KvmUserspaceMemoryRegion2) == 160
+KVM_SET_USER_MEMORY_REGION2: Final = _IOW(KVMIO, 0x49, KvmUserspaceMemoryRegion2)
+
+
+class KvmRegs(ctypes.Structure):
+    """struct kvm_regs (x86_64, 144 bytes): the general registers, rip, rflags."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    ]
+
+
+assert ctypes.sizeof(KvmRegs) == 144
+KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, KvmRegs)
+KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, KvmRegs)
+# struct kvm_sregs is 312 bytes; only the code segment is touched here: kvm_segment cs at
+# offset 0 is {u64 base; u32 limit; u16 selector; ...}.
+KVM_SREGS_SIZE: Final = 312
+KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, KVM_SREGS_SIZE)
+KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, KVM_SREGS_SIZE)
+# struct kvm_run: exit_reason (u32) at offset 8; the exit union at offset 32, for MMIO
+# {u64 phys_addr; u8 data[8]; u32 len; u8 is_write}.
+_RUN_EXIT_REASON = 8
+_RUN_MMIO = 32
+
+
+def set_memory_region(
+    vm_fd: int,
+    slot: int,
+    gpa: int,
+    size: int,
+    userspace_addr: int,
+    *,
+    guest_memfd: int = -1,
+    guest_memfd_offset: int = 0,
+) -> None:
+    """KVM_SET_USER_MEMORY_REGION2; size 0 deletes the slot. With guest_memfd the slot is
+    bound by fd+offset (KVM only accepts a guest_memfd created on the same VM)."""
+    region = KvmUserspaceMemoryRegion2(
+        slot=slot,
+        flags=KVM_MEM_GUEST_MEMFD if guest_memfd >= 0 else 0,
+        guest_phys_addr=gpa,
+        memory_size=size,
+        userspace_addr=userspace_addr,
+        guest_memfd_offset=guest_memfd_offset if guest_memfd >= 0 else 0,
+        guest_memfd=guest_memfd if guest_memfd >= 0 else 0,
+    )
+    # SAFETY: region is a live 160-byte struct; KVM only reads it. userspace_addr must stay
+    # mapped while the slot exists: the caller deletes the slot before unmapping.
+    fcntl.ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION2, region)
+
+
+class Vcpu:
+    """One vCPU of a VM, in real mode, with its kvm_run page mapped."""
+
+    def __init__(self, kvm_fd: int, vm_fd: int, index: int = 0) -> None:
+        self.fd = _ioctl_int(vm_fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        try:
+            size = _ioctl_int(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+            # SAFETY: the kvm_run area is `size` bytes at offset 0 of the vCPU fd.
+            self._run = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        sregs = bytearray(KVM_SREGS_SIZE)
+        fcntl.ioctl(self.fd, KVM_GET_SREGS, sregs)
+        # Real mode with a flat 64 KiB code segment at 0: guest addresses are GPAs below 1 MiB.
+        struct.pack_into("<Q", sregs, 0, 0)  # cs.base
+        struct.pack_into("<H", sregs, 12, 0)  # cs.selector
+        fcntl.ioctl(self.fd, KVM_SET_SREGS, sregs)
+
+    def regs(self) -> KvmRegs:
+        regs = KvmRegs()
+        fcntl.ioctl(self.fd, KVM_GET_REGS, regs)
+        return regs
+
+    def start_at(self, rip: int) -> None:
+        regs = KvmRegs()
+        regs.rip = rip
+        regs.rflags = 0x2  # bit 1 is reserved and must be set
+        fcntl.ioctl(self.fd, KVM_SET_REGS, regs)
+
+    def run(self) -> int:
+        """Runs until the next exit; returns the exit reason (KVM_EXIT_*)."""
+        fcntl.ioctl(self.fd, KVM_RUN, 0)
+        reason: int = struct.unpack_from("<I", self._run, _RUN_EXIT_REASON)[0]
+        return reason
+
+    def mmio(self) -> tuple[int, bytes, bool]:
+        """After KVM_EXIT_MMIO: (guest-physical address, data, is_write)."""
+        (phys,) = struct.unpack_from("<Q", self._run, _RUN_MMIO)
+        (length,) = struct.unpack_from("<I", self._run, _RUN_MMIO + 16)
+        data = bytes(self._run[_RUN_MMIO + 8 : _RUN_MMIO + 8 + length])
+        return phys, data, bool(self._run[_RUN_MMIO + 20])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self._run.close()
+            os.close(self.fd)
+            self.fd = -1

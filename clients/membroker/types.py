@@ -121,6 +121,13 @@ class SpaceInfo:
             s.grant_clients,
         )
 
+    def gpa_of(self, offset: int) -> int:
+        """The guest-physical address of a backing offset (ValueError outside every region)."""
+        for r in self.regions:
+            if r.offset <= offset < r.offset + r.size:
+                return r.gpa + offset - r.offset
+        raise ValueError(f"backing offset {offset:#x} is in no region of {self.space_id}")
+
     def gpa_to_offset(self, gpa: int) -> int:
         """The backing offset of a guest-physical address (ValueError outside every region)."""
         for r in self.regions:

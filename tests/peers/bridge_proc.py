@@ -1,0 +1,84 @@
+"""A real bridge process: membroker.vhost_user.BlkBridge between a broker space and a
+vhost-user-blk backend, driven by JSON lines (see test_vhost_user.py).
+
+Ops: start SPACE SOCKET; exported; queue GPA; request KIND SECTOR GPA LENGTH; watch (returns
+when the backend hangs up, then closes the bridge so the broker releases what it held); close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import sys
+from typing import Any
+
+import membroker
+from membroker import vhost_user
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--name", default="bridge")
+    args = parser.parse_args()
+    session = membroker.connect(args.name, args.runtime_dir)
+    bridge: Any = None
+
+    def out(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    out({"ready": True, "pid": os.getpid()})
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req["op"]
+        try:
+            if op == "exit":
+                out({"ok": True})
+                break
+            if op == "start":
+                bridge = vhost_user.BlkBridge(session, req["space"], req["socket"])
+                out(
+                    {
+                        "ok": True,
+                        "features": bridge.features,
+                        "protocol_features": bridge.protocol_features,
+                        "backend_pid": bridge.frontend.backend_pid,
+                    }
+                )
+            elif op == "exported":
+                out(
+                    {
+                        "ok": True,
+                        "regions": [[r.gpa, r.size, r.mmap_offset] for r in bridge.exported()],
+                    }
+                )
+            elif op == "queue":
+                bridge.start_queue(req["gpa"])
+                out({"ok": True})
+            elif op == "request":
+                status = bridge.request(req["kind"], req["sector"], req["gpa"], req["length"])
+                out({"ok": True, "status": status})
+            elif op == "watch":
+                sock = bridge.frontend.sock
+                select.select([sock], [], [], req.get("timeout", 10))
+                gone = sock.recv(1, 0x2) == b""  # MSG_PEEK: EOF means the backend is gone
+                if gone:
+                    bridge.close()
+                    bridge = None
+                out({"ok": True, "gone": gone})
+            elif op == "close":
+                bridge.close()
+                bridge = None
+                out({"ok": True})
+            else:
+                out({"ok": False, "error": f"unknown op {op}"})
+        except Exception as exc:
+            out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    session.close()
+
+
+if __name__ == "__main__":
+    main()

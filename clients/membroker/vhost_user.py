@@ -23,13 +23,17 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from membroker._sys import mman
 from membroker._sys import sock as sys_sock
 from membroker._sys.proc import ProcessView
 from membroker.errors import MembrokerError
 from membroker.session import Session
-from membroker.types import AccessRange
+from membroker.types import Access, AccessRange
+
+if TYPE_CHECKING:
+    from membroker.clients import FdClient
 
 GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE = 8, 9, 10
@@ -243,44 +247,75 @@ class BlkBridge:
     QUEUE_SIZE = 16
 
     def __init__(self, session: Session, space_id: str, backend_socket: str) -> None:
-        self.session = session
-        self.space_id = space_id
+        self._connect(backend_socket)
+        self.client: FdClient | None = None
+        try:
+            self.client = session.attach_fd(
+                space_id, on_revoke=self._withdraw, on_unpin_request=None
+            )
+            self._fd = self.client.fd
+            info = self.client.info
+            self._gpa = info.gpa_of if info.regions else (lambda offset: offset)
+            st = os.fstat(self._fd)
+            self._dev_ino = (st.st_dev, st.st_ino)
+            for r in self.client.ranges():
+                self._export(r)
+        except BaseException:
+            self.close()  # nothing stays attached, mapped or open
+            raise
+
+    @classmethod
+    def without_broker(cls, fd: int, size: int, backend_socket: str) -> BlkBridge:
+        """The same driver over a plain memfd (borrowed) exported whole, gpa = offset: what
+        a VMM does without a broker, the benchmark's baseline."""
+        self = cls.__new__(cls)
+        self._connect(backend_socket)
+        self.client = None
+        self._fd = fd
+        self._gpa = lambda offset: offset
+        st = os.fstat(fd)
+        self._dev_ino = (st.st_dev, st.st_ino)
+        self._export(AccessRange(0, size, Access.RW))
+        return self
+
+    def _connect(self, backend_socket: str) -> None:
+        self.client = None
         self.frontend = Frontend(backend_socket)
-        self.backend = ProcessView(self.frontend.backend_pid)
         self._lock = threading.RLock()
         self._exports: dict[int, _Export] = {}
         self.queue: SplitQueue | None = None
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.features, self.protocol_features = self.frontend.negotiate(
-            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
-            PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIGURE_MEM_SLOTS,
-        )
-        if not self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS:
-            raise VhostUserError(
-                "the backend does not offer CONFIGURE_MEM_SLOTS "
-                "(only a full SET_MEM_TABLE, not supported by this bridge yet)"
+        try:
+            self.backend = ProcessView(self.frontend.backend_pid)
+            self.features, self.protocol_features = self.frontend.negotiate(
+                VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
+                PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIGURE_MEM_SLOTS,
             )
-        self.client = session.attach_fd(space_id, on_revoke=self._withdraw, on_unpin_request=None)
-        st = os.fstat(self.client.fd)
-        self._dev_ino = (st.st_dev, st.st_ino)
-        for r in self.client.ranges():
-            self._export(r)
+            if not self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS:
+                raise VhostUserError(
+                    "the backend does not offer CONFIGURE_MEM_SLOTS "
+                    "(only a full SET_MEM_TABLE, not supported by this bridge yet)"
+                )
+        except BaseException:
+            if hasattr(self, "backend"):
+                self.backend.close()
+            self.frontend.close()
+            os.close(self.kick)
+            os.close(self.call)
+            raise
 
     # -- regions -----------------------------------------------------------------------------
 
     def _export(self, r: AccessRange) -> None:
         with self._lock:
             mapping = mman.Mapping.map_shared(
-                self.client.fd, r.length, mman.PROT_READ | mman.PROT_WRITE, r.offset
+                self._fd, r.length, mman.PROT_READ | mman.PROT_WRITE, r.offset
             )
             region = MemRegion(
-                gpa=self.client.info.gpa_of(r.offset) if self.client.info.regions else r.offset,
-                size=r.length,
-                uaddr=mapping.address,
-                mmap_offset=r.offset,
+                gpa=self._gpa(r.offset), size=r.length, uaddr=mapping.address, mmap_offset=r.offset
             )
-            self.frontend.add_region(region, self.client.fd)
+            self.frontend.add_region(region, self._fd)
             self._exports[r.offset] = _Export(r, region, mapping)
             # The backend's reply is not proof of what it mapped: ask the kernel. A backend
             # built on libvhost-user before QEMU 9 maps a region from file offset 0, i.e.
@@ -412,7 +447,8 @@ class BlkBridge:
             for exp in self._exports.values():
                 exp.mapping.close()
             self._exports.clear()
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.frontend.close()
         self.backend.close()
         os.close(self.kick)

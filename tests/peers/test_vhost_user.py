@@ -222,7 +222,7 @@ def test_partial_revocation_keeps_the_rest_and_refuses_requests_into_the_hole(wo
 def test_a_backend_that_would_map_more_than_granted_is_refused(world):
     """qemu-storage-daemon 7.2 (libvhost-user before QEMU 9) maps a region from file offset 0:
     a grant at 1 MiB would expose [0, 1 MiB) too. The bridge checks the kernel and refuses."""
-    qsd, _, space, _, bridge = world
+    qsd, owner, space, _, bridge = world
     space.share(0, 4 * MiB)
     space.grant("bridge", MiB, MiB)
     refused = bridge.cmd("start", space=space.space_id, socket=str(qsd.sock))
@@ -230,6 +230,8 @@ def test_a_backend_that_would_map_more_than_granted_is_refused(world):
     expected = "maps offsets 0x0-0x100000 of the space for a region of 0x100000+0x100000: more"
     assert expected in refused["error"]
     assert qsd.maps_of(space.fd) == []
+    # A refused bridge leaves nothing behind in the broker either.
+    assert owner.get_space(space.space_id).attachments == 0
 
 
 def test_backend_killed_mid_session_releases_what_the_bridge_held(world):

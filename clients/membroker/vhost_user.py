@@ -383,6 +383,16 @@ class BlkBridge:
                 )
             time.sleep(0.001)
 
+    def refresh(self) -> None:
+        """Exports what is held but not exported yet (after new grants)."""
+        if self.client is None:
+            return
+        with self._lock:
+            have = [e.range for e in self._exports.values()]
+            for r in self.client.ranges():
+                for piece in _minus(r, have):
+                    self._export(piece)
+
     def exported(self) -> list[MemRegion]:
         with self._lock:
             return [e.region for e in self._exports.values()]

@@ -35,7 +35,8 @@ from membroker.types import Access, AccessRange
 if TYPE_CHECKING:
     from membroker.clients import FdClient
 
-GET_FEATURES, SET_FEATURES, SET_OWNER = 1, 2, 3
+GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
+MAX_TABLE_REGIONS = 8
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE = 8, 9, 10
 SET_VRING_KICK, SET_VRING_CALL = 12, 13
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES = 15, 16
@@ -155,6 +156,16 @@ class Frontend:
     def remove_region(self, region: MemRegion) -> None:
         self.request(REM_MEM_REG, struct.pack("<Q", 0) + region.pack())
 
+    def set_mem_table(self, regions: Sequence[MemRegion], fd: int) -> None:
+        """The whole table at once (backends without CONFIGURE_MEM_SLOTS): every region is
+        sent with its own copy of the fd."""
+        if len(regions) > MAX_TABLE_REGIONS:
+            raise VhostUserError(
+                f"{len(regions)} regions: SET_MEM_TABLE carries at most {MAX_TABLE_REGIONS}"
+            )
+        payload = struct.pack("<II", len(regions), 0) + b"".join(r.pack() for r in regions)
+        self.request(SET_MEM_TABLE, payload, [fd] * len(regions))
+
     def setup_vring(
         self, index: int, num: int, desc: int, avail: int, used: int, kick_fd: int, call_fd: int
     ) -> None:
@@ -246,8 +257,12 @@ class BlkBridge:
 
     QUEUE_SIZE = 16
 
-    def __init__(self, session: Session, space_id: str, backend_socket: str) -> None:
-        self._connect(backend_socket)
+    def __init__(
+        self, session: Session, space_id: str, backend_socket: str, *, use_mem_slots: bool = True
+    ) -> None:
+        """use_mem_slots=False sends whole tables (SET_MEM_TABLE) even to a backend that
+        offers CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG)."""
+        self._connect(backend_socket, use_mem_slots)
         self.client: FdClient | None = None
         try:
             self.client = session.attach_fd(
@@ -278,7 +293,7 @@ class BlkBridge:
         self._export(AccessRange(0, size, Access.RW))
         return self
 
-    def _connect(self, backend_socket: str) -> None:
+    def _connect(self, backend_socket: str, use_mem_slots: bool = True) -> None:
         self.client = None
         self.frontend = Frontend(backend_socket)
         self._lock = threading.RLock()
@@ -290,13 +305,9 @@ class BlkBridge:
             self.backend = ProcessView(self.frontend.backend_pid)
             self.features, self.protocol_features = self.frontend.negotiate(
                 VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
-                PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIGURE_MEM_SLOTS,
+                PROTOCOL_F_REPLY_ACK | (PROTOCOL_F_CONFIGURE_MEM_SLOTS if use_mem_slots else 0),
             )
-            if not self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS:
-                raise VhostUserError(
-                    "the backend does not offer CONFIGURE_MEM_SLOTS "
-                    "(only a full SET_MEM_TABLE, not supported by this bridge yet)"
-                )
+            self.mem_slots = bool(self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS)
         except BaseException:
             if hasattr(self, "backend"):
                 self.backend.close()
@@ -315,8 +326,11 @@ class BlkBridge:
             region = MemRegion(
                 gpa=self._gpa(r.offset), size=r.length, uaddr=mapping.address, mmap_offset=r.offset
             )
-            self.frontend.add_region(region, self._fd)
             self._exports[r.offset] = _Export(r, region, mapping)
+            if self.mem_slots:
+                self.frontend.add_region(region, self._fd)
+            else:
+                self._publish_table()
             # The backend's reply is not proof of what it mapped: ask the kernel. A backend
             # built on libvhost-user before QEMU 9 maps a region from file offset 0, i.e.
             # [0, mmap_offset + size): memory this bridge was never granted.
@@ -329,6 +343,9 @@ class BlkBridge:
                     f"{r.offset:#x}+{r.length:#x}: more than granted (old libvhost-user maps "
                     "regions from file offset 0); region withdrawn"
                 )
+
+    def _publish_table(self) -> None:
+        self.frontend.set_mem_table([e.region for e in self._exports.values()], self._fd)
 
     def _overmapped(self) -> tuple[int, int] | None:
         """A file range the backend maps outside every exported range, if any."""
@@ -355,8 +372,11 @@ class BlkBridge:
             for offset, exp in list(self._exports.items()):
                 if not any(exp.range.offset < r.end and r.offset < exp.range.end for r in ranges):
                     continue
-                self.frontend.remove_region(exp.region)
                 del self._exports[offset]
+                if self.mem_slots:
+                    self.frontend.remove_region(exp.region)
+                else:
+                    self._publish_table()
                 if self.queue is not None and self.queue.mem is exp.mapping:
                     self.queue = None
                 exp.mapping.close()

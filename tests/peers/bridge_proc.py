@@ -39,11 +39,14 @@ def main() -> None:
                 out({"ok": True})
                 break
             if op == "start":
-                bridge = vhost_user.BlkBridge(session, req["space"], req["socket"])
+                bridge = vhost_user.BlkBridge(
+                    session, req["space"], req["socket"], use_mem_slots=req.get("mem_slots", True)
+                )
                 out(
                     {
                         "ok": True,
                         "features": bridge.features,
+                        "mem_slots": bridge.mem_slots,
                         "protocol_features": bridge.protocol_features,
                         "backend_pid": bridge.frontend.backend_pid,
                     }

@@ -144,11 +144,13 @@ def test_handshake_and_a_grant_maps_memory_in_the_backend(world):
     assert qsd.maps_of(space.fd) == [(0, MiB)]
 
 
-def test_blk_writes_then_reads_through_broker_memory(world):
+@pytest.mark.parametrize("mem_slots", [True, False], ids=["ADD_MEM_REG", "SET_MEM_TABLE"])
+def test_blk_writes_then_reads_through_broker_memory(world, mem_slots):
     qsd, _, space, mem, bridge = world
     space.share(0, MiB)
     space.grant("bridge", 0, MiB)
-    bridge.ok("start", space=space.space_id, socket=str(qsd.sock))
+    started = bridge.ok("start", space=space.space_id, socket=str(qsd.sock), mem_slots=mem_slots)
+    assert started["mem_slots"] is mem_slots
     bridge.ok("queue", gpa=0)
     payload = bytes((i * 7 + 3) & 0xFF for i in range(3 * vu.SECTOR))
     mem.write(0x20000, payload)
@@ -201,11 +203,12 @@ def test_revocation_removes_the_region_before_revoke_returns(world):
     assert owner.stats().fenced_total == 0
 
 
-def test_partial_revocation_keeps_the_rest_and_refuses_requests_into_the_hole(world):
+@pytest.mark.parametrize("mem_slots", [True, False], ids=["REM_MEM_REG", "SET_MEM_TABLE"])
+def test_partial_revocation_keeps_the_rest_and_refuses_requests_into_the_hole(world, mem_slots):
     qsd, _, space, mem, bridge = world
     space.share(0, 2 * MiB)
     space.grant("bridge", 0, MiB)
-    bridge.ok("start", space=space.space_id, socket=str(qsd.sock))
+    bridge.ok("start", space=space.space_id, socket=str(qsd.sock), mem_slots=mem_slots)
     mem.write(0xC0000, b"keep me")
     report = space.revoke("bridge", MiB // 2, MiB // 2)
     assert [c.outcome for c in report.clients] == ["acked"]

@@ -99,7 +99,15 @@ class Connection:
                 for _, rest in frames[index:]:
                     _close_fds(rest)
                 return
-            self.host.on_frame(self, frame, frame_fds)
+            try:
+                self.host.on_frame(self, frame, frame_fds)
+            except Exception:
+                # A bug of ours must cost this connection at most, never the daemon.
+                log.exception("session of pid %d: frame handling failed", self.cred.pid)
+                self._protocol_error(ProtocolError("internal error handling a frame", code=13))
+                for _, rest in frames[index + 1 :]:
+                    _close_fds(rest)
+                return
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.host.on_protocol_error(self, exc)

@@ -110,27 +110,37 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     assert not (d.runtime_dir / "session.sock").exists()
 
 
-class ClientProc:
-    """A real client process driven by JSON lines (see tests/integration/client_proc.py)."""
+class PeerProc:
+    """A real peer process driven by JSON lines: one request per line on stdin, one answer per
+    line on stdout, a first line {"ready": true}. tests/integration/client_proc.py,
+    tests/peers/vmm_proc.py and tests/peers/bridge_proc.py speak it."""
 
-    def __init__(self, runtime_dir: Path, name: str) -> None:
+    def __init__(self, script: Path, runtime_dir: Path, name: str, *extra: str) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, str(CLIENT_PROC), "--runtime-dir", str(runtime_dir), "--name", name],
+            [
+                sys.executable,
+                str(script),
+                "--runtime-dir",
+                str(runtime_dir),
+                "--name",
+                name,
+                *extra,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(),
         )
         self.pid = self.proc.pid
-        hello = self._read(20)
+        hello = self._read(30)
         assert hello.get("ready"), hello
 
     def _read(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"client {self.name} did not answer in {timeout}s")
+            raise TimeoutError(f"peer {self.name} did not answer in {timeout}s")
         line = self.proc.stdout.readline()
         if not line:
             err = self.proc.stderr.read().decode() if self.proc.stderr else ""
@@ -167,6 +177,13 @@ class ClientProc:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()
+
+
+class ClientProc(PeerProc):
+    """A real client process (tests/integration/client_proc.py)."""
+
+    def __init__(self, runtime_dir: Path, name: str) -> None:
+        super().__init__(CLIENT_PROC, runtime_dir, name)
 
 
 @pytest.fixture

@@ -9,14 +9,9 @@ VMM process that pins it, maps it and backs a memslot with it.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import select
 import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,7 +19,7 @@ import membroker
 from membroker import kvm
 from membroker._sys import kvm as sys_kvm
 from membroker._sys.mman import PROT_READ, PROT_WRITE, Mapping, mapping_count_for_inode
-from tests.conftest import _env
+from tests.conftest import PeerProc
 
 GMEM_OK, GMEM_WHY = sys_kvm.guest_memfd_support()
 pytestmark = [pytest.mark.peer, pytest.mark.skipif(not GMEM_OK, reason=GMEM_WHY)]
@@ -72,41 +67,8 @@ def test_topology_1_imported_guest_memfd_shared_with_a_backend(daemon, clients):
             os.close(gmem)
 
 
-class VmmProc:
-    def __init__(self, runtime_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(VMM_PROC), "--runtime-dir", str(runtime_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_env(),
-        )
-        assert self._read().get("ready")
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        if not select.select([self.proc.stdout], [], [], 30)[0]:
-            raise TimeoutError("the VMM did not answer")
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else ""
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def ok(self, op: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
-        self.proc.stdin.flush()
-        out = self._read()
-        assert out.get("ok"), out
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.ok("exit")
-            self.proc.wait(10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+def VmmProc(runtime_dir: Path) -> PeerProc:
+    return PeerProc(VMM_PROC, runtime_dir, "vmm")
 
 
 @pytest.mark.parametrize("how", ["revoke", "unshare"])

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import membroker
 from membroker import vhost_user as vu
 from membroker._sys.proc import ProcessView
-from tests.conftest import _env
+from tests.conftest import PeerProc
 
 QSD = shutil.which("qemu-storage-daemon")
 pytestmark = [
@@ -74,43 +70,8 @@ class Qsd:
             self.proc.stderr.close()
 
 
-class Bridge:
-    def __init__(self, runtime_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BRIDGE), "--runtime-dir", str(runtime_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_env(),
-        )
-        assert self._read()["ready"]
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        assert select.select([self.proc.stdout], [], [], 30)[0], "bridge did not answer"
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else ""
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def cmd(self, op: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._read()
-
-    def ok(self, op: str, **kw: Any) -> dict[str, Any]:
-        out = self.cmd(op, **kw)
-        assert out.get("ok"), out
-        return out
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.cmd("exit")
-            self.proc.wait(10)
-        for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if s:
-                s.close()
+def Bridge(runtime_dir: Path) -> PeerProc:
+    return PeerProc(BRIDGE, runtime_dir, "bridge")
 
 
 @pytest.fixture

@@ -39,6 +39,15 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_ACKED: _ClassVar[Outcome]
     OUTCOME_FENCED: _ClassVar[Outcome]
     OUTCOME_GONE: _ClassVar[Outcome]
+    OUTCOME_UNVERIFIED: _ClassVar[Outcome]
+
+class FenceResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FENCE_RESULT_UNSPECIFIED: _ClassVar[FenceResult]
+    FENCE_RESULT_DISCONNECTED: _ClassVar[FenceResult]
+    FENCE_RESULT_KILLED: _ClassVar[FenceResult]
+    FENCE_RESULT_STILL_MAPPED: _ClassVar[FenceResult]
+    FENCE_RESULT_EXITED: _ClassVar[FenceResult]
 BACKING_UNSPECIFIED: Backing
 BACKING_MEMFD: Backing
 BACKING_GUEST_MEMFD: Backing
@@ -56,6 +65,12 @@ OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_ACKED: Outcome
 OUTCOME_FENCED: Outcome
 OUTCOME_GONE: Outcome
+OUTCOME_UNVERIFIED: Outcome
+FENCE_RESULT_UNSPECIFIED: FenceResult
+FENCE_RESULT_DISCONNECTED: FenceResult
+FENCE_RESULT_KILLED: FenceResult
+FENCE_RESULT_STILL_MAPPED: FenceResult
+FENCE_RESULT_EXITED: FenceResult
 
 class Region(_message.Message):
     __slots__ = ("gpa", "offset", "size")
@@ -208,34 +223,54 @@ class RevokeRequest(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
 
 class ClientOutcome(_message.Message):
-    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason")
+    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     LATENCY_US_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
     client: str
     session_id: str
     pid: int
     outcome: Outcome
     latency_us: int
     reason: str
-    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    fence: FenceResult
+    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ..., fence: _Optional[_Union[FenceResult, str]] = ...) -> None: ...
 
 class RevocationReport(_message.Message):
-    __slots__ = ("space_id", "seq", "clients", "duration_us", "revoked_bytes")
+    __slots__ = ("space_id", "seq", "clients", "duration_us", "revoked_bytes", "cause", "caller_gone")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     DURATION_US_FIELD_NUMBER: _ClassVar[int]
     REVOKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
+    CALLER_GONE_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     seq: int
     clients: _containers.RepeatedCompositeFieldContainer[ClientOutcome]
     duration_us: int
     revoked_bytes: int
-    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientOutcome, _Mapping]]] = ..., duration_us: _Optional[int] = ..., revoked_bytes: _Optional[int] = ...) -> None: ...
+    cause: str
+    caller_gone: bool
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientOutcome, _Mapping]]] = ..., duration_us: _Optional[int] = ..., revoked_bytes: _Optional[int] = ..., cause: _Optional[str] = ..., caller_gone: _Optional[bool] = ...) -> None: ...
+
+class ListRevocationsRequest(_message.Message):
+    __slots__ = ("space_id", "after_seq")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    after_seq: int
+    def __init__(self, space_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class ListRevocationsResponse(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[RevocationReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[RevocationReport, _Mapping]]] = ...) -> None: ...
 
 class GrantRecord(_message.Message):
     __slots__ = ("client", "range")
@@ -268,16 +303,18 @@ class AttachRequest(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("space", "fd_tag", "seq", "ranges")
+    __slots__ = ("space", "fd_tag", "seq", "ranges", "ranges_on_session")
     SPACE_FIELD_NUMBER: _ClassVar[int]
     FD_TAG_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
+    RANGES_ON_SESSION_FIELD_NUMBER: _ClassVar[int]
     space: Space
     fd_tag: int
     seq: int
     ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.AccessRange]
-    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.AccessRange, _Mapping]]] = ...) -> None: ...
+    ranges_on_session: bool
+    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.AccessRange, _Mapping]]] = ..., ranges_on_session: _Optional[bool] = ...) -> None: ...
 
 class DetachRequest(_message.Message):
     __slots__ = ("space_id",)
@@ -388,7 +425,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("sessions", "spaces", "bytes_total", "bytes_shared", "grants", "pins", "revocations_total", "fenced_total", "open_fds", "metrics_url", "version", "pid", "uptime_seconds")
+    __slots__ = ("sessions", "spaces", "bytes_total", "bytes_shared", "grants", "pins", "revocations_total", "fenced_total", "open_fds", "metrics_url", "version", "pid", "uptime_seconds", "unverified_total")
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SPACES_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +439,7 @@ class Stats(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     spaces: int
     bytes_total: int
@@ -415,4 +453,5 @@ class Stats(_message.Message):
     version: str
     pid: int
     uptime_seconds: float
-    def __init__(self, sessions: _Optional[int] = ..., spaces: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_shared: _Optional[int] = ..., grants: _Optional[int] = ..., pins: _Optional[int] = ..., revocations_total: _Optional[int] = ..., fenced_total: _Optional[int] = ..., open_fds: _Optional[int] = ..., metrics_url: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    unverified_total: int
+    def __init__(self, sessions: _Optional[int] = ..., spaces: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_shared: _Optional[int] = ..., grants: _Optional[int] = ..., pins: _Optional[int] = ..., revocations_total: _Optional[int] = ..., fenced_total: _Optional[int] = ..., open_fds: _Optional[int] = ..., metrics_url: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., unverified_total: _Optional[int] = ...) -> None: ...

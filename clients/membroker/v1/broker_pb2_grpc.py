@@ -79,6 +79,11 @@ class MemBrokerStub:
                 request_serializer=membroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
                 response_deserializer=membroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
                 _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/membroker.v1.MemBroker/ListRevocations',
+                request_serializer=membroker_dot_v1_dot_broker__pb2.ListRevocationsRequest.SerializeToString,
+                response_deserializer=membroker_dot_v1_dot_broker__pb2.ListRevocationsResponse.FromString,
+                _registered_method=True)
         self.Attach = channel.unary_unary(
                 '/membroker.v1.MemBroker/Attach',
                 request_serializer=membroker_dot_v1_dot_broker__pb2.AttachRequest.SerializeToString,
@@ -175,6 +180,14 @@ class MemBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRevocations(self, request, context):
+        """The reports of the latest revocations of a space, kept even when the call that started one
+        was cancelled or timed out (a revocation that began always runs to its end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Attach(self, request, context):
         """Clients.
         """
@@ -266,6 +279,11 @@ def add_MemBrokerServicer_to_server(servicer, server):
                     servicer.ListGrants,
                     request_deserializer=membroker_dot_v1_dot_broker__pb2.ListGrantsRequest.FromString,
                     response_serializer=membroker_dot_v1_dot_broker__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=membroker_dot_v1_dot_broker__pb2.ListRevocationsRequest.FromString,
+                    response_serializer=membroker_dot_v1_dot_broker__pb2.ListRevocationsResponse.SerializeToString,
             ),
             'Attach': grpc.unary_unary_rpc_method_handler(
                     servicer.Attach,
@@ -546,6 +564,33 @@ class MemBroker:
             '/membroker.v1.MemBroker/ListGrants',
             membroker_dot_v1_dot_broker__pb2.ListGrantsRequest.SerializeToString,
             membroker_dot_v1_dot_broker__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/membroker.v1.MemBroker/ListRevocations',
+            membroker_dot_v1_dot_broker__pb2.ListRevocationsRequest.SerializeToString,
+            membroker_dot_v1_dot_broker__pb2.ListRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

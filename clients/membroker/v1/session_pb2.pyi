@@ -73,28 +73,34 @@ class FdDelivery(_message.Message):
     def __init__(self, tag: _Optional[int] = ..., space_id: _Optional[str] = ...) -> None: ...
 
 class AccessUpdate(_message.Message):
-    __slots__ = ("space_id", "seq", "ranges")
+    __slots__ = ("space_id", "seq", "ranges", "more", "snapshot")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     seq: int
     ranges: _containers.RepeatedCompositeFieldContainer[AccessRange]
-    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ...) -> None: ...
+    more: bool
+    snapshot: bool
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., more: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class Revoke(_message.Message):
-    __slots__ = ("space_id", "seq", "ranges", "space_deleted", "deadline_ms")
+    __slots__ = ("space_id", "seq", "ranges", "space_deleted", "deadline_ms", "more")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     SPACE_DELETED_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     seq: int
     ranges: _containers.RepeatedCompositeFieldContainer[AccessRange]
     space_deleted: bool
     deadline_ms: int
-    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., space_deleted: _Optional[bool] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    more: bool
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., space_deleted: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RevokeAck(_message.Message):
     __slots__ = ("space_id", "seq")
@@ -103,6 +109,16 @@ class RevokeAck(_message.Message):
     space_id: str
     seq: int
     def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class RevokeRefused(_message.Message):
+    __slots__ = ("space_id", "seq", "reason")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    seq: int
+    reason: str
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("nonce",)
@@ -153,7 +169,7 @@ class ReleasePins(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +183,7 @@ class Frame(_message.Message):
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
     MAPPED_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PINS_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_REFUSED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -180,4 +197,5 @@ class Frame(_message.Message):
     goodbye: Goodbye
     mapped: Mapped
     release_pins: ReleasePins
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ...) -> None: ...
+    revoke_refused: RevokeRefused
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ...) -> None: ...

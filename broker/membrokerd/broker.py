@@ -489,7 +489,7 @@ class Broker:
         check_regions(regions, found.size, found.page_size)
         # Everything is checked: only now is the owner's memfd changed (sealed) and adopted.
         if found.needs_seals:
-            seal_import(fd)
+            seal_import(fd, found.size)
         del session.offered[tag]
         space = Space(
             name=name,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -96,6 +96,58 @@ class BrokerConfig(BaseSettings):
     max_offered_fds: int = Field(
         8, ge=1, le=64, description="Fds a session may have offered and not yet used."
     )
+    hello_timeout_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=60,
+        description="Seconds a new session connection has to say Hello before it is closed.",
+    )
+    max_pending_hellos_per_uid: int = Field(
+        16,
+        ge=1,
+        description="Session connections of one uid that may be open and not yet past Hello.",
+    )
+    max_outbound_bytes: int = Field(
+        64 << 20,
+        ge=64 << 10,
+        description="Bytes queued to one session peer that it has not read; at this cap the "
+        "connection is closed (a peer that does not read is a peer to drop).",
+    )
+    outbound_pause_bytes: int = Field(
+        256 << 10,
+        ge=4096,
+        description="Above this many bytes queued to a session peer the broker stops reading "
+        "from it until the queue drains below half of it.",
+    )
+    on_unverifiable: Literal["fence", "report"] = Field(
+        "fence",
+        description="What follows when an acknowledgement cannot be verified (the kernel's "
+        "view of the client process cannot be read): 'fence' the client, or only 'report' it "
+        "as unverified.",
+    )
+    on_fenced_still_mapped: Literal["kill", "report"] = Field(
+        "kill",
+        description="A fenced client that still maps or holds the space after the disconnect "
+        "is killed through its pidfd ('kill'), or only reported ('report').",
+    )
+    fence_grace_ms: int = Field(
+        200,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a disconnected (fenced) client has to drop its mappings "
+        "before it is checked again.",
+    )
+    attach_without_grant: bool = Field(
+        False,
+        description="Whether a client holding no grant on a space may attach to it (and so "
+        "receive its fd) ahead of any grant.",
+    )
+    client_name_binding: Literal["uid", "none"] = Field(
+        "uid",
+        description="'uid': a client name is bound to the uid that first used it, for the "
+        "daemon's life (unless client_names reserves it); 'none': any uid may use any "
+        "unreserved name once it is free.",
+    )
     log_level: str = Field("INFO")
 
     @field_validator("control_socket_mode", "session_socket_mode", mode="before")
@@ -125,6 +177,19 @@ class BrokerConfig(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @model_validator(mode="after")
+    def _outbound_limits(self) -> BrokerConfig:
+        if self.outbound_pause_bytes >= self.max_outbound_bytes:
+            raise ValueError(
+                f"outbound_pause_bytes ({self.outbound_pause_bytes}) must be less than "
+                f"max_outbound_bytes ({self.max_outbound_bytes})"
+            )
+        return self
+
+    @property
+    def lock_file(self) -> Path:
+        return self.runtime_dir / "membrokerd.lock"
 
     @property
     def control_socket(self) -> Path:
@@ -165,7 +230,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> BrokerConfig:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(file)"
+            if not err["loc"]:  # a rule across settings (model validator) names them itself
+                lines.append(f"  {err['msg']}")
+                continue
+            loc = ".".join(str(p) for p in err["loc"])
             env = f"MEMBROKER_{loc.upper()}"
             lines.append(f"  {loc} (file key {loc!r} or ${env}): {err['msg']}")
         where = f" in {path}" if path else ""

@@ -3,15 +3,27 @@
 A connection is a raw non-blocking Unix stream socket driven by the event loop's add_reader /
 add_writer (an asyncio transport cannot carry SCM_RIGHTS under uvloop). It knows frames and fds,
 not policy: complete frames go to the broker core (`SessionHost`), which decides what they mean.
+
+Every buffer a peer can fill is bounded: at most `RECV_BYTES` are read and `FRAMES_PER_WAKEUP`
+frames handed on per loop turn (the rest wait for the next turn, so one busy peer cannot starve
+the others); frames queued to a peer that does not read make the connection stop reading from it
+(`outbound_pause_bytes`) and, at `max_outbound_bytes`, close it.
+
+The socket files (session.sock here, control.sock for the server) are claimed, never stolen: a
+path where a server answers makes the daemon refuse to start (`StartupRefused`), a stale one is
+replaced atomically, and at shutdown only the very file this process bound is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import errno
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +36,56 @@ from membroker.v1 import session_pb2 as spb
 
 log = logging.getLogger("membrokerd.session")
 
-RECV_BYTES = 256 * 1024
+# One recvmsg per wakeup: 64 KiB costs ~1.4 us, 256 KiB ~12 us (and a frame never needs more
+# than one read of its own: the decoder keeps partial frames across reads).
+RECV_BYTES = 64 * 1024
+# Frames handed to the host per wakeup; more complete frames wait for the next loop turn.
+FRAMES_PER_WAKEUP = 256
+DEFAULT_MAX_OUTBOUND_BYTES = 64 * 1024 * 1024
+DEFAULT_OUTBOUND_PAUSE_BYTES = 256 * 1024
+
+
+# Frames smaller than this are copied into a shared buffer of at most this size; bigger ones are
+# queued as they are.
+COALESCE_BYTES = 16 * 1024
+
+
+class _Chunk:
+    """Bytes queued to a peer, sent from `offset` on; `fds` travel with the first byte.
+
+    Frames without fds may be appended to the last chunk (`data` a bytearray): their bytes simply
+    follow. A frame with fds always starts a chunk of its own, so its fds leave with its first
+    byte, as the receiver's decoder expects.
+    """
+
+    __slots__ = ("data", "fds", "offset")
+
+    def __init__(self, data: bytes | bytearray, fds: tuple[int, ...]) -> None:
+        self.data = data
+        self.fds = fds
+        self.offset = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.data) - self.offset
+
+    def send(self, sock: socket.socket) -> int:
+        """One sendmsg of what is left; returns the bytes sent (raises like send_with_fds)."""
+        # The views are released before returning: a bytearray with a live export could not
+        # grow when the next small frame is appended.
+        with memoryview(self.data) as whole, whole[self.offset :] as rest:
+            sent = sys_sock.send_with_fds(sock, rest, self.fds if self.offset == 0 else ())
+        # Partial or not, the fds went with the first byte: never send them twice.
+        self.offset += sent
+        return sent
+
+
+class StartupRefused(OSError):
+    """The daemon must not start here (another one serves, a file is in the way, an unsafe
+    runtime directory); str() is the whole one-line reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class SessionHost(Protocol):
@@ -38,7 +99,12 @@ class SessionHost(Protocol):
 
 
 class Connection:
-    """One accepted session socket: reads frames, queues writes, owns the peer's pidfd."""
+    """One accepted session socket: reads frames, queues writes, owns the peer's pidfd.
+
+    State a test or a metric may read: `queued_bytes` (bytes queued to the peer, not yet taken
+    by its socket), `paused` (reading stopped because the peer does not drain them), `closed`
+    and `close_reason`.
+    """
 
     def __init__(
         self,
@@ -48,31 +114,72 @@ class Connection:
         max_frame: int,
         cred: sys_sock.PeerCred,
         pidfd: int,
+        *,
+        max_outbound_bytes: int = DEFAULT_MAX_OUTBOUND_BYTES,
+        outbound_pause_bytes: int = DEFAULT_OUTBOUND_PAUSE_BYTES,
+        recv_bytes: int = RECV_BYTES,
+        frames_per_wakeup: int = FRAMES_PER_WAKEUP,
     ) -> None:
+        if not 0 < outbound_pause_bytes < max_outbound_bytes:
+            raise ValueError(
+                f"outbound_pause_bytes {outbound_pause_bytes} must be positive and below "
+                f"max_outbound_bytes {max_outbound_bytes}"
+            )
         self.loop = loop
         self.sock = sock
         self.host = host
         self.cred = cred
         self.pidfd = pidfd
+        self.max_outbound_bytes = max_outbound_bytes
+        self.outbound_pause_bytes = outbound_pause_bytes
+        self.recv_bytes = recv_bytes
+        self.frames_per_wakeup = frames_per_wakeup
         self.accepted_at = time.monotonic()
         self.closed = False
         self.close_reason = ""
+        self.queued_bytes = 0
+        self.paused = False
         self._decoder = wire.FrameDecoder(max_frame)
-        self._out: collections.deque[tuple[memoryview, Sequence[int]]] = collections.deque()
+        # Decoded frames not yet handed to the host; they own their fds until handed.
+        self._ready: collections.deque[tuple[spb.Frame, list[int]]] = collections.deque()
+        self._dispatch_scheduled = False
+        self._out: collections.deque[_Chunk] = collections.deque()
         self._writing = False
-        loop.add_reader(sock.fileno(), self._on_readable)
+        self._reading = False
+        # Over max_outbound_bytes: the queue is dropped and the close is one loop turn away.
+        self._overflowed = False
+        self._update_reading()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<Connection pid={self.cred.pid} uid={self.cred.uid} {state}>"
+        if self.closed:
+            state = "closed"
+        elif self._overflowed:
+            state = "dropping"
+        else:
+            state = "paused" if self.paused else "open"
+        return (
+            f"<Connection pid={self.cred.pid} uid={self.cred.uid} {state} "
+            f"queued={self.queued_bytes}>"
+        )
+
+    def _update_reading(self) -> None:
+        """Reads from the peer only while it drains what we send and its frames are handled."""
+        want = not (self.closed or self._overflowed or self.paused or self._ready)
+        if want == self._reading:
+            return
+        self._reading = want
+        if want:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        else:
+            self.loop.remove_reader(self.sock.fileno())
 
     # -- reading -----------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self.closed:
+        if self.closed or not self._reading:
             return
         try:
-            data, fds, truncated = sys_sock.recv_with_fds(self.sock, RECV_BYTES)
+            data, fds, truncated = sys_sock.recv_with_fds(self.sock, self.recv_bytes)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -94,20 +201,34 @@ class Connection:
         except ProtocolError as exc:
             self._protocol_error(exc)
             return
-        for index, (frame, frame_fds) in enumerate(frames):
-            if self.closed:
-                for _, rest in frames[index:]:
-                    _close_fds(rest)
-                return
+        self._ready.extend(frames)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hands at most `frames_per_wakeup` ready frames to the host; schedules the rest."""
+        self._dispatch_scheduled = False
+        handed = 0
+        while self._ready and not (self.closed or self._overflowed or self.paused):
+            if handed == self.frames_per_wakeup:
+                # Fairness: other connections (and timers) get this loop turn.
+                self._dispatch_scheduled = True
+                self.loop.call_soon(self._dispatch)
+                break
+            frame, frame_fds = self._ready.popleft()  # the host owns frame_fds from here
+            handed += 1
             try:
                 self.host.on_frame(self, frame, frame_fds)
             except Exception:
                 # A bug of ours must cost this connection at most, never the daemon.
                 log.exception("session of pid %d: frame handling failed", self.cred.pid)
                 self._protocol_error(ProtocolError("internal error handling a frame", code=13))
-                for _, rest in frames[index + 1 :]:
-                    _close_fds(rest)
                 return
+        self._update_reading()
+
+    def _schedule_dispatch(self) -> None:
+        if self._ready and not self._dispatch_scheduled and not self.closed:
+            self._dispatch_scheduled = True
+            self.loop.call_soon(self._dispatch)
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.host.on_protocol_error(self, exc)
@@ -121,35 +242,85 @@ class Connection:
         self.send_encoded(wire.encode(frame), fds)
 
     def send_encoded(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Queues one already encoded frame (a fan-out encodes a shared frame once)."""
-        if self.closed:
+        """Queues one already encoded frame (a fan-out encodes a shared frame once).
+
+        Never closes the connection under the caller: a peer over `max_outbound_bytes` has its
+        queue dropped at once and is closed on the next loop turn (later sends are dropped).
+        """
+        if self.closed or self._overflowed:
             return
-        self._out.append((memoryview(data), tuple(fds)))
+        tail = self._out[-1] if self._out else None
+        if (
+            not fds
+            and tail is not None
+            and isinstance(tail.data, bytearray)
+            and len(tail.data) + len(data) <= COALESCE_BYTES
+        ):
+            # Small frames share one buffer: a queue of 30,000 pongs is 270 KB, not 30,000
+            # Python objects (~10 MB), and leaves in a few sendmsg calls instead of 30,000.
+            tail.data += data
+        elif len(data) < COALESCE_BYTES:
+            self._out.append(_Chunk(bytearray(data), tuple(fds)))
+        else:
+            self._out.append(_Chunk(data, tuple(fds)))  # shared by a fan-out: never copied
+        self.queued_bytes += len(data)
         if not self._writing:
             self._flush()
+        if self.closed:
+            return
+        if self.queued_bytes > self.max_outbound_bytes:
+            self._overflow()
+        elif self.queued_bytes > self.outbound_pause_bytes and not self.paused:
+            self.paused = True
+            self._update_reading()
+            log.debug(
+                "session of pid %d: %d bytes queued, not reading from it until they drain",
+                self.cred.pid,
+                self.queued_bytes,
+            )
+
+    def _overflow(self) -> None:
+        reason = (
+            f"peer does not read: {self.queued_bytes} bytes queued "
+            f"(limit max_outbound_bytes = {self.max_outbound_bytes})"
+        )
+        log.warning("session of pid %d: %s", self.cred.pid, reason)
+        self._overflowed = True
+        # Free the memory now. The head frame may be half sent: nothing more can follow it.
+        self._out.clear()
+        self.queued_bytes = 0
+        self._update_reading()
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock.fileno())
+        self.loop.call_soon(self.close, reason)
 
     def _flush(self) -> None:
         while self._out and not self.closed:
-            data, fds = self._out[0]
+            chunk = self._out[0]
             try:
-                sent = sys_sock.send_with_fds(self.sock, data, fds)
+                sent = chunk.send(self.sock)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self.close(f"send failed: {exc}")
                 return
-            if sent == len(data):
+            self.queued_bytes -= sent
+            if not chunk.pending:
                 self._out.popleft()
                 continue
-            # Partial: the fds went with the first byte; never send them twice.
-            self._out[0] = (data[sent:], ())
             if not self._writing:
                 self._writing = True
                 self.loop.add_writer(self.sock.fileno(), self._on_writable)
-            return
-        if self._writing:
-            self._writing = False
-            self.loop.remove_writer(self.sock.fileno())
+            break
+        else:
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.sock.fileno())
+        if self.paused and self.queued_bytes < self.outbound_pause_bytes // 2:
+            self.paused = False
+            self._update_reading()
+            self._schedule_dispatch()
 
     def _on_writable(self) -> None:
         self._flush()
@@ -163,17 +334,25 @@ class Connection:
         self.closed = True
         self.close_reason = reason
         fileno = self.sock.fileno()
-        self.loop.remove_reader(fileno)
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(fileno)
         if self._writing:
+            self._writing = False
             self.loop.remove_writer(fileno)
         # Last words (an Error or Goodbye frame) go out if the socket has room; never wait.
-        for data, fds in self._out:
+        for chunk in self._out:
             try:
-                if sys_sock.send_with_fds(self.sock, data, fds) != len(data):
-                    break
+                chunk.send(self.sock)
             except OSError:
                 break
+            if chunk.pending:
+                break
         self._out.clear()
+        self.queued_bytes = 0
+        # Frames decoded but never handed on still own their fds.
+        while self._ready:
+            _close_fds(self._ready.popleft()[1])
         self._decoder.close()
         self.sock.close()
         os.close(self.pidfd)
@@ -182,7 +361,12 @@ class Connection:
 
 
 class Listener:
-    """The listening session socket; hands each accepted connection to the host."""
+    """The listening session socket; hands each accepted connection to the host.
+
+    Bound under a temporary name and renamed over `path` once listening (see `SocketFile`):
+    a stale session.sock is replaced atomically, a live one makes the constructor raise
+    StartupRefused without touching it.
+    """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, path: Path, mode: int, accept: SessionAcceptor
@@ -190,20 +374,25 @@ class Listener:
         self.loop = loop
         self.path = path
         self._accept_cb = accept
-        if path.exists() or path.is_symlink():
-            path.unlink()
+        check_socket_path(path)
+        tmp = temporary_socket_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        bound = False
         try:
             old = os.umask(0o777 & ~mode)
             try:
-                self.sock.bind(str(path))
+                self.sock.bind(str(tmp))
+                bound = True
             finally:
                 os.umask(old)
-            os.chmod(path, mode)
+            os.chmod(tmp, mode)
             self.sock.listen(128)
             self.sock.setblocking(False)
+            self.file = SocketFile.install(tmp, path)
         except OSError:
             self.sock.close()
+            if bound:
+                _unlink_quietly(tmp)
             raise
         loop.add_reader(self.sock.fileno(), self._on_accept)
 
@@ -218,6 +407,7 @@ class Listener:
                 return
             conn_sock.setblocking(False)
             try:
+                # SO_PEERCRED and SO_PEERGROUPS: the identity the kernel saw at connect().
                 cred = sys_sock.peer_credentials(conn_sock)
                 pidfd = sys_sock.peer_pidfd(conn_sock)
             except OSError as exc:
@@ -229,10 +419,109 @@ class Listener:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+        self.file.unlink()
+
+
+# -- socket files ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SocketFile:
+    """A socket file this process bound: its path and the (st_dev, st_ino) it had when bound.
+
+    `unlink()` removes the path only while it still names that very file, so a daemon never
+    deletes a socket it did not create (a successor's, or one put there by hand).
+    """
+
+    path: Path
+    dev: int
+    ino: int
+
+    @classmethod
+    def install(cls, tmp: Path, path: Path) -> SocketFile:
+        """Moves our freshly bound, listening socket file `tmp` to `path`.
+
+        rename() replaces a stale socket at `path` atomically: there is no moment without a
+        socket there, and the file is never bound under its public name half set up. `path` is
+        checked again first (a server answering there is never replaced).
+        """
+        check_socket_path(path)
+        st = os.lstat(tmp)
+        os.rename(tmp, path)
+        return cls(path, st.st_dev, st.st_ino)
+
+    def is_ours(self) -> bool:
         try:
-            self.path.unlink()
+            st = os.lstat(self.path)
         except FileNotFoundError:
-            pass
+            return False
+        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+    def unlink(self) -> bool:
+        """Removes the path if it still is our socket file; True if it did."""
+        if not self.is_ours():
+            if self.path.exists() or self.path.is_symlink():
+                log.warning(
+                    "%s is no longer the socket this daemon bound: left in place", self.path
+                )
+            return False
+        _unlink_quietly(self.path)
+        return True
+
+
+def temporary_socket_path(path: Path) -> Path:
+    """A name next to `path`, private to this process, to bind under before the rename.
+
+    A leftover of a dead process of the same pid is removed (it can only be that: the name has
+    our pid in it and this process has not bound it yet).
+    """
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}")
+    _unlink_quietly(tmp)
+    return tmp
+
+
+def check_socket_path(path: Path) -> bool:
+    """Whether `path` holds a stale socket (True: it may be replaced) or nothing (False).
+
+    Raises StartupRefused when a server answers there (another membrokerd, or anything else
+    listening), when it cannot be told, or when something other than a socket is in the way.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupRefused(
+            f"{path} exists and is not a socket: not removing it (move it away and start again)"
+        )
+    probe = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    )
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        return True  # nobody listens: a socket file left behind by a process that died
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        pass  # EAGAIN: a listener whose backlog is full -- very much alive
+    except OSError as exc:
+        raise StartupRefused(
+            f"cannot tell whether {path} is in use ({errno.errorcode.get(exc.errno or 0, exc)}: "
+            f"{exc.strerror}): not replacing it"
+        ) from exc
+    finally:
+        probe.close()
+    raise StartupRefused(
+        f"{path} is in use: a server answers there (another membrokerd?); not touching it"
+    )
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class SessionAcceptor(Protocol):

@@ -23,6 +23,8 @@ from membrokerd.errors import BadRequest, FeatureMissing
 
 HUGE_PAGE_SIZES = (2 << 20, 1 << 30)
 REQUIRED_SEALS = sys_memfd.F_SEAL_SHRINK | sys_memfd.F_SEAL_GROW
+# Guest-physical addresses are 64-bit: a region may end at 2**64 exactly, never past it.
+GPA_LIMIT = 1 << 64
 
 
 class BackingKind(enum.Enum):
@@ -106,6 +108,15 @@ def check_regions(regions: Sequence[Region], size: int, page_size: int) -> None:
     """Regions must be page aligned, inside the backing, and not overlap in guest space."""
     spans = []
     for r in regions:
+        if r.gpa < 0 or r.offset < 0 or r.size < 0:
+            raise BadRequest(
+                f"region gpa={r.gpa:#x} offset={r.offset:#x} size={r.size:#x} has a negative field"
+            )
+        if r.gpa + r.size > GPA_LIMIT:
+            raise BadRequest(
+                f"region gpa={r.gpa:#x} size={r.size:#x} ends at {r.gpa + r.size:#x}, "
+                "beyond the 64-bit guest-physical address space"
+            )
         if r.size == 0 or r.gpa % page_size or r.offset % page_size or r.size % page_size:
             raise BadRequest(
                 f"region gpa={r.gpa:#x} offset={r.offset:#x} size={r.size:#x} "
@@ -202,10 +213,19 @@ def inspect_import(fd: int) -> ImportedBacking:
     return ImportedBacking(kind, info.size, page, info.dev, info.ino, needs_seals)
 
 
-def seal_import(fd: int) -> None:
-    """Seals an accepted memfd against shrink and grow, and locks its seals.
+def seal_import(fd: int, size: int) -> None:
+    """Seals an accepted memfd against shrink and grow, locks its seals, and checks that it
+    still has the `size` inspect_import() saw.
 
     Kernel fact: seals belong to the inode, so the owner's own fd is sealed too: from now on
-    no holder of the memfd can resize it under the guest.
+    no holder of the memfd can resize it under the guest. Until the seals are on, though, the
+    owner (or anyone holding the memfd) can ftruncate it: the size read before sealing may be
+    stale, so it is read again after, when it can no longer change.
     """
     sys_memfd.add_seals(fd, REQUIRED_SEALS | sys_memfd.F_SEAL_SEAL)
+    sealed = os.fstat(fd).st_size
+    if sealed != size:
+        raise BadRequest(
+            f"imported memfd changed size from {size} to {sealed} while being sealed "
+            "(another holder resized it): import it again once it stops changing"
+        )

@@ -154,7 +154,81 @@ def test_partial_send_carries_fds_with_the_first_chunk(
 
 def test_peer_credentials_of_socketpair(pair: tuple[socket.socket, socket.socket]) -> None:
     a, _ = pair
-    assert peer_credentials(a) == PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+    assert peer_credentials(a) == PeerCred(
+        pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), groups=frozenset(os.getgroups())
+    )
+    assert os.getgid() in peer_credentials(a).groups
+
+
+def test_peer_cred_always_includes_the_gid() -> None:
+    assert PeerCred(pid=1, uid=2, gid=3).groups == frozenset({3})
+    assert PeerCred(pid=1, uid=2, gid=3, groups=frozenset({7})).groups == frozenset({3, 7})
+
+
+def _groups_of_a_child_that(groups: list[int], later: list[int] | None = None) -> PeerCred:
+    """Forks a child that calls setgroups(groups), connects, then (if `later`) setgroups(later)
+    and says so; returns what peer_credentials() of the accepted socket says."""
+    if os.getuid() != 0:
+        pytest.skip("setgroups needs CAP_SETGID")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"\0membroker-groups-{os.getpid()}-{time.monotonic_ns()}"
+    listener.bind(name)
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            listener.close()
+            os.setgroups(groups)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(name)
+            if later is not None:
+                os.setgroups(later)
+            s.sendall(b"k")
+            s.recv(1)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(1) == b"k"  # the child is past its setgroups calls
+            cred = peer_credentials(conn)
+            conn.sendall(b"k")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+        return cred
+    finally:
+        listener.close()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_peer_groups_are_the_supplementary_groups_at_connect() -> None:
+    cred = _groups_of_a_child_that([4242, 4343, 65534])
+    assert cred.groups == frozenset({4242, 4343, 65534, os.getgid()})
+
+
+def test_peer_groups_are_captured_at_connect_not_read_later() -> None:
+    # The kernel snapshots the credentials at connect(); a later setgroups() of the peer (or a
+    # pid reused by another process) cannot change what the broker saw.
+    cred = _groups_of_a_child_that([4242], later=[4343, 4444])
+    assert cred.groups == frozenset({4242, os.getgid()})
+
+
+def test_peer_groups_more_than_the_first_buffer_holds() -> None:
+    # 1000 groups: the first getsockopt answers ERANGE with the size needed, the retry fits
+    # (and Python's own socket.getsockopt could not read them at all: buflen <= 1024 bytes).
+    many = list(range(10_000, 11_000))
+    cred = _groups_of_a_child_that(many)
+    assert cred.groups == frozenset([*many, os.getgid()])
+
+
+def test_peer_groups_of_a_peer_with_none() -> None:
+    cred = _groups_of_a_child_that([])
+    assert cred.groups == frozenset({os.getgid()})
 
 
 def test_peer_pidfd_and_sigkill_of_a_connected_child() -> None:
@@ -177,7 +251,9 @@ def test_peer_pidfd_and_sigkill_of_a_connected_child() -> None:
     try:
         conn, _ = listener.accept()
         with conn:
-            assert peer_credentials(conn) == PeerCred(pid=pid, uid=os.getuid(), gid=os.getgid())
+            assert peer_credentials(conn) == PeerCred(
+                pid=pid, uid=os.getuid(), gid=os.getgid(), groups=frozenset(os.getgroups())
+            )
             pidfd = peer_pidfd(conn)
             assert _is_cloexec(pidfd)
             assert pidfd_is_alive(pidfd) is True

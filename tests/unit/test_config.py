@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,55 @@ def test_daemon_exits_2_with_the_message(tmp_path):
     )
     assert proc.returncode == 2
     assert "max_spaces" in proc.stderr and "$MEMBROKER_MAX_SPACES" in proc.stderr
+
+
+def test_hardening_defaults(monkeypatch):
+    for var in [v for v in os.environ if v.startswith("MEMBROKER_")]:
+        monkeypatch.delenv(var)
+    cfg = load_config()
+    assert (cfg.hello_timeout_s, cfg.max_pending_hellos_per_uid) == (2.0, 16)
+    assert (cfg.max_outbound_bytes, cfg.outbound_pause_bytes) == (64 << 20, 256 << 10)
+    assert (cfg.on_unverifiable, cfg.on_fenced_still_mapped) == ("fence", "kill")
+    assert (cfg.fence_grace_ms, cfg.attach_without_grant, cfg.client_name_binding) == (
+        200,
+        False,
+        "uid",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("hello_timeout_s = 0.05", "hello_timeout_s.*greater than or equal to 0.1"),
+        ("hello_timeout_s = 61", "hello_timeout_s.*less than or equal to 60"),
+        ("max_pending_hellos_per_uid = 0", "max_pending_hellos_per_uid"),
+        ("max_outbound_bytes = 65535", "max_outbound_bytes.*greater than or equal to 65536"),
+        ("fence_grace_ms = -1", "fence_grace_ms"),
+        ("fence_grace_ms = 10001", "fence_grace_ms"),
+        ('on_unverifiable = "ignore"', "on_unverifiable.*'fence' or 'report'"),
+        ('on_fenced_still_mapped = "disconnect"', "on_fenced_still_mapped.*'kill' or 'report'"),
+        ('client_name_binding = "gid"', "client_name_binding.*'uid' or 'none'"),
+        ('attach_without_grant = "perhaps"', "attach_without_grant"),
+        (
+            "max_outbound_bytes = 1048576\noutbound_pause_bytes = 1048576",
+            r"outbound_pause_bytes \(1048576\) must be less than max_outbound_bytes \(1048576\)",
+        ),
+    ],
+)
+def test_bad_hardening_values_are_named(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(f)
+
+
+def test_hardening_values_from_env(monkeypatch):
+    monkeypatch.setenv("MEMBROKER_HELLO_TIMEOUT_S", "0.5")
+    monkeypatch.setenv("MEMBROKER_ON_UNVERIFIABLE", "report")
+    monkeypatch.setenv("MEMBROKER_ATTACH_WITHOUT_GRANT", "true")
+    cfg = load_config()
+    assert (cfg.hello_timeout_s, cfg.on_unverifiable, cfg.attach_without_grant) == (
+        0.5,
+        "report",
+        True,
+    )

@@ -1,4 +1,4 @@
-"""Unix-socket fd passing (SCM_RIGHTS), peer identity (SO_PEERCRED, pidfds) for session sockets."""
+"""Unix-socket fd passing (SCM_RIGHTS), peer identity (SO_PEERCRED, SO_PEERGROUPS, pidfds)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from .libc import KernelFeatureMissing
+from .libc import KernelFeatureMissing, check, libc
 
 __all__ = [
     "MAX_FDS_PER_FRAME",
     "SCM_MAX_FD",
+    "SO_PEERGROUPS",
     "SO_PEERPIDFD",
     "PeerCred",
     "UCred",
     "peer_credentials",
+    "peer_groups",
     "peer_pidfd",
     "pidfd_is_alive",
     "pidfd_open",
@@ -35,7 +37,28 @@ MAX_FDS_PER_FRAME: Final = 4
 SCM_MAX_FD: Final = 253
 
 # include/uapi/asm-generic/socket.h (x86_64 and aarch64; alpha/mips/parisc/sparc differ).
+SO_PEERGROUPS: Final = 59
 SO_PEERPIDFD: Final = 77
+
+# First guess of a peer's supplementary group count; the kernel says how many when it is more.
+_GROUPS_GUESS: Final = 64
+# NGROUPS_MAX (include/uapi/linux/limits.h): no process has more supplementary groups.
+_NGROUPS_MAX: Final = 65536
+_GID_SIZE: Final = ctypes.sizeof(ctypes.c_uint32)
+
+# int getsockopt(int sockfd, int level, int optname, void *optval, socklen_t *optlen);
+# A prototype of our own (not libc.getsockopt, whose argtypes are shared by the whole process).
+# Python's socket.getsockopt caps buflen at 1024 bytes (256 gids) and hides the length the kernel
+# reports with ERANGE, so the group list is read through libc directly.
+_getsockopt = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+    use_errno=True,
+)(("getsockopt", libc))
 
 _INT_SIZE: Final = array.array("i").itemsize
 
@@ -57,11 +80,21 @@ assert ctypes.sizeof(UCred) == 12
 
 @dataclass(frozen=True)
 class PeerCred:
-    """Who was at the other end of a Unix socket when it was connected (or socketpair'ed)."""
+    """Who was at the other end of a Unix socket when it was connected (or socketpair'ed).
+
+    `groups` is the peer's supplementary groups as the kernel captured them at connect time
+    (SO_PEERGROUPS), always with `gid` added: every group whose members a policy may admit.
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.gid not in self.groups:
+            # A frozen dataclass: object.__setattr__ is the documented way to finish one.
+            object.__setattr__(self, "groups", frozenset(self.groups) | {self.gid})
 
 
 def send_with_fds(
@@ -126,10 +159,44 @@ def recv_with_fds(
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
-    """SO_PEERCRED: the pid, uid and gid of the peer, captured by the kernel at connect()."""
+    """SO_PEERCRED and SO_PEERGROUPS: the pid, uid, gid and supplementary groups of the peer,
+    all captured by the kernel at connect() (a later setgroups() of the peer changes nothing)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, ctypes.sizeof(UCred))
     cred = UCred.from_buffer_copy(raw)
-    return PeerCred(pid=cred.pid, uid=cred.uid, gid=cred.gid)
+    return PeerCred(pid=cred.pid, uid=cred.uid, gid=cred.gid, groups=peer_groups(sock))
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """SO_PEERGROUPS (Linux 4.13+): the peer's supplementary gids at connect(), in our user ns.
+
+    Without the option (ENOPROTOOPT) the answer is empty: a policy then sees only the gid, so
+    it admits less, never more.
+    """
+    count = _GROUPS_GUESS
+    for _ in range(3):
+        buf = (ctypes.c_uint32 * count)()
+        optlen = ctypes.c_uint32(count * _GID_SIZE)
+        # SAFETY: buf is a live array of `count` gid_t and optlen holds its size in bytes, so
+        # the kernel writes at most that much; sock.fileno() is open for the whole call.
+        ret = _getsockopt(
+            sock.fileno(),
+            socket.SOL_SOCKET,
+            SO_PEERGROUPS,
+            ctypes.cast(buf, ctypes.c_void_p),
+            ctypes.byref(optlen),
+        )
+        if ret == 0:
+            return frozenset(buf[: optlen.value // _GID_SIZE])
+        err = ctypes.get_errno()
+        if err == errno.ENOPROTOOPT:
+            return frozenset()
+        if err != errno.ERANGE:
+            check(ret, "getsockopt(SO_PEERGROUPS)")
+        # Kernel fact: with ERANGE it stores the size it needs in optlen. The groups were
+        # captured at connect() and cannot change, so the second try fits; the loop is a guard.
+        needed = optlen.value // _GID_SIZE
+        count = min(max(needed, count * 2), _NGROUPS_MAX)
+    raise OSError(errno.ERANGE, "getsockopt(SO_PEERGROUPS): group list kept growing")
 
 
 def peer_pidfd(sock: socket.socket) -> int:

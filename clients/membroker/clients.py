@@ -4,6 +4,9 @@ Both are created by `Session.attach_va` / `Session.attach_fd`. Their push handle
 session's thread: by the time a revocation is acknowledged, a VaClient has zapped the pages
 (`MADV_DONTNEED` + `PROT_NONE`), an FdClient has run the application's `on_revoke` callback and
 forgotten its pins there. A later touch of a revoked page in a VaClient is a SIGSEGV: the intent.
+A teardown that fails is never acknowledged: a VaClient whose mprotect/madvise fails, or an
+FdClient whose `on_revoke` callback raises, makes the session refuse the revocation
+(`RevokeRefused` with the reason), and the broker fences or reports it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Iterator
 from membroker import protection
 from membroker._sys import mman
 from membroker._sys.libc import KernelFeatureMissing
-from membroker.errors import MembrokerError, SessionClosed
+from membroker.errors import MembrokerError, SessionClosed, TeardownFailed
 from membroker.rangeset import RangeSet
 from membroker.session import Session
 from membroker.types import Access, AccessRange, SpaceInfo, access_of
@@ -46,6 +49,9 @@ class _Attachment:
     """What both client kinds share: attach/detach and the local view of effective access."""
 
     kind: pb.AttachKind
+    # Whether the application's on_revoke callback is the teardown itself (FdClient): then its
+    # exception means "not torn down". A VaClient's callback is a notification only.
+    _callback_is_teardown: bool = False
 
     def __init__(self, session: Session, space_id: str, on_revoke: RevokeCallback | None) -> None:
         self.session = session
@@ -71,8 +77,21 @@ class _Attachment:
             session._uninstall(space_id)
             raise
         self.seq = resp.seq
-        self.on_access_update(resp.seq, [access_of(r) for r in resp.ranges])
-        session._install(space_id, self, resp.seq)
+        try:
+            if resp.ranges_on_session:
+                # Too many ranges for the reply: they came on the session socket, before it.
+                initial = session._take_snapshot(space_id, resp.seq)
+            else:
+                initial = [access_of(r) for r in resp.ranges]
+            self.on_access_update(resp.seq, initial)
+            session._install(space_id, self, resp.seq)
+        except BaseException:
+            session._uninstall(space_id)
+            with self._lock:
+                self._release()
+            with contextlib.suppress(MembrokerError):
+                session.call("Detach", pb.DetachRequest(space_id=space_id))
+            raise
 
     def _adopt_fd(self, fd: int) -> None:
         raise NotImplementedError
@@ -135,19 +154,50 @@ class _Attachment:
     def on_revoke(
         self, seq: int, ranges: list[AccessRange], space_deleted: bool, deadline_ms: int = 0
     ) -> None:
+        """Tears the ranges down; raises TeardownFailed when they are not (then no ack).
+
+        The local view drops the ranges either way: nothing here claims what may be gone.
+        """
+        with self._lock:
+            if self._closed:
+                # Released already (closed, space deleted, session ended): nothing is held.
+                self.seq = max(self.seq, seq)
+                return
+        failed: Exception | None = None
         if self._user_on_revoke is not None:
             try:
                 self._user_on_revoke(ranges)
-            except Exception:
-                log.exception("on_revoke callback of %s failed; tearing down anyway", self.space_id)
+            except Exception as exc:
+                if self._callback_is_teardown:
+                    failed = exc
+                else:
+                    log.exception(
+                        "on_revoke callback of %s failed; tearing down anyway", self.space_id
+                    )
         with self._lock:
             self._wait_for_access_guards(ranges, deadline_ms)
             for r in ranges:
                 self._record(r)
-            self._teardown(ranges)
-            self.seq = max(self.seq, seq)
-            if space_deleted:
-                self._release()
+            try:
+                if failed is None:
+                    self._teardown(ranges)
+            except Exception as exc:
+                raise TeardownFailed(
+                    self.space_id,
+                    seq,
+                    f"tearing down {len(ranges)} range(s) of {self.space_id} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                ) from exc
+            finally:
+                self.seq = max(self.seq, seq)
+                if space_deleted:
+                    self._release()
+        if failed is not None:
+            raise TeardownFailed(
+                self.space_id,
+                seq,
+                f"on_revoke of {self.space_id} raised {type(failed).__name__}: {failed}",
+            ) from failed
 
     def _teardown(self, ranges: list[AccessRange]) -> None:
         raise NotImplementedError
@@ -223,6 +273,10 @@ class VaClient(_Attachment):
     `view(offset, length)` returns a zero-copy memoryview into the mapping. After a revoke the
     same memoryview still points at the (now unreachable) pages: touching it kills the process
     with SIGSEGV, which is how a stray pointer in a backend is kept from corrupting the guest.
+
+    The optional `on_revoke(ranges)` callback is told before the teardown; if it raises, that
+    is logged and the teardown happens anyway. If the teardown itself fails (a syscall
+    error), the revocation is refused rather than acknowledged.
     """
 
     kind = pb.ATTACH_KIND_VA
@@ -441,10 +495,12 @@ class FdClient(_Attachment):
 
     `on_revoke(ranges)` runs on the session thread before the acknowledgement: stop using the
     ranges there (delete the memslot, stop the DMA, unmap). Pins in revoked ranges are released
-    by the acknowledgement itself.
+    by the acknowledgement itself. If it raises, the ranges count as still in use: the session
+    refuses the revocation with the exception's message, and the broker fences this client.
     """
 
     kind = pb.ATTACH_KIND_FD
+    _callback_is_teardown = True
 
     def _adopt_fd(self, fd: int) -> None:
         self.fd = fd

@@ -3,6 +3,7 @@
     MembrokerError
     ├── ProtocolError          a malformed session frame (either side)
     ├── SessionClosed          the broker ended the session (.reason, .fenced)
+    ├── TeardownFailed         a revoked range could not be torn down (sent as a refusal)
     ├── ConnectError           the broker's sockets cannot be reached
     └── BrokerError            a control call failed (.code, .details, .method, .request)
         ├── InvalidArgument    bad size, alignment, range or enum
@@ -46,6 +47,20 @@ class SessionClosed(MembrokerError):
         super().__init__(reason)
         self.reason = reason
         self.fenced = fenced
+
+
+class TeardownFailed(MembrokerError):
+    """A revoked range could not be torn down; the SDK refuses the revocation with this reason.
+
+    Raised on the session thread from a client's revoke handler, never to the application:
+    the broker gets `RevokeRefused{space_id, seq, reason}` instead of an acknowledgement.
+    """
+
+    def __init__(self, space_id: str, seq: int, reason: str) -> None:
+        super().__init__(reason)
+        self.space_id = space_id
+        self.seq = seq
+        self.reason = reason
 
 
 class ConnectError(MembrokerError):

@@ -4,13 +4,23 @@
 pushes (fd deliveries, access updates, revocations) promptly even while the application's own
 threads are busy. Control calls go over gRPC with the session token as metadata. Owner
 operations live here; attaching returns a `VaClient` or `FdClient` (membroker.clients).
+
+Pushes too large for one frame come in parts (`more`): the reader applies the parts of an
+AccessUpdate as they come, and collects the parts of a Revoke so that the handler tears down
+and the session acknowledges once. A revocation whose teardown failed is never acknowledged:
+the handler raises, and the session sends `RevokeRefused` with the reason instead. The session
+is closed, with a reason and every waiter woken, by the broker (EOF, `Goodbye`, `Error`), by
+`close()`, or by anything that goes wrong in the reader; a send that fails first reads the
+broker's last frame, so a fenced client learns that it was fenced and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -27,6 +37,7 @@ from membroker.errors import (
     MembrokerError,
     ProtocolError,
     SessionClosed,
+    Unauthenticated,
     from_rpc_error,
 )
 from membroker.types import (
@@ -46,6 +57,23 @@ log = logging.getLogger("membroker")
 
 TOKEN_KEY = "membroker-session-token"
 DEFAULT_TIMEOUT = 30.0
+# The largest frame the SDK accepts whatever the broker announces (the daemon's own ceiling).
+MAX_FRAME_CEILING = 16 * 1024 * 1024
+# The reader's recvmsg buffer. Python allocates the full size on every recvmsg: 64 KiB costs
+# ~2 us, 256 KiB or more ~13 us (the allocation goes to mmap). So small frames are read into
+# at most 64 KiB, and only a large frame already announced by its header gets a larger read,
+# up to the frame's size and at most this cap.
+SMALL_RECV_BYTES = wire.DEFAULT_MAX_FRAME + wire.HEADER.size
+MAX_RECV_BYTES = 1024 * 1024
+# Ranges the reader holds at once in pushes not yet handed over: revoke parts waiting for their
+# last part, pushes buffered for an attach in flight, attach snapshots. A broker that goes past
+# it (say, `more` parts without end) breaks the protocol and the session is closed.
+MAX_PENDING_RANGES = 4_000_000
+# How long a failed send waits for the broker's last frame (Goodbye, Error) to be read.
+LAST_WORDS_WAIT = 0.5
+# A refusal's reason is cut to this many UTF-8 bytes: with the rest of RevokeRefused it fits
+# in the smallest frame a broker may announce (1 KiB).
+MAX_REASON_BYTES = 512
 
 
 def default_runtime_dir() -> Path:
@@ -60,7 +88,13 @@ def default_runtime_dir() -> Path:
 
 
 class PushHandler(Protocol):
-    """What an attachment does with the pushes of its space (called on the session thread)."""
+    """What an attachment does with the pushes of its space (called on the session thread).
+
+    `on_revoke` returns only once the ranges are torn down; the session then acknowledges. If
+    it raises, the ranges are NOT torn down: the session refuses the revocation
+    (`RevokeRefused`, the exception's message as the reason) and the broker fences or reports.
+    An exception from `on_access_update` is logged; access stays as low as it was.
+    """
 
     def on_access_update(self, seq: int, ranges: list[AccessRange]) -> None: ...
 
@@ -71,6 +105,50 @@ class PushHandler(Protocol):
     def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None: ...
 
     def on_session_closed(self, reason: str) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Push:
+    """One access change of a space (every part of it, for a revoke), as the reader got it."""
+
+    space_id: str
+    seq: int
+    ranges: list[AccessRange]
+    revoke: bool
+    space_deleted: bool = False
+    deadline_ms: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending:
+    """What arrives for a space being attached, held until its handler is installed."""
+
+    pushes: list[_Push] = dataclasses.field(default_factory=list)
+    # The attach snapshot (AccessUpdate with `snapshot`): its seq, its ranges so far, and
+    # whether its last part (the one without `more`) came.
+    snapshot_seq: int = -1
+    snapshot: list[AccessRange] = dataclasses.field(default_factory=list)
+    snapshot_done: bool = False
+
+    @property
+    def held_ranges(self) -> int:
+        return sum(len(p.ranges) for p in self.pushes) + len(self.snapshot)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _reason_of(exc: BaseException) -> str:
+    """The reason a refusal carries: the exception's message (its type if it has none)."""
+    data = (str(exc) or type(exc).__name__).encode()
+    if len(data) <= MAX_REASON_BYTES:
+        return data.decode()
+    return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
 class Session:
@@ -93,13 +171,19 @@ class Session:
         self._cv = threading.Condition()
         self._fds: dict[int, int] = {}
         self._handlers: dict[str, PushHandler] = {}
-        self._buffered: dict[str, list[spb.Frame]] = {}
+        self._buffered: dict[str, _Pending] = {}
+        # Revoke parts waiting for their last part, by (space, seq): the reader's alone.
+        self._partial: dict[tuple[str, int], _Push] = {}
+        # Ranges in _partial and _buffered (under _cv), bounded by MAX_PENDING_RANGES.
+        self._held_ranges = 0
         self._pongs: dict[int, float] = {}
         self._nonce = itertools.count(1)
         self._offer_tag = itertools.count(1)
         self._closed_reason: str | None = None
         self._fenced = False
+        self._reader: threading.Thread | None = None
         self._decoder = wire.FrameDecoder()
+        self._recv_cap = SMALL_RECV_BYTES
         try:
             self._sock.settimeout(timeout)
             try:
@@ -114,15 +198,30 @@ class Session:
             )
             welcome = self._read_welcome()
             self._sock.settimeout(None)
-        except BaseException:
+        except BaseException as exc:
             self._sock.close()
             self._decoder.close()
+            if isinstance(exc, SessionClosed):
+                raise ConnectError(f"broker refused the session: {exc.reason}") from exc
             raise
         self.session_id = welcome.session_id
         self.token = welcome.token
         self.broker_pid = welcome.broker_pid
         self.page_size = welcome.page_size
+        max_frame = welcome.max_frame_bytes or wire.DEFAULT_MAX_FRAME
+        if max_frame > MAX_FRAME_CEILING:
+            log.warning(
+                "broker announces frames of up to %d bytes; accepting at most %d",
+                max_frame,
+                MAX_FRAME_CEILING,
+            )
+            max_frame = MAX_FRAME_CEILING
+        # The limit the broker splits its pushes under (Welcome.max_frame_bytes).
+        self.max_frame_bytes = max_frame
+        self._decoder.max_frame = max_frame
+        self._recv_cap = min(max_frame + wire.HEADER.size, MAX_RECV_BYTES)
         self._metadata = ((TOKEN_KEY, self.token),)
+        # grpc channels connect lazily: nothing reaches control.sock before the first call.
         self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
         self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
         self._reader = threading.Thread(
@@ -145,55 +244,175 @@ class Session:
         return self._closed_reason is not None
 
     @property
+    def closed_reason(self) -> str | None:
+        """Why the session ended (None while it is open)."""
+        return self._closed_reason
+
+    @property
     def fenced(self) -> bool:
         return self._fenced
+
+    def _closed_error(self) -> SessionClosed:
+        """The exception for a call on an ended session (call with the reason set)."""
+        return SessionClosed(self._closed_reason or "session closed", fenced=self._fenced)
 
     # -- frames --------------------------------------------------------------------------------
 
     def _send(self, frame: spb.Frame, fds: Sequence[int] = ()) -> None:
+        """Sends one frame; SessionClosed (with the broker's last word, if any) when it cannot."""
         data = memoryview(wire.encode(frame))
+        with self._cv:
+            if self._closed_reason is not None:
+                raise self._closed_error()
+        failure: OSError | None = None
         with self._send_lock:
             try:
                 while data:
                     sent = sys_sock.send_with_fds(self._sock, data, fds)
                     data, fds = data[sent:], ()
             except OSError as exc:
-                raise SessionClosed(f"session socket broken: {exc}") from exc
+                failure = exc
+        if failure is not None:
+            raise self._broken(failure) from failure
+
+    def _broken(self, failure: OSError) -> SessionClosed:
+        """What a failed send means: the broker's own reason when it left one.
+
+        EPIPE / ECONNRESET mean the broker closed the socket, usually right after a Goodbye
+        (fencing, shutdown) or an Error frame that is still queued for us: give the reader up
+        to LAST_WORDS_WAIT to record it, or read it here when no reader runs (handshake). On
+        the reader thread itself, the read loop goes on reading for it.
+        """
+        reader = self._reader
+        if reader is None:
+            self._read_last_words()
+        elif threading.current_thread() is not reader:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closed_reason is not None, LAST_WORDS_WAIT)
+        with self._cv:
+            reason = self._closed_reason or f"session socket broken: {failure}"
+            return SessionClosed(reason, fenced=self._fenced)
+
+    def _read_last_words(self) -> None:
+        """Reads what the broker left in the socket, up to LAST_WORDS_WAIT, for its reason.
+
+        Only when no reader thread runs. Every other frame is dropped (its fds closed).
+        """
+        deadline = time.monotonic() + LAST_WORDS_WAIT
+        while self._closed_reason is None and (left := deadline - time.monotonic()) > 0:
+            try:
+                if not select.select([self._sock], [], [], left)[0]:
+                    return
+                data, fds, _ = sys_sock.recv_with_fds(self._sock, self._recv_size())
+                if not data:
+                    _close_all(fds)
+                    return
+                frames = self._decoder.feed(data, fds)
+            except (OSError, ValueError, ProtocolError):
+                return
+            for frame, frame_fds in frames:
+                _close_all(frame_fds)
+                self._note_last_word(frame)
+
+    def _note_last_word(self, frame: spb.Frame) -> None:
+        """Records why the broker ends the session (Error, Goodbye); other frames are ignored."""
+        kind = frame.WhichOneof("body")
+        if kind == "error":
+            reason = f"broker error {frame.error.code}: {frame.error.message}"
+            fenced = False
+        elif kind == "goodbye":
+            fenced = frame.goodbye.fenced
+            reason = ("fenced: " if fenced else "") + frame.goodbye.reason
+        else:
+            return
+        with self._cv:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+                self._fenced = fenced
+            self._cv.notify_all()
+
+    def _recv_exact(self, n: int) -> bytes:
+        """Exactly n handshake bytes (no fds may come with them)."""
+        buf = bytearray()
+        while len(buf) < n:
+            data, fds, truncated = sys_sock.recv_with_fds(self._sock, n - len(buf))
+            if fds or truncated:
+                _close_all(fds)
+                raise ConnectError("broker sent file descriptors during the handshake")
+            if not data:
+                raise ConnectError("broker closed the session during the handshake")
+            buf += data
+        return bytes(buf)
 
     def _read_welcome(self) -> spb.Welcome:
-        while True:
-            data, fds, truncated = sys_sock.recv_with_fds(self._sock, 65536)
-            if truncated or not data:
-                for fd in fds:
-                    os.close(fd)
-                raise ConnectError("broker closed the session during the handshake")
-            for frame, frame_fds in self._decoder.feed(data, fds):
-                for fd in frame_fds:
-                    os.close(fd)
-                kind = frame.WhichOneof("body")
-                if kind == "welcome":
-                    return frame.welcome
-                if kind == "error":
-                    raise ConnectError(f"broker refused the session: {frame.error.message}")
-                raise ConnectError(f"unexpected {kind} frame during the handshake")
+        """Reads exactly the broker's first frame; what follows waits for the reader thread,
+        which decodes it under the limit the Welcome announces."""
+        try:
+            header = self._recv_exact(wire.HEADER.size)
+            (length,) = wire.HEADER.unpack(header)
+            if length > wire.DEFAULT_MAX_FRAME:
+                raise ConnectError(f"handshake frame of {length} bytes: not a membroker broker?")
+            ((frame, _),) = self._decoder.feed(header + self._recv_exact(length), [])
+        except ProtocolError as exc:
+            raise ConnectError(f"broker sent an invalid handshake frame: {exc}") from exc
+        except OSError as exc:
+            raise ConnectError(f"no Welcome from the broker: {exc}") from exc
+        kind = frame.WhichOneof("body")
+        if kind == "welcome":
+            return frame.welcome
+        if kind == "error":
+            raise ConnectError(f"broker refused the session: {frame.error.message}")
+        if kind == "goodbye":
+            raise ConnectError(f"broker refused the session: {frame.goodbye.reason}")
+        raise ConnectError(f"unexpected {kind} frame during the handshake")
+
+    def _recv_size(self) -> int:
+        """The next recvmsg's buffer: small, unless a large frame is known to be coming."""
+        return min(max(self._decoder.missing_bytes, SMALL_RECV_BYTES), self._recv_cap)
 
     def _read_loop(self) -> None:
-        reason = "session closed"
+        """The reader thread: decodes and dispatches frames until the session ends.
+
+        Whatever ends it -- EOF, a protocol error, a bug -- closes the session with a reason,
+        wakes every waiter and shuts the socket down (so the broker releases at once).
+        """
+        reason: str | None = None
+        broken_at: float | None = None
         try:
             while True:
-                data, fds, truncated = sys_sock.recv_with_fds(self._sock, 256 * 1024)
+                if broken_at is not None:
+                    # A send of ours failed: the broker is gone, but its Goodbye or Error may
+                    # still be queued here. Read on, briefly.
+                    left = broken_at + LAST_WORDS_WAIT - time.monotonic()
+                    if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                        break
+                data, fds, truncated = sys_sock.recv_with_fds(self._sock, self._recv_size())
                 if truncated:
-                    for fd in fds:
-                        os.close(fd)
+                    _close_all(fds)
                     raise ProtocolError("broker sent more fds than a frame carries")
                 if not data:
-                    reason = self._closed_reason or "broker closed the session"
                     break
                 for frame, frame_fds in self._decoder.feed(data, fds):
-                    self._dispatch(frame, frame_fds)
+                    try:
+                        self._dispatch(frame, frame_fds)
+                    except SessionClosed as exc:
+                        # Only our own sends raise this here (handlers' errors are caught).
+                        reason = reason or exc.reason
+                        if broken_at is None:
+                            broken_at = time.monotonic()
         except (OSError, MembrokerError) as exc:
-            reason = self._closed_reason or f"session ended: {exc}"
-        self._mark_closed(reason)
+            reason = f"session ended: {exc}"
+        except BaseException as exc:
+            # A bug here, or a handler that raised past its guard (SystemExit, say): the
+            # session cannot serve its pushes any more, so it ends, loudly.
+            log.exception("membroker session reader of %s failed", self.name)
+            reason = f"session reader failed: {type(exc).__name__}: {exc}"
+        finally:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._mark_closed(reason or "broker closed the session")
 
     def _mark_closed(self, reason: str) -> None:
         with self._cv:
@@ -201,11 +420,23 @@ class Session:
                 self._closed_reason = reason
             self._cv.notify_all()
             handlers = list(self._handlers.values())
+            self._partial.clear()
+            self._buffered.clear()
+            self._held_ranges = 0
         for handler in handlers:
             try:
-                handler.on_session_closed(reason)
+                handler.on_session_closed(self._closed_reason or reason)
             except Exception:
                 log.exception("session-closed handler failed")
+
+    def _hold(self, count: int) -> None:
+        """Accounts for `count` more ranges held by the reader (call with _cv held)."""
+        if self._held_ranges + count > MAX_PENDING_RANGES:
+            raise ProtocolError(
+                f"broker pushed more than {MAX_PENDING_RANGES} ranges not yet complete "
+                f"({len(self._partial)} revocation(s) still expecting parts)"
+            )
+        self._held_ranges += count
 
     def _dispatch(self, frame: spb.Frame, fds: list[int]) -> None:
         kind = frame.WhichOneof("body")
@@ -213,14 +444,20 @@ class Session:
             with self._cv:
                 self._fds[frame.fd_delivery.tag] = fds[0]
                 self._cv.notify_all()
-        elif kind in ("access_update", "revoke"):
-            space_id = getattr(frame, kind).space_id
-            with self._cv:
-                handler = self._handlers.get(space_id)
-                if handler is None and space_id in self._buffered:
-                    self._buffered[space_id].append(frame)
-                    return
-            self._deliver(handler, frame)
+        elif kind == "revoke":
+            push = self._collect_revoke(frame.revoke)
+            if push is not None:
+                self._route(push)
+        elif kind == "access_update":
+            upd = frame.access_update
+            ranges = [access_of(r) for r in upd.ranges]
+            if upd.snapshot:
+                self._collect_snapshot(upd.space_id, upd.seq, ranges, upd.more)
+            else:
+                # Parts of an update only raise access: each is applied as it comes.
+                with self._cv:
+                    self._hold(len(ranges))
+                self._route(_Push(upd.space_id, upd.seq, ranges, revoke=False))
         elif kind == "release_pins":
             req = frame.release_pins
             with self._cv:
@@ -236,60 +473,162 @@ class Session:
             with self._cv:
                 self._pongs[frame.pong.nonce] = time.perf_counter()
                 self._cv.notify_all()
-        elif kind == "error":
-            self._closed_reason = f"broker error {frame.error.code}: {frame.error.message}"
-        elif kind == "goodbye":
-            self._fenced = frame.goodbye.fenced
-            self._closed_reason = (
-                "fenced: " if frame.goodbye.fenced else ""
-            ) + frame.goodbye.reason
+        elif kind in ("error", "goodbye"):
+            self._note_last_word(frame)
         else:
             log.warning("ignoring unexpected %s frame from the broker", kind)
 
-    def _deliver(self, handler: PushHandler | None, frame: spb.Frame) -> None:
-        if frame.HasField("access_update"):
+    def _collect_revoke(self, rev: spb.Revoke) -> _Push | None:
+        """Adds one Revoke frame to its change; returns the change once its last part came."""
+        key = (rev.space_id, rev.seq)
+        ranges = [access_of(r) for r in rev.ranges]
+        with self._cv:
+            self._hold(len(ranges))
+        push = self._partial.pop(key, None)
+        if push is None:
+            # The deadline runs from the first part: keep the first part's.
+            push = _Push(rev.space_id, rev.seq, ranges, True, rev.space_deleted, rev.deadline_ms)
+        else:
+            push.ranges.extend(ranges)
+            push.space_deleted = push.space_deleted or rev.space_deleted
+        if rev.more:
+            self._partial[key] = push
+            return None
+        return push
+
+    def _collect_snapshot(
+        self, space_id: str, seq: int, ranges: list[AccessRange], more: bool
+    ) -> None:
+        """Adds one part of an attach snapshot to the space being attached."""
+        with self._cv:
+            pending = self._buffered.get(space_id)
+            if pending is None:
+                # Only an attach in flight asks for one; a stale one changes nothing known.
+                log.warning("ignoring an access snapshot of %s: it is not being attached", space_id)
+                return
+            self._hold(len(ranges))
+            if pending.snapshot_seq != seq or pending.snapshot_done:
+                # A new snapshot replaces an older one.
+                self._held_ranges -= len(pending.snapshot)
+                pending.snapshot = []
+                pending.snapshot_seq = seq
+                pending.snapshot_done = False
+            pending.snapshot.extend(ranges)
+            if not more:
+                pending.snapshot_done = True
+                self._cv.notify_all()
+
+    def _route(self, push: _Push) -> None:
+        """Hands a complete push to its space's handler, or holds it while the space attaches."""
+        with self._cv:
+            handler = self._handlers.get(push.space_id)
+            if handler is None and push.space_id in self._buffered:
+                self._buffered[push.space_id].pushes.append(push)
+                return
+            self._held_ranges -= len(push.ranges)
+        self._deliver(handler, push)
+
+    def _deliver(self, handler: PushHandler | None, push: _Push) -> None:
+        """Runs a handler on one push; answers a revocation with RevokeAck or RevokeRefused.
+
+        A revocation of a space without a handler (detached, or at or below the attach seq)
+        is acknowledged: nothing of it is mapped here.
+        """
+        if not push.revoke:
             if handler is not None:
-                upd = frame.access_update
-                handler.on_access_update(upd.seq, [access_of(r) for r in upd.ranges])
+                try:
+                    handler.on_access_update(push.seq, push.ranges)
+                except Exception:
+                    log.exception(
+                        "applying access update seq %d of %s failed", push.seq, push.space_id
+                    )
             return
-        rev = frame.revoke
-        try:
-            if handler is not None:
-                handler.on_revoke(
-                    rev.seq, [access_of(r) for r in rev.ranges], rev.space_deleted, rev.deadline_ms
+        refusal: str | None = None
+        if handler is not None:
+            try:
+                handler.on_revoke(push.seq, push.ranges, push.space_deleted, push.deadline_ms)
+            except Exception as exc:
+                refusal = _reason_of(exc)
+                log.error(
+                    "refusing revocation seq %d of %s (%d range(s)): %s",
+                    push.seq,
+                    push.space_id,
+                    len(push.ranges),
+                    refusal,
+                    exc_info=exc,
                 )
-        finally:
+        if refusal is None:
             # Acknowledge only after the handler returned: by then the ranges are torn down.
-            self._send(spb.Frame(revoke_ack=spb.RevokeAck(space_id=rev.space_id, seq=rev.seq)))
+            self._send(spb.Frame(revoke_ack=spb.RevokeAck(space_id=push.space_id, seq=push.seq)))
+        else:
+            self._send(
+                spb.Frame(
+                    revoke_refused=spb.RevokeRefused(
+                        space_id=push.space_id, seq=push.seq, reason=refusal
+                    )
+                )
+            )
 
     # -- attachments (used by membroker.clients) -----------------------------------------------
 
     def _expect(self, space_id: str) -> None:
         """Buffers the pushes of a space until its handler is installed."""
         with self._cv:
-            self._buffered.setdefault(space_id, [])
+            self._buffered.setdefault(space_id, _Pending())
+
+    def _take_snapshot(
+        self, space_id: str, seq: int, timeout: float | None = None
+    ) -> list[AccessRange]:
+        """Waits for the access snapshot at `seq` the broker sent before its Attach reply
+        (AttachResponse.ranges_on_session) and takes it: the client's effective access."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        with self._cv:
+            while True:
+                pending = self._buffered.get(space_id)
+                if self._closed_reason is not None:
+                    raise self._closed_error()
+                if pending is None:
+                    raise ProtocolError(f"{space_id} is not being attached")
+                if pending.snapshot_done and pending.snapshot_seq == seq:
+                    ranges = pending.snapshot
+                    self._held_ranges -= len(ranges)
+                    pending.snapshot = []
+                    pending.snapshot_seq = -1
+                    pending.snapshot_done = False
+                    return ranges
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(
+                        f"the access snapshot of {space_id} at seq {seq} did not arrive"
+                    )
+                self._cv.wait(left)
 
     def _install(self, space_id: str, handler: PushHandler, after_seq: int) -> None:
         """Installs a handler and replays the pushes newer than the attach snapshot."""
         while True:
             with self._cv:
-                pending = self._buffered.get(space_id, [])
-                if not pending:
+                if self._closed_reason is not None:
+                    raise self._closed_error()
+                pending = self._buffered.get(space_id)
+                pushes = pending.pushes if pending is not None else []
+                if pending is None or not pushes:
+                    if pending is not None:
+                        self._held_ranges -= pending.held_ranges
                     self._buffered.pop(space_id, None)
                     self._handlers[space_id] = handler
                     return
-                self._buffered[space_id] = []
-            for frame in pending:
-                body = frame.access_update if frame.HasField("access_update") else frame.revoke
-                if body.seq > after_seq:
-                    self._deliver(handler, frame)
-                elif frame.HasField("revoke"):
-                    self._deliver(None, frame)
+                self._held_ranges -= sum(len(p.ranges) for p in pushes)
+                pending.pushes = []
+            for push in pushes:
+                # At or below the snapshot's seq a push is already in it (a revoke: acked).
+                self._deliver(handler if push.seq > after_seq else None, push)
 
     def _uninstall(self, space_id: str) -> None:
         with self._cv:
             self._handlers.pop(space_id, None)
-            self._buffered.pop(space_id, None)
+            pending = self._buffered.pop(space_id, None)
+            if pending is not None:
+                self._held_ranges -= pending.held_ranges
 
     def take_fd(self, tag: int, timeout: float | None = None) -> int:
         """Waits for the fd the broker delivers under `tag`; the caller owns it."""
@@ -321,7 +660,15 @@ class Session:
                 timeout=timeout if timeout is not None else self.timeout,
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc, method, request) from exc
+            error = from_rpc_error(exc, method, request)
+            if isinstance(error, Unauthenticated):
+                # The broker ended this session (fenced it, say): its Goodbye says why, and
+                # may be a moment behind the call's failure.
+                with self._cv:
+                    self._cv.wait_for(lambda: self._closed_reason is not None, LAST_WORDS_WAIT)
+                    if self._closed_reason is not None:
+                        raise self._closed_error() from exc
+            raise error from exc
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip on the session socket, in seconds."""
@@ -410,6 +757,17 @@ class Session:
     def list_pins(self, space_id: str) -> list[pb.PinRecord]:
         return list(self.call("ListPins", pb.ListPinsRequest(space_id=space_id)).pins)
 
+    def list_revocations(self, space_id: str, after_seq: int = 0) -> list[RevocationReport]:
+        """The reports of a space's latest revocations with a seq above `after_seq`.
+
+        Kept by the broker even when the call that started one was cancelled or timed out
+        (`caller_gone`): a revocation that began always runs to its end."""
+        resp = self.call(
+            "ListRevocations",
+            pb.ListRevocationsRequest(space_id=space_id, after_seq=after_seq),
+        )
+        return [RevocationReport.from_pb(r) for r in resp.reports]
+
     def stats(self) -> pb.Stats:
         stats: pb.Stats = self.call("GetStats", pb.GetStatsRequest())
         return stats
@@ -445,14 +803,17 @@ class Session:
 
     def close(self) -> None:
         """Ends the session: the broker releases everything it held for it."""
-        if self._closed_reason is None:
-            self._closed_reason = "closed by the client"
+        with self._cv:
+            if self._closed_reason is None:
+                self._closed_reason = "closed by the client"
+            self._cv.notify_all()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        if self._reader.is_alive() and threading.current_thread() is not self._reader:
-            self._reader.join(5)
+        reader = self._reader
+        if reader is not None and reader.is_alive() and threading.current_thread() is not reader:
+            reader.join(5)
         self._sock.close()
         self._channel.close()
         with self._cv:
@@ -548,6 +909,10 @@ class OwnedSpace:
 
     def grants(self, client: str = "") -> list[tuple[str, AccessRange]]:
         return self.session.list_grants(self.space_id, client)
+
+    def revocations(self, after_seq: int = 0) -> list[RevocationReport]:
+        """This space's latest revocation reports (see `Session.list_revocations`)."""
+        return self.session.list_revocations(self.space_id, after_seq)
 
     def delete(self, *, on_pinned: str | None = None) -> RevocationReport:
         """Revokes everything from every client (pins: see `unshare`), then frees the space."""

@@ -138,45 +138,77 @@ class SpaceInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClientOutcome:
+    """What one client did in a revocation.
+
+    outcome: "acked", "fenced", "gone" (its session or process ended meanwhile), or
+    "unverified" (acknowledged, but the kernel's view of it could not be read). fence: what
+    fencing did when outcome is "fenced" -- "disconnected", "killed", "still_mapped" (the
+    reason says what it still maps) or "exited" -- and "" otherwise.
+    """
+
     client: str
     session_id: str
     pid: int
-    outcome: str  # "acked", "fenced" or "gone"
+    outcome: str
     latency_us: int
     reason: str
+    fence: str = ""
+
+    @classmethod
+    def from_pb(cls, c: pb.ClientOutcome) -> ClientOutcome:
+        return cls(
+            c.client,
+            c.session_id,
+            c.pid,
+            _OUTCOMES.get(c.outcome, "unknown"),
+            c.latency_us,
+            c.reason,
+            _FENCE_RESULTS.get(c.fence, "unknown"),
+        )
 
 
-_OUTCOMES = {pb.OUTCOME_ACKED: "acked", pb.OUTCOME_FENCED: "fenced", pb.OUTCOME_GONE: "gone"}
+_OUTCOMES = {
+    pb.OUTCOME_ACKED: "acked",
+    pb.OUTCOME_FENCED: "fenced",
+    pb.OUTCOME_GONE: "gone",
+    pb.OUTCOME_UNVERIFIED: "unverified",
+}
+_FENCE_RESULTS = {
+    pb.FENCE_RESULT_UNSPECIFIED: "",
+    pb.FENCE_RESULT_DISCONNECTED: "disconnected",
+    pb.FENCE_RESULT_KILLED: "killed",
+    pb.FENCE_RESULT_STILL_MAPPED: "still_mapped",
+    pb.FENCE_RESULT_EXITED: "exited",
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RevocationReport:
-    """What a revocation did: who acknowledged, how fast, who was fenced and why."""
+    """What a revocation did: who acknowledged, how fast, who was fenced and why.
+
+    cause: what started it ("revoke", "private", "downgrade", "delete", "fence"). caller_gone:
+    the call that started it was cancelled or timed out, and the revocation ran to its end
+    anyway (its report is then found with `Session.list_revocations`).
+    """
 
     space_id: str
     seq: int
     clients: tuple[ClientOutcome, ...]
     duration_us: int
     revoked_bytes: int
+    cause: str = ""
+    caller_gone: bool = False
 
     @classmethod
     def from_pb(cls, r: pb.RevocationReport) -> RevocationReport:
         return cls(
             r.space_id,
             r.seq,
-            tuple(
-                ClientOutcome(
-                    c.client,
-                    c.session_id,
-                    c.pid,
-                    _OUTCOMES.get(c.outcome, "unknown"),
-                    c.latency_us,
-                    c.reason,
-                )
-                for c in r.clients
-            ),
+            tuple(ClientOutcome.from_pb(c) for c in r.clients),
             r.duration_us,
             r.revoked_bytes,
+            r.cause,
+            r.caller_gone,
         )
 
     @property

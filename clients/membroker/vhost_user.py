@@ -5,7 +5,8 @@ For backend authors and VMMs: `Frontend` speaks the vhost-user protocol on a bac
 `BlkBridge` attaches to a broker space as an fd+offset client, turns the ranges it is granted
 into backend memory regions, drives virtio-blk requests through them, and on a revocation
 removes the regions and checks the backend's own /proc/PID/maps before it acknowledges (the
-backend's reply alone is not proof).
+backend's reply alone is not proof); while the backend still maps a revoked offset, the
+revocation is refused, never acknowledged.
 
 Wire layouts (little endian): header ``u32 request; u32 flags (version 1, 0x4 reply, 0x8
 need reply); u32 size``; region ``u64 guest_phys_addr, memory_size, userspace_addr,
@@ -16,6 +17,7 @@ vring addr ``u32 index, flags; u64 desc, used, avail, log``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import select
 import socket
@@ -34,6 +36,8 @@ from membroker.types import Access, AccessRange
 
 if TYPE_CHECKING:
     from membroker.clients import FdClient
+
+log = logging.getLogger("membroker")
 
 GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
 MAX_TABLE_REGIONS = 8
@@ -365,42 +369,76 @@ class BlkBridge:
 
     def _withdraw(self, ranges: list[AccessRange]) -> None:
         """On a revocation (session thread): remove every region touching the ranges, wait
-        until the backend's own maps no longer show them (only then may the SDK ack), and
-        export again what is still held of those regions."""
+        until the backend's own maps no longer show them, and export again what is still held
+        of those regions.
+
+        Raises VhostUserError while the backend still maps any revoked offset (its reply is
+        not proof; its /proc/PID/maps is): the SDK then refuses the revocation instead of
+        acknowledging it. A piece that cannot be exported again is only logged, once the maps
+        show the revoked offsets gone.
+        """
         with self._lock:
             keep: list[AccessRange] = []
+            problems: list[str] = []
             for offset, exp in list(self._exports.items()):
                 if not any(exp.range.offset < r.end and r.offset < exp.range.end for r in ranges):
                     continue
                 del self._exports[offset]
-                if self.mem_slots:
-                    self.frontend.remove_region(exp.region)
-                else:
-                    self._publish_table()
+                try:
+                    if self.mem_slots:
+                        self.frontend.remove_region(exp.region)
+                    else:
+                        self._publish_table()
+                except VhostUserError as exc:
+                    # Whether it still maps the region is the kernel's to say, just below.
+                    problems.append(f"removing region at gpa {exp.region.gpa:#x}: {exc}")
                 if self.queue is not None and self.queue.mem is exp.mapping:
                     self.queue = None
                 exp.mapping.close()
-                self._wait_unmapped(exp.range)
                 keep += _minus(exp.range, ranges)
+            # Every revoked offset, exported or not: none may stay reachable by the backend.
+            still = self._wait_unmapped(ranges)
+            if still is not None:
+                raise VhostUserError("; ".join([still, *problems]))
+            failed_export = False
             for piece in keep:
-                self._export(piece)
+                try:
+                    self._export(piece)
+                except VhostUserError as exc:
+                    failed_export = True
+                    log.warning(
+                        "cannot export %#x+%#x again after a revocation: %s",
+                        piece.offset,
+                        piece.length,
+                        exc,
+                    )
+            if failed_export:
+                # A backend that maps more than a region (old libvhost-user maps from file
+                # offset 0) may have reached revoked offsets through the re-export.
+                still = self._wait_unmapped(ranges)
+                if still is not None:
+                    raise VhostUserError(still)
 
-    def _wait_unmapped(self, r: AccessRange, timeout: float = 1.0) -> None:
+    def _still_mapped(self, ranges: list[AccessRange]) -> str | None:
+        """What the backend's maps still show of the ranges, or None."""
         dev, ino = self._dev_ino
+        for v in self.backend.mappings_of(dev, ino):
+            for r in ranges:
+                if v.offset < r.end and r.offset < v.file_end:
+                    return f"the backend still maps offsets {r.offset:#x}+{r.length:#x} ({v})"
+        return None
+
+    def _wait_unmapped(self, ranges: list[AccessRange], timeout: float = 1.0) -> str | None:
+        """Waits until the backend's maps show none of the ranges; else what they still show."""
+        if not ranges:
+            return None
         deadline = time.monotonic() + timeout
         while True:
-            still = [
-                v
-                for v in self.backend.mappings_of(dev, ino)
-                if v.offset < r.end and r.offset < v.file_end
-            ]
-            if not still:
-                return
+            still = self._still_mapped(ranges)
+            if still is None:
+                return None
             if time.monotonic() > deadline:
-                raise VhostUserError(
-                    f"the backend still maps offsets {r.offset:#x}+{r.length:#x} "
-                    f"after REM_MEM_REG ({still[0]})"
-                )
+                return f"{still} after removing its regions"
             time.sleep(0.001)
 
     def refresh(self) -> None:

@@ -100,6 +100,17 @@ class FrameDecoder:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
+    @property
+    def missing_bytes(self) -> int:
+        """Bytes still to come to complete the frame whose header is buffered (0: none is).
+
+        Lets a reader size its next recv to a large frame without allocating a large buffer
+        for every small one."""
+        if len(self._buf) < HEADER.size:
+            return 0
+        length: int = HEADER.unpack_from(self._buf)[0]
+        return max(0, HEADER.size + length - len(self._buf))
+
     def close(self) -> None:
         """Closes every fd not yet taken by a frame."""
         _close_all(self._fds)

@@ -397,6 +397,14 @@ class AccessTable:
             return self._commit([ClientDelta(client, (), self._ranges(pieces))])
         return self._commit([])
 
+    def forget_client(self, client: str) -> int:
+        """Remove every grant of `client` without computing what it lost (a fenced client has
+        no session left to tell): O(1) however many fragments it held. Bumps `seq` like any
+        mutation and returns it."""
+        self._grants.pop(client, None)
+        self._seq += 1
+        return self._seq
+
     def effective(self, client: str) -> list[AccessRange]:
         """`client`'s effective access (grants ∩ shared), sorted and coalesced."""
         g = self._grants.get(client)
@@ -405,6 +413,38 @@ class AccessTable:
         readable = g.readable.intersect(self._shared)
         writable = g.writable.intersect(self._shared)
         return list(self._ranges(_split_levels(readable, writable)))
+
+    def effective_in(self, client: str, offset: int, length: int) -> list[AccessRange]:
+        """`client`'s effective access inside one byte range: cost in proportion to the
+        fragments there, not to the client's whole pattern."""
+        start, end = self._pages(offset, length)
+        g = self._grants.get(client)
+        if g is None:
+            return []
+        pieces: list[_Piece] = []
+        for s_start, s_end in self._shared.intersection(start, end):
+            readable = g.readable.intersection(s_start, s_end)
+            if readable:
+                pieces += _split_levels(readable, g.writable.intersection(s_start, s_end))
+        return list(self._ranges(pieces))
+
+    def allowed_sets(self, client: str) -> tuple[RangeSet, RangeSet]:
+        """`client`'s effective access as page sets (readable, writable ⊆ readable): what an
+        audit compares mappings with, without building a range object per fragment."""
+        g = self._grants.get(client)
+        if g is None:
+            return RangeSet(), RangeSet()
+        return g.readable.intersect(self._shared), g.writable.intersect(self._shared)
+
+    def has_grants(self, client: str) -> bool:
+        """Whether `client` holds any grant record (shared or not)."""
+        return client in self._grants
+
+    def retire(self) -> int:
+        """The space is being deleted: bump `seq` once for that change and return it (the
+        revocation of everything from every attached session carries it)."""
+        self._seq += 1
+        return self._seq
 
     def effective_access(self, client: str, offset: int, length: int) -> Access:
         """The lowest effective access `client` has on any page of the range."""

@@ -1,9 +1,10 @@
 """The broker core: sessions, spaces and the revocation engine, on the event loop thread.
 
-The servicer (gRPC edge) and the session listener call in here. State changes are made
-synchronously by the pure access table, which answers "what changed, for whom"; this module then
-does the I/O: pushes on session sockets, waits for acknowledgements, fences whoever does not
-answer, and reports.
+The servicer (gRPC edge) and the session listener call in here. Every change to a space runs as
+a job of that space's queue (membrokerd.revocation.SpaceQueue), in order, to its end: the pure
+access table answers "what changed, for whom"; the job pushes on the session sockets, waits for
+acknowledgements, judges each one against the kernel's view of the client as it arrives, fences
+whoever does not comply (membrokerd.enforcement), and reports.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ import logging
 import os
 import re
 import secrets
-import signal
 import socket
 import time
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import sock as sys_sock
-from membroker._sys.proc import ProcessView, process_groups
+from membroker._sys.proc import ProcessView
 from membroker.errors import ProtocolError
+from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
 from membrokerd import policy
 from membrokerd.access import Access, AccessRange, Delta, Pin
 from membrokerd.config import BrokerConfig
+from membrokerd.enforcement import Enforcer, Fenced, FenceResult, is_alive
 from membrokerd.errors import (
     BadRequest,
     LimitReached,
@@ -42,7 +44,7 @@ from membrokerd.errors import (
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
-from membrokerd.revocation import Ack, Batch
+from membrokerd.revocation import Ack, Batch, SpaceQueue, Verdict
 from membrokerd.spaces import (
     Attachment,
     BackingKind,
@@ -54,18 +56,26 @@ from membrokerd.spaces import (
     inspect_import,
     seal_import,
 )
-from membrokerd.verify import check_holdings, check_revoked
+from membrokerd.verify import Allowed, check_reach
 
 log = logging.getLogger("membrokerd")
 
+T = TypeVar("T")
+
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
-HELLO_TIMEOUT_S = 10.0
+# Attach replies carry at most this many ranges inline; more travel as snapshot frames.
+ATTACH_INLINE_RANGES = 1024
+# The most an AccessRange costs encoded (three varints of up to 10 bytes, tags, the submessage
+# header), and what a frame's other fields cost at most: how many ranges fit in one frame.
+RANGE_BYTES_MAX = 36
+FRAME_OVERHEAD = 256
 
 
 class Outcome(enum.Enum):
     ACKED = "acked"
     FENCED = "fenced"
     GONE = "gone"
+    UNVERIFIED = "unverified"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,45 +86,71 @@ class ClientResult:
     outcome: Outcome
     latency_s: float
     reason: str = ""
+    fence: FenceResult | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class RevocationResult:
     space_id: str
     seq: int
     clients: tuple[ClientResult, ...]
     duration_s: float
     revoked_bytes: int
+    cause: str = ""
+    # The call that started it went away (cancelled, deadline); it ran to its end anyway.
+    caller_gone: bool = False
 
 
 class Session:
-    """A process that said Hello: its identity, attachments, offered fds and awaited acks."""
+    """A process that said Hello: its identity, attachments, offered fds and awaited acks.
 
-    def __init__(self, conn: Connection, name: str) -> None:
+    It keeps its own pidfd and its view of the process (/proc) beyond the connection's life,
+    while anything still needs them (a revocation judging it, a fencing checking on it):
+    `retain()` / `release()`; the connection holds one reference until it closes.
+    """
+
+    def __init__(self, conn: Connection, name: str, identity: Identity) -> None:
         self.conn = conn
         self.name = name
+        self.identity = identity
         self.session_id = "se-" + secrets.token_hex(4)
         self.token = secrets.token_urlsafe(24)
         self.created = time.monotonic()
         self.attached: dict[str, Attachment] = {}
+        self.attached_at: dict[str, float] = {}
         self.offered: dict[int, int] = {}
         self.pending_acks: dict[tuple[str, int], Ack] = {}
-        self.identity = Identity(
-            conn.cred.pid, conn.cred.uid, conn.cred.gid, frozenset({conn.cred.gid})
-        )
-        # The kernel's view of the process (None when verification is off).
+        # The kernel's view of the process (None when it cannot be had and verify = off).
         self.view: ProcessView | None = None
-        # space id -> where this (VA) client says it mapped the space
+        # space id -> where this (VA) client says it mapped the space (a hint, never trusted)
         self.va_base: dict[str, int] = {}
+        self.pidfd = os.dup(conn.pidfd)
+        self.fencing: asyncio.Future[Fenced] | None = None
+        self.killed: str | None = None
+        self._refs = 1
         self._next_tag = 1
 
     @property
     def pid(self) -> int:
-        return self.conn.cred.pid
+        return self.identity.pid
 
     @property
     def uid(self) -> int:
-        return self.conn.cred.uid
+        return self.identity.uid
+
+    def retain(self) -> None:
+        self._refs += 1
+
+    def release(self) -> None:
+        """Drops one reference; the last one closes the view and the pidfd."""
+        self._refs -= 1
+        if self._refs == 0:
+            if self.view is not None:
+                self.view.close()
+                self.view = None
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
 
     def next_tag(self) -> int:
         tag, self._next_tag = self._next_tag, self._next_tag + 1
@@ -141,40 +177,77 @@ class Broker:
         self.loop = loop
         self.started = time.monotonic()
         self.spaces: dict[str, Space] = {}
+        self.queues: dict[str, SpaceQueue] = {}
         self.sessions: dict[Connection, Session | None] = {}
         self._by_token: dict[str, Session] = {}
         self._by_name: dict[str, Session] = {}
         self._by_id: dict[str, Session] = {}
+        # client name -> the uid that first used it (client_name_binding = "uid")
+        self._name_uid: dict[str, int] = {}
         self._gmem: sys_kvm.GuestMemfdFactory | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.revocations_total = 0
         self.fenced_total = 0
+        self.unverified_total = 0
         self.metrics = Metrics(self.snapshot)
         self.metrics_url = ""
+        self.enforcer = Enforcer(self)
+
+    def spawn(self, coro: Awaitable[object]) -> None:
+        """Runs work that outlives its caller; failures are logged, never lost."""
+
+        async def guarded() -> object:
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background work failed")
+                return None
+
+        task: asyncio.Task[object] = self.loop.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- sessions ------------------------------------------------------------------------------
 
     def accept(self, sock: socket.socket, cred: sys_sock.PeerCred, pidfd: int) -> None:
-        conn = Connection(self.loop, sock, self, self.config.max_frame_bytes, cred, pidfd)
+        conn = Connection(
+            self.loop,
+            sock,
+            self,
+            self.config.max_frame_bytes,
+            cred,
+            pidfd,
+            **_connection_limits(self.config),
+        )
+        refusal = None
         if len(self.sessions) >= self.config.max_sessions:
-            conn.send(
-                spb.Frame(
-                    error=spb.Error(
-                        code=8,
-                        message=f"too many sessions (limit max_sessions = "
-                        f"{self.config.max_sessions})",
-                    )
-                )
+            refusal = f"too many sessions (limit max_sessions = {self.config.max_sessions})"
+        else:
+            waiting = sum(
+                1
+                for c, s in self.sessions.items()
+                if s is None and not c.closed and c.cred.uid == cred.uid
             )
-            conn.close("session limit")
+            limit = self.config.max_pending_hellos_per_uid
+            if waiting >= limit:
+                refusal = (
+                    f"too many connections of uid {cred.uid} waiting to say Hello "
+                    f"(limit max_pending_hellos_per_uid = {limit})"
+                )
+        if refusal is not None:
+            conn.send(spb.Frame(error=spb.Error(code=8, message=refusal)))
+            conn.close(refusal)
             return
         self.sessions[conn] = None
-        self.loop.call_later(HELLO_TIMEOUT_S, self._hello_timeout, conn)
+        self.loop.call_later(self.config.hello_timeout_s, self._hello_timeout, conn)
 
     def _hello_timeout(self, conn: Connection) -> None:
         if not conn.closed and self.sessions.get(conn) is None:
-            self.on_protocol_error(conn, ProtocolError("no Hello within 10 s"))
-            conn.send(spb.Frame(error=spb.Error(code=4, message="no Hello within 10 s")))
+            message = f"no Hello within {self.config.hello_timeout_s:g} s (hello_timeout_s)"
+            self.on_protocol_error(conn, ProtocolError(message))
+            conn.send(spb.Frame(error=spb.Error(code=4, message=message)))
             conn.close("hello timeout")
 
     def authenticate(self, token: str | None) -> Session:
@@ -199,7 +272,10 @@ class Broker:
                     raise ProtocolError(f"the first frame must be hello, not {kind}")
                 self._hello(conn, frame.hello)
             elif kind == "revoke_ack":
-                self._ack(session, frame.revoke_ack)
+                self._ack(session, frame.revoke_ack.space_id, frame.revoke_ack.seq, None)
+            elif kind == "revoke_refused":
+                msg = frame.revoke_refused
+                self._ack(session, msg.space_id, msg.seq, msg.reason[:512] or "no reason given")
             elif kind == "fd_offer":
                 self._offer(session, frame.fd_offer.tag, fds)
                 fds = []
@@ -226,24 +302,23 @@ class Broker:
                 f"(this broker speaks {wire.PROTOCOL_VERSION})",
                 code=9,
             )
-        if not CLIENT_NAME.match(hello.client_name):
+        name = hello.client_name
+        if not CLIENT_NAME.match(name):
             raise ProtocolError(
-                f"client name {hello.client_name!r} must be 1-64 characters of "
+                f"client name {name!r} must be 1-64 characters of "
                 "letters, digits and . _ : @ -, starting with a letter or digit"
             )
-        if hello.client_name in self._by_name:
-            other = self._by_name[hello.client_name]
+        if name in self._by_name:
+            other = self._by_name[name]
             raise ProtocolError(
-                f"client name {hello.client_name!r} is in use by the session of pid {other.pid}",
-                code=6,
+                f"client name {name!r} is in use by the session of pid {other.pid}", code=6
             )
+        # Supplementary groups as the kernel captured them at connect (SO_PEERGROUPS).
+        groups = getattr(conn.cred, "groups", None) or frozenset({conn.cred.gid})
+        who = Identity(conn.cred.pid, conn.cred.uid, conn.cred.gid, frozenset(groups))
         try:
-            groups = process_groups(conn.cred.pid)
-        except OSError:
-            groups = frozenset({conn.cred.gid})
-        who = Identity(conn.cred.pid, conn.cred.uid, conn.cred.gid, groups)
-        try:
-            policy.check_name(self.config, who, hello.client_name)
+            policy.check_name(self.config, who, name)
+            self._check_name_binding(who, name)
             policy.check_sessions(
                 self.config, who, sum(1 for s in self.live_sessions() if s.uid == who.uid)
             )
@@ -251,21 +326,23 @@ class Broker:
             raise ProtocolError(str(exc), code=7) from None
         except LimitReached as exc:
             raise ProtocolError(str(exc), code=8) from None
-        session = Session(conn, hello.client_name)
-        session.identity = who
-        if self.config.verify == "always":
-            try:
-                session.view = ProcessView(conn.cred.pid)
-            except OSError as exc:
+        session = Session(conn, name, who)
+        try:
+            session.view = ProcessView(conn.cred.pid)
+        except OSError as exc:
+            if self.config.verify == "always":
+                session.release()
                 raise ProtocolError(
                     f"cannot inspect process {conn.cred.pid} ({exc.strerror}): verification "
-                    "needs its /proc maps and pagemap (CAP_SYS_PTRACE for other users' "
-                    "processes), or verify = off",
+                    "needs its /proc maps, pagemap and fd table (CAP_SYS_PTRACE for other "
+                    "users' processes), or verify = off",
                     code=7,
                 ) from exc
-            if not sys_sock.pidfd_is_alive(conn.pidfd):
-                session.view.close()
-                raise ProtocolError("the process exited during the handshake")
+        if not is_alive(session):
+            session.release()
+            raise ProtocolError("the process exited during the handshake")
+        if self.config.client_name_binding == "uid":
+            self._name_uid.setdefault(name, who.uid)
         self.sessions[conn] = session
         self._by_token[session.token] = session
         self._by_name[session.name] = session
@@ -290,6 +367,19 @@ class Broker:
             session.uid,
         )
 
+    def _check_name_binding(self, who: Identity, name: str) -> None:
+        """A client name is its first user's uid's for the daemon's life (grants are addressed
+        to names: another uid taking one would inherit them), unless client_names says whose
+        it is."""
+        if self.config.client_name_binding != "uid" or name in self.config.client_names:
+            return
+        bound = self._name_uid.get(name)
+        if bound is not None and bound != who.uid:
+            raise NotAllowed(
+                f"client name {name!r} is bound to uid {bound}, which used it first; {who} may "
+                "not use it (client_name_binding = uid; reserve names with client_names)"
+            )
+
     def _offer(self, session: Session, tag: int, fds: list[int]) -> None:
         if tag == 0 or tag in session.offered:
             raise ProtocolError(f"fd_offer tag {tag} is zero or already pending")
@@ -312,14 +402,98 @@ class Broker:
             )
         session.va_base[space.space_id] = mapped.address
 
-    def _ack(self, session: Session, ack: spb.RevokeAck) -> None:
-        awaited = session.pending_acks.pop((ack.space_id, ack.seq), None)
+    def _ack(self, session: Session, space_id: str, seq: int, refusal: str | None) -> None:
+        """A RevokeAck (refusal None) or RevokeRefused: judged now, against what the client may
+        hold now."""
+        awaited = session.pending_acks.pop((space_id, seq), None)
         if awaited is None:
+            what = "revoke_refused" if refusal is not None else "revoke_ack"
             raise ProtocolError(
-                f"revoke_ack for space {ack.space_id!r} seq {ack.seq}, "
+                f"{what} for space {space_id!r} seq {seq}, "
                 "which this session was not asked to acknowledge"
             )
-        awaited.acknowledge(time.perf_counter())
+        now = time.perf_counter()
+        if refusal is not None:
+            awaited.settle(Verdict.REFUSED, refusal, now)
+            return
+        verdict, reason = self.judge(session, awaited.space_id, awaited.ranges)
+        awaited.settle(verdict, reason, now)
+
+    def judge(
+        self, session: Session, space_id: str, ranges: Sequence[AccessRange]
+    ) -> tuple[Verdict, str]:
+        """Asks the kernel whether the process reaches anything of `ranges` beyond what it may
+        hold now (see `allowance`)."""
+        space = self.spaces.get(space_id)
+        view = session.view
+        if space is None or view is None or self.config.verify == "off":
+            return Verdict.ACKED, ""
+        allowance = self.allowance(session, space, ranges)
+        if allowance is None:
+            return Verdict.ACKED, ""
+        allowed, fd_allowed = allowance
+        try:
+            problem = check_reach(
+                view, space.dev, space.ino, allowed, space.page_size, ranges, fd_allowed=fd_allowed
+            )
+        except OSError as exc:
+            if not is_alive(session):
+                return Verdict.LOST, "the process exited"
+            return Verdict.UNVERIFIED, f"its mappings could not be read ({exc})"
+        if problem is not None:
+            return Verdict.CAUGHT, problem
+        return Verdict.ACKED, ""
+
+    def allowance(
+        self, session: Session, space: Space, ranges: Sequence[AccessRange] | None
+    ) -> tuple[Allowed, bool] | None:
+        """What the process of `session` may reach of `space` (within `ranges`, or all of it),
+        and whether it may hold an fd of it; None when it may reach everything.
+
+        The kernel's view is per process, so every live session of that process counts: the
+        owner's own session (an identity: name and uid) maps the whole space by right, an fd
+        client may hold the fd, and each session's effective access adds up. A VA client may
+        hold the fd only while it is being mapped (before its Mapped report, for at most the
+        revoke deadline).
+        """
+        sessions = [session] + [
+            s
+            for s in self._by_id.values()
+            if session.pid and s.pid == session.pid and s is not session
+        ]
+        readable, writable = RangeSet(), RangeSet()
+        fd_allowed = False
+        page = space.page_size
+        for s in sessions:
+            if self.is_owner(s, space):
+                return None
+            kind = s.attached.get(space.space_id)
+            if kind is None or space.deleting or s.conn.closed:
+                continue
+            if kind is Attachment.FD or (
+                space.space_id not in s.va_base
+                and time.monotonic() - s.attached_at.get(space.space_id, 0.0)
+                < self.config.revoke_deadline_ms / 1000
+            ):
+                fd_allowed = True
+            if ranges is None:
+                r_set, w_set = space.table.allowed_sets(s.name)
+                for a, b in r_set:
+                    readable.add(a, b)
+                for a, b in w_set:
+                    writable.add(a, b)
+                continue
+            for r in ranges:
+                for held in space.table.effective_in(s.name, r.offset, r.length):
+                    first, last = held.offset // page, (held.offset + held.length) // page
+                    readable.add(first, last)
+                    if held.access is Access.RW:
+                        writable.add(first, last)
+        return Allowed(readable, writable), fd_allowed
+
+    def is_owner(self, session: Session, space: Space) -> bool:
+        """The owner is an identity (name and uid), never a name alone."""
+        return session.name == space.owner and session.uid == space.owner_uid
 
     def on_closed(self, conn: Connection) -> None:
         session = self.sessions.pop(conn, None)
@@ -332,19 +506,17 @@ class Broker:
         for fd in session.offered.values():
             os.close(fd)
         session.offered.clear()
-        if session.view is not None:
-            session.view.close()
-            session.view = None
         for awaited in session.pending_acks.values():
-            awaited.lose(f"session ended: {conn.close_reason}")
+            awaited.settle(Verdict.LOST, f"session ended: {conn.close_reason}")
         session.pending_acks.clear()
         for space_id in list(session.attached):
             space = self.spaces.get(space_id)
             if space is not None:
                 self._detach(space, session)
         for space in list(self.spaces.values()):
-            if space.ephemeral and space.owner == session.name and not space.deleting:
-                self._spawn(self.delete_space_now(space, "owner session ended"))
+            if space.ephemeral and self.is_owner(session, space) and not space.deleting:
+                self.spawn(self._queue_delete(space, "owner session ended"))
+        session.release()
         log.info(
             "session %s (%r, pid %d) ended: %s",
             session.session_id,
@@ -353,39 +525,11 @@ class Broker:
             conn.close_reason,
         )
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[object] = self.loop.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def fence(self, session: Session, kind: str, reason: str) -> str:
-        """Closes a non-compliant session, drops every grant of its name and, with
-        `fence_action = "kill"`, kills the process through the pidfd taken at accept (never a
-        bare pid, which could have been reused). Returns the reason as reported."""
-        if session.conn.closed:
-            return reason
-        if self.config.fence_action == "kill":
-            try:
-                sys_sock.pidfd_send_signal(session.conn.pidfd, signal.SIGKILL)
-                reason += "; killed with SIGKILL"
-            except ProcessLookupError:
-                reason += "; the process had already exited"
-            except OSError as exc:
-                reason += f"; SIGKILL failed: {exc}"
-        self.fenced_total += 1
-        self.metrics.fenced.labels(kind).inc()
-        log.warning(
-            "fencing client %r (session %s, pid %d): %s",
-            session.name,
-            session.session_id,
-            session.pid,
-            reason,
-        )
-        session.conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason, fenced=True)))
-        session.conn.close(f"fenced: {reason}")
-        for space in self.spaces.values():
-            space.table.drop_client(session.name)
-        return reason
+    async def _queue_delete(self, space: Space, why: str) -> None:
+        try:
+            await self.change(space, "delete", lambda: self._delete_job(space, why, "fence"))
+        except UnknownObject:
+            pass
 
     # -- spaces --------------------------------------------------------------------------------
 
@@ -397,12 +541,62 @@ class Broker:
 
     def owned_space(self, session: Session, space_id: str) -> Space:
         space = self.space(space_id)
-        if space.owner != session.name or space.owner_uid != session.uid:
+        if not self.is_owner(session, space):
             raise NotAllowed(
-                f"client {session.name!r} is not the owner of space {space_id} "
-                f"(owner: {space.owner!r})"
+                f"client {session.name!r} (uid {session.uid}) is not the owner of space "
+                f"{space_id} (owner: {space.owner!r}, uid {space.owner_uid})"
             )
         return space
+
+    # -- the per-space queue ------------------------------------------------------------------
+
+    def queue(self, space: Space) -> SpaceQueue:
+        q = self.queues.get(space.space_id)
+        if q is None:
+            q = self.queues[space.space_id] = SpaceQueue(self.loop, space.space_id)
+        return q
+
+    async def change(self, space: Space, name: str, job: Callable[[], Awaitable[T]]) -> T:
+        """Runs `job` as the space's next change and waits for it. If the caller is cancelled
+        (a deadline, a dropped call) the job still runs to its end; a report it produces is
+        marked `caller_gone`, logged, counted and kept for ListRevocations."""
+
+        async def guarded() -> T:
+            if space.deleting or self.spaces.get(space.space_id) is not space:
+                raise UnknownObject(f"no space {space.space_id!r} (deleted meanwhile)")
+            return await job()
+
+        future = self.queue(space).submit(name, guarded)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._orphaned)
+            raise
+
+    @staticmethod
+    def _orphaned(future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result = future.result()
+        if isinstance(result, RevocationResult):
+            result.caller_gone = True
+            log.warning(
+                "revocation seq %d of %s finished after its caller left: %s",
+                result.seq,
+                result.space_id,
+                ", ".join(f"{c.client} {c.outcome.value}" for c in result.clients) or "no client",
+            )
+
+    def revocations(
+        self, session: Session, space_id: str, after_seq: int
+    ) -> list[RevocationResult]:
+        space = self.spaces.get(space_id)
+        if space is None:
+            raise UnknownObject(f"no space {space_id!r}")
+        self.owned_space(session, space_id)
+        return [r for r in self.queue(space).history if r.seq > after_seq]
+
+    # -- space lifecycle ------------------------------------------------------------------------
 
     def _check_space_quota(self, session: Session, size: int) -> None:
         """Policy (may this identity own spaces?) and quotas, before anything is allocated."""
@@ -519,34 +713,34 @@ class Broker:
         self, session: Session, space_id: str, on_pinned: str | None = None
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
-        return await self.delete_space_now(space, "deleted", on_pinned)
+        return await self.change(
+            space, "delete", lambda: self._delete_job(space, "deleted", on_pinned)
+        )
 
-    async def delete_space_now(
-        self, space: Space, why: str, on_pinned: str | None = "fence"
-    ) -> RevocationResult:
+    async def _delete_job(self, space: Space, why: str, on_pinned: str | None) -> RevocationResult:
         """Revokes everything from every attached session, then frees the space."""
         t0 = time.perf_counter()
         fenced = await self._clear_pins(space, 0, space.size, None, on_pinned)
         space.deleting = True
-        seq = space.table.seq + 1
+        seq = space.table.retire()
         whole = (AccessRange(0, space.size, Access.NONE),)
         batch = Batch(self.loop)
         for session_id in list(space.attachments):
-            session = self._session_by_id(session_id)
+            session = self._by_id.get(session_id)
             if session is not None:
                 self._push_revoke(batch, space, session, seq, whole, space_deleted=True)
         result = await self._settle(space, seq, batch, "delete", t0, space.size, fenced)
         for session_id in list(space.attachments):
-            session = self._session_by_id(session_id)
+            session = self._by_id.get(session_id)
             if session is not None:
                 self._detach(space, session)
         self.spaces.pop(space.space_id, None)
+        queue = self.queues.pop(space.space_id, None)
+        if queue is not None:
+            queue.closed = True
         space.close()
         log.info("space %s deleted (%s)", space.space_id, why)
         return result
-
-    def _session_by_id(self, session_id: str) -> Session | None:
-        return self._by_id.get(session_id)
 
     # -- access --------------------------------------------------------------------------------
 
@@ -560,14 +754,18 @@ class Broker:
         on_pinned: str | None = None,
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
-        t0 = time.perf_counter()
-        if shared:
-            delta = space.table.set_shared(offset, length)
-            return await self.carry_out(space, delta, "shared", t0)
         space.table.effective_access("", offset, length)  # validates the range up front
-        fenced = await self._clear_pins(space, offset, length, None, on_pinned)
-        delta = space.table.set_private(offset, length)
-        return await self.carry_out(space, delta, "private", t0, fenced)
+
+        async def job() -> RevocationResult:
+            t0 = time.perf_counter()
+            if shared:
+                delta = space.table.set_shared(offset, length)
+                return await self.carry_out(space, delta, "shared", t0)
+            fenced = await self._clear_pins(space, offset, length, None, on_pinned)
+            delta = space.table.set_private(offset, length)
+            return await self.carry_out(space, delta, "private", t0, fenced)
+
+        return await self.change(space, "shared" if shared else "private", job)
 
     async def grant(
         self,
@@ -582,18 +780,23 @@ class Broker:
         space = self.owned_space(session, space_id)
         if not CLIENT_NAME.match(client):
             raise BadRequest(f"client name {client!r} is not a valid client name")
-        policy.check_grant_quota(self.config, client, space.table.fragment_count(client))
-        t0 = time.perf_counter()
-        fenced: list[ClientResult] = []
-        if access is Access.RO and space.table.is_shared(offset, length):
-            fenced = await self._clear_pins(
-                space, offset, length, client, on_pinned, write_only=True
-            )
-        delta = space.table.grant(client, offset, length, access)
-        self.metrics.grants.inc()
-        notified = self._attached(space, client) is not None
-        await self.carry_out(space, delta, "downgrade", t0, fenced)
-        return delta.seq, int(notified)
+        space.table.effective_access(client, offset, length)  # validates the range up front
+
+        async def job() -> tuple[int, int]:
+            policy.check_grant_quota(self.config, client, space.table.fragment_count(client))
+            t0 = time.perf_counter()
+            fenced: list[ClientResult] = []
+            if access is Access.RO and space.table.is_shared(offset, length):
+                fenced = await self._clear_pins(
+                    space, offset, length, client, on_pinned, write_only=True
+                )
+            delta = space.table.grant(client, offset, length, access)
+            self.metrics.grants.inc()
+            notified = self._attached(space, client) is not None
+            await self.carry_out(space, delta, "downgrade", t0, fenced)
+            return delta.seq, int(notified)
+
+        return await self.change(space, "grant", job)
 
     async def revoke(
         self,
@@ -605,11 +808,15 @@ class Broker:
         on_pinned: str | None = None,
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
-        t0 = time.perf_counter()
         space.table.effective_access(client, offset, length)  # validates the range up front
-        fenced = await self._clear_pins(space, offset, length, client, on_pinned)
-        delta = space.table.revoke(client, offset, length)
-        return await self.carry_out(space, delta, "revoke", t0, fenced)
+
+        async def job() -> RevocationResult:
+            t0 = time.perf_counter()
+            fenced = await self._clear_pins(space, offset, length, client, on_pinned)
+            delta = space.table.revoke(client, offset, length)
+            return await self.carry_out(space, delta, "revoke", t0, fenced)
+
+        return await self.change(space, "revoke", job)
 
     async def _clear_pins(
         self,
@@ -678,37 +885,62 @@ class Broker:
                 first.pin_id,
                 deadline_ms,
             )
-        results = []
+        holders = []
         for holder_id in dict.fromkeys(p.holder for p in pins):
             holder = self._by_id.get(holder_id)
             if holder is None:
                 continue
             first = next(p for p in pins if p.holder == holder_id)
-            reason = self.fence(
-                holder,
-                "pinned",
-                (
-                    f"offset {max(first.offset, offset):#x} still pinned (pin {first.pin_id}) "
-                    f"after {deadline_ms} ms"
-                ),
+            reason = (
+                f"offset {max(first.offset, offset):#x} still pinned (pin {first.pin_id}) "
+                f"after {deadline_ms} ms"
             )
-            results.append(
-                ClientResult(
-                    holder.name,
-                    holder.session_id,
-                    holder.pid,
-                    Outcome.FENCED,
-                    time.perf_counter() - t_wait,
-                    reason,
-                )
+            holders.append((holder, reason))
+        fenced = await asyncio.gather(
+            *(self.enforcer.fence(holder, "pinned", reason) for holder, reason in holders)
+        )
+        return [
+            ClientResult(
+                holder.name,
+                holder.session_id,
+                holder.pid,
+                Outcome.FENCED,
+                time.perf_counter() - t_wait,
+                outcome.reason,
+                outcome.result,
             )
-        return results
+            for (holder, _), outcome in zip(holders, fenced, strict=True)
+        ]
 
     def _attached(self, space: Space, client: str) -> Session | None:
         session = self._by_name.get(client)
         if session is not None and space.space_id in session.attached:
             return session
         return None
+
+    # -- pushing -------------------------------------------------------------------------------
+
+    def _ranges_per_frame(self) -> int:
+        return max(1, (self.config.max_frame_bytes - FRAME_OVERHEAD) // RANGE_BYTES_MAX)
+
+    def _split(
+        self,
+        ranges: Sequence[AccessRange],
+        make: Callable[[list[spb.AccessRange], bool], spb.Frame],
+    ) -> list[bytes]:
+        """Encodes `ranges` as one or more frames, each within max_frame_bytes; `make(part,
+        more)` builds a frame of one part (`more`: further parts follow)."""
+        n = self._ranges_per_frame()
+        parts = [ranges[i : i + n] for i in range(0, len(ranges), n)] or [ranges]
+        out = []
+        for index, part in enumerate(parts):
+            frame = make([access_range_pb(r) for r in part], index < len(parts) - 1)
+            out.append(wire.encode(frame))
+        return out
+
+    def _send_all(self, session: Session, frames: list[bytes]) -> None:
+        for data in frames:
+            session.conn.send_encoded(data)
 
     async def carry_out(
         self,
@@ -724,7 +956,7 @@ class Broker:
         the same bytes: each distinct frame is encoded once per fan-out.
         """
         batch = Batch(self.loop)
-        encoded: dict[tuple[str, tuple[AccessRange, ...]], bytes] = {}
+        encoded: dict[tuple[str, tuple[AccessRange, ...]], list[bytes]] = {}
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
@@ -733,22 +965,24 @@ class Broker:
                 continue
             if change.raised:
                 key = ("update", change.raised)
-                data = encoded.get(key)
-                if data is None:
-                    data = encoded[key] = wire.encode(
-                        spb.Frame(
+                frames = encoded.get(key)
+                if frames is None:
+                    frames = encoded[key] = self._split(
+                        change.raised,
+                        lambda part, more: spb.Frame(
                             access_update=spb.AccessUpdate(
-                                space_id=space.space_id,
-                                seq=delta.seq,
-                                ranges=[access_range_pb(r) for r in change.raised],
+                                space_id=space.space_id, seq=delta.seq, ranges=part, more=more
                             )
-                        )
+                        ),
                     )
-                session.conn.send_encoded(data)
+                self._send_all(session, frames)
             if change.lowered:
                 self._push_revoke(batch, space, session, delta.seq, change.lowered, encoded=encoded)
         if not revoked and not fenced:
-            return RevocationResult(space.space_id, delta.seq, (), time.perf_counter() - t0, 0)
+            result = RevocationResult(
+                space.space_id, delta.seq, (), time.perf_counter() - t0, 0, cause
+            )
+            return result
         return await self._settle(space, delta.seq, batch, cause, t0, revoked, fenced)
 
     def _push_revoke(
@@ -759,29 +993,35 @@ class Broker:
         seq: int,
         ranges: Iterable[AccessRange],
         space_deleted: bool = False,
-        encoded: dict[tuple[str, tuple[AccessRange, ...]], bytes] | None = None,
+        encoded: dict[tuple[str, tuple[AccessRange, ...]], list[bytes]] | None = None,
     ) -> None:
         ranges = tuple(ranges)
+        session.retain()  # judged and perhaps fenced after its connection is gone
         session.pending_acks[(space.space_id, seq)] = batch.expect(
             session, space.space_id, seq, ranges
         )
         key = ("revoke", ranges)
-        data = encoded.get(key) if encoded is not None else None
-        if data is None:
-            data = wire.encode(
-                spb.Frame(
+        frames = encoded.get(key) if encoded is not None else None
+        if frames is None:
+            deadline_ms = self.config.revoke_deadline_ms
+            frames = self._split(
+                ranges,
+                lambda part, more: spb.Frame(
                     revoke=spb.Revoke(
                         space_id=space.space_id,
                         seq=seq,
-                        ranges=[access_range_pb(r) for r in ranges],
+                        ranges=part,
                         space_deleted=space_deleted,
-                        deadline_ms=self.config.revoke_deadline_ms,
+                        deadline_ms=deadline_ms,
+                        more=more,
                     )
-                )
+                ),
             )
             if encoded is not None:
-                encoded[key] = data
-        session.conn.send_encoded(data)
+                encoded[key] = frames
+        self._send_all(session, frames)
+
+    # -- settling ------------------------------------------------------------------------------
 
     async def _settle(
         self,
@@ -793,96 +1033,106 @@ class Broker:
         revoked: int,
         fenced: list[ClientResult] | None = None,
     ) -> RevocationResult:
+        """Waits for the batch, then turns every verdict into an outcome: acknowledged and
+        verified, or fenced (with what fencing achieved), or gone, or unverified (by policy)."""
         await batch.wait(self.config.revoke_deadline_ms / 1000)
-        results = list(fenced or ())
-        for ack in batch.acks:
-            session = ack.session
-            problem = self._verify(space, ack) if ack.acked_at is not None else None
-            if problem is not None:
-                session.pending_acks.pop((space.space_id, seq), None)
-                reason = self.fence(session, "verify", f"acknowledged seq {seq} but {problem}")
-                outcome, latency = Outcome.FENCED, time.perf_counter() - ack.sent
-            elif ack.acked_at is not None:
-                outcome, latency, reason = Outcome.ACKED, ack.acked_at - ack.sent, ""
-                released = space.table.release_pins(
-                    session.session_id, [(r.offset, r.length) for r in ack.ranges]
-                )
-                if released:
-                    log.info(
-                        "released %d pin(s) of %r on acknowledged revoke",
-                        len(released),
-                        session.name,
-                    )
-            elif ack.lost is not None:
-                outcome, latency, reason = Outcome.GONE, time.perf_counter() - ack.sent, ack.lost
-            else:
-                session.pending_acks.pop((space.space_id, seq), None)
-                reason = (
-                    f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms"
-                )
-                reason = self.fence(session, "no_ack", reason)
-                outcome, latency = Outcome.FENCED, time.perf_counter() - ack.sent
-            results.append(
-                ClientResult(
-                    session.name, session.session_id, session.pid, outcome, latency, reason
-                )
-            )
+        try:
+            results = list(fenced or ())
+            results += await asyncio.gather(*(self._conclude(space, ack) for ack in batch.acks))
+        finally:
+            for ack in batch.acks:
+                ack.session.pending_acks.pop((space.space_id, seq), None)
+                ack.session.release()
         duration = time.perf_counter() - t0
         self.revocations_total += 1
         self.metrics.revoked(cause, duration, [r.outcome.value for r in results])
-        return RevocationResult(space.space_id, seq, tuple(results), duration, revoked)
+        result = RevocationResult(space.space_id, seq, tuple(results), duration, revoked, cause)
+        self.queue(space).history.append(result)
+        return result
 
-    def _verify(self, space: Space, ack: Ack) -> str | None:
-        """What the acknowledging process still reaches of the revoked ranges (None: nothing)."""
-        view = ack.session.view
-        if view is None or ack.session.conn.closed:
-            return None
-        try:
-            return check_revoked(
-                view,
-                space.dev,
-                space.ino,
-                ack.ranges,
-                space.page_size,
-                ack.session.va_base.get(space.space_id),
+    async def _conclude(self, space: Space, ack: Ack) -> ClientResult:
+        session = ack.session
+        seq = ack.seq
+        verdict, why = ack.verdict, ack.reason
+        if verdict is Verdict.PENDING:
+            # Not settled by the deadline: it is settled now, so a late ack is a protocol error.
+            session.pending_acks.pop((space.space_id, seq), None)
+            ack.settle(Verdict.PENDING)
+            return await self._fenced(
+                ack,
+                "no_ack",
+                f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms",
             )
-        except OSError as exc:
-            # The process is gone (ESRCH): nothing of it can touch memory any more.
-            log.info("cannot verify %r (%s): treating as gone", ack.session.name, exc)
-            return None
+        if verdict is Verdict.ACKED:
+            released = space.table.release_pins(
+                session.session_id, [(r.offset, r.length) for r in ack.ranges]
+            )
+            if released:
+                space.unpinned.set()
+                log.info(
+                    "released %d pin(s) of %r on acknowledged revoke", len(released), session.name
+                )
+            return self._result(ack, Outcome.ACKED)
+        if verdict is Verdict.CAUGHT:
+            return await self._fenced(ack, "verify", f"acknowledged seq {seq} but {why}")
+        if verdict is Verdict.REFUSED:
+            return await self._fenced(ack, "refused", f"refused to tear down seq {seq}: {why}")
+        if verdict is Verdict.UNVERIFIED:
+            if self.config.on_unverifiable == "fence":
+                return await self._fenced(
+                    ack, "unverifiable", f"acknowledged seq {seq} but {why} (on_unverifiable)"
+                )
+            self.unverified_total += 1
+            return self._result(ack, Outcome.UNVERIFIED, f"acknowledged seq {seq} but {why}")
+        # LOST: the session ended or detached first. Gone only if the kernel agrees.
+        if not is_alive(session):
+            return self._result(ack, Outcome.GONE, f"{why}; the process has exited")
+        again, problem = self.judge(session, space.space_id, ack.ranges)
+        if again is Verdict.CAUGHT:
+            return await self._fenced(ack, "lost", f"{why} without acknowledging, and {problem}")
+        if again is Verdict.UNVERIFIED and self.config.on_unverifiable == "fence":
+            return await self._fenced(
+                ack, "unverifiable", f"{why} without acknowledging, and {problem}"
+            )
+        return self._result(ack, Outcome.GONE, why)
+
+    async def _fenced(self, ack: Ack, kind: str, reason: str) -> ClientResult:
+        outcome = await self.enforcer.fence(ack.session, kind, reason)
+        return self._result(ack, Outcome.FENCED, outcome.reason, outcome.result)
+
+    @staticmethod
+    def _result(
+        ack: Ack, outcome: Outcome, reason: str = "", fence: FenceResult | None = None
+    ) -> ClientResult:
+        s = ack.session
+        return ClientResult(s.name, s.session_id, s.pid, outcome, ack.latency, reason, fence)
+
+    # -- audits --------------------------------------------------------------------------------
 
     async def audit_forever(self) -> None:
-        """Every audit_interval_s, scans every attached client's mappings in full."""
+        """Every audit_interval_s, audits every space with attached clients."""
         while True:
             await asyncio.sleep(self.config.audit_interval_s)
-            self.audit()
+            await self.audit()
 
-    def audit(self) -> list[tuple[str, str]]:
-        """One full audit; fences whoever maps what it does not hold. Returns the fenced."""
+    async def audit(self) -> list[tuple[str, str]]:
+        """One full audit, each space as a job of its queue (in order with its changes, so a
+        revocation in flight is never mistaken for a violation, nor skipped for ever).
+        Fences whoever maps what it does not hold; returns the fenced."""
         t0 = time.perf_counter()
-        fenced = []
-        for session in self.live_sessions():
-            if session.view is None:
+        fenced: list[tuple[str, str]] = []
+        for space in list(self.spaces.values()):
+            if not space.attachments or space.deleting:
                 continue
-            for space_id in list(session.attached):
-                space = self.spaces.get(space_id)
-                if space is None or session.conn.closed or space.owner == session.name:
-                    continue
-                if any(key[0] == space_id for key in session.pending_acks):
-                    continue  # a revocation is in flight: the verifier has this one
-                try:
-                    problem = check_holdings(
-                        session.view,
-                        space.dev,
-                        space.ino,
-                        space.table.effective(session.name),
-                        space.page_size,
-                    )
-                except OSError:
-                    continue
-                if problem is not None:
-                    reason = self.fence(session, "audit", f"audit of {space_id}: {problem}")
-                    fenced.append((session.name, reason))
+            space_id = space.space_id
+
+            async def job(space_id: str = space_id) -> list[tuple[str, str]]:
+                return self.enforcer.audit_space(space_id)
+
+            try:
+                fenced += await self.change(space, "audit", job)
+            except UnknownObject:
+                continue
         self.metrics.audits.inc()
         self.metrics.audit_seconds.observe(time.perf_counter() - t0)
         return fenced
@@ -891,15 +1141,41 @@ class Broker:
 
     def attach(
         self, session: Session, space_id: str, kind: Attachment
-    ) -> tuple[Space, int, list[AccessRange]]:
+    ) -> tuple[Space, int, int, list[AccessRange], bool]:
+        """Delivers the fd; returns (space, fd tag, seq, ranges inline, ranges_on_session)."""
         space = self.space(space_id)
         policy.check_attach(self.config, session.identity)
         if space_id in session.attached:
             raise WrongState(f"client {session.name!r} is already attached to {space_id}")
+        if (
+            not self.config.attach_without_grant
+            and not space.table.has_grants(session.name)
+            and not self.is_owner(session, space)
+        ):
+            raise WrongState(
+                f"client {session.name!r} holds no grant on {space_id}: the owner grants "
+                "first, then the client attaches (attach_without_grant = false)"
+            )
+        ranges = space.table.effective(session.name)
+        seq = space.table.seq
+        on_session = len(ranges) > ATTACH_INLINE_RANGES
+        if on_session:
+            self._send_all(
+                session,
+                self._split(
+                    ranges,
+                    lambda part, more: spb.Frame(
+                        access_update=spb.AccessUpdate(
+                            space_id=space_id, seq=seq, ranges=part, more=more, snapshot=True
+                        )
+                    ),
+                ),
+            )
         session.attached[space_id] = kind
+        session.attached_at[space_id] = time.monotonic()
         space.attachments[session.session_id] = kind
         tag = session.deliver_fd(space.fd, space.space_id)
-        return space, tag, space.table.effective(session.name)
+        return space, tag, seq, ([] if on_session else ranges), on_session
 
     def detach(self, session: Session, space_id: str) -> int:
         space = self.space(space_id)
@@ -909,9 +1185,11 @@ class Broker:
 
     def _detach(self, space: Space, session: Session) -> int:
         session.attached.pop(space.space_id, None)
+        session.attached_at.pop(space.space_id, None)
+        session.va_base.pop(space.space_id, None)
         space.attachments.pop(session.session_id, None)
         for key in [k for k in session.pending_acks if k[0] == space.space_id]:
-            session.pending_acks.pop(key).lose("detached")
+            session.pending_acks.pop(key).settle(Verdict.LOST, "detached")
         released = space.table.release_pins(session.session_id)
         if released:
             space.unpinned.set()
@@ -944,12 +1222,15 @@ class Broker:
     def live_sessions(self) -> list[Session]:
         return [s for s in self.sessions.values() if s is not None]
 
+    def session_by_id(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
     def pid_of(self, session_id: str) -> int:
-        found = self._session_by_id(session_id)
+        found = self._by_id.get(session_id)
         return found.pid if found else 0
 
     def session_name_of(self, session_id: str) -> str:
-        found = self._session_by_id(session_id)
+        found = self._by_id.get(session_id)
         return found.name if found else ""
 
     def snapshot(self) -> Snapshot:
@@ -977,6 +1258,9 @@ class Broker:
 
     def shutdown(self, reason: str) -> None:
         """Tells every session, closes them, frees every space."""
+        for queue in self.queues.values():
+            queue.cancel()
+        self.queues.clear()
         for conn in list(self.sessions):
             conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason)))
             conn.close(reason)
@@ -988,6 +1272,16 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+def _connection_limits(config: BrokerConfig) -> dict[str, int]:
+    """The per-connection buffer limits the listener enforces (see config)."""
+    limits = {}
+    for name in ("max_outbound_bytes", "outbound_pause_bytes"):
+        value = getattr(config, name, None)
+        if value is not None:
+            limits[name] = int(value)
+    return limits
 
 
 def access_range_pb(r: AccessRange) -> spb.AccessRange:

@@ -81,7 +81,7 @@ class Metrics:
         )
         self.revocation_clients = Counter(
             "membroker_revocation_clients_total",
-            "Client outcomes of revocations (acked, fenced, gone).",
+            "Client outcomes of revocations (acked, fenced, gone, unverified).",
             ["outcome"],
             registry=self.registry,
         )
@@ -113,6 +113,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.fence_results = Counter(
+            "membroker_fence_results_total",
+            "What fencing achieved, checked against the kernel afterwards (disconnected, "
+            "killed, still_mapped, exited).",
+            ["result"],
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "membroker_session_protocol_errors_total",
             "Session connections closed for a protocol error.",
@@ -137,7 +144,7 @@ class Metrics:
             registry=self.registry,
         )
         self._by_outcome = {
-            o: self.revocation_clients.labels(o) for o in ("acked", "fenced", "gone")
+            o: self.revocation_clients.labels(o) for o in ("acked", "fenced", "gone", "unverified")
         }
         self._by_cause: dict[str, Any] = {}
 

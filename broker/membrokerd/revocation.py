@@ -1,26 +1,55 @@
-"""Waiting for acknowledgements: one `Ack` per (session, space, seq) pushed, grouped in a `Batch`.
+"""The revocation engine's primitives: one ordered queue of changes per space, and acks judged as
+they arrive.
 
-Used by the broker core's revocation engine. A batch completes when its last ack arrives or its
-session ends, or at the deadline; no task or `asyncio.wait` per client, so a fan-out to many
-clients costs one future and one timer.
+Used by the broker core. Every change to a space (attributes, grants, revocations, deletion, its
+audit) runs as a job of that space's `SpaceQueue`, one at a time, in submission order, with the
+table's one seq counter: two changes never interleave, so a client is only ever asked to
+acknowledge one thing per space at a time. A job runs to its end even if the call that submitted
+it is cancelled (the caller awaits it shielded); its report is kept in the queue's `history`.
+
+A revocation pushes to many clients and waits for one `Batch`: one future and one timer, no task
+per client. Each `Ack` is judged the moment it arrives (`judge` asks the kernel what the client
+still reaches), so the verdict reflects what the client held at that moment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import enum
+import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from membrokerd.access import AccessRange
 
 if TYPE_CHECKING:
     from membrokerd.broker import Session
 
+log = logging.getLogger("membrokerd.revocation")
+
+T = TypeVar("T")
+
+# Reports kept per space for ListRevocations.
+HISTORY = 64
+
+
+class Verdict(enum.Enum):
+    """What became of one client's part of a revocation."""
+
+    PENDING = "pending"
+    ACKED = "acked"  # acknowledged, and the kernel shows nothing reachable beyond its access
+    CAUGHT = "caught"  # acknowledged, but the kernel shows it still reaches revoked pages
+    UNVERIFIED = "unverified"  # acknowledged; the kernel's view could not be read
+    REFUSED = "refused"  # the client said it could not tear down
+    LOST = "lost"  # the session ended or detached before acknowledging
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Ack:
-    """One client's acknowledgement of one Revoke push, awaited."""
+    """One client's acknowledgement of one revocation, awaited."""
 
     session: Session
     space_id: str
@@ -28,23 +57,26 @@ class Ack:
     ranges: tuple[AccessRange, ...]
     sent: float
     batch: Batch
-    acked_at: float | None = None
-    lost: str | None = None
+    verdict: Verdict = Verdict.PENDING
+    settled_at: float | None = None
+    reason: str = ""
 
     @property
     def settled(self) -> bool:
-        return self.acked_at is not None or self.lost is not None
+        return self.verdict is not Verdict.PENDING
 
-    def acknowledge(self, now: float) -> None:
-        if not self.settled:
-            self.acked_at = now
-            self.batch.settle_one()
+    @property
+    def latency(self) -> float:
+        return (self.settled_at or time.perf_counter()) - self.sent
 
-    def lose(self, reason: str) -> None:
-        """The session ended or detached before acknowledging."""
-        if not self.settled:
-            self.lost = reason
-            self.batch.settle_one()
+    def settle(self, verdict: Verdict, reason: str = "", now: float | None = None) -> None:
+        """Records the verdict (the first one counts) and tells the batch."""
+        if self.settled:
+            return
+        self.verdict = verdict
+        self.reason = reason
+        self.settled_at = now if now is not None else time.perf_counter()
+        self.batch.settle_one()
 
 
 class Batch:
@@ -82,3 +114,86 @@ class Batch:
     def _expire(self) -> None:
         if not self._done.done():
             self._done.set_result(None)
+
+
+@dataclasses.dataclass(slots=True)
+class _Job(Generic[T]):
+    name: str
+    run: Callable[[], Awaitable[T]]
+    future: asyncio.Future[T]
+    submitted: float
+
+
+class SpaceQueue:
+    """Runs one space's changes one at a time, in order, each to its end.
+
+    `submit()` returns a future; callers await it through `run()`, which shields the job from
+    the caller's cancellation: a cancelled RPC stops waiting, the change does not stop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, space_id: str) -> None:
+        self.loop = loop
+        self.space_id = space_id
+        self._jobs: collections.deque[_Job[Any]] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self.running: str | None = None
+        self.history: collections.deque[Any] = collections.deque(maxlen=HISTORY)
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<SpaceQueue {self.space_id} running={self.running!r} queued={len(self._jobs)} "
+            f"history={len(self.history)}>"
+        )
+
+    @property
+    def busy(self) -> bool:
+        return self.running is not None or bool(self._jobs)
+
+    def submit(self, name: str, run: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Queues `run` (a coroutine function); the future has its result or exception."""
+        future: asyncio.Future[T] = self.loop.create_future()
+        self._jobs.append(_Job(name, run, future, time.perf_counter()))
+        if self._worker is None or self._worker.done():
+            self._worker = self.loop.create_task(self._work())
+        return future
+
+    async def run(self, name: str, run: Callable[[], Awaitable[T]]) -> T:
+        """Submits and waits; a cancellation of the caller leaves the job running."""
+        future = self.submit(name, run)
+        return await asyncio.shield(future)
+
+    async def _work(self) -> None:
+        while self._jobs:
+            job = self._jobs.popleft()
+            if job.future.done():
+                continue
+            self.running = job.name
+            try:
+                result = await job.run()
+            except asyncio.CancelledError:
+                # Only shutdown cancels the worker: fail this job and every queued one.
+                job.future.cancel()
+                for rest in self._jobs:
+                    rest.future.cancel()
+                self._jobs.clear()
+                raise
+            except BaseException as exc:  # handed to the waiting caller
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                    # Nobody may be waiting (a cancelled call): keep asyncio from warning.
+                    job.future.exception()
+            else:
+                if not job.future.done():
+                    job.future.set_result(result)
+            finally:
+                self.running = None
+
+    def cancel(self) -> None:
+        """Shutdown: stops the worker; queued jobs are cancelled."""
+        self.closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        for job in self._jobs:
+            job.future.cancel()
+        self._jobs.clear()

@@ -29,6 +29,7 @@ from membrokerd.access import (
     UnknownPin,
 )
 from membrokerd.broker import Broker, Outcome, RevocationResult, Session, access_range_pb
+from membrokerd.enforcement import FenceResult
 from membrokerd.spaces import Attachment, BackingKind, Region, Space
 
 log = logging.getLogger("membrokerd.rpc")
@@ -62,6 +63,14 @@ OUTCOMES = {
     Outcome.ACKED: pb.OUTCOME_ACKED,
     Outcome.FENCED: pb.OUTCOME_FENCED,
     Outcome.GONE: pb.OUTCOME_GONE,
+    Outcome.UNVERIFIED: pb.OUTCOME_UNVERIFIED,
+}
+FENCE_RESULTS = {
+    None: pb.FENCE_RESULT_UNSPECIFIED,
+    FenceResult.DISCONNECTED: pb.FENCE_RESULT_DISCONNECTED,
+    FenceResult.KILLED: pb.FENCE_RESULT_KILLED,
+    FenceResult.STILL_MAPPED: pb.FENCE_RESULT_STILL_MAPPED,
+    FenceResult.EXITED: pb.FENCE_RESULT_EXITED,
 }
 
 Req = TypeVar("Req")
@@ -146,6 +155,8 @@ def _report(result: RevocationResult) -> pb.RevocationReport:
         seq=result.seq,
         duration_us=int(result.duration_s * 1e6),
         revoked_bytes=result.revoked_bytes,
+        cause=result.cause,
+        caller_gone=result.caller_gone,
         clients=[
             pb.ClientOutcome(
                 client=c.client,
@@ -154,6 +165,7 @@ def _report(result: RevocationResult) -> pb.RevocationReport:
                 outcome=OUTCOMES[c.outcome],
                 latency_us=int(c.latency_s * 1e6),
                 reason=c.reason,
+                fence=FENCE_RESULTS[c.fence],
             )
             for c in result.clients
         ],
@@ -278,16 +290,24 @@ class Servicer(pb_grpc.MemBrokerServicer):
         )
 
     @edge
+    async def ListRevocations(
+        self, request: pb.ListRevocationsRequest, session: Session
+    ) -> pb.ListRevocationsResponse:
+        results = self.broker.revocations(session, request.space_id, request.after_seq)
+        return pb.ListRevocationsResponse(reports=[_report(r) for r in results])
+
+    @edge
     async def Attach(self, request: pb.AttachRequest, session: Session) -> pb.AttachResponse:
         kind = KINDS.get(request.kind)
         if kind is None:
             raise errors.BadRequest("kind must be VA or FD")
-        space, tag, ranges = self.broker.attach(session, request.space_id, kind)
+        space, tag, seq, ranges, on_session = self.broker.attach(session, request.space_id, kind)
         return pb.AttachResponse(
             space=_space_pb(space),
             fd_tag=tag,
-            seq=space.table.seq,
+            seq=seq,
             ranges=[access_range_pb(r) for r in ranges],
+            ranges_on_session=on_session,
         )
 
     @edge
@@ -360,6 +380,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
             pins=snap.pins,
             revocations_total=self.broker.revocations_total,
             fenced_total=self.broker.fenced_total,
+            unverified_total=self.broker.unverified_total,
             open_fds=snap.open_fds,
             metrics_url=self.broker.metrics_url,
             version=membrokerd.__version__,

@@ -1,13 +1,21 @@
-"""Verification: does a client process still map memory it no longer holds? Asked of the kernel.
+"""Verification: what does a client process still reach of a space? The kernel says, we judge.
 
-Used by the revocation engine after each acknowledgement (`check_revoked`) and by the periodic
-audit (`check_holdings`). Both read a `ProcessView` (membroker._sys.proc) of the client: a
-targeted PROCMAP_QUERY walk where the client reported its mapping, else one read of
-/proc/PID/maps; then /proc/PID/pagemap for the pages that must be gone.
+Used by the revocation engine on every acknowledgement (`check_reach` over the revoked ranges),
+by the audit (`check_reach` over the whole space) and after fencing. The judgement is pure: it
+reads a `ProcessView` (membroker._sys.proc) and compares every mapping of the space's inode in
+that process, wherever the client put it, with what the client may hold now. A client's own
+report of where it mapped the space (`Mapped`) is never trusted: a second mapping elsewhere is
+found the same way as the first.
+
+A page the client may not read is unreachable when its mapping is PROT_NONE and the page is not
+present, or when it carries a guard marker; a page it may not write must not be in a writable
+mapping unless guarded. A VA client must not hold an fd of the space at all (it maps once and
+closes it); an fd client may.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from membroker._sys.proc import ProcessView, Vma
@@ -15,117 +23,130 @@ from membroker.rangeset import RangeSet
 from membrokerd.access import Access, AccessRange
 
 
-def _overlap(vma: Vma, offset: int, end: int) -> tuple[int, int] | None:
-    lo, hi = max(offset, vma.offset), min(end, vma.file_end)
-    return (lo, hi) if lo < hi else None
+@dataclasses.dataclass(frozen=True, slots=True)
+class Allowed:
+    """What a client may reach of a space, in pages: `readable` ⊇ `writable`."""
+
+    readable: RangeSet
+    writable: RangeSet
+
+    @classmethod
+    def of(cls, held: Iterable[AccessRange], page: int) -> Allowed:
+        readable, writable = RangeSet(), RangeSet()
+        for r in held:
+            if r.access is Access.NONE:
+                continue
+            readable.add(r.offset // page, (r.offset + r.length) // page)
+            if r.access is Access.RW:
+                writable.add(r.offset // page, (r.offset + r.length) // page)
+        return cls(readable, writable)
+
+    @classmethod
+    def nothing(cls) -> Allowed:
+        return cls(RangeSet(), RangeSet())
 
 
-def _still_reachable(
-    view: ProcessView, vma: Vma, lo: int, hi: int, access: Access, page: int
+def _first_outside(
+    regions: list[tuple[int, int]],
+    vma: Vma,
+    examined: RangeSet | None,
+    allowed: RangeSet,
+    page: int,
+) -> int | None:
+    """The first file page of the address `regions` (of `vma`) that is examined and not in
+    `allowed`, or None."""
+    for start, end in regions:
+        lo = vma.offset // page + (start - vma.start) // page
+        hi = vma.offset // page + (end - vma.start) // page
+        spans = examined.intersection(lo, hi) if examined is not None else [(lo, hi)]
+        for s, e in spans:
+            missing = allowed.first_missing(s, e)
+            if missing is not None:
+                return missing
+    return None
+
+
+def _judge_vma(
+    view: ProcessView,
+    vma: Vma,
+    examined: RangeSet | None,
+    allowed: Allowed,
+    page: int,
+    check_present: bool,
 ) -> str | None:
-    """What of file range [lo, hi) this mapping still gives beyond `access`, if anything."""
-    addr = vma.start + lo - vma.offset
-    pages = (hi - lo) // page
-    if access is Access.NONE and (vma.readable or vma.writable):
-        # Guard markers fault like PROT_NONE without splitting the VMA: fine if every page has one.
-        unguarded = view.first_unguarded(addr, pages)
-        if unguarded is None:
+    first, last = vma.offset // page, -(-vma.file_end // page)
+    if examined is not None:
+        # Only the part of the mapping between the first and last examined page is asked for.
+        hull = examined.hull(first, last)
+        if hull is None:
             return None
-        return (
-            f"maps offset {lo + unguarded * page:#x} {'writable' if vma.writable else 'readable'}"
-            f" ({vma.perms}) at {addr + unguarded * page:#x} with no guard marker"
-        )
-    if vma.writable and access is not Access.RW:
-        return f"maps offsets {lo:#x}-{hi:#x} writable ({vma.perms}) at {addr:#x}"
-    if access is Access.NONE:
-        present = view.first_present(addr, pages)
-        if present is not None:
+        first, last = hull
+    addr = vma.start + first * page - vma.offset
+    pages = last - first
+
+    def where(p: int) -> int:
+        return vma.start + p * page - vma.offset
+
+    if vma.readable or vma.writable:
+        # A page without a guard marker in an accessible mapping is reachable by a touch.
+        regions = view.unguarded_regions(addr, pages)
+        if vma.writable:
+            p = _first_outside(regions, vma, examined, allowed.writable, page)
+            if p is not None:
+                return (
+                    f"maps offset {p * page:#x} writable ({vma.perms}) at {where(p):#x} "
+                    "with no guard marker"
+                )
+        if vma.readable:
+            p = _first_outside(regions, vma, examined, allowed.readable, page)
+            if p is not None:
+                return (
+                    f"maps offset {p * page:#x} readable ({vma.perms}) at {where(p):#x} "
+                    "with no guard marker"
+                )
+    elif check_present:
+        # PROT_NONE keeps pages mapped until they are zapped (MADV_DONTNEED): still readable
+        # through /proc/PID/mem, and one mprotect away from use.
+        regions = view.reachable_regions(addr, pages)
+        p = _first_outside(regions, vma, examined, allowed.readable, page)
+        if p is not None:
             return (
-                f"still has the page at offset {lo + present * page:#x} present "
-                f"(address {addr + present * page:#x})"
+                f"still has the page at offset {p * page:#x} present "
+                f"(address {where(p):#x}, {vma.perms})"
             )
     return None
 
 
-def _targeted(
-    view: ProcessView, dev: int, ino: int, base: int, ranges: Sequence[AccessRange], page: int
-) -> str | None:
-    """Checks the reported mapping at `base`; raises LookupError if it is not what was said."""
-    for r in ranges:
-        addr, stop = base + r.offset, base + r.offset + r.length
-        while addr < stop:
-            vma = view.vma_at(addr)
-            if (
-                vma is None
-                or vma.inode != ino
-                or vma.dev != dev
-                or vma.offset + addr - vma.start != addr - base
-            ):
-                raise LookupError(addr)
-            span = _overlap(vma, addr - base, stop - base)
-            assert span is not None
-            problem = _still_reachable(view, vma, span[0], span[1], r.access, page)
-            if problem:
-                return problem
-            addr = vma.end
-    return None
-
-
-def check_revoked(
+def check_reach(
     view: ProcessView,
     dev: int,
     ino: int,
-    ranges: Sequence[AccessRange],
+    allowed: Allowed,
     page: int,
-    base: int | None = None,
+    ranges: Sequence[AccessRange] | None = None,
+    *,
+    check_present: bool = True,
+    fd_allowed: bool = True,
 ) -> str | None:
-    """None when nothing of `ranges` is reachable beyond its new access; else what is.
+    """None when the process reaches nothing of the file (dev, ino) beyond `allowed`; else the
+    first thing it does reach, in words.
 
-    With `base` (where the client says it mapped the space), only those addresses are
-    examined; if they do not hold the space as reported, every mapping of the file is.
-    Other mappings the client may have made are the audit's business.
+    `ranges`: only these byte ranges are examined (a revocation's), or the whole file (None:
+    an audit). `check_present`: PROT_NONE mappings must not keep pages present there.
+    `fd_allowed`: False for a VA client, which may hold no fd of the space. Raises OSError when
+    the kernel's view cannot be read (the process exited, or /proc refused).
     """
-    if base is not None:
-        try:
-            return _targeted(view, dev, ino, base, ranges, page)
-        except LookupError:
-            pass
-    vmas = view.mappings_of(dev, ino)
-    for r in ranges:
-        for vma in vmas:
-            span = _overlap(vma, r.offset, r.offset + r.length)
-            if span is not None:
-                problem = _still_reachable(view, vma, span[0], span[1], r.access, page)
-                if problem:
-                    return problem
-    return None
-
-
-def check_holdings(
-    view: ProcessView, dev: int, ino: int, held: Iterable[AccessRange], page: int
-) -> str | None:
-    """Full audit: every readable or writable mapping of the file must lie within what the
-    client holds (`held`: its effective access). None if so, else the first violation."""
-    readable, writable = RangeSet(), RangeSet()
-    for r in held:
-        readable.add(r.offset // page, (r.offset + r.length) // page)
-        if r.access is Access.RW:
-            writable.add(r.offset // page, (r.offset + r.length) // page)
+    if not fd_allowed:
+        held = view.fds_of(dev, ino)
+        if held:
+            return f"holds fd {held[0]} of the space, which it may not"
+    examined = None
+    if ranges is not None:
+        examined = RangeSet()
+        for r in ranges:
+            examined.add(r.offset // page, -(-(r.offset + r.length) // page))
     for vma in view.mappings_of(dev, ino):
-        first, last = vma.offset // page, -(-vma.file_end // page)
-        for needed, allowed, what in (
-            (vma.writable, writable, "writable"),
-            (vma.readable, readable, "readable"),
-        ):
-            if not needed:
-                continue
-            for gs, ge in allowed.missing(first, last):
-                # Pages not held are fine where they carry guard markers (they fault on touch).
-                addr = vma.start + gs * page - vma.offset
-                unguarded = view.first_unguarded(addr, ge - gs)
-                if unguarded is not None:
-                    return (
-                        f"maps offset {(gs + unguarded) * page:#x} {what} ({vma.perms}) at "
-                        f"{addr + unguarded * page:#x} without a grant for it"
-                    )
+        problem = _judge_vma(view, vma, examined, allowed, page, check_present)
+        if problem is not None:
+            return problem
     return None

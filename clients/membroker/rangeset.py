@@ -175,21 +175,43 @@ class RangeSet:
             return max(self._starts[i], start)
         return None
 
+    def hull(self, start: int, end: int) -> Interval | None:
+        """The smallest interval holding every page of the set inside ``[start, end)``, or
+        None if there is none."""
+        first = self.first_present(start, end)
+        if first is None:
+            return None
+        j = bisect_left(self._starts, end) - 1  # the last interval starting before `end`
+        return first, min(self._ends[j], end)
+
     # -- whole-set operations ---------------------------------------------------------------
 
     def intersect(self, other: RangeSet) -> RangeSet:
         """A new set holding the pages in both sets.
 
-        A merge driven by the set with fewer intervals, each of which selects its overlap in the
-        other by bisection: O(min(n, m) log max(n, m) + output).
+        Driven by the set with fewer intervals: each of its intervals selects its overlap in the
+        other by bisection, copied as array slices (no object per interval), so intersecting a
+        million fragments with a few shared ranges costs a few array copies:
+        O(min(n, m) log max(n, m)) bisections plus a C-level copy of the output.
         """
         small, large = (self, other) if len(self) <= len(other) else (other, self)
-        pieces: list[Interval] = []
+        starts: array[int] = array("Q")
+        ends: array[int] = array("Q")
+        l_starts, l_ends = large._starts, large._ends
         for start, end in small:
-            pieces += large.intersection(start, end)
+            i, j = large._span(start, end)
+            if i == j:
+                continue
+            first = len(starts)
+            starts += l_starts[i:j]
+            ends += l_ends[i:j]
+            if starts[first] < start:
+                starts[first] = start
+            if ends[-1] > end:
+                ends[-1] = end
         result = RangeSet()
-        result._starts = array("Q", [start for start, _ in pieces])
-        result._ends = array("Q", [end for _, end in pieces])
+        result._starts = starts
+        result._ends = ends
         return result
 
     def total(self) -> int:

@@ -53,6 +53,9 @@ def main() -> None:
                 c = session.attach_fd(req["space"], on_revoke=lambda r: revokes.append(len(r)))
                 attached[req["space"]] = c
                 out({"ok": True, "ranges": _ranges(c)})
+            elif op == "ranges_of_nothing":
+                # One control call that changes nothing (opens the gRPC channel).
+                out({"ok": True, "spaces": len(session.list_spaces())})
             elif op == "ranges":
                 out({"ok": True, "ranges": _ranges(attached[req["space"]]), "revokes": revokes})
             elif op == "read":
@@ -91,6 +94,51 @@ def main() -> None:
                 )
                 kept.append(extra)
                 out({"ok": True, "address": extra.address})
+            elif op == "second_map":
+                # A hostile VA client: reopens its own mapping through /proc/self/map_files (a
+                # new fd of the space without the broker) and maps a second, read-write view of
+                # [offset, offset+length) elsewhere. keep_fd keeps that fd open too.
+                from membroker._sys import mman
+
+                client = attached[req["space"]]
+                lo, hi = client.address, client.address + client.size
+                fd = os.open(f"/proc/self/map_files/{lo:x}-{hi:x}", os.O_RDWR)
+                extra = mman.Mapping.map_shared(
+                    fd, req["length"], mman.PROT_READ | mman.PROT_WRITE, req["offset"]
+                )
+                if req.get("keep_fd"):
+                    kept.append(fd)
+                else:
+                    os.close(fd)
+                kept.append(extra)
+                out({"ok": True, "address": extra.address})
+            elif op == "second_read":
+                # Reads through the second view (index into the last second_map).
+                extra = [k for k in kept if hasattr(k, "view")][-1]
+                out({"ok": True, "value": extra.view(req["offset"], 1)[0]})
+            elif op == "report_mapped":
+                # A false Mapped report: says the space is mapped at an unrelated address.
+                from membroker._sys import mman
+                from membroker._sys.libc import libc as clib
+                from membroker.v1 import session_pb2 as spb
+
+                client = attached[req["space"]]
+                decoy = clib.mmap(
+                    None, client.size, mman.PROT_NONE, mman.MAP_PRIVATE | mman.MAP_ANONYMOUS, -1, 0
+                )
+                session._send(
+                    spb.Frame(
+                        mapped=spb.Mapped(space_id=req["space"], address=decoy, length=client.size)
+                    )
+                )
+                out({"ok": True, "address": decoy})
+            elif op == "refuse_revokes":
+                # An fd client whose teardown (its on_revoke callback) fails.
+                def refuse(ranges: Any) -> None:
+                    raise RuntimeError("memslot delete failed: EBUSY")
+
+                attached[req["space"]]._user_on_revoke = refuse
+                out({"ok": True})
             elif op == "access_enter":
                 # Opens a `with va.access(...)` block and keeps it open across commands.
                 cm = attached[req["space"]].access(req["offset"], req["length"])

@@ -92,7 +92,8 @@ def test_on_pinned_fence_fences_the_pinner_and_goes_on(world, how):
         report = space.delete(on_pinned="fence")
     (fenced,) = [c for c in report.clients if c.client == "dma"]
     assert fenced.outcome == "fenced" and fenced.pid == dma.pid
-    assert fenced.reason == "offset 0x1000 still pinned (pin 1) after 500 ms"
+    assert fenced.reason == "offset 0x1000 still pinned (pin 1) after 500 ms; disconnected"
+    assert fenced.fence == "disconnected"
     assert [s.client for s in owner.list_sessions()] == ["vmm"]
     assert owner.stats().fenced_total == 1
     assert 'membroker_fenced_total{reason="pinned"} 1.0' in d.scrape()

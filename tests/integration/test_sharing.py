@@ -11,6 +11,7 @@ import pytest
 
 import membroker
 from membroker._sys.kvm import guest_memfd_support
+from membroker._sys.proc import fd_targets
 
 PAGE = 4096
 MiB = 1 << 20
@@ -127,16 +128,37 @@ def test_va_client_writes_fail_in_sdk_on_ro_grant_and_crash_when_forced(owner, c
 def test_grant_reaches_attached_client_without_reattach(owner, clients):
     space = owner.create_space(MiB)
     space.share(0, MiB)
+    space.grant("backend", 8 * PAGE, PAGE, "ro")
     backend = clients("backend")
-    assert backend.ok("attach_va", space=space.space_id)["ranges"] == []
+    assert backend.ok("attach_va", space=space.space_id)["ranges"] == [[8 * PAGE, PAGE, "RO"]]
     seq = space.grant("backend", 0, 2 * PAGE, "rw")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if backend.ok("ranges", space=space.space_id)["ranges"]:
+        if len(backend.ok("ranges", space=space.space_id)["ranges"]) == 2:
             break
         time.sleep(0.01)
-    assert backend.ok("ranges", space=space.space_id)["ranges"] == [[0, 2 * PAGE, "RW"]]
+    assert backend.ok("ranges", space=space.space_id)["ranges"] == [
+        [0, 2 * PAGE, "RW"],
+        [8 * PAGE, PAGE, "RO"],
+    ]
     assert owner.get_space(space.space_id).seq == seq
+
+
+def test_attach_without_a_grant_is_refused_and_hands_out_no_fd(daemon, owner, clients):
+    space = owner.create_space(MiB)
+    space.share(0, MiB)
+    nosy = clients("nosy")
+    nosy.ok("ranges_of_nothing")
+    fds_before = daemon.open_fds()  # after the client's first control call opened its channel
+    for op in ("attach_va", "attach_fd", "attach_va"):
+        result = nosy.cmd(op, space=space.space_id)
+        assert not result["ok"]
+        assert "FailedPrecondition" in result["error"]
+        assert "holds no grant on" in result["error"]
+    # No fd of the space reached the client, and the broker holds nothing more.
+    assert not any("membroker:" in t for t in fd_targets(nosy.pid))
+    assert daemon.open_fds() == fds_before
+    assert owner.get_space(space.space_id).attachments == 0
 
 
 def test_broker_memfd_is_sealed_against_client_truncate(owner, clients):
@@ -235,11 +257,13 @@ def test_delete_space_revokes_every_attached_client_first(owner, clients, daemon
     assert _dead_signal(backend) == signal.SIGSEGV
 
 
-@pytest.mark.parametrize("action", ["disconnect", "kill"])
+@pytest.mark.parametrize("action", ["disconnect", "kill", "disconnect-report"])
 def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, action):
     from tests.conftest import ClientProc, Daemon, _env
 
-    env = dict(_env(), MEMBROKER_FENCE_ACTION=action)
+    env = dict(_env(), MEMBROKER_FENCE_ACTION=action.split("-")[0])
+    if action == "disconnect-report":
+        env["MEMBROKER_ON_FENCED_STILL_MAPPED"] = "report"
     fast = Daemon(tmp_path / "rt2", "--revoke-deadline-ms", "1000", env=env)
     procs = []
     try:
@@ -257,6 +281,8 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
             report = space.unshare(0, MiB)
             elapsed = time.monotonic() - t0
             outcomes = {c.client: (c.outcome, c.reason) for c in report.clients}
+            fence = {c.client: c.fence for c in report.clients}
+            assert fence["good"] == ""
             assert outcomes["good"] == ("acked", "")
             assert outcomes["stuck"][0] == "fenced"
             assert outcomes["stuck"][1].startswith("no acknowledgement of seq 4 within 1000 ms")
@@ -268,9 +294,20 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
             assert owner.stats().fenced_total == 1
             if action == "kill":
                 assert outcomes["stuck"][1].endswith("; killed with SIGKILL")
+                assert fence["stuck"] == "killed"
+                assert stuck.wait(10) == -signal.SIGKILL
+            elif action == "disconnect":
+                # Disconnected, but a stopped process cannot drop its mapping: looked at again
+                # after the grace, still mapped, so killed (on_fenced_still_mapped = kill).
+                assert fence["stuck"] == "killed"
+                assert "still reached the space 200 ms after the disconnect" in outcomes["stuck"][1]
+                assert outcomes["stuck"][1].endswith(": killed")
                 assert stuck.wait(10) == -signal.SIGKILL
             else:
-                assert stuck.proc.poll() is None  # only disconnected: still alive (stopped)
+                # on_fenced_still_mapped = report: alive (stopped), and the report says so.
+                assert fence["stuck"] == "still_mapped"
+                assert "maps offset 0x0 writable" in outcomes["stuck"][1]
+                assert stuck.proc.poll() is None
             assert good.ok("ranges", space=space.space_id)["ranges"] == []
     finally:
         for proc in procs:

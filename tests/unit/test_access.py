@@ -420,6 +420,13 @@ def check_state(t: AccessTable, m: Model, query: tuple[int, int]) -> None:
     assert t.is_shared(offset, length) == all(m.shared[start : start + n])
     for c in CLIENTS:
         assert t.effective_access(c, offset, length) == min(m.levels(c)[start : start + n])
+        # The same answer restricted to the query range, and as page sets.
+        window = [lv if start <= p < start + n else NONE for p, lv in enumerate(m.levels(c))]
+        assert t.effective_in(c, offset, length) == expected_effective(window)
+        readable, writable = t.allowed_sets(c)
+        assert list(readable) == page_runs([lv != NONE for lv in m.levels(c)])
+        assert list(writable) == page_runs([lv == RW for lv in m.levels(c)])
+        assert t.has_grants(c) == (c in m.grants)
         want = [p for p in m.pins.values() if overlaps(p, offset, length) and p.client == c]
         assert t.pins_overlapping(offset, length, client=c) == want
     want = [p for p in m.pins.values() if overlaps(p, offset, length)]
@@ -619,3 +626,14 @@ def test_traced_build_memory_per_fragment() -> None:
     assert per_fragment * FRAGMENTS < 64 * MiB, per_fragment
     assert peak < 2 * held + MiB
     print(f"\ntraced build: {per_fragment:.1f} B/fragment, peak {peak / MiB:.2f} MiB for {n}")
+
+
+def test_forget_and_retire_bump_seq_once_and_keep_no_delta(table: AccessTable) -> None:
+    table.set_shared(0, 8 * PS)
+    table.grant("a", 0, 2 * PS, RW)
+    table.grant("b", 0, 2 * PS, RO)
+    assert table.forget_client("a") == 4
+    assert table.clients() == ["b"] and table.effective("a") == []
+    assert table.forget_client("nobody") == 5  # a no-op still counts as a change
+    assert table.retire() == 6
+    assert table.effective("b") == [r(0, 2, RO)]

@@ -216,3 +216,13 @@ def test_intersect_and_eq_match_model(a: list[tuple[int, int]], b: list[tuple[in
     assert (ra == rb) == (pages_of(ra) == pages_of(rb))
     assert RangeSet(list(ra)) == ra
     assert eval(repr(ra), {"RangeSet": RangeSet}) == ra
+
+
+def test_hull_bounds_the_pages_inside_a_window() -> None:
+    rs = RangeSet([(2, 4), (10, 12), (20, 30)])
+    assert rs.hull(0, 100) == (2, 30)
+    assert rs.hull(3, 25) == (3, 25)
+    assert rs.hull(4, 10) is None
+    assert rs.hull(11, 21) == (11, 21)
+    assert rs.hull(12, 20) is None
+    assert RangeSet().hull(0, 5) is None

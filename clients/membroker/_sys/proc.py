@@ -112,6 +112,55 @@ _PAGEMAP_GUARD: Final = 1 << 58
 _PAGEMAP_ENTRY = struct.Struct("<Q")
 
 
+class PmScanArg(ctypes.Structure):
+    """struct pm_scan_arg (include/uapi/linux/fs.h), the argument of PAGEMAP_SCAN (6.7+).
+
+    Twelve u64s (96 bytes): size, flags, start, end (in: the address range), walk_end (out:
+    where the walk stopped), vec, vec_len (in: a page_region array), max_pages, and the
+    category masks: a page matches when ((categories ^ inverted) & mask) == mask and, if
+    anyof is set, ((categories ^ inverted) & anyof) != 0.
+    """
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "size",
+            "flags",
+            "start",
+            "end",
+            "walk_end",
+            "vec",
+            "vec_len",
+            "max_pages",
+            "category_inverted",
+            "category_mask",
+            "category_anyof_mask",
+            "return_mask",
+        )
+    ]
+
+
+class PageRegion(ctypes.Structure):
+    """struct page_region: [start, end) addresses of consecutive matching pages (24 bytes)."""
+
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("end", ctypes.c_uint64),
+        ("categories", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(PmScanArg) == 96
+assert ctypes.sizeof(PageRegion) == 24
+
+PAGEMAP_SCAN: Final = _IOWR(ord("f"), 16, PmScanArg)
+PAGE_IS_PRESENT: Final = 1 << 3
+PAGE_IS_SWAPPED: Final = 1 << 4
+# Since 6.14 a guard marker is its own category (it is also reported as swapped).
+PAGE_IS_GUARD: Final = 1 << 8
+_SCAN_REGIONS = 4096
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Vma:
     """One mapping of a process, as the kernel reports it."""
@@ -148,13 +197,17 @@ class ProcessView:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._maps = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+        self._maps = self._pagemap = self._fd_dir = -1
         try:
+            self._maps = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
             self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            os.close(self._maps)
+            self.close()
             raise
         self._query = ProcmapQuery()
+        self._vec = (PageRegion * _SCAN_REGIONS)()
+        self._has_scan = True
 
     def _ask(self, addr: int, flags: int) -> Vma | None:
         q = self._query
@@ -233,24 +286,117 @@ class ProcessView:
         data = os.pread(self._pagemap, pages * 8, (addr // PAGE_SIZE) * 8)
         return [entry for (entry,) in _PAGEMAP_ENTRY.iter_unpack(data)]
 
+    def _scan(
+        self, addr: int, pages: int, mask: int, inverted: int, anyof: int, first_only: bool
+    ) -> list[tuple[int, int]]:
+        """PAGEMAP_SCAN: the [start, end) address runs of matching pages in the range; the
+        kernel walks the page tables itself, so a GiB with few matches costs microseconds."""
+        vec = self._vec
+        out: list[tuple[int, int]] = []
+        start, end = addr, addr + pages * PAGE_SIZE
+        arg = PmScanArg()
+        while start < end:
+            ctypes.memset(ctypes.addressof(arg), 0, ctypes.sizeof(arg))
+            arg.size = ctypes.sizeof(arg)
+            arg.start, arg.end = start, end
+            arg.vec, arg.vec_len = ctypes.addressof(vec), 1 if first_only else _SCAN_REGIONS
+            arg.max_pages = 1 if first_only else 0
+            arg.category_inverted, arg.category_mask = inverted, mask
+            arg.category_anyof_mask = anyof
+            # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this view's own array of
+            # _SCAN_REGIONS page_regions and vec_len never exceeds it; the kernel writes only
+            # arg.walk_end and the first `count` entries of vec.
+            count = fcntl.ioctl(self._pagemap, PAGEMAP_SCAN, arg)
+            out += [(vec[i].start, vec[i].end) for i in range(count)]
+            if first_only and out:
+                break
+            if arg.walk_end <= start:
+                break
+            start = arg.walk_end
+        return out
+
+    def _scan_fallback(
+        self, addr: int, pages: int, mask: int, inverted: int, anyof: int
+    ) -> list[tuple[int, int]]:
+        """The same answer from reading /proc/PID/pagemap entries (kernels before 6.14)."""
+        out: list[tuple[int, int]] = []
+        step = 1 << 16
+        for base in range(0, pages, step):
+            entries = self._entries(addr + base * PAGE_SIZE, min(step, pages - base))
+            for index, entry in enumerate(entries):
+                cats = 0
+                if entry & _PAGEMAP_PRESENT:
+                    cats |= PAGE_IS_PRESENT
+                if entry & _PAGEMAP_SWAPPED:
+                    cats |= PAGE_IS_SWAPPED
+                if entry & _PAGEMAP_GUARD:
+                    cats |= PAGE_IS_GUARD
+                cats ^= inverted
+                if (cats & mask) != mask or (anyof and not cats & anyof):
+                    continue
+                page = addr + (base + index) * PAGE_SIZE
+                if out and out[-1][1] == page:
+                    out[-1] = (out[-1][0], page + PAGE_SIZE)
+                else:
+                    out.append((page, page + PAGE_SIZE))
+        return out
+
+    def regions(
+        self, addr: int, pages: int, *, mask: int = 0, inverted: int = 0, anyof: int = 0
+    ) -> list[tuple[int, int]]:
+        """Address runs [start, end) of the pages of [addr, addr + pages) whose categories
+        (PAGE_IS_*) match, as PAGEMAP_SCAN defines matching."""
+        if self._has_scan:
+            try:
+                return self._scan(addr, pages, mask, inverted, anyof, False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._has_scan = False
+        return self._scan_fallback(addr, pages, mask, inverted, anyof)
+
+    def reachable_regions(self, addr: int, pages: int) -> list[tuple[int, int]]:
+        """Runs of pages still mapped (present or swapped) and not guard-marked."""
+        return self.regions(
+            addr,
+            pages,
+            mask=PAGE_IS_GUARD,
+            inverted=PAGE_IS_GUARD,
+            anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        )
+
+    def unguarded_regions(self, addr: int, pages: int) -> list[tuple[int, int]]:
+        """Runs of pages without a guard marker (a touch would reach them)."""
+        return self.regions(addr, pages, mask=PAGE_IS_GUARD, inverted=PAGE_IS_GUARD)
+
     def first_present(self, addr: int, pages: int) -> int | None:
         """Index of the first of `pages` pages from `addr` still mapped (present or swapped)."""
-        for index, entry in enumerate(self._entries(addr, pages)):
-            if entry & _PAGEMAP_PRESENT or (
-                entry & _PAGEMAP_SWAPPED and not entry & _PAGEMAP_GUARD
-            ):
-                return index
-        return None
+        found = self.reachable_regions(addr, pages)
+        return (found[0][0] - addr) // PAGE_SIZE if found else None
 
     def first_unguarded(self, addr: int, pages: int) -> int | None:
         """Index of the first of `pages` pages from `addr` without a guard marker."""
-        for index, entry in enumerate(self._entries(addr, pages)):
-            if not entry & _PAGEMAP_GUARD:
-                return index
-        return None
+        found = self.unguarded_regions(addr, pages)
+        return (found[0][0] - addr) // PAGE_SIZE if found else None
+
+    def fds_of(self, dev: int, inode: int) -> list[int]:
+        """The fd numbers through which the process holds the file (dev, inode).
+
+        Read through the /proc/PID/fd directory opened with the view (bound to that process,
+        not to a pid that could be reused); fds closed while we look are skipped.
+        """
+        found = []
+        for name in os.listdir(self._fd_dir):
+            try:
+                st = os.stat(name, dir_fd=self._fd_dir)
+            except FileNotFoundError:
+                continue
+            if st.st_ino == inode and st.st_dev == dev:
+                found.append(int(name))
+        return sorted(found)
 
     def close(self) -> None:
-        for fd in (self._maps, self._pagemap):
+        for fd in (self._maps, self._pagemap, self._fd_dir):
             if fd >= 0:
                 os.close(fd)
-        self._maps = self._pagemap = -1
+        self._maps = self._pagemap = self._fd_dir = -1

@@ -1,0 +1,296 @@
+"""Sound revocation: the promise holds under cancellation, concurrency and lying clients.
+
+When a call that takes access away returns, every client that could reach those pages either
+provably (by the kernel's view) cannot any more, or has been fenced and the report says how; no
+compliant client is fenced. Each test is a regression of something seen on an earlier build,
+with a real daemon and real client processes; the hostile ones do what the SDK never would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import membroker
+from membroker.errors import BrokerError, NotFound
+from membroker.v1 import broker_pb2 as pb
+from membroker.v1 import session_pb2 as spb
+from tests.conftest import ClientProc, Daemon, _env
+from tests.integration.test_identity import as_nobody, daemon_with, stop_and_clean
+
+PAGE = 4096
+MiB = 1 << 20
+NOBODY = 65534
+
+
+def _wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def _resume(proc: ClientProc) -> None:
+    if proc.proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def quiet(tmp_path):
+    """A daemon with a 1 s deadline and no periodic audit (only revocations verify)."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0")
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "1000", env=env)
+    procs: list[ClientProc] = []
+
+    def start(name: str) -> ClientProc:
+        p = ClientProc(d.runtime_dir, name)
+        procs.append(p)
+        return p
+
+    yield d, start
+    for p in procs:
+        _resume(p)
+        p.close()
+    assert d.stop() == 0, d.log()
+
+
+def test_a_cancelled_revoke_still_waits_verifies_and_fences(quiet):
+    """Item 1: the owner's call gives up after 0.3 s; the revocation does not."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("stuck", 0, 4 * PAGE)
+        stuck = start("stuck")
+        stuck.ok("attach_va", space=space.space_id)
+        stuck.ok("touch", space=space.space_id, offset=0)
+        os.kill(stuck.pid, signal.SIGSTOP)
+        request = pb.RevokeRequest(
+            space_id=space.space_id, client="stuck", range=spb.Range(offset=0, length=4 * PAGE)
+        )
+        with pytest.raises(BrokerError) as caught:
+            owner.call("Revoke", request, timeout=0.3)
+        assert "DEADLINE_EXCEEDED" in str(caught.value.code)
+        # The table change stands, and the revocation carries on to the fencing.
+        assert space.grants() == []
+        assert _wait_for(lambda: owner.stats().fenced_total == 1)
+        (report,) = _wait_for(lambda: space.revocations())
+        assert report.caller_gone is True
+        assert report.cause == "revoke"
+        ((client, outcome, fence),) = [(c.client, c.outcome, c.fence) for c in report.clients]
+        assert (client, outcome) == ("stuck", "fenced")
+        # Frozen with the page still mapped: killed after the disconnect, and the report says so.
+        assert fence == "killed"
+        assert stuck.wait(10) == -signal.SIGKILL
+        # Nothing is left waiting: a later change of the same space runs at once.
+        assert space.share(0, PAGE).clients == ()
+
+
+def test_a_grant_racing_a_revoke_never_fences_the_honest_client(quiet):
+    """Item 2: unshare a page while the client is busy with it; re-share it meanwhile. The
+    share waits its turn, the client acks the unshare (verified against what it holds then),
+    and nobody is fenced."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("busy", 0, 4 * PAGE)
+        busy = start("busy")
+        busy.ok("attach_va", space=space.space_id)
+        busy.ok("write", space=space.space_id, offset=PAGE, data="ab")
+        busy.ok("access_enter", space=space.space_id, offset=PAGE, length=PAGE)
+        reports: dict[str, object] = {}
+
+        def unshare() -> None:
+            reports["unshare"] = space.unshare(PAGE, PAGE)
+
+        def reshare() -> None:
+            reports["share"] = space.share(PAGE, PAGE)
+
+        first = threading.Thread(target=unshare)
+        first.start()
+        time.sleep(0.3)
+        second = threading.Thread(target=reshare)
+        second.start()
+        time.sleep(0.2)
+        assert "share" not in reports  # queued behind the unshare, not interleaved
+        busy.ok("access_exit", space=space.space_id)
+        first.join(10)
+        second.join(10)
+        unshared = reports["unshare"]
+        assert [(c.client, c.outcome) for c in unshared.clients] == [("busy", "acked")]
+        assert reports["share"].seq == unshared.seq + 1
+        assert owner.stats().fenced_total == 0
+        # The re-shared page is the client's again, with its bytes.
+        assert _wait_for(
+            lambda: busy.ok("ranges", space=space.space_id)["ranges"] == [[0, 4 * PAGE, "RW"]]
+        )
+        assert busy.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "ab"
+
+
+def test_concurrent_delete_and_revoke_each_get_their_own_seq(quiet):
+    """Item 3: a DeleteSpace waiting on a pin, and a Revoke of the same space 0.1 s later."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("dma", 0, 4 * PAGE)
+        dma = start("dma")
+        dma.ok("attach_fd", space=space.space_id)
+        pin = dma.ok("pin", space=space.space_id, offset=0, length=PAGE)["pin_id"]
+        results: dict[str, object] = {}
+
+        def delete() -> None:
+            results["delete"] = space.delete()
+
+        def revoke() -> None:
+            try:
+                results["revoke"] = space.revoke("dma", 0, PAGE)
+            except NotFound as exc:
+                results["revoke"] = exc
+
+        t1 = threading.Thread(target=delete)
+        t1.start()
+        time.sleep(0.1)
+        t2 = threading.Thread(target=revoke)
+        t2.start()
+        time.sleep(0.3)
+        dma.ok("unpin", pin_id=pin)
+        t1.join(10)
+        t2.join(10)
+        deleted = results["delete"]
+        assert [(c.client, c.outcome) for c in deleted.clients] == [("dma", "acked")]
+        # The revoke ran after the delete, found no space, and changed nothing.
+        assert isinstance(results["revoke"], NotFound)
+        assert "deleted meanwhile" in str(results["revoke"])
+        assert owner.stats().fenced_total == 0
+        assert dma.proc.poll() is None
+        # The honest client was never told it acknowledged something it was not asked.
+        assert "not asked to acknowledge" not in d.log()
+
+
+@pytest.mark.parametrize("keep_fd", [False, True])
+def test_a_second_mapping_defeats_no_verification(quiet, keep_fd):
+    """Item 4: the client reports a decoy address, keeps a second read-write mapping of its
+    granted pages (made from /proc/self/map_files, no fd from the broker) and acks."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("sly", 0, 4 * PAGE)
+        sly = start("sly")
+        sly.ok("attach_va", space=space.space_id)
+        sly.ok("second_map", space=space.space_id, offset=0, length=4 * PAGE, keep_fd=keep_fd)
+        sly.ok("report_mapped", space=space.space_id)
+        assert sly.ok("second_read", offset=PAGE)["value"] == 0
+        report = space.revoke("sly", PAGE, PAGE)
+        ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
+        assert outcome == "fenced"
+        if keep_fd:
+            assert reason.startswith("acknowledged seq 3 but holds fd ")
+            assert "of the space, which it may not" in reason
+        else:
+            assert reason.startswith("acknowledged seq 3 but maps offset 0x1000 writable (rws)")
+        # It kept the second mapping after the disconnect: killed.
+        assert fence == "killed"
+        assert sly.wait(10) == -signal.SIGKILL
+
+
+def test_an_honest_client_with_a_wrong_report_is_still_verified_not_fenced(quiet):
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("odd", 0, 4 * PAGE)
+        odd = start("odd")
+        odd.ok("attach_va", space=space.space_id)
+        odd.ok("touch", space=space.space_id, offset=PAGE)
+        odd.ok("report_mapped", space=space.space_id)
+        report = space.revoke("odd", PAGE, PAGE)
+        assert [(c.outcome, c.reason) for c in report.clients] == [("acked", "")]
+
+
+def test_a_client_name_belongs_to_the_uid_that_used_it_first(tmp_path):
+    """Item 5: a process of another uid cannot take a disconnected owner's name (and so can
+    neither inherit its exemption nor the grants addressed to that name)."""
+    d = daemon_with(
+        tmp_path, session_socket_mode="0666", control_socket_mode="0666", audit_interval_s="0"
+    )
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("vmm", 0, MiB)
+        taken = as_nobody(d, "vmm", "attach", space.space_id)
+        assert taken["ok"] is False
+        assert "client name 'vmm' is bound to uid 0, which used it first" in str(taken["message"])
+        # Another name is fine for that uid; the owner's name still works for the owner.
+        assert as_nobody(d, "guest", "connect")["ok"] is True
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            assert owner.get_space(space.space_id).attachments == 0
+    finally:
+        stop_and_clean(d)
+
+
+def test_a_teardown_that_fails_is_refused_not_acked(quiet):
+    """Item 10: an fd client whose teardown callback fails says so; the broker fences it and
+    the report names the failure."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("vmmslot", 0, 4 * PAGE)
+        slot = start("vmmslot")
+        slot.ok("attach_fd", space=space.space_id)
+        slot.ok("refuse_revokes", space=space.space_id)
+        report = space.revoke("vmmslot", 0, PAGE)
+        ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
+        assert outcome == "fenced"
+        assert reason.startswith("refused to tear down seq 3: ")
+        assert "memslot delete failed: EBUSY" in reason
+        # The SDK closes the fd when its session ends: the fence achieved its aim.
+        assert fence == "disconnected"
+        assert owner.stats().fenced_total == 1
+
+
+def test_split_pushes_and_snapshots_cross_real_frames(tmp_path):
+    """Item 7: with 1 KiB frames, a 1,100-fragment pattern attaches (snapshot frames), is
+    revoked wholesale (one revocation in many Revoke frames, one ack) and granted back."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0", MEMBROKER_MAX_FRAME_BYTES="1024")
+    d = Daemon(tmp_path / "rt", env=env)
+    client = None
+    fragments = 1100
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            size = 2 * fragments * PAGE
+            space = owner.create_space(size)
+            space.share(0, size)
+            for i in range(fragments):
+                space.grant("frag", 2 * i * PAGE, PAGE, "rw")
+            client = ClientProc(d.runtime_dir, "frag")
+            ranges = client.ok("attach_va", space=space.space_id)["ranges"]
+            assert len(ranges) == fragments
+            assert ranges[-1] == [2 * (fragments - 1) * PAGE, PAGE, "RW"]
+            client.ok("write", space=space.space_id, offset=2 * 700 * PAGE, data="77")
+            report = space.revoke("frag", 0, size)
+            assert [(c.client, c.outcome) for c in report.clients] == [("frag", "acked")]
+            assert report.revoked_bytes == fragments * PAGE
+            assert client.ok("ranges", space=space.space_id)["ranges"] == []
+            space.grant("frag", 0, size, "ro")
+            assert _wait_for(
+                lambda: client.ok("ranges", space=space.space_id)["ranges"] == [[0, size, "RO"]]
+            )
+            got = client.ok("read", space=space.space_id, offset=2 * 700 * PAGE, length=1)
+            assert got["data"] == "77"
+            assert owner.stats().fenced_total == 0
+    finally:
+        if client is not None:
+            client.close()
+        assert d.stop() == 0, d.log()

@@ -1,0 +1,127 @@
+"""Verification never fails open: an acknowledgement the kernel's view cannot confirm is
+`unverified` (then fenced, or reported, per on_unverifiable), never counted as verified.
+
+A /proc read that fails while the process lives cannot be caused from outside on this kernel (the
+view's files are opened at Hello and stay readable), so the fault is made here by closing the
+view's maps fd under a real broker core, with a real session socket and a real memfd space.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from membroker import wire
+from membroker._sys import memfd as sys_memfd
+from membroker._sys import sock as sys_sock
+from membroker.v1 import session_pb2 as spb
+from membrokerd.access import Access, AccessRange
+from membrokerd.broker import Broker, Outcome, Session
+from membrokerd.config import load_config
+from membrokerd.enforcement import FenceResult
+from membrokerd.revocation import Ack, Batch, Verdict
+from membrokerd.spaces import Attachment, BackingKind, Space
+
+PAGE = 4096
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[tuple[Broker, Session, Space, socket.socket]]:
+    loop = asyncio.new_event_loop()
+    config = load_config(
+        None,
+        runtime_dir=tmp_path / "rt",
+        audit_interval_s=0,
+        fence_grace_ms=0,
+        on_fenced_still_mapped="report",
+    )
+    broker = Broker(config, loop)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    broker.accept(ours, sys_sock.peer_credentials(ours), sys_sock.peer_pidfd(ours))
+    (conn,) = broker.sessions
+    hello = spb.Frame(hello=spb.Hello(protocol_version=wire.PROTOCOL_VERSION, client_name="c"))
+    broker.on_frame(conn, hello, [])
+    session = broker.sessions[conn]
+    assert session is not None and session.view is not None
+    fd = sys_memfd.create_memfd("unverifiable", 16 * PAGE)
+    st = os.fstat(fd)
+    space = Space(
+        name="s",
+        fd=fd,
+        size=16 * PAGE,
+        backing=BackingKind.MEMFD,
+        page_size=PAGE,
+        owner="vmm",  # an owner with no session in this process: nothing is exempt
+        owner_uid=os.getuid(),
+        ephemeral=False,
+        imported=False,
+        regions=(),
+        dev=st.st_dev,
+        ino=st.st_ino,
+    )
+    broker.spaces[space.space_id] = space
+    space.table.set_shared(0, 16 * PAGE)
+    space.table.grant("c", 0, 4 * PAGE, Access.RW)
+    session.attached[space.space_id] = Attachment.FD
+    space.attachments[session.session_id] = Attachment.FD
+    yield broker, session, space, theirs
+    broker.shutdown("test over")
+    theirs.close()
+    loop.close()
+
+
+def _break_view(session: Session) -> None:
+    assert session.view is not None
+    os.close(session.view._maps)
+    session.view._maps = -1  # every later read of the maps fails with EBADF
+
+
+def test_a_view_that_cannot_be_read_is_unverified_never_verified(core):
+    broker, session, space, _ = core
+    gone = (AccessRange(PAGE, PAGE, Access.NONE),)
+    space.table.revoke("c", PAGE, PAGE)
+    assert broker.judge(session, space.space_id, gone) == (Verdict.ACKED, "")
+    _break_view(session)
+    verdict, reason = broker.judge(session, space.space_id, gone)
+    assert verdict is Verdict.UNVERIFIED
+    assert reason.startswith("its mappings could not be read (")
+    assert "Bad file descriptor" in reason
+
+
+@pytest.mark.parametrize("policy", ["fence", "report"])
+def test_on_unverifiable_decides_what_follows(core, policy):
+    broker, session, space, _ = core
+    broker.config.on_unverifiable = policy
+    _break_view(session)
+    loop = broker.loop
+    batch = Batch(loop)
+    ack: Ack = batch.expect(session, space.space_id, 9, (AccessRange(0, PAGE, Access.NONE),))
+    session.retain()
+    verdict, reason = broker.judge(session, space.space_id, ack.ranges)
+    ack.settle(verdict, reason)
+    result = loop.run_until_complete(broker._conclude(space, ack))
+    session.release()
+    if policy == "report":
+        assert result.outcome is Outcome.UNVERIFIED
+        assert result.reason.startswith("acknowledged seq 9 but its mappings could not be read")
+        assert broker.unverified_total == 1
+        assert not session.conn.closed
+    else:
+        assert result.outcome is Outcome.FENCED
+        assert result.reason.startswith("acknowledged seq 9 but its mappings could not be read")
+        # Looked at again after the disconnect: this process does hold the memfd (the test
+        # made it), and with on_fenced_still_mapped = report the result says so.
+        assert "(on_unverifiable); still reached the space 0 ms after the disconnect" in (
+            result.reason
+        )
+        assert "holds fd " in result.reason
+        assert result.fence is FenceResult.STILL_MAPPED
+        assert session.conn.closed
+        assert broker.fenced_total == 1
+        assert space.table.clients() == []

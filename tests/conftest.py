@@ -198,3 +198,26 @@ def clients(daemon: Daemon) -> Iterator[Any]:
     yield start
     for c in started:
         c.close()
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP `pid` and wait until every one of its threads is stopped (state T).
+
+    kill() returns once the signal is queued; a thread busy on another CPU stops a moment
+    later. A test that relies on the process being frozen must not race that moment.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    # "pid (comm) S ...": the state follows the last ')'.
+                    states.append(f.read().rsplit(b")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(s in (b"T", b"t") for s in states):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"process {pid} did not stop within {timeout} s")

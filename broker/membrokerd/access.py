@@ -154,6 +154,18 @@ class Pin:
     since: float
 
 
+def _coalesce(ranges: list[AccessRange]) -> tuple[AccessRange, ...]:
+    """Sorted ranges with adjacent ranges of one level merged."""
+    out: list[AccessRange] = []
+    for r in ranges:
+        if out and out[-1].offset + out[-1].length == r.offset and out[-1].access == r.access:
+            last = out[-1]
+            out[-1] = AccessRange(last.offset, last.length + r.length, last.access)
+        else:
+            out.append(r)
+    return tuple(out)
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 _Piece = tuple[int, int, Access]  # pages [start, end) at one level
@@ -280,6 +292,125 @@ class AccessTable:
         """Bump `seq` and wrap the per-client changes."""
         self._seq += 1
         return Delta(self._seq, tuple(clients))
+
+    def check_spans(self, spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Validate byte ranges ``(offset, length)`` for a batch: each valid, together sorted
+        and disjoint. Returns them as a list; raises InvalidRange naming the first bad one."""
+        out = list(spans)
+        if not out:
+            raise InvalidRange(0, 0, "a batch needs at least one range")
+        prev_end = -1
+        for offset, length in out:
+            start, end = self._pages(offset, length)
+            if start < prev_end:
+                raise InvalidRange(offset, length, "batch ranges must be sorted and disjoint")
+            prev_end = end
+        return out
+
+    def _page_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        ps = self._page_size
+        return [(offset // ps, (offset + length) // ps) for offset, length in spans]
+
+    def _as_ranges(self, pieces: list[tuple[int, int]], level: Access) -> list[AccessRange]:
+        ps = self._page_size
+        return [AccessRange(s * ps, (e - s) * ps, level) for s, e in pieces]
+
+    def grant_many(self, client: str, spans: Iterable[tuple[int, int]], access: Access) -> Delta:
+        """`grant` over several sorted, disjoint byte ranges as one mutation (one seq). Every
+        range is checked (InvalidRange, NotShared) before anything changes; the sets change in
+        one pass each (`RangeSet.add_many`), so k ranges cost O(k log n), not k array moves."""
+        checked = self.check_spans(spans)
+        if access != _RO and access != _RW:
+            offset, length = checked[0]
+            raise InvalidRange(offset, length, f"grant access must be RO or RW, not {access!r}")
+        pages = self._page_spans(checked)
+        for start, end in pages:
+            first_private = self._shared.first_missing(start, end)
+            if first_private is not None:
+                raise NotShared(first_private * self._page_size)
+        g = self._grants.get(client)
+        if g is None:
+            g = self._grants[client] = _Grants()
+        raised: list[tuple[int, int]] = []
+        lowered: list[tuple[int, int]] = []
+        if access == _RW:
+            for start, end in pages:
+                raised += g.writable.missing(start, end)
+            g.readable.add_many(pages)
+            g.writable.add_many(pages)
+        else:
+            for start, end in pages:
+                raised += g.readable.missing(start, end)
+                lowered += g.writable.intersection(start, end)
+            g.readable.add_many(pages)
+            g.writable.remove_many(pages)
+        self._seq += 1
+        if not raised and not lowered:
+            return Delta(self._seq, ())
+        change = ClientDelta(
+            client,
+            _coalesce(self._as_ranges(raised, access)),
+            _coalesce(self._as_ranges(lowered, _RO)),
+        )
+        return Delta(self._seq, (change,))
+
+    def revoke_many(self, client: str, spans: Iterable[tuple[int, int]]) -> Delta:
+        """`revoke` over several sorted, disjoint byte ranges as one mutation (one seq)."""
+        pages = self._page_spans(self.check_spans(spans))
+        g = self._grants.get(client)
+        if g is None:
+            return self._commit([])
+        pieces = [
+            (s_start, s_end, _NONE)
+            for start, end in pages
+            for r_start, r_end in g.readable.intersection(start, end)
+            for s_start, s_end in self._shared.intersection(r_start, r_end)
+        ]
+        g.readable.remove_many(pages)
+        g.writable.remove_many(pages)
+        if not g.readable:
+            del self._grants[client]
+        if pieces:
+            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
+        return self._commit([])
+
+    def set_shared_many(self, spans: Iterable[tuple[int, int]]) -> Delta:
+        """`set_shared` over several sorted, disjoint byte ranges as one mutation (one seq)."""
+        pages = self._page_spans(self.check_spans(spans))
+        newly = [piece for start, end in pages for piece in self._shared.missing(start, end)]
+        changes: list[ClientDelta] = []
+        if newly:
+            for name in sorted(self._grants):
+                g = self._grants[name]
+                pieces: list[_Piece] = []
+                for n_start, n_end in newly:
+                    readable = g.readable.intersection(n_start, n_end)
+                    if readable:
+                        pieces += _split_levels(readable, g.writable.intersection(n_start, n_end))
+                if pieces:
+                    changes.append(ClientDelta(name, self._ranges(pieces), ()))
+            self._shared.add_many(pages)
+        return self._commit(changes)
+
+    def set_private_many(self, spans: Iterable[tuple[int, int]]) -> Delta:
+        """`set_private` over several sorted, disjoint byte ranges as one mutation (one seq)."""
+        pages = self._page_spans(self.check_spans(spans))
+        was_shared = [
+            piece for start, end in pages for piece in self._shared.intersection(start, end)
+        ]
+        changes: list[ClientDelta] = []
+        if was_shared:
+            for name in sorted(self._grants):
+                readable = self._grants[name].readable
+                pieces = [
+                    (r_start, r_end, _NONE)
+                    for s_start, s_end in was_shared
+                    for r_start, r_end in readable.intersection(s_start, s_end)
+                ]
+                if pieces:
+                    changes.append(ClientDelta(name, (), self._ranges(pieces)))
+            self._shared.remove_many(pages)
+        return self._commit(changes)
 
     # -- attributes -----------------------------------------------------------------------------
 

@@ -748,21 +748,22 @@ class Broker:
         self,
         session: Session,
         space_id: str,
-        offset: int,
-        length: int,
+        spans: Sequence[tuple[int, int]],
         shared: bool,
         on_pinned: str | None = None,
     ) -> RevocationResult:
+        """Makes byte ranges `spans` ((offset, length), sorted, disjoint) shared or private,
+        as one change."""
         space = self.owned_space(session, space_id)
-        space.table.effective_access("", offset, length)  # validates the range up front
+        spans = space.table.check_spans(spans)  # validated up front: a bad range changes nothing
 
         async def job() -> RevocationResult:
             t0 = time.perf_counter()
             if shared:
-                delta = space.table.set_shared(offset, length)
+                delta = space.table.set_shared_many(spans)
                 return await self.carry_out(space, delta, "shared", t0)
-            fenced = await self._clear_pins(space, offset, length, None, on_pinned)
-            delta = space.table.set_private(offset, length)
+            fenced = await self._clear_pins_of(space, spans, None, on_pinned)
+            delta = space.table.set_private_many(spans)
             return await self.carry_out(space, delta, "private", t0, fenced)
 
         return await self.change(space, "shared" if shared else "private", job)
@@ -772,25 +773,29 @@ class Broker:
         session: Session,
         space_id: str,
         client: str,
-        offset: int,
-        length: int,
+        spans: Sequence[tuple[int, int]],
         access: Access,
         on_pinned: str | None = None,
     ) -> tuple[int, int]:
         space = self.owned_space(session, space_id)
         if not CLIENT_NAME.match(client):
             raise BadRequest(f"client name {client!r} is not a valid client name")
-        space.table.effective_access(client, offset, length)  # validates the range up front
+        spans = space.table.check_spans(spans)
 
         async def job() -> tuple[int, int]:
-            policy.check_grant_quota(self.config, client, space.table.fragment_count(client))
+            # One grant adds at most two fragments per range (its readable and writable sets).
+            policy.check_grant_quota(
+                self.config, client, space.table.fragment_count(client) + 2 * (len(spans) - 1)
+            )
             t0 = time.perf_counter()
             fenced: list[ClientResult] = []
-            if access is Access.RO and space.table.is_shared(offset, length):
-                fenced = await self._clear_pins(
-                    space, offset, length, client, on_pinned, write_only=True
-                )
-            delta = space.table.grant(client, offset, length, access)
+            if access is Access.RO:
+                shared = [(o, n) for o, n in spans if space.table.is_shared(o, n)]
+                if shared:
+                    fenced = await self._clear_pins_of(
+                        space, shared, client, on_pinned, write_only=True
+                    )
+            delta = space.table.grant_many(client, spans, access)
             self.metrics.grants.inc()
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
@@ -803,20 +808,38 @@ class Broker:
         session: Session,
         space_id: str,
         client: str,
-        offset: int,
-        length: int,
+        spans: Sequence[tuple[int, int]],
         on_pinned: str | None = None,
     ) -> RevocationResult:
         space = self.owned_space(session, space_id)
-        space.table.effective_access(client, offset, length)  # validates the range up front
+        spans = space.table.check_spans(spans)
 
         async def job() -> RevocationResult:
             t0 = time.perf_counter()
-            fenced = await self._clear_pins(space, offset, length, client, on_pinned)
-            delta = space.table.revoke(client, offset, length)
+            fenced = await self._clear_pins_of(space, spans, client, on_pinned)
+            delta = space.table.revoke_many(client, spans)
             return await self.carry_out(space, delta, "revoke", t0, fenced)
 
         return await self.change(space, "revoke", job)
+
+    async def _clear_pins_of(
+        self,
+        space: Space,
+        spans: Sequence[tuple[int, int]],
+        client: str | None,
+        on_pinned: str | None,
+        write_only: bool = False,
+    ) -> list[ClientResult]:
+        """`_clear_pins` for each range of a batch that has pins (none: no cost per range)."""
+        fenced: list[ClientResult] = []
+        if not space.table.pins():
+            return fenced
+        for offset, length in spans:
+            if space.table.pins_overlapping(offset, length, client):
+                fenced += await self._clear_pins(
+                    space, offset, length, client, on_pinned, write_only
+                )
+        return fenced
 
     async def _clear_pins(
         self,

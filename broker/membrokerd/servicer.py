@@ -116,14 +116,37 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
     return wrapper
 
 
-def _range(
-    msg: pb.SetAttributesRequest | pb.GrantRequest | pb.RevokeRequest | pb.PinRequest,
-) -> tuple[int, int]:
+MAX_BATCH_RANGES = 100_000
+
+
+def _range(msg: pb.PinRequest) -> tuple[int, int]:
     if not msg.HasField("range"):
         raise errors.BadRequest("range is required")
     if msg.range.length == 0:
         raise errors.BadRequest("range length must be positive")
     return msg.range.offset, msg.range.length
+
+
+def _spans(
+    msg: pb.SetAttributesRequest | pb.GrantRequest | pb.RevokeRequest,
+) -> list[tuple[int, int]]:
+    """`range`, or the batch in `ranges` (never both)."""
+    if msg.ranges:
+        if msg.HasField("range"):
+            raise errors.BadRequest("give range or ranges, not both")
+        if len(msg.ranges) > MAX_BATCH_RANGES:
+            raise errors.BadRequest(
+                f"{len(msg.ranges)} ranges in one call; at most {MAX_BATCH_RANGES}"
+            )
+        spans = [(r.offset, r.length) for r in msg.ranges]
+        if any(length == 0 for _, length in spans):
+            raise errors.BadRequest("range length must be positive")
+        return spans
+    if not msg.HasField("range"):
+        raise errors.BadRequest("range (or ranges) is required")
+    if msg.range.length == 0:
+        raise errors.BadRequest("range length must be positive")
+    return [(msg.range.offset, msg.range.length)]
 
 
 def _regions(regions: Any) -> list[Region]:
@@ -240,13 +263,11 @@ class Servicer(pb_grpc.MemBrokerServicer):
     ) -> pb.RevocationReport:
         if request.attribute not in (pb.ATTRIBUTE_SHARED, pb.ATTRIBUTE_PRIVATE):
             raise errors.BadRequest("attribute must be SHARED or PRIVATE")
-        offset, length = _range(request)
         return _report(
             await self.broker.set_attributes(
                 session,
                 request.space_id,
-                offset,
-                length,
+                _spans(request),
                 request.attribute == pb.ATTRIBUTE_SHARED,
                 _on_pinned(request),
             )
@@ -256,13 +277,11 @@ class Servicer(pb_grpc.MemBrokerServicer):
     async def Grant(self, request: pb.GrantRequest, session: Session) -> pb.GrantResponse:
         if request.access not in (spb.ACCESS_RO, spb.ACCESS_RW):
             raise errors.BadRequest("access must be RO or RW (use Revoke to remove access)")
-        offset, length = _range(request)
         seq, notified = await self.broker.grant(
             session,
             request.space_id,
             request.client,
-            offset,
-            length,
+            _spans(request),
             Access(request.access),
             _on_pinned(request),
         )
@@ -270,12 +289,12 @@ class Servicer(pb_grpc.MemBrokerServicer):
 
     @edge
     async def Revoke(self, request: pb.RevokeRequest, session: Session) -> pb.RevocationReport:
-        offset, length = _range(request)
+        spans = _spans(request)
         if not request.client:
             raise errors.BadRequest("client is required")
         return _report(
             await self.broker.revoke(
-                session, request.space_id, request.client, offset, length, _on_pinned(request)
+                session, request.space_id, request.client, spans, _on_pinned(request)
             )
         )
 

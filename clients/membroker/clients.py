@@ -129,17 +129,24 @@ class _Attachment:
             held = self._writable if access is Access.RW else self._readable
             return held.covers(first, last)
 
-    def _record(self, r: AccessRange) -> None:
-        start, end = self._pages(r.offset, r.length)
-        if r.access is Access.NONE:
-            self._readable.remove(start, end)
-            self._writable.remove(start, end)
-        elif r.access is Access.RO:
-            self._readable.add(start, end)
-            self._writable.remove(start, end)
-        else:
-            self._readable.add(start, end)
-            self._writable.add(start, end)
+    def _record_all(self, ranges: list[AccessRange]) -> None:
+        """Records new access levels, each set changed in one pass (ranges sorted by the
+        broker; a million of them cost one copy of the sets, not a million array moves)."""
+        none: list[tuple[int, int]] = []
+        ro: list[tuple[int, int]] = []
+        rw: list[tuple[int, int]] = []
+        for r in ranges:
+            span = self._pages(r.offset, r.length)
+            (none if r.access is Access.NONE else ro if r.access is Access.RO else rw).append(span)
+        if none:
+            self._readable.remove_many(none)
+            self._writable.remove_many(none)
+        if ro:
+            self._readable.add_many(ro)
+            self._writable.remove_many(ro)
+        if rw:
+            self._readable.add_many(rw)
+            self._writable.add_many(rw)
 
     # -- push handler protocol (session thread) ------------------------------------------------
 
@@ -147,8 +154,7 @@ class _Attachment:
         with self._lock:
             if self._closed:
                 return
-            for r in ranges:
-                self._record(r)
+            self._record_all(ranges)
             self.seq = max(self.seq, seq)
 
     def on_revoke(
@@ -176,8 +182,7 @@ class _Attachment:
                     )
         with self._lock:
             self._wait_for_access_guards(ranges, deadline_ms)
-            for r in ranges:
-                self._record(r)
+            self._record_all(ranges)
             try:
                 if failed is None:
                     self._teardown(ranges)
@@ -351,10 +356,11 @@ class VaClient(_Attachment):
             if self._use_guards:
                 try:
                     for gs, ge in p.guard:
-                        for ms, me in self._guarded.missing(gs, ge):
+                        new = self._guarded.missing(gs, ge)
+                        for ms, me in new:
                             # Guard markers zap the pages too: no MADV_DONTNEED needed.
                             self.mapping.guard_install(ms * page, (me - ms) * page)
-                            self._guarded.add(ms, me)
+                        self._guarded.add_many(new)
                 except KernelFeatureMissing:
                     # An older kernel: fall back to PROT_NONE for what is not held.
                     self._use_guards = False
@@ -382,9 +388,10 @@ class VaClient(_Attachment):
                 self.mapping.protect(cs * page, (ce - cs) * page, prot)
                 self._set_current(cs, ce, prot)
             for us, ue in p.unguard:
-                for gs, ge in self._guarded.intersection(us, ue):
+                gone = self._guarded.intersection(us, ue)
+                for gs, ge in gone:
                     self.mapping.guard_remove(gs * page, (ge - gs) * page)
-                    self._guarded.remove(gs, ge)
+                self._guarded.remove_many(gone)
 
     def _current(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """The protection the mapping has now over pages [start, end), as runs."""

@@ -20,6 +20,9 @@ __all__ = ["RangeSet"]
 Interval = tuple[int, int]
 
 _MAX_PAGE = 2**64 - 1  # the largest value an array('Q') holds
+# Batches up to this size go one interval at a time (cheap at the ends of the arrays); larger
+# ones in one pass that copies the arrays once.
+_SMALL_BATCH = 16
 
 
 def _check(start: int, end: int) -> None:
@@ -100,6 +103,89 @@ class RangeSet:
             new_ends.append(ends[j - 1])
         starts[i:j] = new_starts
         ends[i:j] = new_ends
+
+    def add_many(self, intervals: Iterable[Interval]) -> None:
+        """Add many intervals at once, in one pass: untouched stretches of the set are copied
+        as array slices, so k intervals into n cost O(k log n) bisections plus one C-level
+        copy, instead of k insertions that each move the arrays' tails."""
+        batch = RangeSet(intervals)  # sorted, merged, checked
+        if not batch:
+            return
+        if len(batch) <= _SMALL_BATCH:
+            # A few intervals: one by one (appending at the end costs O(1) that way).
+            for start, end in batch:
+                self.add(start, end)
+            return
+        if not self._starts:
+            self._starts, self._ends = batch._starts, batch._ends
+            return
+        starts, ends = self._starts, self._ends
+        out_s: array[int] = array("Q")
+        out_e: array[int] = array("Q")
+        pos = 0
+        for start, end in batch:
+            i = bisect_left(ends, start, pos)  # first interval ending at or after `start`
+            out_s += starts[pos:i]
+            out_e += ends[pos:i]
+            j = bisect_right(starts, end, i)  # first interval starting after `end`
+            if i < j:
+                start = min(start, starts[i])
+                end = max(end, ends[j - 1])
+            if out_e and out_e[-1] >= start:
+                out_e[-1] = max(out_e[-1], end)
+            else:
+                out_s.append(start)
+                out_e.append(end)
+            pos = j
+        out_s += starts[pos:]
+        out_e += ends[pos:]
+        self._starts, self._ends = out_s, out_e
+
+    def remove_many(self, intervals: Iterable[Interval]) -> None:
+        """Remove many intervals at once, in one pass (see `add_many`)."""
+        batch = RangeSet(intervals)
+        if not batch or not self._starts:
+            return
+        if len(batch) <= _SMALL_BATCH:
+            for start, end in batch:
+                self.remove(start, end)
+            return
+        starts, ends = self._starts, self._ends
+        out_s: array[int] = array("Q")
+        out_e: array[int] = array("Q")
+        pos = 0
+        carry: Interval | None = None  # the part of an interval left after a removal
+        for start, end in batch:
+            if carry is not None:
+                c_start, c_end = carry
+                if c_end <= start:
+                    out_s.append(c_start)
+                    out_e.append(c_end)
+                    carry = None
+                else:
+                    if c_start < start:
+                        out_s.append(c_start)
+                        out_e.append(start)
+                    carry = (end, c_end) if c_end > end else None
+                    if carry is not None:
+                        continue
+            i = bisect_right(ends, start, pos)  # first interval ending after `start`
+            out_s += starts[pos:i]
+            out_e += ends[pos:i]
+            j = bisect_left(starts, end, i)  # first interval starting at or after `end`
+            if i < j:
+                if starts[i] < start:
+                    out_s.append(starts[i])
+                    out_e.append(start)
+                if ends[j - 1] > end:
+                    carry = (end, ends[j - 1])
+            pos = max(pos, j)
+        if carry is not None:
+            out_s.append(carry[0])
+            out_e.append(carry[1])
+        out_s += starts[pos:]
+        out_e += ends[pos:]
+        self._starts, self._ends = out_s, out_e
 
     # -- queries over one interval ----------------------------------------------------------
 

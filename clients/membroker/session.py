@@ -5,13 +5,14 @@ pushes (fd deliveries, access updates, revocations) promptly even while the appl
 threads are busy. Control calls go over gRPC with the session token as metadata. Owner
 operations live here; attaching returns a `VaClient` or `FdClient` (membroker.clients).
 
-Pushes too large for one frame come in parts (`more`): the reader applies the parts of an
-AccessUpdate as they come, and collects the parts of a Revoke so that the handler tears down
-and the session acknowledges once. A revocation whose teardown failed is never acknowledged:
-the handler raises, and the session sends `RevokeRefused` with the reason instead. The session
-is closed, with a reason and every waiter woken, by the broker (EOF, `Goodbye`, `Error`), by
-`close()`, or by anything that goes wrong in the reader; a send that fails first reads the
-broker's last frame, so a fenced client learns that it was fenced and why.
+Pushes too large for one frame come in parts (`more`): the reader collects the parts of an
+AccessUpdate or a Revoke so that the handler sees the whole change once (and, for a Revoke,
+tears down and the session acknowledges once). A revocation whose teardown failed is never
+acknowledged: the handler raises, and the session sends `RevokeRefused` with the reason
+instead. The session is closed, with a reason and every waiter woken, by the broker (EOF,
+`Goodbye`, `Error`), by `close()`, or by anything that goes wrong in the reader; a send that
+fails first reads the broker's last frame, so a fenced client learns that it was fenced and
+why.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class Session:
         self._handlers: dict[str, PushHandler] = {}
         self._buffered: dict[str, _Pending] = {}
         # Revoke parts waiting for their last part, by (space, seq): the reader's alone.
-        self._partial: dict[tuple[str, int], _Push] = {}
+        self._partial: dict[tuple[str, str, int], _Push] = {}
         # Ranges in _partial and _buffered (under _cv), bounded by MAX_PENDING_RANGES.
         self._held_ranges = 0
         self._pongs: dict[int, float] = {}
@@ -434,7 +435,7 @@ class Session:
         if self._held_ranges + count > MAX_PENDING_RANGES:
             raise ProtocolError(
                 f"broker pushed more than {MAX_PENDING_RANGES} ranges not yet complete "
-                f"({len(self._partial)} revocation(s) still expecting parts)"
+                f"({len(self._partial)} push(es) still expecting parts)"
             )
         self._held_ranges += count
 
@@ -454,10 +455,21 @@ class Session:
             if upd.snapshot:
                 self._collect_snapshot(upd.space_id, upd.seq, ranges, upd.more)
             else:
-                # Parts of an update only raise access: each is applied as it comes.
+                # Parts of an update are collected like a revocation's: the handler sees the
+                # whole change once (one re-plan of the mapping), and its seq only when all
+                # of it is applied.
                 with self._cv:
                     self._hold(len(ranges))
-                self._route(_Push(upd.space_id, upd.seq, ranges, revoke=False))
+                key = ("update", upd.space_id, upd.seq)
+                push = self._partial.pop(key, None)
+                if push is None:
+                    push = _Push(upd.space_id, upd.seq, ranges, revoke=False)
+                else:
+                    push.ranges.extend(ranges)
+                if upd.more:
+                    self._partial[key] = push
+                else:
+                    self._route(push)
         elif kind == "release_pins":
             req = frame.release_pins
             with self._cv:
@@ -480,7 +492,7 @@ class Session:
 
     def _collect_revoke(self, rev: spb.Revoke) -> _Push | None:
         """Adds one Revoke frame to its change; returns the change once its last part came."""
-        key = (rev.space_id, rev.seq)
+        key = ("revoke", rev.space_id, rev.seq)
         ranges = [access_of(r) for r in rev.ranges]
         with self._cv:
             self._hold(len(ranges))
@@ -823,6 +835,20 @@ class Session:
         self._decoder.close()
 
 
+# Ranges per batch call: the broker's limit (a request of 100,000 ranges is about 1.2 MB).
+BATCH_RANGES = 100_000
+
+
+def _chunks(ranges: Sequence[tuple[int, int]]) -> list[list[spb.Range]]:
+    out = [
+        [spb.Range(offset=o, length=n) for o, n in ranges[i : i + BATCH_RANGES]]
+        for i in range(0, len(ranges), BATCH_RANGES)
+    ]
+    if not out:
+        raise ValueError("a batch needs at least one range")
+    return out
+
+
 class OwnedSpace:
     """A space as its owner sees it: access decisions, and (when created here) its fd."""
 
@@ -906,6 +932,81 @@ class OwnedSpace:
             ),
         )
         return RevocationReport.from_pb(resp)
+
+    # -- batches: many ranges, one change per call -----------------------------------------
+
+    def grant_many(
+        self,
+        client: str,
+        ranges: Sequence[tuple[int, int]],
+        access: str = "rw",
+        *,
+        on_pinned: str | None = None,
+    ) -> int:
+        """`grant` over many sorted, disjoint (offset, length) ranges: one change (one seq)
+        per BATCH_RANGES ranges. Returns the last seq."""
+        from membroker.types import access_pb
+
+        seq = 0
+        for chunk in _chunks(ranges):
+            resp = self.session.call(
+                "Grant",
+                pb.GrantRequest(
+                    space_id=self.space_id,
+                    client=client,
+                    ranges=chunk,
+                    access=access_pb(access),
+                    on_pinned=on_pinned_pb(on_pinned),
+                ),
+            )
+            seq = int(resp.seq)
+        return seq
+
+    def revoke_many(
+        self, client: str, ranges: Sequence[tuple[int, int]], *, on_pinned: str | None = None
+    ) -> list[RevocationReport]:
+        """`revoke` over many sorted, disjoint ranges: one revocation per BATCH_RANGES."""
+        return [
+            RevocationReport.from_pb(
+                self.session.call(
+                    "Revoke",
+                    pb.RevokeRequest(
+                        space_id=self.space_id,
+                        client=client,
+                        ranges=chunk,
+                        on_pinned=on_pinned_pb(on_pinned),
+                    ),
+                )
+            )
+            for chunk in _chunks(ranges)
+        ]
+
+    def share_many(self, ranges: Sequence[tuple[int, int]]) -> list[RevocationReport]:
+        return self._attributes_many(ranges, pb.ATTRIBUTE_SHARED, None)
+
+    def unshare_many(
+        self, ranges: Sequence[tuple[int, int]], *, on_pinned: str | None = None
+    ) -> list[RevocationReport]:
+        """`unshare` over many sorted, disjoint ranges: one revocation per BATCH_RANGES."""
+        return self._attributes_many(ranges, pb.ATTRIBUTE_PRIVATE, on_pinned)
+
+    def _attributes_many(
+        self, ranges: Sequence[tuple[int, int]], attribute: pb.Attribute, on_pinned: str | None
+    ) -> list[RevocationReport]:
+        return [
+            RevocationReport.from_pb(
+                self.session.call(
+                    "SetAttributes",
+                    pb.SetAttributesRequest(
+                        space_id=self.space_id,
+                        ranges=chunk,
+                        attribute=attribute,
+                        on_pinned=on_pinned_pb(on_pinned),
+                    ),
+                )
+            )
+            for chunk in _chunks(ranges)
+        ]
 
     def grants(self, client: str = "") -> list[tuple[str, AccessRange]]:
         return self.session.list_grants(self.space_id, client)

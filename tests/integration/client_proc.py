@@ -5,7 +5,8 @@ read, write, touch (read one byte through the raw mapping, unchecked: may die of
 hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 access_enter / access_read / access_exit (an access() block held open across commands),
-pin, unpin, ranges, truncate, pread, close, exit.
+pin, unpin, ranges, truncate, pread, close, exit; own_create / own (this process as an
+owner: create a space, then share, unshare, grant, revoke, delete, revocations, seq on it).
 """
 
 from __future__ import annotations
@@ -185,6 +186,65 @@ def main() -> None:
             elif op == "close":
                 attached.pop(req["space"]).close()
                 out({"ok": True})
+            elif op == "own_create":
+                # This process as an owner (a second owner in a process of its own): creates a
+                # space and keeps the handle in `attached` under "owned:<space id>".
+                owned = session.create_space(req["size"])
+                attached["owned:" + owned.space_id] = owned
+                st = os.fstat(owned.fd)
+                out({"ok": True, "space": owned.space_id, "dev": st.st_dev, "ino": st.st_ino})
+            elif op == "own":
+                # One owner call on a space created by own_create: share, unshare, grant, revoke
+                # (with "deadline_s": a raw call given up after that many seconds), delete,
+                # revocations, seq. Reports come back as dicts; broker errors with their code.
+                from membroker.errors import BrokerError
+                from membroker.types import RevocationReport
+                from membroker.v1 import broker_pb2 as pb
+                from membroker.v1 import session_pb2 as spb
+
+                def report(r: Any) -> dict[str, Any]:
+                    return {
+                        "seq": r.seq,
+                        "cause": r.cause,
+                        "revoked_bytes": r.revoked_bytes,
+                        "caller_gone": r.caller_gone,
+                        "clients": [
+                            [c.client, c.outcome, c.fence, c.pid, c.reason] for c in r.clients
+                        ],
+                    }
+
+                owned = attached["owned:" + req["space"]]
+                call = req["call"]
+                try:
+                    if call == "share":
+                        result = report(owned.share(req["offset"], req["length"]))
+                    elif call == "unshare":
+                        result = report(owned.unshare(req["offset"], req["length"]))
+                    elif call == "grant":
+                        args = (req["client"], req["offset"], req["length"], req["access"])
+                        result = {"seq": owned.grant(*args)}
+                    elif call == "revoke" and req.get("deadline_s"):
+                        rng = spb.Range(offset=req["offset"], length=req["length"])
+                        request = pb.RevokeRequest(
+                            space_id=owned.space_id, client=req["client"], range=rng
+                        )
+                        resp = session.call("Revoke", request, timeout=req["deadline_s"])
+                        result = report(RevocationReport.from_pb(resp))
+                    elif call == "revoke":
+                        result = report(owned.revoke(req["client"], req["offset"], req["length"]))
+                    elif call == "delete":
+                        result = report(owned.delete())
+                        attached.pop("owned:" + req["space"])
+                    elif call == "revocations":
+                        reports = owned.revocations(req["after_seq"])
+                        result = {"reports": [report(r) for r in reports]}
+                    elif call == "seq":
+                        result = {"seq": owned.refresh().seq}
+                    else:
+                        raise ValueError(f"unknown owner call {call}")
+                    out({"ok": True, **result})
+                except BrokerError as exc:
+                    out({"ok": False, "code": exc.code.name, "error": str(exc)})
             else:
                 out({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:

@@ -149,7 +149,7 @@ def CASES(sid):
             "SetAttributes",
             pb.SetAttributesRequest(space_id=sid, attribute=pb.ATTRIBUTE_SHARED),
             C.INVALID_ARGUMENT,
-            "range is required",
+            "range (or ranges) is required",
         ),
         (
             "other",
@@ -260,6 +260,71 @@ def CASES(sid):
         ),
         ("owner", "Unpin", pb.UnpinRequest(space_id=sid, pin_id=5), C.NOT_FOUND, "no pin 5"),
         ("owner", "ListPins", pb.ListPinsRequest(space_id="sp-nope"), C.NOT_FOUND, ""),
+        # Batches: sorted, disjoint, positive, bounded, and never both forms.
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid,
+                client="x",
+                range=R(0, PAGE),
+                ranges=[R(0, PAGE)],
+                access=spb.ACCESS_RW,
+            ),
+            C.INVALID_ARGUMENT,
+            "give range or ranges, not both",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid,
+                client="x",
+                ranges=[R(2 * PAGE, PAGE), R(0, PAGE)],
+                access=spb.ACCESS_RW,
+            ),
+            C.INVALID_ARGUMENT,
+            "sorted and disjoint",
+        ),
+        (
+            "owner",
+            "Revoke",
+            pb.RevokeRequest(space_id=sid, client="x", ranges=[R(0, 2 * PAGE), R(PAGE, PAGE)]),
+            C.INVALID_ARGUMENT,
+            "sorted and disjoint",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(
+                space_id=sid, ranges=[R(0, PAGE), R(PAGE, 0)], attribute=pb.ATTRIBUTE_PRIVATE
+            ),
+            C.INVALID_ARGUMENT,
+            "range length must be positive",
+        ),
+        (
+            "owner",
+            "SetAttributes",
+            pb.SetAttributesRequest(
+                space_id=sid,
+                ranges=[R(2 * i * PAGE, PAGE) for i in range(100_001)],
+                attribute=pb.ATTRIBUTE_PRIVATE,
+            ),
+            C.INVALID_ARGUMENT,
+            "100001 ranges in one call; at most 100000",
+        ),
+        (
+            "owner",
+            "Grant",
+            pb.GrantRequest(
+                space_id=sid,
+                client="x",
+                ranges=[R(0, PAGE), R(60 * MiB, PAGE)],
+                access=spb.ACCESS_RW,
+            ),
+            C.INVALID_ARGUMENT,
+            "past the end of the space",
+        ),
     ]
 
 

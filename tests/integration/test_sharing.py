@@ -259,7 +259,7 @@ def test_delete_space_revokes_every_attached_client_first(owner, clients, daemon
 
 @pytest.mark.parametrize("action", ["disconnect", "kill", "disconnect-report"])
 def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, action):
-    from tests.conftest import ClientProc, Daemon, _env
+    from tests.conftest import ClientProc, Daemon, _env, stop_process
 
     env = dict(_env(), MEMBROKER_FENCE_ACTION=action.split("-")[0])
     if action == "disconnect-report":
@@ -276,7 +276,7 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
                 procs.append(proc)
                 proc.ok("attach_va", space=space.space_id)
             good, stuck = procs
-            os.kill(stuck.pid, signal.SIGSTOP)
+            stop_process(stuck.pid)
             t0 = time.monotonic()
             report = space.unshare(0, MiB)
             elapsed = time.monotonic() - t0

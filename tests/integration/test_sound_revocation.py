@@ -19,7 +19,7 @@ import membroker
 from membroker.errors import BrokerError, NotFound
 from membroker.v1 import broker_pb2 as pb
 from membroker.v1 import session_pb2 as spb
-from tests.conftest import ClientProc, Daemon, _env
+from tests.conftest import ClientProc, Daemon, _env, stop_process
 from tests.integration.test_identity import as_nobody, daemon_with, stop_and_clean
 
 PAGE = 4096
@@ -71,7 +71,7 @@ def test_a_cancelled_revoke_still_waits_verifies_and_fences(quiet):
         stuck = start("stuck")
         stuck.ok("attach_va", space=space.space_id)
         stuck.ok("touch", space=space.space_id, offset=0)
-        os.kill(stuck.pid, signal.SIGSTOP)
+        stop_process(stuck.pid)
         request = pb.RevokeRequest(
             space_id=space.space_id, client="stuck", range=spb.Range(offset=0, length=4 * PAGE)
         )
@@ -294,3 +294,32 @@ def test_split_pushes_and_snapshots_cross_real_frames(tmp_path):
         if client is not None:
             client.close()
         assert d.stop() == 0, d.log()
+
+
+def test_a_batch_is_one_change_and_one_acknowledged_revocation(quiet):
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        (shared,) = space.share_many([(0, 8 * PAGE), (16 * PAGE, 8 * PAGE)])
+        seq = space.grant_many("va", [(0, 2 * PAGE), (4 * PAGE, PAGE), (16 * PAGE, 4 * PAGE)])
+        assert seq == shared.seq + 1
+        va = start("va")
+        assert va.ok("attach_va", space=space.space_id)["ranges"] == [
+            [0, 2 * PAGE, "RW"],
+            [4 * PAGE, PAGE, "RW"],
+            [16 * PAGE, 4 * PAGE, "RW"],
+        ]
+        for offset in (0, 4 * PAGE, 17 * PAGE):
+            va.ok("touch", space=space.space_id, offset=offset)
+        (report,) = space.unshare_many([(PAGE, PAGE), (4 * PAGE, 4 * PAGE), (18 * PAGE, PAGE)])
+        assert report.seq == seq + 1
+        assert [(c.client, c.outcome) for c in report.clients] == [("va", "acked")]
+        assert report.revoked_bytes == 3 * PAGE
+        assert va.ok("ranges", space=space.space_id)["ranges"] == [
+            [0, PAGE, "RW"],
+            [16 * PAGE, 2 * PAGE, "RW"],
+            [19 * PAGE, PAGE, "RW"],
+        ]
+        (report,) = space.revoke_many("va", [(0, PAGE), (19 * PAGE, PAGE)])
+        assert report.revoked_bytes == 2 * PAGE and report.all_acked
+        assert owner.stats().fenced_total == 0

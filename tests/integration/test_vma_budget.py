@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import time
 
 import membroker
 from membroker import Access, AccessRange
@@ -31,8 +32,8 @@ def _child_reads(view: memoryview) -> int:
 
 
 def test_every_other_page_of_1_gib_revoked_and_regranted_costs_no_vmas(daemon):
-    """The VaClient's teardown with the pattern delivered straight to its push handler: a Revoke
-    frame carrying 131072 ranges would not fit a session frame; the mapping work is the same."""
+    """131072 holes revoked and granted back through the broker: batch calls, Revoke and
+    AccessUpdate pushes split into frames under the negotiated limit, one ack per revocation."""
     with (
         membroker.connect("vmm", daemon.runtime_dir) as vmm,
         membroker.connect("backend", daemon.runtime_dir) as be,
@@ -43,20 +44,26 @@ def test_every_other_page_of_1_gib_revoked_and_regranted_costs_no_vmas(daemon):
         va = be.attach_va(space.space_id)
         lo, hi = va.address, va.address + GiB
         assert _vmas_in(lo, hi) == 1
-        every_other = [AccessRange(p * PAGE, PAGE, Access.NONE) for p in range(1, GiB // PAGE, 2)]
-        va.on_revoke(va.seq + 1, every_other, False)
+        every_other = [(p * PAGE, PAGE) for p in range(1, GiB // PAGE, 2)]
+        reports = space.revoke_many("backend", every_other)
+        assert len(reports) == 2  # 131072 ranges: two calls of at most 100,000
+        assert all(r.all_acked for r in reports)
+        assert sum(r.revoked_bytes for r in reports) == GiB // 2
         # 131072 holes, still one VMA: the holes are guard markers, not mprotect splits.
         assert _vmas_in(lo, hi) == 1
         assert len(va.ranges()) == GiB // PAGE // 2
         assert _child_reads(va.view(0, 1)) == 0
         assert _child_reads(va.view(PAGE, 1, check=False)) == -signal.SIGSEGV
         assert _child_reads(va.view(GiB - PAGE, 1, check=False)) == -signal.SIGSEGV
-        back = [AccessRange(r.offset, r.length, Access.RW) for r in every_other]
-        va.on_access_update(va.seq + 1, back)
+        seq = space.grant_many("backend", every_other, "rw")
+        deadline = time.monotonic() + 30
+        while va.seq < seq and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert va.ranges() == [AccessRange(0, GiB, Access.RW)]
         assert _vmas_in(lo, hi) == 1
         assert _child_reads(va.view(PAGE, 1)) == 0
         # Read-only access does need mprotect: a read-only page in the middle costs 2 VMAs.
-        va.on_revoke(va.seq + 1, [AccessRange(MiB, PAGE, Access.RO)], False)
+        space.grant("backend", MiB, PAGE, "ro")
         assert _vmas_in(lo, hi) == 3
         va.close()
         space.delete()

@@ -226,3 +226,38 @@ def test_hull_bounds_the_pages_inside_a_window() -> None:
     assert rs.hull(11, 21) == (11, 21)
     assert rs.hull(12, 20) is None
     assert RangeSet().hull(0, 5) is None
+
+
+@settings(max_examples=300)
+@given(
+    initial=st.lists(interval, max_size=10),
+    added=st.lists(interval, max_size=10),
+    removed=st.lists(interval, max_size=10),
+)
+def test_bulk_add_and_remove_match_one_by_one(
+    initial: list[tuple[int, int]], added: list[tuple[int, int]], removed: list[tuple[int, int]]
+) -> None:
+    bulk, single = RangeSet(initial), RangeSet(initial)
+    bulk.add_many(added)
+    for start, end in added:
+        single.add(start, end)
+    assert bulk == single
+    assert_canonical(bulk)
+    bulk.remove_many(removed)
+    for start, end in removed:
+        single.remove(start, end)
+    assert bulk == single
+    assert_canonical(bulk)
+    assert pages_of(bulk) == (
+        pages_of(RangeSet(initial)) | {p for s, e in added for p in range(s, e)}
+    ) - {p for s, e in removed for p in range(s, e)}
+
+
+def test_bulk_ops_on_a_million_fragments_are_linear() -> None:
+    rs = RangeSet()
+    rs.add_many((2 * i, 2 * i + 1) for i in range(1_000_000))
+    assert len(rs) == 1_000_000
+    rs.add_many((2 * i + 1, 2 * i + 2) for i in range(0, 1_000_000, 2))
+    assert len(rs) == 500_000
+    rs.remove_many((4 * i, 4 * i + 1) for i in range(500_000))
+    assert len(rs) == 500_000 and rs.total() == 1_000_000

@@ -328,11 +328,15 @@ def test_revoke_in_three_parts_is_torn_down_and_acked_once(broker: RawBroker) ->
     assert session._held_ranges == 0
 
 
-def test_access_update_parts_are_applied_as_they_come(broker: RawBroker) -> None:
+def test_access_update_parts_are_applied_once_all_came(broker: RawBroker) -> None:
+    """The handler sees one update (one re-plan, its seq only once all of it is known)."""
     session, peer = broker.open()
     handler = Recorder()
     _install(session, handler)
     for index, more in enumerate((True, True, False)):
+        if index == 2:
+            peer.round_trip(1)
+            assert handler.updates == []  # two parts in: nothing applied yet
         peer.send(
             spb.Frame(
                 access_update=spb.AccessUpdate(
@@ -344,7 +348,8 @@ def test_access_update_parts_are_applied_as_they_come(broker: RawBroker) -> None
             )
         )
     peer.round_trip(1)
-    assert [(seq, len(r)) for seq, r in handler.updates] == [(4, 3), (4, 3), (4, 3)]
+    assert [(seq, len(r)) for seq, r in handler.updates] == [(4, 9)]
+    assert session._held_ranges == 0
 
 
 def test_revoke_parts_without_end_close_the_session(

@@ -177,30 +177,34 @@ class ListSpacesResponse(_message.Message):
     def __init__(self, spaces: _Optional[_Iterable[_Union[Space, _Mapping]]] = ...) -> None: ...
 
 class SetAttributesRequest(_message.Message):
-    __slots__ = ("space_id", "range", "attribute", "on_pinned")
+    __slots__ = ("space_id", "range", "attribute", "on_pinned", "ranges")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     ON_PINNED_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     range: _session_pb2.Range
     attribute: Attribute
     on_pinned: OnPinned
-    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., attribute: _Optional[_Union[Attribute, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
+    ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
+    def __init__(self, space_id: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., attribute: _Optional[_Union[Attribute, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class GrantRequest(_message.Message):
-    __slots__ = ("space_id", "client", "range", "access", "on_pinned")
+    __slots__ = ("space_id", "client", "range", "access", "on_pinned", "ranges")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ACCESS_FIELD_NUMBER: _ClassVar[int]
     ON_PINNED_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     client: str
     range: _session_pb2.Range
     access: _session_pb2.Access
     on_pinned: OnPinned
-    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., access: _Optional[_Union[_session_pb2.Access, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
+    ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., access: _Optional[_Union[_session_pb2.Access, str]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class GrantResponse(_message.Message):
     __slots__ = ("seq", "notified")
@@ -211,16 +215,18 @@ class GrantResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., notified: _Optional[int] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
-    __slots__ = ("space_id", "client", "range", "on_pinned")
+    __slots__ = ("space_id", "client", "range", "on_pinned", "ranges")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     ON_PINNED_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     client: str
     range: _session_pb2.Range
     on_pinned: OnPinned
-    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ...) -> None: ...
+    ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class ClientOutcome(_message.Message):
     __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence")

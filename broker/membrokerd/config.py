@@ -68,6 +68,13 @@ class BrokerConfig(BaseSettings):
         ge=0,
         description="Seconds between full audits of every attached client's mappings; 0 = off.",
     )
+    loop_probe_ms: float = Field(
+        100.0,
+        ge=0,
+        le=10_000,
+        description="Period of the event-loop lag probe (membroker_event_loop_lag_seconds: how "
+        "late a timer of this period fires); 0 = off. Benchmarks use 1.",
+    )
     owner_uids: list[int] = Field(
         default_factory=list,
         description="Uids that may create or import spaces (with owner_gids; both empty: any).",

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -118,6 +118,18 @@ class Metrics:
             "What fencing achieved, checked against the kernel afterwards (disconnected, "
             "killed, still_mapped, exited).",
             ["result"],
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "membroker_event_loop_lag_seconds",
+            "How late the event loop ran a periodic probe timer (loop_probe_ms): the time every "
+            "other session waited behind the work in progress.",
+            buckets=(1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self.loop_lag_max = Gauge(
+            "membroker_event_loop_lag_max_seconds",
+            "The largest event-loop lag seen by the probe since the daemon started.",
             registry=self.registry,
         )
         self.protocol_errors = Counter(

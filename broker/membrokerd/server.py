@@ -156,6 +156,21 @@ class DaemonLock:
         self.fd = -1
 
 
+async def probe_loop_lag(broker: Broker, period: float) -> None:
+    """Measures how late the loop runs a timer of `period`: what a revocation, a ping or an
+    accept waits behind whatever work holds the loop (metrics: loop_lag, loop_lag_max)."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while True:
+        due = loop.time() + period
+        await asyncio.sleep(period)
+        lag = max(0.0, loop.time() - due)
+        broker.metrics.loop_lag.observe(lag)
+        if lag > worst:
+            worst = lag
+            broker.metrics.loop_lag_max.set(worst)
+
+
 async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> None:
     """Serves until SIGTERM or SIGINT (or `stop` is set), then shuts down cleanly.
 
@@ -183,6 +198,7 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     control_file: SocketFile | None = None
     metrics_server: MetricsServer | None = None
     audit: asyncio.Task[None] | None = None
+    probe: asyncio.Task[None] | None = None
     signals: list[signal.Signals] = []
     try:
         broker = Broker(config, loop)
@@ -225,6 +241,8 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
 
         if config.audit_interval_s > 0:
             audit = loop.create_task(broker.audit_forever())
+        if config.loop_probe_ms > 0:
+            probe = loop.create_task(probe_loop_lag(broker, config.loop_probe_ms / 1000))
         log.info(
             "membrokerd %d ready: control %s, session %s, metrics %s",
             os.getpid(),
@@ -245,6 +263,8 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         log.info("shutting down")
         if audit is not None:
             audit.cancel()
+        if probe is not None:
+            probe.cancel()
         if control_file is not None:
             _sd_notify("STOPPING=1")
         if health is not None:

@@ -567,6 +567,11 @@ class AccessTable:
             return RangeSet(), RangeSet()
         return g.readable.intersect(self._shared), g.writable.intersect(self._shared)
 
+    def ranges_of(self, readable: RangeSet, writable: RangeSet) -> list[AccessRange]:
+        """Page sets (as `allowed_sets` returns them) as sorted, coalesced byte ranges. Reads
+        only its arguments: safe on a worker thread with sets the loop no longer touches."""
+        return list(self._ranges(_split_levels(readable, writable)))
+
     def has_grants(self, client: str) -> bool:
         """Whether `client` holds any grant record (shared or not)."""
         return client in self._grants

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from membroker import wire
@@ -69,6 +70,10 @@ ATTACH_INLINE_RANGES = 1024
 # header), and what a frame's other fields cost at most: how many ranges fit in one frame.
 RANGE_BYTES_MAX = 36
 FRAME_OVERHEAD = 256
+# A change of more ranges than this is encoded on a worker thread, off the event loop.
+OFFLOAD_RANGES = 20_000
+# Range lists up to this long are compared by value to share one encoding between clients.
+CACHE_RANGES = 4096
 
 
 class Outcome(enum.Enum):
@@ -416,33 +421,50 @@ class Broker:
         if refusal is not None:
             awaited.settle(Verdict.REFUSED, refusal, now)
             return
+        if len(awaited.ranges) >= OFFLOAD_RANGES:
+            # A large revocation: the kernel's view is compared on a worker thread. The ack
+            # counts from its arrival; the verdict follows (the revocation waits for it).
+            awaited.acked_at = now
+            self.spawn(self._judge_later(session, awaited))
+            return
         verdict, reason = self.judge(session, awaited.space_id, awaited.ranges)
         awaited.settle(verdict, reason, now)
+
+    async def _judge_later(self, session: Session, awaited: Ack) -> None:
+        try:
+            verdict, reason = await self.loop.run_in_executor(
+                None, self.judge_prepared(session, awaited.space_id, awaited.ranges)
+            )
+        except Exception as exc:  # never leave a revocation waiting on a lost verdict
+            verdict, reason = Verdict.UNVERIFIED, f"its verification failed ({exc})"
+        awaited.settle(verdict, reason, awaited.acked_at)
 
     def judge(
         self, session: Session, space_id: str, ranges: Sequence[AccessRange]
     ) -> tuple[Verdict, str]:
         """Asks the kernel whether the process reaches anything of `ranges` beyond what it may
         hold now (see `allowance`)."""
+        return self.judge_prepared(session, space_id, ranges)()
+
+    def judge_prepared(
+        self, session: Session, space_id: str, ranges: Sequence[AccessRange]
+    ) -> Callable[[], tuple[Verdict, str]]:
+        """`judge` in two halves: what the client may hold is read now, on the loop; the
+        returned function asks the kernel and compares (it touches no broker state, so it may
+        run on a worker thread)."""
         space = self.spaces.get(space_id)
         view = session.view
         if space is None or view is None or self.config.verify == "off":
-            return Verdict.ACKED, ""
+            return lambda: (Verdict.ACKED, "")
         allowance = self.allowance(session, space, ranges)
         if allowance is None:
-            return Verdict.ACKED, ""
+            return lambda: (Verdict.ACKED, "")
         allowed, fd_allowed = allowance
-        try:
-            problem = check_reach(
-                view, space.dev, space.ino, allowed, space.page_size, ranges, fd_allowed=fd_allowed
-            )
-        except OSError as exc:
-            if not is_alive(session):
-                return Verdict.LOST, "the process exited"
-            return Verdict.UNVERIFIED, f"its mappings could not be read ({exc})"
-        if problem is not None:
-            return Verdict.CAUGHT, problem
-        return Verdict.ACKED, ""
+        dev, ino, page = space.dev, space.ino, space.page_size
+        pidfd = session.pidfd
+        return functools.partial(
+            _judge_view, view, dev, ino, allowed, page, tuple(ranges), fd_allowed, pidfd
+        )
 
     def allowance(
         self, session: Session, space: Space, ranges: Sequence[AccessRange] | None
@@ -478,10 +500,11 @@ class Broker:
                 fd_allowed = True
             if ranges is None:
                 r_set, w_set = space.table.allowed_sets(s.name)
-                for a, b in r_set:
-                    readable.add(a, b)
-                for a, b in w_set:
-                    writable.add(a, b)
+                if not readable:
+                    readable, writable = r_set, w_set  # the usual case: one session
+                else:
+                    readable.add_many(r_set)
+                    writable.add_many(w_set)
                 continue
             for r in ranges:
                 for held in space.table.effective_in(s.name, r.offset, r.length):
@@ -725,10 +748,12 @@ class Broker:
         seq = space.table.retire()
         whole = (AccessRange(0, space.size, Access.NONE),)
         batch = Batch(self.loop)
+        frames = await _Encoder(self, space.space_id, seq).revoke(whole, True)
         for session_id in list(space.attachments):
             session = self._by_id.get(session_id)
             if session is not None:
-                self._push_revoke(batch, space, session, seq, whole, space_deleted=True)
+                self._expect_ack(batch, space, session, seq, whole)
+                self._send_all(session, frames)
         result = await self._settle(space, seq, batch, "delete", t0, space.size, fenced)
         for session_id in list(space.attachments):
             session = self._by_id.get(session_id)
@@ -976,10 +1001,11 @@ class Broker:
         """Pushes a delta to the attached sessions; waits for the acks of what was lowered.
 
         Clients that get the same ranges (a conversion to private seen by every grantee) get
-        the same bytes: each distinct frame is encoded once per fan-out.
+        the same bytes: each distinct frame is encoded once per fan-out. A large change is
+        encoded off the event loop, so other sessions are not kept waiting meanwhile.
         """
         batch = Batch(self.loop)
-        encoded: dict[tuple[str, tuple[AccessRange, ...]], list[bytes]] = {}
+        encoder = _Encoder(self, space.space_id, delta.seq)
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
@@ -987,62 +1013,42 @@ class Broker:
             if session is None:
                 continue
             if change.raised:
-                key = ("update", change.raised)
-                frames = encoded.get(key)
-                if frames is None:
-                    frames = encoded[key] = self._split(
-                        change.raised,
-                        lambda part, more: spb.Frame(
-                            access_update=spb.AccessUpdate(
-                                space_id=space.space_id, seq=delta.seq, ranges=part, more=more
-                            )
-                        ),
-                    )
-                self._send_all(session, frames)
+                self._send_all(session, await encoder.update(change.raised))
             if change.lowered:
-                self._push_revoke(batch, space, session, delta.seq, change.lowered, encoded=encoded)
+                frames = await encoder.revoke(change.lowered, False)
+                self._expect_ack(batch, space, session, delta.seq, change.lowered)
+                if session.conn.closed or space.space_id not in session.attached:
+                    # Gone while the frames were being encoded: judged like any session that
+                    # ends during a revocation (the kernel says whether it still maps them).
+                    ack = session.pending_acks.pop((space.space_id, delta.seq))
+                    ack.settle(Verdict.LOST, "session ended before the revocation reached it")
+                    continue
+                self._send_all(session, frames)
         if not revoked and not fenced:
-            result = RevocationResult(
+            return RevocationResult(
                 space.space_id, delta.seq, (), time.perf_counter() - t0, 0, cause
             )
-            return result
         return await self._settle(space, delta.seq, batch, cause, t0, revoked, fenced)
 
-    def _push_revoke(
+    def _expect_ack(
         self,
         batch: Batch,
         space: Space,
         session: Session,
         seq: int,
-        ranges: Iterable[AccessRange],
-        space_deleted: bool = False,
-        encoded: dict[tuple[str, tuple[AccessRange, ...]], list[bytes]] | None = None,
+        ranges: tuple[AccessRange, ...],
     ) -> None:
-        ranges = tuple(ranges)
         session.retain()  # judged and perhaps fenced after its connection is gone
         session.pending_acks[(space.space_id, seq)] = batch.expect(
             session, space.space_id, seq, ranges
         )
-        key = ("revoke", ranges)
-        frames = encoded.get(key) if encoded is not None else None
-        if frames is None:
-            deadline_ms = self.config.revoke_deadline_ms
-            frames = self._split(
-                ranges,
-                lambda part, more: spb.Frame(
-                    revoke=spb.Revoke(
-                        space_id=space.space_id,
-                        seq=seq,
-                        ranges=part,
-                        space_deleted=space_deleted,
-                        deadline_ms=deadline_ms,
-                        more=more,
-                    )
-                ),
-            )
-            if encoded is not None:
-                encoded[key] = frames
-        self._send_all(session, frames)
+
+    async def encode(self, ranges: Sequence[AccessRange], make: _Make) -> list[bytes]:
+        """`_split`, on a worker thread when the change is large (the ranges are immutable and
+        the encoding touches nothing else, so it is safe off the loop)."""
+        if len(ranges) < OFFLOAD_RANGES:
+            return self._split(ranges, make)
+        return await self.loop.run_in_executor(None, self._split, ranges, make)
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -1059,6 +1065,12 @@ class Broker:
         """Waits for the batch, then turns every verdict into an outcome: acknowledged and
         verified, or fenced (with what fencing achieved), or gone, or unverified (by policy)."""
         await batch.wait(self.config.revoke_deadline_ms / 1000)
+        # Acknowledged in time but still being verified off the loop (a large revocation):
+        # the verdict decides, not the clock.
+        waited = 0.0
+        while any(a.acked_at is not None and not a.settled for a in batch.acks) and waited < 60:
+            await asyncio.sleep(0.005)
+            waited += 0.005
         try:
             results = list(fenced or ())
             results += await asyncio.gather(*(self._conclude(space, ack) for ack in batch.acks))
@@ -1150,7 +1162,7 @@ class Broker:
             space_id = space.space_id
 
             async def job(space_id: str = space_id) -> list[tuple[str, str]]:
-                return self.enforcer.audit_space(space_id)
+                return await self.enforcer.audit_space(space_id)
 
             try:
                 fenced += await self.change(space, "audit", job)
@@ -1162,43 +1174,62 @@ class Broker:
 
     # -- clients -------------------------------------------------------------------------------
 
-    def attach(
+    async def attach(
         self, session: Session, space_id: str, kind: Attachment
     ) -> tuple[Space, int, int, list[AccessRange], bool]:
-        """Delivers the fd; returns (space, fd tag, seq, ranges inline, ranges_on_session)."""
+        """Delivers the fd; returns (space, fd tag, seq, ranges inline, ranges_on_session).
+
+        Runs as a job of the space's queue, so the access it reports is exactly the access at
+        its seq (no change is half done); a large snapshot is built off the event loop."""
         space = self.space(space_id)
         policy.check_attach(self.config, session.identity)
-        if space_id in session.attached:
-            raise WrongState(f"client {session.name!r} is already attached to {space_id}")
-        if (
-            not self.config.attach_without_grant
-            and not space.table.has_grants(session.name)
-            and not self.is_owner(session, space)
-        ):
-            raise WrongState(
-                f"client {session.name!r} holds no grant on {space_id}: the owner grants "
-                "first, then the client attaches (attach_without_grant = false)"
-            )
-        ranges = space.table.effective(session.name)
-        seq = space.table.seq
-        on_session = len(ranges) > ATTACH_INLINE_RANGES
-        if on_session:
-            self._send_all(
-                session,
-                self._split(
+        self._check_attach(session, space)
+
+        async def job() -> tuple[Space, int, int, list[AccessRange], bool]:
+            self._check_attach(session, space)
+            readable, writable = space.table.allowed_sets(session.name)
+            seq = space.table.seq
+            ranges: list[AccessRange]
+            if len(readable) + len(writable) < OFFLOAD_RANGES:
+                ranges = space.table.ranges_of(readable, writable)
+            else:
+                ranges = await self.loop.run_in_executor(
+                    None, space.table.ranges_of, readable, writable
+                )
+            on_session = len(ranges) > ATTACH_INLINE_RANGES
+            if on_session:
+                frames = await self.encode(
                     ranges,
                     lambda part, more: spb.Frame(
                         access_update=spb.AccessUpdate(
                             space_id=space_id, seq=seq, ranges=part, more=more, snapshot=True
                         )
                     ),
-                ),
+                )
+                self._check_attach(session, space)  # still there after the encoding?
+                self._send_all(session, frames)
+            session.attached[space_id] = kind
+            session.attached_at[space_id] = time.monotonic()
+            space.attachments[session.session_id] = kind
+            tag = session.deliver_fd(space.fd, space.space_id)
+            return space, tag, seq, ([] if on_session else ranges), on_session
+
+        return await self.change(space, "attach", job)
+
+    def _check_attach(self, session: Session, space: Space) -> None:
+        if session.conn.closed:
+            raise WrongState(f"the session of {session.name!r} has ended")
+        if space.space_id in session.attached:
+            raise WrongState(f"client {session.name!r} is already attached to {space.space_id}")
+        if (
+            not self.config.attach_without_grant
+            and not space.table.has_grants(session.name)
+            and not self.is_owner(session, space)
+        ):
+            raise WrongState(
+                f"client {session.name!r} holds no grant on {space.space_id}: the owner grants "
+                "first, then the client attaches (attach_without_grant = false)"
             )
-        session.attached[space_id] = kind
-        session.attached_at[space_id] = time.monotonic()
-        space.attachments[session.session_id] = kind
-        tag = session.deliver_fd(space.fd, space.space_id)
-        return space, tag, seq, ([] if on_session else ranges), on_session
 
     def detach(self, session: Session, space_id: str) -> int:
         space = self.space(space_id)
@@ -1295,6 +1326,85 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+_Make = Callable[[list[spb.AccessRange], bool], spb.Frame]
+
+
+def _judge_view(
+    view: ProcessView,
+    dev: int,
+    ino: int,
+    allowed: Allowed,
+    page: int,
+    ranges: tuple[AccessRange, ...],
+    fd_allowed: bool,
+    pidfd: int,
+) -> tuple[Verdict, str]:
+    """The verdict on one acknowledgement from the kernel's view (no broker state: may run on
+    a worker thread). A view that cannot be read is `unverified` unless the process is gone."""
+    try:
+        problem = check_reach(view, dev, ino, allowed, page, ranges, fd_allowed=fd_allowed)
+    except OSError as exc:
+        try:
+            alive = sys_sock.pidfd_is_alive(pidfd)
+        except OSError:
+            alive = False
+        if not alive:
+            return Verdict.LOST, "the process exited"
+        return Verdict.UNVERIFIED, f"its mappings could not be read ({exc})"
+    if problem is not None:
+        return Verdict.CAUGHT, problem
+    return Verdict.ACKED, ""
+
+
+class _Encoder:
+    """The frames of one change's pushes, each distinct range list encoded once (small ones
+    are remembered by value; a large one is hashed by identity, since hashing a million ranges
+    costs more than it saves)."""
+
+    def __init__(self, broker: Broker, space_id: str, seq: int) -> None:
+        self.broker = broker
+        self.space_id = space_id
+        self.seq = seq
+        self._cache: dict[tuple[object, ...], list[bytes]] = {}
+
+    def _key(self, kind: str, ranges: tuple[AccessRange, ...]) -> tuple[object, ...]:
+        return (kind, ranges) if len(ranges) <= CACHE_RANGES else (kind, id(ranges))
+
+    async def update(self, ranges: tuple[AccessRange, ...]) -> list[bytes]:
+        key = self._key("update", ranges)
+        if key not in self._cache:
+            space_id, seq = self.space_id, self.seq
+            self._cache[key] = await self.broker.encode(
+                ranges,
+                lambda part, more: spb.Frame(
+                    access_update=spb.AccessUpdate(
+                        space_id=space_id, seq=seq, ranges=part, more=more
+                    )
+                ),
+            )
+        return self._cache[key]
+
+    async def revoke(self, ranges: tuple[AccessRange, ...], space_deleted: bool) -> list[bytes]:
+        key = self._key("revoke", ranges)
+        if key not in self._cache:
+            space_id, seq = self.space_id, self.seq
+            deadline_ms = self.broker.config.revoke_deadline_ms
+            self._cache[key] = await self.broker.encode(
+                ranges,
+                lambda part, more: spb.Frame(
+                    revoke=spb.Revoke(
+                        space_id=space_id,
+                        seq=seq,
+                        ranges=part,
+                        space_deleted=space_deleted,
+                        deadline_ms=deadline_ms,
+                        more=more,
+                    )
+                ),
+            )
+        return self._cache[key]
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import select
 import signal
@@ -224,9 +225,11 @@ class Enforcer:
 
     # -- audits ------------------------------------------------------------------------------
 
-    def audit_space(self, space_id: str) -> list[tuple[str, str]]:
+    async def audit_space(self, space_id: str) -> list[tuple[str, str]]:
         """Compares every attached client's mappings of one space with what it holds (run as a
-        job of the space's queue, so no change is half done); fences who reaches more."""
+        job of the space's queue, so no change is half done); fences who reaches more. The
+        kernel's view is read and compared on a worker thread: a client with a million
+        fragments does not hold up the event loop."""
         broker = self.broker
         space = broker.spaces.get(space_id)
         if space is None or space.deleting:
@@ -240,20 +243,28 @@ class Enforcer:
             if allowance is None:
                 continue  # the owner's own process maps the whole space by right
             allowed, fd_allowed = allowance
+            view = session.view
+            session.retain()  # the view stays open while the worker reads it
             try:
-                problem = check_reach(
-                    session.view,
-                    space.dev,
-                    space.ino,
-                    allowed,
-                    space.page_size,
+                problem = await broker.loop.run_in_executor(
                     None,
-                    check_present=False,
-                    fd_allowed=fd_allowed,
+                    functools.partial(
+                        check_reach,
+                        view,
+                        space.dev,
+                        space.ino,
+                        allowed,
+                        space.page_size,
+                        None,
+                        check_present=False,
+                        fd_allowed=fd_allowed,
+                    ),
                 )
             except OSError:
                 continue  # gone: on_closed releases it
-            if problem is not None:
+            finally:
+                session.release()
+            if problem is not None and not session.conn.closed:
                 reason = f"audit of {space_id}: {problem}"
                 self.fence_soon(session, "audit", reason)
                 fenced.append((session.name, reason))

@@ -60,6 +60,8 @@ class Ack:
     verdict: Verdict = Verdict.PENDING
     settled_at: float | None = None
     reason: str = ""
+    # When the acknowledgement arrived, if its verdict is still being worked out.
+    acked_at: float | None = None
 
     @property
     def settled(self) -> bool:

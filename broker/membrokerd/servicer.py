@@ -320,7 +320,9 @@ class Servicer(pb_grpc.MemBrokerServicer):
         kind = KINDS.get(request.kind)
         if kind is None:
             raise errors.BadRequest("kind must be VA or FD")
-        space, tag, seq, ranges, on_session = self.broker.attach(session, request.space_id, kind)
+        space, tag, seq, ranges, on_session = await self.broker.attach(
+            session, request.space_id, kind
+        )
         return pb.AttachResponse(
             space=_space_pb(space),
             fd_tag=tag,

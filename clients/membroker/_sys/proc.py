@@ -158,7 +158,7 @@ PAGE_IS_PRESENT: Final = 1 << 3
 PAGE_IS_SWAPPED: Final = 1 << 4
 # Since 6.14 a guard marker is its own category (it is also reported as swapped).
 PAGE_IS_GUARD: Final = 1 << 8
-_SCAN_REGIONS = 4096
+_SCAN_REGIONS = 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -192,7 +192,9 @@ class ProcessView:
     """The kernel's view of one process's memory: /proc/PID/maps (PROCMAP_QUERY) and pagemap.
 
     Opened once, when a session is accepted: the open files stay bound to that process even if
-    its pid is later reused, and reads fail (ESRCH / empty) once it is gone.
+    its pid is later reused, and reads fail (ESRCH / empty) once it is gone. Safe to ask from
+    several threads (an audit off the event loop while an acknowledgement is judged on it):
+    every call uses its own buffers and positioned reads.
     """
 
     def __init__(self, pid: int) -> None:
@@ -205,18 +207,16 @@ class ProcessView:
         except OSError:
             self.close()
             raise
-        self._query = ProcmapQuery()
-        self._vec = (PageRegion * _SCAN_REGIONS)()
         self._has_scan = True
 
     def _ask(self, addr: int, flags: int) -> Vma | None:
-        q = self._query
+        q = ProcmapQuery()  # per call: a view may be asked from two threads at once
         ctypes.memset(ctypes.addressof(q), 0, ctypes.sizeof(q))
         q.size = ctypes.sizeof(q)
         q.query_flags = flags
         q.query_addr = addr
         try:
-            # SAFETY: q is a live 104-byte procmap_query owned by this object; name and
+            # SAFETY: q is a live 104-byte procmap_query owned by this call; name and
             # build-id buffers are zero-sized, so the kernel writes nothing but q itself.
             fcntl.ioctl(self._maps, PROCMAP_QUERY, q)
         except OSError as exc:
@@ -291,7 +291,7 @@ class ProcessView:
     ) -> list[tuple[int, int]]:
         """PAGEMAP_SCAN: the [start, end) address runs of matching pages in the range; the
         kernel walks the page tables itself, so a GiB with few matches costs microseconds."""
-        vec = self._vec
+        vec = (PageRegion * _SCAN_REGIONS)()  # per call, like the query above
         out: list[tuple[int, int]] = []
         start, end = addr, addr + pages * PAGE_SIZE
         arg = PmScanArg()
@@ -303,7 +303,7 @@ class ProcessView:
             arg.max_pages = 1 if first_only else 0
             arg.category_inverted, arg.category_mask = inverted, mask
             arg.category_anyof_mask = anyof
-            # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this view's own array of
+            # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this call's own array of
             # _SCAN_REGIONS page_regions and vec_len never exceeds it; the kernel writes only
             # arg.walk_end and the first `count` entries of vec.
             count = fcntl.ioctl(self._pagemap, PAGEMAP_SCAN, arg)

@@ -13,6 +13,7 @@ Exceptions::
      ├── InvalidRange      bad offset, length, alignment or access level (also a ValueError)
      ├── NotShared         grant over a range with a private page  (.offset: first private byte)
      ├── NotGranted        pin without the needed access  (.client, .offset: first such byte)
+     ├── TooFragmented     a batch grant over the fragment limit  (.client, .count, .limit)
      └── UnknownPin        unpin of an id that is not held  (.pin_id)
 
 A call that raises changes nothing, `seq` included.
@@ -38,6 +39,7 @@ __all__ = [
     "NotGranted",
     "NotShared",
     "Pin",
+    "TooFragmented",
     "UnknownPin",
 ]
 
@@ -86,6 +88,18 @@ class NotGranted(AccessError):
         super().__init__(f"client {client!r} lacks the needed access at offset {offset:#x}")
         self.client = client
         self.offset = offset
+
+
+class TooFragmented(AccessError):
+    """A grant would leave `client` with more than `limit` stored grant ranges (`count`)."""
+
+    def __init__(self, client: str, count: int, limit: int) -> None:
+        super().__init__(
+            f"client {client!r} would hold {count} grant ranges in this space (limit {limit})"
+        )
+        self.client = client
+        self.count = count
+        self.limit = limit
 
 
 class UnknownPin(AccessError):
@@ -315,10 +329,18 @@ class AccessTable:
         ps = self._page_size
         return [AccessRange(s * ps, (e - s) * ps, level) for s, e in pieces]
 
-    def grant_many(self, client: str, spans: Iterable[tuple[int, int]], access: Access) -> Delta:
+    def grant_many(
+        self,
+        client: str,
+        spans: Iterable[tuple[int, int]],
+        access: Access,
+        max_fragments: int | None = None,
+    ) -> Delta:
         """`grant` over several sorted, disjoint byte ranges as one mutation (one seq). Every
         range is checked (InvalidRange, NotShared) before anything changes; the sets change in
-        one pass each (`RangeSet.add_many`), so k ranges cost O(k log n), not k array moves."""
+        one pass each (`RangeSet.add_many`), so k ranges cost O(k log n), not k array moves.
+        With `max_fragments`, a result over that many stored ranges (`fragment_count`) is
+        undone and TooFragmented raised: the exact count, not an estimate."""
         checked = self.check_spans(spans)
         if access != _RO and access != _RW:
             offset, length = checked[0]
@@ -331,6 +353,7 @@ class AccessTable:
         g = self._grants.get(client)
         if g is None:
             g = self._grants[client] = _Grants()
+        before = (g.readable.copy(), g.writable.copy()) if max_fragments is not None else None
         raised: list[tuple[int, int]] = []
         lowered: list[tuple[int, int]] = []
         if access == _RW:
@@ -344,6 +367,13 @@ class AccessTable:
                 lowered += g.writable.intersection(start, end)
             g.readable.add_many(pages)
             g.writable.remove_many(pages)
+        if before is not None and max_fragments is not None:
+            count = len(g.readable) + len(g.writable)
+            if count > max_fragments:
+                g.readable, g.writable = before
+                if not g.readable:
+                    del self._grants[client]
+                raise TooFragmented(client, count, max_fragments)
         self._seq += 1
         if not raised and not lowered:
             return Delta(self._seq, ())

@@ -30,7 +30,7 @@ from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
 from membrokerd import policy
-from membrokerd.access import Access, AccessRange, Delta, Pin
+from membrokerd.access import Access, AccessRange, Delta, Pin, TooFragmented
 from membrokerd.config import BrokerConfig
 from membrokerd.enforcement import Enforcer, Fenced, FenceResult, is_alive
 from membrokerd.errors import (
@@ -808,10 +808,9 @@ class Broker:
         spans = space.table.check_spans(spans)
 
         async def job() -> tuple[int, int]:
-            # One grant adds at most two fragments per range (its readable and writable sets).
-            policy.check_grant_quota(
-                self.config, client, space.table.fragment_count(client) + 2 * (len(spans) - 1)
-            )
+            # Refused at once when not even one more range fits; a batch is counted exactly
+            # by the table (and undone if it goes over).
+            policy.check_grant_quota(self.config, client, space.table.fragment_count(client))
             t0 = time.perf_counter()
             fenced: list[ClientResult] = []
             if access is Access.RO:
@@ -820,7 +819,15 @@ class Broker:
                     fenced = await self._clear_pins_of(
                         space, shared, client, on_pinned, write_only=True
                     )
-            delta = space.table.grant_many(client, spans, access)
+            limit = self.config.max_grant_fragments_per_client
+            try:
+                delta = space.table.grant_many(client, spans, access, max_fragments=limit)
+            except TooFragmented as exc:
+                raise LimitReached(
+                    "max_grant_fragments_per_client",
+                    limit,
+                    f"client {client!r} would hold {exc.count} grant ranges in this space",
+                ) from None
             self.metrics.grants.inc()
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)

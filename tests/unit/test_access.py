@@ -26,6 +26,7 @@ from membrokerd.access import (
     NotGranted,
     NotShared,
     Pin,
+    TooFragmented,
     UnknownPin,
 )
 
@@ -760,3 +761,17 @@ def test_batch_on_a_million_fragments_is_quick() -> None:
     assert t.fragment_count("big") == 1_000_000
     # Not a timing assertion: a record of scale for the log (quadratic work would take minutes).
     print(f"grant_many of 1M ranges: {built:.2f} s")
+
+
+def test_a_batch_over_the_fragment_limit_is_undone(table: AccessTable) -> None:
+    table.set_shared(0, 16 * PS)
+    table.grant("a", 0, PS, RW)  # 2 stored ranges
+    before = (table.grants("a"), table.seq)
+    with pytest.raises(TooFragmented) as info:
+        table.grant_many("a", [(2 * PS, PS), (4 * PS, PS)], RO, max_fragments=3)
+    assert (info.value.count, info.value.limit) == (4, 3)
+    assert (table.grants("a"), table.seq) == before
+    table.grant_many("a", [(2 * PS, PS), (4 * PS, PS)], RO, max_fragments=4)
+    with pytest.raises(TooFragmented):
+        table.grant_many("new", [(0, PS), (2 * PS, PS)], RO, max_fragments=1)
+    assert "new" not in table.clients()

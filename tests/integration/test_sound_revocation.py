@@ -360,3 +360,55 @@ def test_a_large_revocation_is_verified_off_the_loop_all_the_same(quiet, lie):
             assert outcome.outcome == pb.OUTCOME_ACKED, outcome.reason
             assert report.revoked_bytes == fragments * PAGE
             assert many.ok("ranges", space=space.space_id)["ranges"] == []
+
+
+def _read_error(sock) -> str:
+    """The Error frame the broker sends before closing a refused connection."""
+    from membroker import wire
+
+    decoder = wire.FrameDecoder()
+    sock.settimeout(10)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return ""
+        for frame, _ in decoder.feed(data, []):
+            if frame.WhichOneof("body") == "error":
+                return frame.error.message
+
+
+def test_hello_less_connections_lock_out_only_their_own_uid_and_briefly(tmp_path):
+    """Item 9: connections that never say Hello are capped per uid and dropped at the Hello
+    timeout; other users are never locked out."""
+    import socket
+
+    d = daemon_with(
+        tmp_path,
+        session_socket_mode="0666",
+        control_socket_mode="0666",
+        max_pending_hellos_per_uid="4",
+        hello_timeout_s="1.0",
+    )
+    silent = []
+    try:
+        path = str(d.runtime_dir / "session.sock")
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            silent.append(s)
+        time.sleep(0.2)  # accepted and counted
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.connect(path)
+        silent.append(extra)
+        assert "waiting to say Hello (limit max_pending_hellos_per_uid = 4)" in _read_error(extra)
+        # Another uid is not affected.
+        assert as_nobody(d, "guest", "connect")["ok"] is True
+        # The silent ones are dropped at the Hello timeout, with a reason ...
+        assert "no Hello within 1 s (hello_timeout_s)" in _read_error(silent[0])
+        # ... and their uid can connect again.
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            assert owner.ping() < 5
+    finally:
+        for s in silent:
+            s.close()
+        stop_and_clean(d)

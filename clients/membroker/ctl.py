@@ -58,8 +58,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _report(report: RevocationReport) -> str:
     head = (
-        f"space {report.space_id} seq {report.seq}: {human(report.revoked_bytes)} revoked "
-        f"in {report.duration_us} us"
+        f"space {report.space_id} seq {report.seq} ({report.cause or 'change'}): "
+        f"{human(report.revoked_bytes)} revoked in {report.duration_us} us"
+        + (" (its caller had gone)" if report.caller_gone else "")
     )
     if not report.clients:
         return head + " (no attached client affected)"
@@ -67,9 +68,9 @@ def _report(report: RevocationReport) -> str:
         head
         + "\n"
         + table(
-            ["CLIENT", "SESSION", "PID", "OUTCOME", "LATENCY_US", "REASON"],
+            ["CLIENT", "SESSION", "PID", "OUTCOME", "FENCE", "LATENCY_US", "REASON"],
             [
-                (c.client, c.session_id, c.pid, c.outcome, c.latency_us, c.reason)
+                (c.client, c.session_id, c.pid, c.outcome, c.fence or "-", c.latency_us, c.reason)
                 for c in report.clients
             ],
         )
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grants", help="list the grants of a space")
     g.add_argument("space")
     g.add_argument("--client", default="")
+    rl = sub.add_parser("revocations", help="the latest revocation reports of a space (owner only)")
+    rl.add_argument("space")
+    rl.add_argument("--after-seq", type=int, default=0, help="only reports after this seq")
     pn = sub.add_parser("pins", help="list the pins of a space")
     pn.add_argument("space")
 
@@ -197,6 +201,10 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
             {"client": c, "offset": r.offset, "length": r.length, "access": r.access.name}
             for c, r in grants
         ]
+    if cmd == "revocations":
+        reports = session.list_revocations(args.space, args.after_seq)
+        text = "\n\n".join(_report(r) for r in reports) or "(none)"
+        return text, [dataclasses.asdict(r) for r in reports]
     if cmd == "pins":
         pins = session.list_pins(args.space)
         return table(

@@ -242,8 +242,21 @@ def test_membrokerctl_tables_json_and_errors(daemon, clients):
     assert "backend" in sessions and str(backend.pid) in sessions
     revoked = _ctl(daemon, "revoke", space_id, "backend", "0", "64K")
     assert revoked.returncode == 0
-    assert f"space {space_id} seq 3: 64K revoked" in revoked.stdout
+    assert f"space {space_id} seq 3 (revoke): 64K revoked" in revoked.stdout
     assert "backend" in revoked.stdout and "acked" in revoked.stdout
+    history = _ctl(daemon, "revocations", space_id)
+    assert history.returncode == 0
+    assert history.stdout.startswith(f"space {space_id} seq 3 (revoke): 64K revoked")
+    assert history.stdout.splitlines()[1].split()[:5] == [
+        "CLIENT",
+        "SESSION",
+        "PID",
+        "OUTCOME",
+        "FENCE",
+    ]
+    assert (
+        json.loads(_ctl(daemon, "--json", "revocations", space_id, "--after-seq", "3").stdout) == []
+    )
     stats = json.loads(_ctl(daemon, "--json", "stats").stdout)
     assert stats["spaces"] == 1 and stats["revocations_total"] == 1
 

@@ -211,3 +211,29 @@ def test_backend_killed_mid_session_releases_what_the_bridge_held(world):
     assert owner.list_pins(space.space_id) == []
     # The grant stays with the name: a new bridge to a new backend gets the memory back.
     assert [c for c, _ in space.grants()] == ["bridge"]
+
+
+def test_a_frozen_backend_never_yields_a_false_ack(world):
+    """A frozen backend never answers REM_MEM_REG and keeps the region mapped. The bridge does
+    not acknowledge (it waits for the reply, then for the backend's maps), so the broker fences
+    it at the deadline, and the report says what that achieved: the bridge, stuck in its
+    teardown with the space's fd, is killed. Never "acked" while the backend maps the range."""
+    from tests.conftest import stop_process
+
+    qsd, _, space, _, bridge = world
+    space.share(0, 2 * MiB)
+    space.grant("bridge", 0, MiB)
+    bridge.ok("start", space=space.space_id, socket=str(qsd.sock))
+    assert qsd.maps_of(space.fd) == [(0, MiB)]
+    stop_process(qsd.proc.pid)
+    try:
+        report = space.revoke("bridge", 0, MiB)
+        ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
+        assert outcome == "fenced"
+        assert reason.startswith("no acknowledgement of seq 3 within 3000 ms")
+        assert fence == "killed"
+        assert bridge.wait(10) == -signal.SIGKILL
+        # The backend itself still maps the space: the bridge cannot unmap another process.
+        assert qsd.maps_of(space.fd) == [(0, MiB)]
+    finally:
+        os.kill(qsd.proc.pid, signal.SIGCONT)

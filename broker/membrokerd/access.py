@@ -446,40 +446,11 @@ class AccessTable:
 
     def set_shared(self, offset: int, length: int) -> Delta:
         """Make a range shared; clients granted pages there that were private gain access."""
-        start, end = self._pages(offset, length)
-        newly = self._shared.missing(start, end)
-        changes: list[ClientDelta] = []
-        if newly:
-            for name in sorted(self._grants):
-                g = self._grants[name]
-                pieces: list[_Piece] = []
-                for n_start, n_end in newly:
-                    readable = g.readable.intersection(n_start, n_end)
-                    if readable:
-                        writable = g.writable.intersection(n_start, n_end)
-                        pieces += _split_levels(readable, writable)
-                if pieces:
-                    changes.append(ClientDelta(name, self._ranges(pieces), ()))
-            self._shared.add(start, end)
-        return self._commit(changes)
+        return self.set_shared_many([(offset, length)])
 
     def set_private(self, offset: int, length: int) -> Delta:
         """Make a range private (owner only); clients granted shared pages there lose them."""
-        start, end = self._pages(offset, length)
-        was_shared = self._shared.intersection(start, end)
-        changes: list[ClientDelta] = []
-        if was_shared:
-            for name in sorted(self._grants):
-                readable = self._grants[name].readable
-                pieces = [
-                    (r_start, r_end, _NONE)
-                    for s_start, s_end in was_shared
-                    for r_start, r_end in readable.intersection(s_start, s_end)
-                ]
-                if pieces:
-                    changes.append(ClientDelta(name, (), self._ranges(pieces)))
-            self._shared.remove(start, end)
-        return self._commit(changes)
+        return self.set_private_many([(offset, length)])
 
     def is_shared(self, offset: int, length: int) -> bool:
         """Whether every page of the range is shared."""
@@ -531,22 +502,7 @@ class AccessTable:
 
     def revoke(self, client: str, offset: int, length: int) -> Delta:
         """Remove `client`'s grants in a range; where they were effective, access drops to NONE."""
-        start, end = self._pages(offset, length)
-        g = self._grants.get(client)
-        if g is None:
-            return self._commit([])
-        pieces = [
-            (s_start, s_end, _NONE)
-            for r_start, r_end in g.readable.intersection(start, end)
-            for s_start, s_end in self._shared.intersection(r_start, r_end)
-        ]
-        g.readable.remove(start, end)
-        g.writable.remove(start, end)
-        if not g.readable:
-            del self._grants[client]
-        if pieces:
-            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
-        return self._commit([])
+        return self.revoke_many(client, [(offset, length)])
 
     def drop_client(self, client: str) -> Delta:
         """Remove every grant of `client` (it was fenced); all its access drops to NONE."""

@@ -59,6 +59,9 @@ class _Reach:
 
 
 def is_alive(session: Session) -> bool:
+    """Whether the session's process is still running (by its pidfd, never its pid)."""
+    if session.pidfd < 0:
+        return False  # released: nothing of it is being looked at any more
     try:
         return sys_sock.pidfd_is_alive(session.pidfd)
     except OSError:

@@ -591,6 +591,41 @@ class AccessTable:
                 out += [(name, r) for r in self._ranges(_split_levels(g.readable, g.writable))]
         return out
 
+    def grants_page(
+        self, client: str | None, start_client: str, start_offset: int, limit: int
+    ) -> tuple[list[tuple[str, AccessRange]], tuple[str, int] | None]:
+        """A page of `grants(client)`: at most `limit` records from (start_client,
+        start_offset) on, and where the next page starts (None: this was the last). Costs
+        O(log n + limit), however many fragments the clients hold."""
+        ps = self._page_size
+        names = [client] if client is not None else sorted(self._grants)
+        out: list[tuple[str, AccessRange]] = []
+        for name in names:
+            if name < start_client:
+                continue
+            g = self._grants.get(name)
+            if g is None:
+                continue
+            first = start_offset // ps if name == start_client else 0
+            room = limit - len(out)
+            readable = g.readable.window(first, room + 1)
+            if not readable:
+                continue
+            lo, hi = readable[0][0], readable[-1][1]
+            pieces = _split_levels(readable, g.writable.intersection(lo, hi))
+            records = self._ranges(pieces)
+            if len(records) > room:
+                out += [(name, r) for r in records[:room]]
+                return out, (name, records[room].offset)
+            out += [(name, r) for r in records]
+            if len(out) == limit:
+                later = g.readable.first_present(hi, 2**64 - 1) if hi < 2**64 - 1 else None
+                if later is not None:
+                    return out, (name, later * ps)
+                rest = [n for n in names if n > name and n in self._grants]
+                return out, ((rest[0], 0) if rest else None)
+        return out, None
+
     def clients(self) -> list[str]:
         """Sorted names of the clients holding any grant."""
         return sorted(self._grants)

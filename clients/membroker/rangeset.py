@@ -261,6 +261,17 @@ class RangeSet:
             return max(self._starts[i], start)
         return None
 
+    def window(self, start: int, count: int) -> list[Interval]:
+        """At most `count` intervals from page `start` on (the first one clipped to start):
+        a page of a long listing, costing O(log n + count)."""
+        if count <= 0:
+            return []
+        i = self._first_after(start)
+        out = list(zip(self._starts[i : i + count], self._ends[i : i + count], strict=True))
+        if out and out[0][0] < start:
+            out[0] = (start, out[0][1])
+        return out
+
     def hull(self, start: int, end: int) -> Interval | None:
         """The smallest interval holding every page of the set inside ``[start, end)``, or
         None if there is none."""

@@ -760,8 +760,24 @@ class Session:
         ]
 
     def list_grants(self, space_id: str, client: str = "") -> list[tuple[str, AccessRange]]:
-        resp = self.call("ListGrants", pb.ListGrantsRequest(space_id=space_id, client=client))
-        return [(g.client, access_of(g.range)) for g in resp.grants]
+        """Every grant record of the space (or of one client), sorted by client then offset,
+        fetched a page at a time."""
+        out: list[tuple[str, AccessRange]] = []
+        start_client, start_offset = "", 0
+        while True:
+            resp = self.call(
+                "ListGrants",
+                pb.ListGrantsRequest(
+                    space_id=space_id,
+                    client=client,
+                    start_client=start_client,
+                    start_offset=start_offset,
+                ),
+            )
+            out += [(g.client, access_of(g.range)) for g in resp.grants]
+            if not resp.more:
+                return out
+            start_client, start_offset = resp.next_client, resp.next_offset
 
     def list_sessions(self) -> list[pb.SessionInfo]:
         return list(self.call("ListSessions", pb.ListSessionsRequest()).sessions)

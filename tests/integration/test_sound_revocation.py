@@ -336,6 +336,8 @@ def test_a_large_revocation_is_verified_off_the_loop_all_the_same(quiet, lie):
         space = owner.create_space(size)
         space.share(0, size)
         space.grant_many("many", [(2 * i * PAGE, PAGE) for i in range(fragments)], "rw")
+        listed = space.grants()  # three pages of ListGrants
+        assert len(listed) == fragments and listed[-1][1].offset == 2 * (fragments - 1) * PAGE
         many = start("many")
         assert len(many.ok("attach_va", space=space.space_id)["ranges"]) == fragments
         many.ok("write", space=space.space_id, offset=2 * 777 * PAGE, data="5a")

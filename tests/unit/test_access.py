@@ -775,3 +775,36 @@ def test_a_batch_over_the_fragment_limit_is_undone(table: AccessTable) -> None:
     with pytest.raises(TooFragmented):
         table.grant_many("new", [(0, PS), (2 * PS, PS)], RO, max_fragments=1)
     assert "new" not in table.clients()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    grants=st.lists(
+        st.tuples(
+            st.sampled_from(CLIENTS),
+            st.integers(0, NPAGES - 1),
+            st.integers(1, 4),
+            st.sampled_from([RO, RW]),
+        ),
+        max_size=16,
+    ),
+    limit=st.integers(1, 5),
+    one=st.sampled_from([None, *CLIENTS]),
+)
+def test_grant_pages_concatenate_to_the_whole_listing(
+    grants: list[tuple[str, int, int, Access]], limit: int, one: str | None
+) -> None:
+    t = AccessTable(NPAGES * PS, PS)
+    t.set_shared(0, NPAGES * PS)
+    for who, start, n, level in grants:
+        t.grant(who, start * PS, min(n, NPAGES - start) * PS, level)
+    pages, cursor = [], ("", 0)
+    for _ in range(1000):
+        page, following = t.grants_page(one, cursor[0], cursor[1], limit)
+        assert len(page) <= limit
+        pages += page
+        if following is None:
+            break
+        assert len(page) == limit
+        cursor = following
+    assert pages == t.grants(one)

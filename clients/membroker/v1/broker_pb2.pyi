@@ -287,18 +287,30 @@ class GrantRecord(_message.Message):
     def __init__(self, client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.AccessRange, _Mapping]] = ...) -> None: ...
 
 class ListGrantsRequest(_message.Message):
-    __slots__ = ("space_id", "client")
+    __slots__ = ("space_id", "client", "start_client", "start_offset", "limit")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
+    START_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     client: str
-    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ...) -> None: ...
+    start_client: str
+    start_offset: int
+    limit: int
+    def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., start_client: _Optional[str] = ..., start_offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListGrantsResponse(_message.Message):
-    __slots__ = ("grants",)
+    __slots__ = ("grants", "more", "next_client", "next_offset")
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     grants: _containers.RepeatedCompositeFieldContainer[GrantRecord]
-    def __init__(self, grants: _Optional[_Iterable[_Union[GrantRecord, _Mapping]]] = ...) -> None: ...
+    more: bool
+    next_client: str
+    next_offset: int
+    def __init__(self, grants: _Optional[_Iterable[_Union[GrantRecord, _Mapping]]] = ..., more: _Optional[bool] = ..., next_client: _Optional[str] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("space_id", "kind")

@@ -15,12 +15,10 @@ import enum
 import functools
 import logging
 import os
-import re
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
@@ -32,7 +30,7 @@ from membroker.v1 import session_pb2 as spb
 from membrokerd import policy
 from membrokerd.access import Access, AccessRange, Delta, Pin, TooFragmented
 from membrokerd.config import BrokerConfig
-from membrokerd.enforcement import Enforcer, Fenced, FenceResult, is_alive
+from membrokerd.enforcement import Enforcer, FenceResult, is_alive
 from membrokerd.errors import (
     BadRequest,
     LimitReached,
@@ -45,7 +43,9 @@ from membrokerd.errors import (
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
+from membrokerd.pushes import OFFLOAD_RANGES, Encoder
 from membrokerd.revocation import Ack, Batch, SpaceQueue, Verdict
+from membrokerd.sessions import CLIENT_NAME, Session
 from membrokerd.spaces import (
     Attachment,
     BackingKind,
@@ -57,23 +57,14 @@ from membrokerd.spaces import (
     inspect_import,
     seal_import,
 )
-from membrokerd.verify import Allowed, check_reach
+from membrokerd.verify import Allowed, judge_view
 
 log = logging.getLogger("membrokerd")
 
 T = TypeVar("T")
 
-CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
 # Attach replies carry at most this many ranges inline; more travel as snapshot frames.
 ATTACH_INLINE_RANGES = 1024
-# The most an AccessRange costs encoded (three varints of up to 10 bytes, tags, the submessage
-# header), and what a frame's other fields cost at most: how many ranges fit in one frame.
-RANGE_BYTES_MAX = 36
-FRAME_OVERHEAD = 256
-# A change of more ranges than this is encoded on a worker thread, off the event loop.
-OFFLOAD_RANGES = 20_000
-# Range lists up to this long are compared by value to share one encoding between clients.
-CACHE_RANGES = 4096
 
 
 class Outcome(enum.Enum):
@@ -104,74 +95,6 @@ class RevocationResult:
     cause: str = ""
     # The call that started it went away (cancelled, deadline); it ran to its end anyway.
     caller_gone: bool = False
-
-
-class Session:
-    """A process that said Hello: its identity, attachments, offered fds and awaited acks.
-
-    It keeps its own pidfd and its view of the process (/proc) beyond the connection's life,
-    while anything still needs them (a revocation judging it, a fencing checking on it):
-    `retain()` / `release()`; the connection holds one reference until it closes.
-    """
-
-    def __init__(self, conn: Connection, name: str, identity: Identity) -> None:
-        self.conn = conn
-        self.name = name
-        self.identity = identity
-        self.session_id = "se-" + secrets.token_hex(4)
-        self.token = secrets.token_urlsafe(24)
-        self.created = time.monotonic()
-        self.attached: dict[str, Attachment] = {}
-        self.attached_at: dict[str, float] = {}
-        self.offered: dict[int, int] = {}
-        self.pending_acks: dict[tuple[str, int], Ack] = {}
-        # The kernel's view of the process (None when it cannot be had and verify = off).
-        self.view: ProcessView | None = None
-        # space id -> where this (VA) client says it mapped the space (a hint, never trusted)
-        self.va_base: dict[str, int] = {}
-        self.pidfd = os.dup(conn.pidfd)
-        self.fencing: asyncio.Future[Fenced] | None = None
-        self.killed: str | None = None
-        self._refs = 1
-        self._next_tag = 1
-
-    @property
-    def pid(self) -> int:
-        return self.identity.pid
-
-    @property
-    def uid(self) -> int:
-        return self.identity.uid
-
-    def retain(self) -> None:
-        self._refs += 1
-
-    def release(self) -> None:
-        """Drops one reference; the last one closes the view and the pidfd."""
-        self._refs -= 1
-        if self._refs == 0:
-            if self.view is not None:
-                self.view.close()
-                self.view = None
-            if self.pidfd >= 0:
-                os.close(self.pidfd)
-                self.pidfd = -1
-
-    def next_tag(self) -> int:
-        tag, self._next_tag = self._next_tag, self._next_tag + 1
-        return tag
-
-    def deliver_fd(self, fd: int, space_id: str) -> int:
-        """Sends a space's fd on the session socket; returns the tag the reply names."""
-        tag = self.next_tag()
-        self.conn.send(spb.Frame(fd_delivery=spb.FdDelivery(tag=tag, space_id=space_id)), [fd])
-        return tag
-
-    def __repr__(self) -> str:
-        return (
-            f"<Session {self.session_id} {self.name!r} pid={self.pid} "
-            f"attached={sorted(self.attached)}>"
-        )
 
 
 class Broker:
@@ -463,7 +386,7 @@ class Broker:
         dev, ino, page = space.dev, space.ino, space.page_size
         pidfd = session.pidfd
         return functools.partial(
-            _judge_view, view, dev, ino, allowed, page, tuple(ranges), fd_allowed, pidfd
+            judge_view, view, dev, ino, allowed, page, tuple(ranges), fd_allowed, pidfd
         )
 
     def allowance(
@@ -748,7 +671,7 @@ class Broker:
         seq = space.table.retire()
         whole = (AccessRange(0, space.size, Access.NONE),)
         batch = Batch(self.loop)
-        frames = await _Encoder(self, space.space_id, seq).revoke(whole, True)
+        frames = await self._encoder(space.space_id, seq).revoke(whole, True)
         for session_id in list(space.attachments):
             session = self._by_id.get(session_id)
             if session is not None:
@@ -975,23 +898,10 @@ class Broker:
 
     # -- pushing -------------------------------------------------------------------------------
 
-    def _ranges_per_frame(self) -> int:
-        return max(1, (self.config.max_frame_bytes - FRAME_OVERHEAD) // RANGE_BYTES_MAX)
-
-    def _split(
-        self,
-        ranges: Sequence[AccessRange],
-        make: Callable[[list[spb.AccessRange], bool], spb.Frame],
-    ) -> list[bytes]:
-        """Encodes `ranges` as one or more frames, each within max_frame_bytes; `make(part,
-        more)` builds a frame of one part (`more`: further parts follow)."""
-        n = self._ranges_per_frame()
-        parts = [ranges[i : i + n] for i in range(0, len(ranges), n)] or [ranges]
-        out = []
-        for index, part in enumerate(parts):
-            frame = make([access_range_pb(r) for r in part], index < len(parts) - 1)
-            out.append(wire.encode(frame))
-        return out
+    def _encoder(self, space_id: str, seq: int) -> Encoder:
+        return Encoder(
+            self.loop, space_id, seq, self.config.max_frame_bytes, self.config.revoke_deadline_ms
+        )
 
     def _send_all(self, session: Session, frames: list[bytes]) -> None:
         for data in frames:
@@ -1012,7 +922,7 @@ class Broker:
         encoded off the event loop, so other sessions are not kept waiting meanwhile.
         """
         batch = Batch(self.loop)
-        encoder = _Encoder(self, space.space_id, delta.seq)
+        encoder = self._encoder(space.space_id, delta.seq)
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
@@ -1049,13 +959,6 @@ class Broker:
         session.pending_acks[(space.space_id, seq)] = batch.expect(
             session, space.space_id, seq, ranges
         )
-
-    async def encode(self, ranges: Sequence[AccessRange], make: _Make) -> list[bytes]:
-        """`_split`, on a worker thread when the change is large (the ranges are immutable and
-        the encoding touches nothing else, so it is safe off the loop)."""
-        if len(ranges) < OFFLOAD_RANGES:
-            return self._split(ranges, make)
-        return await self.loop.run_in_executor(None, self._split, ranges, make)
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -1205,14 +1108,7 @@ class Broker:
                 )
             on_session = len(ranges) > ATTACH_INLINE_RANGES
             if on_session:
-                frames = await self.encode(
-                    ranges,
-                    lambda part, more: spb.Frame(
-                        access_update=spb.AccessUpdate(
-                            space_id=space_id, seq=seq, ranges=part, more=more, snapshot=True
-                        )
-                    ),
-                )
+                frames = await self._encoder(space_id, seq).update(ranges, snapshot=True)
                 self._check_attach(session, space)  # still there after the encoding?
                 self._send_all(session, frames)
             session.attached[space_id] = kind
@@ -1335,85 +1231,6 @@ class Broker:
             self._gmem = None
 
 
-_Make = Callable[[list[spb.AccessRange], bool], spb.Frame]
-
-
-def _judge_view(
-    view: ProcessView,
-    dev: int,
-    ino: int,
-    allowed: Allowed,
-    page: int,
-    ranges: tuple[AccessRange, ...],
-    fd_allowed: bool,
-    pidfd: int,
-) -> tuple[Verdict, str]:
-    """The verdict on one acknowledgement from the kernel's view (no broker state: may run on
-    a worker thread). A view that cannot be read is `unverified` unless the process is gone."""
-    try:
-        problem = check_reach(view, dev, ino, allowed, page, ranges, fd_allowed=fd_allowed)
-    except OSError as exc:
-        try:
-            alive = sys_sock.pidfd_is_alive(pidfd)
-        except OSError:
-            alive = False
-        if not alive:
-            return Verdict.LOST, "the process exited"
-        return Verdict.UNVERIFIED, f"its mappings could not be read ({exc})"
-    if problem is not None:
-        return Verdict.CAUGHT, problem
-    return Verdict.ACKED, ""
-
-
-class _Encoder:
-    """The frames of one change's pushes, each distinct range list encoded once (small ones
-    are remembered by value; a large one is hashed by identity, since hashing a million ranges
-    costs more than it saves)."""
-
-    def __init__(self, broker: Broker, space_id: str, seq: int) -> None:
-        self.broker = broker
-        self.space_id = space_id
-        self.seq = seq
-        self._cache: dict[tuple[object, ...], list[bytes]] = {}
-
-    def _key(self, kind: str, ranges: tuple[AccessRange, ...]) -> tuple[object, ...]:
-        return (kind, ranges) if len(ranges) <= CACHE_RANGES else (kind, id(ranges))
-
-    async def update(self, ranges: tuple[AccessRange, ...]) -> list[bytes]:
-        key = self._key("update", ranges)
-        if key not in self._cache:
-            space_id, seq = self.space_id, self.seq
-            self._cache[key] = await self.broker.encode(
-                ranges,
-                lambda part, more: spb.Frame(
-                    access_update=spb.AccessUpdate(
-                        space_id=space_id, seq=seq, ranges=part, more=more
-                    )
-                ),
-            )
-        return self._cache[key]
-
-    async def revoke(self, ranges: tuple[AccessRange, ...], space_deleted: bool) -> list[bytes]:
-        key = self._key("revoke", ranges)
-        if key not in self._cache:
-            space_id, seq = self.space_id, self.seq
-            deadline_ms = self.broker.config.revoke_deadline_ms
-            self._cache[key] = await self.broker.encode(
-                ranges,
-                lambda part, more: spb.Frame(
-                    revoke=spb.Revoke(
-                        space_id=space_id,
-                        seq=seq,
-                        ranges=part,
-                        space_deleted=space_deleted,
-                        deadline_ms=deadline_ms,
-                        more=more,
-                    )
-                ),
-            )
-        return self._cache[key]
-
-
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:
     """The per-connection buffer limits the listener enforces (see config)."""
     limits = {}
@@ -1422,8 +1239,3 @@ def _connection_limits(config: BrokerConfig) -> dict[str, int]:
         if value is not None:
             limits[name] = int(value)
     return limits
-
-
-def access_range_pb(r: AccessRange) -> spb.AccessRange:
-    """The wire form of an access-table range (the enums share their numbers by design)."""
-    return spb.AccessRange(offset=r.offset, length=r.length, access=cast(spb.Access, int(r.access)))

@@ -24,7 +24,8 @@ from membroker.v1 import session_pb2 as spb
 from membrokerd.verify import Allowed, check_reach
 
 if TYPE_CHECKING:
-    from membrokerd.broker import Broker, Session
+    from membrokerd.broker import Broker
+    from membrokerd.sessions import Session
 
 log = logging.getLogger("membrokerd.enforcement")
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from membrokerd.access import AccessRange
 
 if TYPE_CHECKING:
-    from membrokerd.broker import Session
+    from membrokerd.sessions import Session
 
 log = logging.getLogger("membrokerd.revocation")
 

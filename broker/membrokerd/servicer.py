@@ -28,8 +28,10 @@ from membrokerd.access import (
     NotShared,
     UnknownPin,
 )
-from membrokerd.broker import Broker, Outcome, RevocationResult, Session, access_range_pb
+from membrokerd.broker import Broker, Outcome, RevocationResult
 from membrokerd.enforcement import FenceResult
+from membrokerd.pushes import access_range_pb
+from membrokerd.sessions import Session
 from membrokerd.spaces import Attachment, BackingKind, Region, Space
 
 log = logging.getLogger("membrokerd.rpc")

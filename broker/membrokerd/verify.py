@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 
+from membroker._sys import sock as sys_sock
 from membroker._sys.proc import ProcessView, Vma
 from membroker.rangeset import RangeSet
 from membrokerd.access import Access, AccessRange
+from membrokerd.revocation import Verdict
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,3 +152,30 @@ def check_reach(
         if problem is not None:
             return problem
     return None
+
+
+def judge_view(
+    view: ProcessView,
+    dev: int,
+    ino: int,
+    allowed: Allowed,
+    page: int,
+    ranges: tuple[AccessRange, ...],
+    fd_allowed: bool,
+    pidfd: int,
+) -> tuple[Verdict, str]:
+    """The verdict on one acknowledgement from the kernel's view (no broker state: may run on
+    a worker thread). A view that cannot be read is `unverified` unless the process is gone."""
+    try:
+        problem = check_reach(view, dev, ino, allowed, page, ranges, fd_allowed=fd_allowed)
+    except OSError as exc:
+        try:
+            alive = sys_sock.pidfd_is_alive(pidfd)
+        except OSError:
+            alive = False
+        if not alive:
+            return Verdict.LOST, "the process exited"
+        return Verdict.UNVERIFIED, f"its mappings could not be read ({exc})"
+    if problem is not None:
+        return Verdict.CAUGHT, problem
+    return Verdict.ACKED, ""

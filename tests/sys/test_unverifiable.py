@@ -21,10 +21,11 @@ from membroker._sys import memfd as sys_memfd
 from membroker._sys import sock as sys_sock
 from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange
-from membrokerd.broker import Broker, Outcome, Session
+from membrokerd.broker import Broker, Outcome
 from membrokerd.config import load_config
 from membrokerd.enforcement import FenceResult
 from membrokerd.revocation import Ack, Batch, Verdict
+from membrokerd.sessions import Session
 from membrokerd.spaces import Attachment, BackingKind, Space
 
 PAGE = 4096

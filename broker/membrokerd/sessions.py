@@ -1,0 +1,96 @@
+"""Sessions: one process that said Hello, with its identity, attachments and the kernel's view
+of it.
+
+Used by the broker core (handshake, frame dispatch, revocations) and enforcement (fencing looks
+at the process after its connection is gone, so a session keeps its pidfd and view while
+anything still needs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from membroker._sys.proc import ProcessView
+from membroker.v1 import session_pb2 as spb
+from membrokerd.listener import Connection
+from membrokerd.policy import Identity
+from membrokerd.spaces import Attachment
+
+if TYPE_CHECKING:
+    from membrokerd.enforcement import Fenced
+    from membrokerd.revocation import Ack
+
+CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+
+
+class Session:
+    """A process that said Hello: its identity, attachments, offered fds and awaited acks.
+
+    It keeps its own pidfd and its view of the process (/proc) beyond the connection's life,
+    while anything still needs them (a revocation judging it, a fencing checking on it):
+    `retain()` / `release()`; the connection holds one reference until it closes.
+    """
+
+    def __init__(self, conn: Connection, name: str, identity: Identity) -> None:
+        self.conn = conn
+        self.name = name
+        self.identity = identity
+        self.session_id = "se-" + secrets.token_hex(4)
+        self.token = secrets.token_urlsafe(24)
+        self.created = time.monotonic()
+        self.attached: dict[str, Attachment] = {}
+        self.attached_at: dict[str, float] = {}
+        self.offered: dict[int, int] = {}
+        self.pending_acks: dict[tuple[str, int], Ack] = {}
+        # The kernel's view of the process (None when it cannot be had and verify = off).
+        self.view: ProcessView | None = None
+        # space id -> where this (VA) client says it mapped the space (a hint, never trusted)
+        self.va_base: dict[str, int] = {}
+        self.pidfd = os.dup(conn.pidfd)
+        self.fencing: asyncio.Future[Fenced] | None = None
+        self.killed: str | None = None
+        self._refs = 1
+        self._next_tag = 1
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    @property
+    def uid(self) -> int:
+        return self.identity.uid
+
+    def retain(self) -> None:
+        self._refs += 1
+
+    def release(self) -> None:
+        """Drops one reference; the last one closes the view and the pidfd."""
+        self._refs -= 1
+        if self._refs == 0:
+            if self.view is not None:
+                self.view.close()
+                self.view = None
+            if self.pidfd >= 0:
+                os.close(self.pidfd)
+                self.pidfd = -1
+
+    def next_tag(self) -> int:
+        tag, self._next_tag = self._next_tag, self._next_tag + 1
+        return tag
+
+    def deliver_fd(self, fd: int, space_id: str) -> int:
+        """Sends a space's fd on the session socket; returns the tag the reply names."""
+        tag = self.next_tag()
+        self.conn.send(spb.Frame(fd_delivery=spb.FdDelivery(tag=tag, space_id=space_id)), [fd])
+        return tag
+
+    def __repr__(self) -> str:
+        return (
+            f"<Session {self.session_id} {self.name!r} pid={self.pid} "
+            f"attached={sorted(self.attached)}>"
+        )

@@ -233,8 +233,8 @@ def main() -> None:
                     elif call == "revoke":
                         result = report(owned.revoke(req["client"], req["offset"], req["length"]))
                     elif call == "delete":
+                        # The handle stays: a later call meets the broker's NOT_FOUND.
                         result = report(owned.delete())
-                        attached.pop("owned:" + req["space"])
                     elif call == "revocations":
                         reports = owned.revocations(req["after_seq"])
                         result = {"reports": [report(r) for r in reports]}

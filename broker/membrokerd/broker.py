@@ -65,6 +65,8 @@ T = TypeVar("T")
 
 # Attach replies carry at most this many ranges inline; more travel as snapshot frames.
 ATTACH_INLINE_RANGES = 1024
+# Up to this many revoked ranges, what a client may hold is looked up range by range.
+FEW_RANGES = 64
 
 
 class Outcome(enum.Enum):
@@ -112,6 +114,8 @@ class Broker:
         self._by_id: dict[str, Session] = {}
         # client name -> the uid that first used it (client_name_binding = "uid")
         self._name_uid: dict[str, int] = {}
+        # uid -> connections accepted and not yet past Hello
+        self._waiting: dict[int, int] = {}
         self._gmem: sys_kvm.GuestMemfdFactory | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.revocations_total = 0
@@ -140,6 +144,26 @@ class Broker:
     # -- sessions ------------------------------------------------------------------------------
 
     def accept(self, sock: socket.socket, cred: sys_sock.PeerCred, pidfd: int) -> None:
+        refusal = None
+        waiting = self._waiting.get(cred.uid, 0)
+        if len(self.sessions) >= self.config.max_sessions:
+            refusal = f"too many sessions (limit max_sessions = {self.config.max_sessions})"
+        elif waiting >= self.config.max_pending_hellos_per_uid:
+            refusal = (
+                f"too many connections of uid {cred.uid} waiting to say Hello "
+                f"(limit max_pending_hellos_per_uid = {self.config.max_pending_hellos_per_uid})"
+            )
+        if refusal is not None:
+            # Refused before anything is built for it: a flood of connections costs the loop
+            # one accept, one send and one close each.
+            try:
+                sock.send(wire.encode(spb.Frame(error=spb.Error(code=8, message=refusal))))
+            except OSError:
+                pass
+            sock.close()
+            os.close(pidfd)
+            self.metrics.protocol_errors.inc()
+            return
         conn = Connection(
             self.loop,
             sock,
@@ -149,27 +173,18 @@ class Broker:
             pidfd,
             **_connection_limits(self.config),
         )
-        refusal = None
-        if len(self.sessions) >= self.config.max_sessions:
-            refusal = f"too many sessions (limit max_sessions = {self.config.max_sessions})"
-        else:
-            waiting = sum(
-                1
-                for c, s in self.sessions.items()
-                if s is None and not c.closed and c.cred.uid == cred.uid
-            )
-            limit = self.config.max_pending_hellos_per_uid
-            if waiting >= limit:
-                refusal = (
-                    f"too many connections of uid {cred.uid} waiting to say Hello "
-                    f"(limit max_pending_hellos_per_uid = {limit})"
-                )
-        if refusal is not None:
-            conn.send(spb.Frame(error=spb.Error(code=8, message=refusal)))
-            conn.close(refusal)
-            return
         self.sessions[conn] = None
+        self._waiting[cred.uid] = waiting + 1
         self.loop.call_later(self.config.hello_timeout_s, self._hello_timeout, conn)
+
+    def _stop_waiting(self, conn: Connection) -> None:
+        """`conn` said Hello or closed before it: one fewer of its uid waiting."""
+        uid = conn.cred.uid
+        left = self._waiting.get(uid, 0) - 1
+        if left > 0:
+            self._waiting[uid] = left
+        else:
+            self._waiting.pop(uid, None)
 
     def _hello_timeout(self, conn: Connection) -> None:
         if not conn.closed and self.sessions.get(conn) is None:
@@ -271,6 +286,7 @@ class Broker:
             raise ProtocolError("the process exited during the handshake")
         if self.config.client_name_binding == "uid":
             self._name_uid.setdefault(name, who.uid)
+        self._stop_waiting(conn)
         self.sessions[conn] = session
         self._by_token[session.token] = session
         self._by_name[session.name] = session
@@ -421,7 +437,9 @@ class Broker:
                 < self.config.revoke_deadline_ms / 1000
             ):
                 fd_allowed = True
-            if ranges is None:
+            if ranges is None or len(ranges) > FEW_RANGES:
+                # The whole space's sets (array slices) beat a lookup per range: what lies
+                # outside `ranges` is not examined anyway.
                 r_set, w_set = space.table.allowed_sets(s.name)
                 if not readable:
                     readable, writable = r_set, w_set  # the usual case: one session
@@ -442,8 +460,11 @@ class Broker:
         return session.name == space.owner and session.uid == space.owner_uid
 
     def on_closed(self, conn: Connection) -> None:
-        session = self.sessions.pop(conn, None)
+        if conn not in self.sessions:
+            return
+        session = self.sessions.pop(conn)
         if session is None:
+            self._stop_waiting(conn)
             return
         self._by_token.pop(session.token, None)
         self._by_id.pop(session.session_id, None)

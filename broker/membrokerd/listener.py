@@ -386,7 +386,7 @@ class Listener:
             finally:
                 os.umask(old)
             os.chmod(tmp, mode)
-            self.sock.listen(128)
+            self.sock.listen(4096)  # the kernel caps it at net.core.somaxconn
             self.sock.setblocking(False)
             self.file = SocketFile.install(tmp, path)
         except OSError:

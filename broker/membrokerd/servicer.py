@@ -118,7 +118,9 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
     return wrapper
 
 
-MAX_BATCH_RANGES = 100_000
+# Ranges per batch call: a batch is applied on the event loop, so it is kept to what takes a few
+# tens of milliseconds.
+MAX_BATCH_RANGES = 16_384
 # Grant records per ListGrants reply: a page is built in a few ms and fits any gRPC limit.
 GRANTS_PAGE = 10_000
 

@@ -851,8 +851,8 @@ class Session:
         self._decoder.close()
 
 
-# Ranges per batch call: the broker's limit (a request of 100,000 ranges is about 1.2 MB).
-BATCH_RANGES = 100_000
+# Ranges per batch call: the broker's limit (it applies a batch on its event loop).
+BATCH_RANGES = 16_384
 
 
 def _chunks(ranges: Sequence[tuple[int, int]]) -> list[list[spb.Range]]:

@@ -10,14 +10,16 @@ whoever does not comply (membrokerd.enforcement), and reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import functools
+import gc
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from membroker import wire
@@ -729,10 +731,12 @@ class Broker:
         async def job() -> RevocationResult:
             t0 = time.perf_counter()
             if shared:
-                delta = space.table.set_shared_many(spans)
+                with collector_paused():
+                    delta = space.table.set_shared_many(spans)
                 return await self.carry_out(space, delta, "shared", t0)
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
-            delta = space.table.set_private_many(spans)
+            with collector_paused():
+                delta = space.table.set_private_many(spans)
             return await self.carry_out(space, delta, "private", t0, fenced)
 
         return await self.change(space, "shared" if shared else "private", job)
@@ -765,7 +769,8 @@ class Broker:
                     )
             limit = self.config.max_grant_fragments_per_client
             try:
-                delta = space.table.grant_many(client, spans, access, max_fragments=limit)
+                with collector_paused():
+                    delta = space.table.grant_many(client, spans, access, max_fragments=limit)
             except TooFragmented as exc:
                 raise LimitReached(
                     "max_grant_fragments_per_client",
@@ -793,7 +798,8 @@ class Broker:
         async def job() -> RevocationResult:
             t0 = time.perf_counter()
             fenced = await self._clear_pins_of(space, spans, client, on_pinned)
-            delta = space.table.revoke_many(client, spans)
+            with collector_paused():
+                delta = space.table.revoke_many(client, spans)
             return await self.carry_out(space, delta, "revoke", t0, fenced)
 
         return await self.change(space, "revoke", job)
@@ -1030,8 +1036,12 @@ class Broker:
                 f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms",
             )
         if verdict is Verdict.ACKED:
-            released = space.table.release_pins(
-                session.session_id, [(r.offset, r.length) for r in ack.ranges]
+            released = (
+                space.table.release_pins(
+                    session.session_id, [(r.offset, r.length) for r in ack.ranges]
+                )
+                if space.table.pins(session.session_id)
+                else []
             )
             if released:
                 space.unpinned.set()
@@ -1250,6 +1260,28 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+_paused = 0
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keeps Python's cyclic garbage collector from running during one table change on the
+    loop. A change of a million fragments builds a million small objects, and the collector,
+    triggered by their number, would walk them (and everything else alive) several times over:
+    more than half of the change's time, all of it holding up the loop (bench/results/scale.md).
+    Reference counting still frees everything; cycles wait for the next collection."""
+    global _paused
+    _paused += 1
+    if _paused == 1:
+        gc.disable()
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0:
+            gc.enable()
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

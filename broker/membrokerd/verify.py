@@ -49,7 +49,7 @@ class Allowed:
 
 
 def _first_outside(
-    regions: list[tuple[int, int]],
+    regions: Iterable[tuple[int, int]],
     vma: Vma,
     examined: RangeSet | None,
     allowed: RangeSet,
@@ -91,8 +91,8 @@ def _judge_vma(
 
     if vma.readable or vma.writable:
         # A page without a guard marker in an accessible mapping is reachable by a touch.
-        regions = view.unguarded_regions(addr, pages)
         if vma.writable:
+            regions = view.unguarded_regions(addr, pages)
             p = _first_outside(regions, vma, examined, allowed.writable, page)
             if p is not None:
                 return (
@@ -100,6 +100,7 @@ def _judge_vma(
                     "with no guard marker"
                 )
         if vma.readable:
+            regions = view.unguarded_regions(addr, pages)
             p = _first_outside(regions, vma, examined, allowed.readable, page)
             if p is not None:
                 return (

@@ -187,13 +187,7 @@ class Session:
         self._recv_cap = SMALL_RECV_BYTES
         try:
             self._sock.settimeout(timeout)
-            try:
-                self._sock.connect(str(self.session_socket))
-            except OSError as exc:
-                raise ConnectError(
-                    f"cannot connect to {self.session_socket}: {exc} "
-                    "(is membrokerd running with this runtime directory?)"
-                ) from exc
+            self._connect(timeout)
             self._send(
                 spb.Frame(hello=spb.Hello(protocol_version=wire.PROTOCOL_VERSION, client_name=name))
             )
@@ -229,6 +223,30 @@ class Session:
             target=self._read_loop, name=f"membroker-{name}", daemon=True
         )
         self._reader.start()
+
+    def _connect(self, timeout: float) -> None:
+        """connect() to session.sock. Kernel gotcha: a Unix socket with a timeout is
+        non-blocking underneath, and a full listen backlog (a busy or flooded broker) answers
+        EAGAIN at once instead of waiting: retried, with a short backoff, until `timeout`."""
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            try:
+                self._sock.connect(str(self.session_socket))
+                return
+            except BlockingIOError as exc:
+                if time.monotonic() + pause >= deadline:
+                    raise ConnectError(
+                        f"cannot connect to {self.session_socket}: its backlog stayed full for "
+                        f"{timeout:g} s ({exc})"
+                    ) from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            except OSError as exc:
+                raise ConnectError(
+                    f"cannot connect to {self.session_socket}: {exc} "
+                    "(is membrokerd running with this runtime directory?)"
+                ) from exc
 
     def __repr__(self) -> str:
         state = f"closed: {self._closed_reason}" if self._closed_reason else "open"

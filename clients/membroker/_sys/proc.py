@@ -9,6 +9,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 from typing import Final
 
 from .kvm import _IOWR
@@ -249,16 +250,25 @@ class ProcessView:
         at a time, so a process changing its mappings meanwhile can show a VMA twice or not
         at all: callers only trust a scan of a process that is not expected to be changing.
         """
+        # One large read: the kernel fills it in one pass (fewer lock rounds, fewer syscalls).
         chunks = []
         offset = 0
-        while chunk := os.pread(self._maps, 1 << 16, offset):
+        while chunk := os.pread(self._maps, 1 << 20, offset):
             chunks.append(chunk)
             offset += len(chunk)
+        text = b"".join(chunks)
+        # Only the lines naming the inode are parsed (bytes.find runs in C): a Python process
+        # has a few hundred lines, one or two of which matter.
         wanted = b" %d " % inode
         out = []
-        for line in b"".join(chunks).split(b"\n"):
-            if wanted not in line:
-                continue
+        pos = text.find(wanted)
+        while pos >= 0:
+            start_of_line = text.rfind(b"\n", 0, pos) + 1
+            end_of_line = text.find(b"\n", pos)
+            if end_of_line < 0:
+                end_of_line = len(text)
+            line = text[start_of_line:end_of_line]
+            pos = text.find(wanted, end_of_line)
             # "start-end perms offset MAJOR:MINOR inode [path]", numbers in hex but the inode.
             fields = line.split(None, 5)
             if len(fields) < 5 or int(fields[4]) != inode:
@@ -287,33 +297,31 @@ class ProcessView:
         return [entry for (entry,) in _PAGEMAP_ENTRY.iter_unpack(data)]
 
     def _scan(
-        self, addr: int, pages: int, mask: int, inverted: int, anyof: int, first_only: bool
-    ) -> list[tuple[int, int]]:
-        """PAGEMAP_SCAN: the [start, end) address runs of matching pages in the range; the
-        kernel walks the page tables itself, so a GiB with few matches costs microseconds."""
-        vec = (PageRegion * _SCAN_REGIONS)()  # per call, like the query above
-        out: list[tuple[int, int]] = []
+        self, addr: int, pages: int, mask: int, inverted: int, anyof: int
+    ) -> Iterator[tuple[int, int]]:
+        """PAGEMAP_SCAN: the [start, end) address runs of matching pages in the range, a
+        vector at a time (a caller that stops at the first run costs one ioctl); the kernel
+        walks the page tables itself, so a GiB with few matches costs microseconds."""
+        vec = (PageRegion * _SCAN_REGIONS)()  # per call: a view may be asked from two threads
         start, end = addr, addr + pages * PAGE_SIZE
         arg = PmScanArg()
         while start < end:
             ctypes.memset(ctypes.addressof(arg), 0, ctypes.sizeof(arg))
             arg.size = ctypes.sizeof(arg)
             arg.start, arg.end = start, end
-            arg.vec, arg.vec_len = ctypes.addressof(vec), 1 if first_only else _SCAN_REGIONS
-            arg.max_pages = 1 if first_only else 0
+            arg.vec, arg.vec_len = ctypes.addressof(vec), _SCAN_REGIONS
             arg.category_inverted, arg.category_mask = inverted, mask
             arg.category_anyof_mask = anyof
             # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this call's own array of
             # _SCAN_REGIONS page_regions and vec_len never exceeds it; the kernel writes only
             # arg.walk_end and the first `count` entries of vec.
             count = fcntl.ioctl(self._pagemap, PAGEMAP_SCAN, arg)
-            out += [(vec[i].start, vec[i].end) for i in range(count)]
-            if first_only and out:
+            walked = arg.walk_end
+            for i in range(count):
+                yield vec[i].start, vec[i].end
+            if walked <= start:
                 break
-            if arg.walk_end <= start:
-                break
-            start = arg.walk_end
-        return out
+            start = walked
 
     def _scan_fallback(
         self, addr: int, pages: int, mask: int, inverted: int, anyof: int
@@ -343,19 +351,25 @@ class ProcessView:
 
     def regions(
         self, addr: int, pages: int, *, mask: int = 0, inverted: int = 0, anyof: int = 0
-    ) -> list[tuple[int, int]]:
+    ) -> Iterator[tuple[int, int]]:
         """Address runs [start, end) of the pages of [addr, addr + pages) whose categories
-        (PAGE_IS_*) match, as PAGEMAP_SCAN defines matching."""
+        (PAGE_IS_*) match, as PAGEMAP_SCAN defines matching, lazily."""
         if self._has_scan:
+            scan = self._scan(addr, pages, mask, inverted, anyof)
             try:
-                return self._scan(addr, pages, mask, inverted, anyof, False)
+                first = next(scan, None)
             except OSError as exc:
                 if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
                 self._has_scan = False
-        return self._scan_fallback(addr, pages, mask, inverted, anyof)
+            else:
+                if first is not None:
+                    yield first
+                    yield from scan
+                return
+        yield from self._scan_fallback(addr, pages, mask, inverted, anyof)
 
-    def reachable_regions(self, addr: int, pages: int) -> list[tuple[int, int]]:
+    def reachable_regions(self, addr: int, pages: int) -> Iterator[tuple[int, int]]:
         """Runs of pages still mapped (present or swapped) and not guard-marked."""
         return self.regions(
             addr,
@@ -365,19 +379,19 @@ class ProcessView:
             anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
         )
 
-    def unguarded_regions(self, addr: int, pages: int) -> list[tuple[int, int]]:
+    def unguarded_regions(self, addr: int, pages: int) -> Iterator[tuple[int, int]]:
         """Runs of pages without a guard marker (a touch would reach them)."""
         return self.regions(addr, pages, mask=PAGE_IS_GUARD, inverted=PAGE_IS_GUARD)
 
     def first_present(self, addr: int, pages: int) -> int | None:
         """Index of the first of `pages` pages from `addr` still mapped (present or swapped)."""
-        found = self.reachable_regions(addr, pages)
-        return (found[0][0] - addr) // PAGE_SIZE if found else None
+        found = next(self.reachable_regions(addr, pages), None)
+        return (found[0] - addr) // PAGE_SIZE if found else None
 
     def first_unguarded(self, addr: int, pages: int) -> int | None:
         """Index of the first of `pages` pages from `addr` without a guard marker."""
-        found = self.unguarded_regions(addr, pages)
-        return (found[0][0] - addr) // PAGE_SIZE if found else None
+        found = next(self.unguarded_regions(addr, pages), None)
+        return (found[0] - addr) // PAGE_SIZE if found else None
 
     def fds_of(self, dev: int, inode: int) -> list[int]:
         """The fd numbers through which the process holds the file (dev, inode).

@@ -145,26 +145,41 @@ class Broker:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def accept(self, sock: socket.socket, cred: sys_sock.PeerCred, pidfd: int) -> None:
+    def accept(self, sock: socket.socket) -> None:
+        """An accepted session socket: refused at once (one cheap look at its uid) when over a
+        limit, else identified (SO_PEERCRED, SO_PEERGROUPS, a pidfd) and kept."""
         refusal = None
-        waiting = self._waiting.get(cred.uid, 0)
+        try:
+            uid = sys_sock.peer_uid(sock)
+        except OSError as exc:
+            log.warning("cannot identify a session peer: %s", exc)
+            sock.close()
+            return
+        waiting = self._waiting.get(uid, 0)
         if len(self.sessions) >= self.config.max_sessions:
             refusal = f"too many sessions (limit max_sessions = {self.config.max_sessions})"
         elif waiting >= self.config.max_pending_hellos_per_uid:
             refusal = (
-                f"too many connections of uid {cred.uid} waiting to say Hello "
+                f"too many connections of uid {uid} waiting to say Hello "
                 f"(limit max_pending_hellos_per_uid = {self.config.max_pending_hellos_per_uid})"
             )
         if refusal is not None:
             # Refused before anything is built for it: a flood of connections costs the loop
-            # one accept, one send and one close each.
+            # one accept, one getsockopt, one send and one close each.
             try:
                 sock.send(wire.encode(spb.Frame(error=spb.Error(code=8, message=refusal))))
             except OSError:
                 pass
             sock.close()
-            os.close(pidfd)
             self.metrics.protocol_errors.inc()
+            return
+        try:
+            # The identity the kernel saw at connect(), and the process itself (by pidfd).
+            cred = sys_sock.peer_credentials(sock)
+            pidfd = sys_sock.peer_pidfd(sock)
+        except OSError as exc:
+            log.warning("cannot identify a session peer: %s", exc)
+            sock.close()
             return
         conn = Connection(
             self.loop,
@@ -362,9 +377,11 @@ class Broker:
         if refusal is not None:
             awaited.settle(Verdict.REFUSED, refusal, now)
             return
-        if len(awaited.ranges) >= OFFLOAD_RANGES:
-            # A large revocation: the kernel's view is compared on a worker thread. The ack
-            # counts from its arrival; the verdict follows (the revocation waits for it).
+        if len(awaited.ranges) >= OFFLOAD_RANGES or len(awaited.batch.acks) > 1:
+            # A large revocation, or one of a fan-out: the kernel's view is read and compared
+            # on a worker thread (the reads release the GIL: several clients are verified at
+            # once, and the loop keeps taking acks). The ack counts from its arrival; the
+            # verdict follows, and the revocation waits for it.
             awaited.acked_at = now
             self.spawn(self._judge_later(session, awaited))
             return

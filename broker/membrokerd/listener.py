@@ -397,7 +397,8 @@ class Listener:
         loop.add_reader(self.sock.fileno(), self._on_accept)
 
     def _on_accept(self) -> None:
-        for _ in range(64):
+        # A few per turn of the loop: a connection flood must not keep everyone else waiting.
+        for _ in range(16):
             try:
                 conn_sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -406,15 +407,7 @@ class Listener:
                 log.warning("accept failed: %s", exc)
                 return
             conn_sock.setblocking(False)
-            try:
-                # SO_PEERCRED and SO_PEERGROUPS: the identity the kernel saw at connect().
-                cred = sys_sock.peer_credentials(conn_sock)
-                pidfd = sys_sock.peer_pidfd(conn_sock)
-            except OSError as exc:
-                log.warning("cannot identify a session peer: %s", exc)
-                conn_sock.close()
-                continue
-            self._accept_cb(conn_sock, cred, pidfd)
+            self._accept_cb(conn_sock)
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
@@ -525,7 +518,9 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class SessionAcceptor(Protocol):
-    def __call__(self, sock: socket.socket, cred: sys_sock.PeerCred, pidfd: int) -> None: ...
+    """Takes an accepted socket: identifies the peer, then keeps or refuses it."""
+
+    def __call__(self, sock: socket.socket) -> None: ...
 
 
 def _close_fds(fds: Sequence[int]) -> None:

@@ -18,7 +18,6 @@ import pytest
 
 from membroker import wire
 from membroker._sys import memfd as sys_memfd
-from membroker._sys import sock as sys_sock
 from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange
 from membrokerd.broker import Broker, Outcome
@@ -44,7 +43,7 @@ def core(tmp_path: Path) -> Iterator[tuple[Broker, Session, Space, socket.socket
     broker = Broker(config, loop)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
-    broker.accept(ours, sys_sock.peer_credentials(ours), sys_sock.peer_pidfd(ours))
+    broker.accept(ours)
     (conn,) = broker.sessions
     hello = spb.Frame(hello=spb.Hello(protocol_version=wire.PROTOCOL_VERSION, client_name="c"))
     broker.on_frame(conn, hello, [])

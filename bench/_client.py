@@ -1,5 +1,15 @@
-"""A benchmark VA client process: attaches to a space, prints "ready", serves pushes until stdin
-closes. Used by bench/revoke_bench.py."""
+"""A benchmark VA client process: attaches to a space, prints "ready", then serves pushes (in
+the SDK's reader thread) until stdin closes. Used by bench/revoke_bench.py, scale_bench.py and
+flood_bench.py.
+
+    python bench/_client.py RUNTIME_DIR CLIENT_NAME SPACE_ID
+
+Lines on stdin are commands, each answered with one line on stdout:
+
+    seq      the seq of the latest access change this client applied (an int)
+    held     how many ranges it holds now
+    closed   "open", or why the session ended (fenced clients learn why)
+"""
 
 from __future__ import annotations
 
@@ -13,7 +23,17 @@ def main() -> None:
     with membroker.connect(name, runtime_dir) as session:
         client = session.attach_va(space_id)
         print("ready", flush=True)
-        sys.stdin.read()
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "seq":
+                answer = str(client.seq)
+            elif command == "held":
+                answer = str(len(client.ranges()))
+            elif command == "closed":
+                answer = session.closed_reason or "open"
+            else:
+                answer = f"unknown command {command!r}"
+            print(answer, flush=True)
         client.close()
 
 

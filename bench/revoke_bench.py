@@ -3,8 +3,30 @@ measured in the same run: raw madvise+mprotect, a Unix-socket ping-pong between 
 empty gRPC unary call to the same daemon.
 
     .venv/bin/python bench/revoke_bench.py [--iterations N] [--out bench/results/revoke.md]
+        [--compare FILE[:LABEL] ...] [--nice N]
 
-Prints a table and writes it (with the machine and command) to the results file.
+Prints a table and writes it (machine, kernel, command, date, source revision) to the results
+file. Two daemons run in turn, MEMBROKER_VERIFY=off then always. With verification on it also
+times, against a real client process, what judging an acknowledgement costs: `check_reach` over
+one revoked page, and its full-space form (the periodic audit of one client), with their parts.
+Verification reads the whole /proc/PID/maps text every time, by design: every mapping of the
+space's inode must be judged, not only the one the client reports.
+
+Comparisons: each --compare file (by default the --out file as it was before the run, i.e. the
+committed results) is set beside this run with every row as a ratio to its own run's baselines
+(gRPC unary + socket ping-pong, p50), and the issue-7 bar is judged: Revoke of one verified
+client no worse than before. Baselines move with the machine's load, so the fairest comparison
+is an older tree run minutes before on the same machine, e.g. the code of the committed results:
+
+    mkdir /tmp/old && git archive 598a283 clients broker bench | tar -x -C /tmp/old
+    (cd /tmp/old && PYTHONPATH=/tmp/old/clients:/tmp/old/broker \
+        /work/main/.venv/bin/python bench/revoke_bench.py --out /tmp/old/revoke.md)
+    .venv/bin/python bench/revoke_bench.py --compare bench/results/revoke.md:"committed" \
+        --compare /tmp/old/revoke.md:"598a283 run just before"
+
+The measured source tree is whichever `membroker` this interpreter imports (the checkout, or a
+snapshot first on PYTHONPATH, `git archive HEAD clients broker | tar -x -C /tmp/snap`); the
+daemon and the client processes run the same one.
 """
 
 from __future__ import annotations
@@ -12,6 +34,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import resource
 import select
 import signal
 import socket
@@ -31,7 +55,44 @@ from membroker._sys import memfd as sys_memfd
 from membroker._sys import mman
 
 ROOT = Path(__file__).resolve().parent.parent
+# The source tree measured: wherever this process imported membroker from (the checkout, or a
+# snapshot put first on PYTHONPATH); the daemon and the client processes run the same one.
+SRC = Path(membroker.__file__).resolve().parent.parent.parent
+SRC_PATH = f"{SRC / 'clients'}:{SRC / 'broker'}"
 PAGE = 4096
+
+
+class CpuMeter:
+    """How busy the machine was while a benchmark ran, and how much of that was not ours:
+    /proc/stat busy time minus the CPU time of this process and its (waited-for) children."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # user..steal minus idle, iowait
+        mine = sum(
+            r.ru_utime + r.ru_stime
+            for r in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+        )
+        return time.monotonic(), busy, mine
+
+    def summary(self) -> str:
+        t1, busy1, mine1 = self._read()
+        t0, busy0, mine0 = self._start
+        wall = t1 - t0
+        busy, mine = (busy1 - busy0) / wall, (mine1 - mine0) / wall
+        return (
+            f"CPUs busy {busy:.2f} of {os.cpu_count()} on average over {wall:.0f} s, "
+            f"{max(0.0, busy - mine):.2f} of them by other work than this benchmark"
+        )
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -89,43 +150,100 @@ def bench_socket_pingpong(n: int) -> list[float]:
 
 
 class Daemon:
-    def __init__(self, runtime_dir: Path, nice: int = 0, verify: str = "always") -> None:
+    """A membrokerd process for a benchmark, ended by its pid in `stop()`.
+
+    `env`: extra MEMBROKER_* settings; `metrics`: serve /metrics on a free loopback port
+    (`metrics_url`); `profile`: run it under cProfile, writing the stats to that file; `log`:
+    its stderr goes to this file instead of ours; `collect` False: the daemon runs with the
+    cyclic garbage collector disabled (an experiment, to attribute stalls to it).
+    """
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        nice: int = 0,
+        verify: str = "always",
+        *,
+        env: dict[str, str] | None = None,
+        metrics: bool = False,
+        profile: Path | None = None,
+        log: Path | None = None,
+        collect: bool = True,
+    ) -> None:
         self.runtime_dir = runtime_dir
         prefix = ["nice", "-n", str(nice)] if nice else []
-        env = dict(
+        full_env = dict(
             os.environ,
-            PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}",
+            PYTHONPATH=SRC_PATH,
             MEMBROKER_VERIFY=verify,
             MEMBROKER_AUDIT_INTERVAL_S="0",
         )
+        full_env.update(env or {})
+        runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
+        module = ["-m", "membrokerd"]
+        if not collect:
+            module = [
+                "-c",
+                "import gc, runpy; gc.disable(); "
+                "runpy.run_module('membrokerd', run_name='__main__', alter_sys=True)",
+            ]
+            if profile:
+                raise ValueError("profile and collect=False do not combine")
+        log_file = open(log, "ab") if log is not None else None  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 *prefix,
                 sys.executable,
-                "-m",
-                "membrokerd",
+                *runner,
+                *module,
                 "--runtime-dir",
                 str(runtime_dir),
                 "--metrics-address",
-                "",
+                "127.0.0.1:0" if metrics else "",
                 "--log-level",
                 "WARNING",
             ],
             stdout=subprocess.PIPE,
-            env=env,
+            stderr=log_file,
+            env=full_env,
         )
+        if log_file is not None:
+            log_file.close()  # the daemon has its own copy
         assert self.proc.stdout is not None
         out = b""
         deadline = time.monotonic() + 20
-        while b"metrics:" not in out and time.monotonic() < deadline:
+        while not re.search(rb"metrics:\s*\S+\n", out) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
             if select.select([self.proc.stdout], [], [], 0.2)[0]:
                 out += os.read(self.proc.stdout.fileno(), 4096)
-        if b"metrics:" not in out:
+        found = re.search(rb"metrics:\s*(\S+)\n", out)
+        if found is None:
+            self.stop()
             raise RuntimeError("membrokerd did not start")
+        url = found.group(1).decode()
+        self.metrics_url = url if url != "off" else None
+        # The daemon's process (not `nice`'s): nice execs it, so the pid is the same.
+        self.pid = self.proc.pid
+
+    def rss_kib(self) -> int:
+        """VmRSS of the daemon, KiB (from /proc/PID/status)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS line")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
@@ -136,7 +254,7 @@ def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
 
 
 def start_clients(runtime_dir: Path, space_id: str, k: int) -> list[subprocess.Popen[bytes]]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'clients'}:{ROOT / 'broker'}")
+    env = dict(os.environ, PYTHONPATH=SRC_PATH)
     procs = [
         subprocess.Popen(
             [
@@ -200,11 +318,16 @@ def bench_revoke(runtime_dir: Path, k: int, n: int) -> tuple[list[float], list[f
 
 
 def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float, float, float]]]:
-    """The daemon's checks, run here against a real client process: a targeted verify (the
-    client reported its mapping), a verify by full scan, and a full audit of one client."""
+    """The daemon's checks, run here (same user, same kernel calls) against a real VA client
+    process: `check_reach` over one revoked page (what judging an ack costs), the same over the
+    whole space (the audit's form: ranges None, no present-page check) and its two parts.
+
+    Verification reads the whole /proc/PID/maps text every time, by design: every mapping of
+    the space's inode must be judged, not only the one the client reports (issue 7, item 4).
+    """
     from membroker._sys.proc import ProcessView
     from membrokerd.access import Access, AccessRange
-    from membrokerd.verify import check_holdings, check_revoked
+    from membrokerd.verify import Allowed, check_reach
 
     with membroker.connect("bench-owner", runtime_dir) as owner:
         space = owner.create_space(1 << 20)
@@ -212,34 +335,43 @@ def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float
         space.grant("c0", 0, 2 * PAGE)
         procs = start_clients(runtime_dir, space.space_id, 1)
         try:
-            space.revoke("c0", PAGE, PAGE)
+            report = space.revoke("c0", PAGE, PAGE)
+            assert report.all_acked, report
             st = os.fstat(space.fd)  # type: ignore[arg-type]
+            dev, ino = st.st_dev, st.st_ino
             view = ProcessView(procs[0].pid)
-            base = next(v.start for v in view.mappings_of(st.st_dev, st.st_ino))
+            assert len(view.mappings_of(dev, ino)) >= 1
+            allowed = Allowed.of([AccessRange(0, PAGE, Access.RW)], PAGE)
             gone = [AccessRange(PAGE, PAGE, Access.NONE)]
-            held = [AccessRange(0, PAGE, Access.RW)]
-            assert check_revoked(view, st.st_dev, st.st_ino, gone, PAGE, base) is None
-            assert check_holdings(view, st.st_dev, st.st_ino, held, PAGE) is None
+
+            def one_page() -> str | None:
+                return check_reach(view, dev, ino, allowed, PAGE, gone, fd_allowed=False)
+
+            def audit() -> str | None:
+                return check_reach(
+                    view, dev, ino, allowed, PAGE, None, check_present=False, fd_allowed=False
+                )
+
+            assert one_page() is None, one_page()
+            assert audit() is None, audit()
+            with open(f"/proc/{procs[0].pid}/maps", "rb") as f:
+                maps_lines = f.read().count(b"\n")
             rows = [
                 (
-                    "verify one revoked page, targeted (PROCMAP_QUERY + pagemap)",
-                    percentiles(
-                        timeit(
-                            lambda: check_revoked(view, st.st_dev, st.st_ino, gone, PAGE, base), n
-                        )
-                    ),
+                    "check_reach, one revoked page (maps text + fd table + PAGEMAP_SCAN)",
+                    percentiles(timeit(one_page, n)),
                 ),
                 (
-                    "verify one revoked page, full scan (/proc/PID/maps + pagemap)",
-                    percentiles(
-                        timeit(lambda: check_revoked(view, st.st_dev, st.st_ino, gone, PAGE), n)
-                    ),
+                    "check_reach, full-space audit of one client",
+                    percentiles(timeit(audit, n)),
                 ),
                 (
-                    "full audit of one client",
-                    percentiles(
-                        timeit(lambda: check_holdings(view, st.st_dev, st.st_ino, held, PAGE), n)
-                    ),
+                    f"  part: read /proc/PID/maps ({maps_lines} lines), keep the inode's VMAs",
+                    percentiles(timeit(lambda: view.mappings_of(dev, ino), n)),
+                ),
+                (
+                    "  part: fd table scan (/proc/PID/fd, stat each)",
+                    percentiles(timeit(lambda: view.fds_of(dev, ino), n)),
                 ),
             ]
             view.close()
@@ -247,6 +379,101 @@ def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float
             stop_clients(procs)
         space.delete()
     return rows
+
+
+SOCK = "baseline: Unix-socket ping-pong between processes"
+GRPC = "baseline: empty gRPC unary call (health Check)"
+REVOKE1 = "Revoke, 1 VA client, verify always"
+REVOKE1_OFF = "Revoke, 1 VA client, verify off"
+
+
+def fan_name(k: int, verify: str) -> str:
+    return f"SetAttributes(private) fan-out, {k} VA client(s), verify {verify}"
+
+
+Row = tuple[str, tuple[float, float, float]]
+
+
+def parse_results(text: str) -> dict[str, tuple[float, float, float]]:
+    """The main table of a results file written by this benchmark: {row name: (p50, p99,
+    mean)} in µs. Rows of other tables (the comparison) have other shapes and are skipped."""
+    out: dict[str, tuple[float, float, float]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("what", "") or cells[0].startswith("-"):
+            continue
+        try:
+            out.setdefault(cells[0], (float(cells[1]), float(cells[2]), float(cells[3])))
+        except ValueError:
+            continue
+    return out
+
+
+def git_state() -> str:
+    """Which source was measured: HEAD and whether the daemon's and SDK's files had
+    uncommitted changes, or a snapshot (a tree with a REVISION file, from `git archive`)."""
+    if SRC != ROOT:
+        revision = SRC / "REVISION"
+        rev = revision.read_text().strip()[:7] if revision.exists() else "unknown revision"
+        return f"snapshot of {rev} in {SRC}"
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "broker", "clients"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return f"HEAD {head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
+def compare(
+    now: dict[str, tuple[float, float, float]], before: dict[str, tuple[float, float, float]]
+) -> tuple[list[str], list[str]]:
+    """Lines comparing this run with a previous one, each as a ratio to its own run's
+    baselines (gRPC unary + socket ping-pong, p50), so machines and loads compare."""
+    lines = [
+        "| row (p50) | before µs | before ratio | now µs | now ratio | now / before |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    base_now = now[SOCK][0] + now[GRPC][0]
+    base_before = before[SOCK][0] + before[GRPC][0]
+    lines.append(
+        f"| baseline: gRPC unary + socket ping-pong | {base_before:.0f} | 1.00 | "
+        f"{base_now:.0f} | 1.00 | {base_now / base_before:.2f} (raw) |"
+    )
+    verdicts = []
+    for name in [
+        REVOKE1_OFF,
+        REVOKE1,
+        *(fan_name(k, v) for v in ("off", "always") for k in (1, 8, 32)),
+    ]:
+        if name not in now or name not in before:
+            continue
+        r_now, r_before = now[name][0] / base_now, before[name][0] / base_before
+        lines.append(
+            f"| {name} | {before[name][0]:.0f} | {r_before:.2f}x | {now[name][0]:.0f} | "
+            f"{r_now:.2f}x | {r_now / r_before:.2f} |"
+        )
+        if name == REVOKE1:
+            verdicts.append(
+                f"Issue 7 bar (Revoke, 1 client, verified, p50 / (gRPC + ping-pong) no worse "
+                f"than before): {r_now:.2f}x now vs {r_before:.2f}x before → "
+                + (
+                    "no worse than before."
+                    if r_now <= r_before
+                    else f"WORSE than before by {100 * (r_now / r_before - 1):.0f}%."
+                )
+            )
+    return lines, verdicts
 
 
 def main() -> int:
@@ -259,9 +486,28 @@ def main() -> int:
         help="run membrokerd at this nice value (e.g. -10, as the unit does)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="FILE[:LABEL]",
+        help="a previous results file to compare with, and what it was (repeatable; default: "
+        "the --out file as it was before this run)",
+    )
     args = parser.parse_args()
     n = args.iterations
-    rows: list[tuple[str, tuple[float, float, float]]] = []
+    previous: list[tuple[str, dict[str, tuple[float, float, float]]]] = []
+    for spec in args.compare or [f"{args.out}:the results file before this run"]:
+        path, _, label = spec.partition(":")
+        if not Path(path).exists():
+            continue
+        text = Path(path).read_text()
+        found = re.search(r"— (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text)
+        when = f", measured {found.group(1)}" if found else ""
+        previous.append((f"{label or Path(path).name}{when}", parse_results(text)))
+    load_before = os.getloadavg()
+    cpu = CpuMeter()
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
         for verify in ("off", "always"):
             rt = Path(tmp) / f"rt-{verify}"
@@ -274,10 +520,8 @@ def main() -> int:
                             percentiles(bench_zap(n)),
                         )
                     )
-                    sock_rt = percentiles(bench_socket_pingpong(n))
-                    rows.append(("baseline: Unix-socket ping-pong between processes", sock_rt))
-                    grpc_rt = percentiles(bench_grpc_unary(rt, n))
-                    rows.append(("baseline: empty gRPC unary call (health Check)", grpc_rt))
+                    rows.append((SOCK, percentiles(bench_socket_pingpong(n))))
+                    rows.append((GRPC, percentiles(bench_grpc_unary(rt, n))))
                     with membroker.connect("bench-ping", rt) as s:
                         rows.append(
                             (
@@ -292,21 +536,18 @@ def main() -> int:
                     single, fan = bench_revoke(rt, k, iters)
                     if k == 1:
                         rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
-                    rows.append(
-                        (
-                            f"SetAttributes(private) fan-out, {k} VA client(s), verify {verify}",
-                            percentiles(fan),
-                        )
-                    )
+                    rows.append((fan_name(k, verify), percentiles(fan)))
             finally:
                 daemon.stop()
+    load_after = os.getloadavg()
+    now = dict(rows)
+    sock_rt, grpc_rt = now[SOCK], now[GRPC]
     target = 1.3 * (sock_rt[0] + grpc_rt[0])
 
     lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
-    revoke1 = next(v for name, v in rows if name == "Revoke, 1 VA client, verify always")
-    revoke1_off = next(v for name, v in rows if name == "Revoke, 1 VA client, verify off")
-    fan32 = next(v for name, v in rows if name.endswith("32 VA client(s), verify always"))
+    revoke1, revoke1_off = now[REVOKE1], now[REVOKE1_OFF]
+    fan32 = now[fan_name(32, "always")]
     summary = [
         "",
         f"Target 1: Revoke (1 client, verified) p50 {revoke1[0]:.0f} µs vs 1.3 x (gRPC unary + "
@@ -318,13 +559,32 @@ def main() -> int:
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]
+    for label, before in previous:
+        if not before.keys() >= {SOCK, GRPC, REVOKE1}:
+            continue
+        cmp_lines, verdicts = compare(now, before)
+        summary += [
+            "",
+            f"Compared with {label}; each run as a ratio to its own baselines (gRPC unary + "
+            "socket ping-pong, p50):",
+            "",
+            *cmp_lines,
+            "",
+            *verdicts,
+        ]
+    summary += [
+        "",
+        f"Load average before / after the run: {load_before[0]:.2f} / {load_after[0]:.2f}; "
+        f"{cpu.summary()} (p99s move with it).",
+    ]
     table = "\n".join(lines + summary)
     print(table)
     header = (
         f"# Revoke round trip\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
         f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {n} iterations (fan-out rows fewer for K>1).\n\n"
+        f"{platform.python_version()}, {git_state()}, {n} iterations (fan-out rows fewer "
+        "for K>1).\n\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(header + table + "\n")

@@ -943,8 +943,12 @@ class Broker:
     # -- pushing -------------------------------------------------------------------------------
 
     def _encoder(self, space_id: str, seq: int) -> Encoder:
-        return Encoder(
-            self.loop, space_id, seq, self.config.max_frame_bytes, self.config.revoke_deadline_ms
+        return Encoder(self.loop, space_id, seq, self.config.max_frame_bytes, self.deadline_ms)
+
+    def deadline_ms(self, ranges: int) -> int:
+        """How long a client has to tear down a revocation of `ranges` ranges."""
+        return self.config.revoke_deadline_ms + int(
+            ranges * self.config.revoke_deadline_us_per_range / 1000
         )
 
     def _send_all(self, session: Session, frames: list[bytes]) -> None:
@@ -1000,9 +1004,9 @@ class Broker:
         ranges: tuple[AccessRange, ...],
     ) -> None:
         session.retain()  # judged and perhaps fenced after its connection is gone
-        session.pending_acks[(space.space_id, seq)] = batch.expect(
-            session, space.space_id, seq, ranges
-        )
+        ack = batch.expect(session, space.space_id, seq, ranges)
+        ack.deadline_ms = self.deadline_ms(len(ranges))
+        session.pending_acks[(space.space_id, seq)] = ack
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -1018,7 +1022,7 @@ class Broker:
     ) -> RevocationResult:
         """Waits for the batch, then turns every verdict into an outcome: acknowledged and
         verified, or fenced (with what fencing achieved), or gone, or unverified (by policy)."""
-        await batch.wait(self.config.revoke_deadline_ms / 1000)
+        await batch.wait(max((a.deadline_ms for a in batch.acks), default=0) / 1000)
         # Acknowledged in time but still being verified off the loop (a large revocation):
         # the verdict decides, not the clock.
         waited = 0.0
@@ -1050,7 +1054,7 @@ class Broker:
             return await self._fenced(
                 ack,
                 "no_ack",
-                f"no acknowledgement of seq {seq} within {self.config.revoke_deadline_ms} ms",
+                f"no acknowledgement of seq {seq} within {ack.deadline_ms} ms",
             )
         if verdict is Verdict.ACKED:
             released = (

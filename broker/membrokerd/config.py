@@ -48,6 +48,13 @@ class BrokerConfig(BaseSettings):
     revoke_deadline_ms: int = Field(
         2000, ge=1, le=600_000, description="How long a client has to acknowledge a revoke."
     )
+    revoke_deadline_us_per_range: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Extra time a client gets to tear down a large revocation, per range, on "
+        "top of revoke_deadline_ms (a million ranges at 5 us: 5 s more).",
+    )
     fence_action: Literal["disconnect", "kill"] = Field(
         "disconnect",
         description="What fencing does besides closing the session and dropping its grants: "

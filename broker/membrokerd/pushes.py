@@ -64,12 +64,13 @@ class Encoder:
         space_id: str,
         seq: int,
         max_frame_bytes: int,
-        deadline_ms: int,
+        deadline_ms: Callable[[int], int],
     ) -> None:
         self.loop = loop
         self.space_id = space_id
         self.seq = seq
         self.max_frame_bytes = max_frame_bytes
+        # the deadline a client is given for a revocation of so many ranges
         self.deadline_ms = deadline_ms
         self._cache: dict[tuple[object, ...], list[bytes]] = {}
 
@@ -100,7 +101,7 @@ class Encoder:
 
     async def revoke(self, ranges: Sequence[AccessRange], space_deleted: bool) -> list[bytes]:
         """Revoke frames (`space_deleted`: the space is going away)."""
-        space_id, seq, deadline_ms = self.space_id, self.seq, self.deadline_ms
+        space_id, seq, deadline_ms = self.space_id, self.seq, self.deadline_ms(len(ranges))
         return await self._frames(
             "revoke",
             ranges,

@@ -62,6 +62,8 @@ class Ack:
     reason: str = ""
     # When the acknowledgement arrived, if its verdict is still being worked out.
     acked_at: float | None = None
+    # The time this client was given (grows with the number of ranges).
+    deadline_ms: int = 0
 
     @property
     def settled(self) -> bool:

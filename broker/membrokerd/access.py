@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from membroker.rangeset import RangeSet
 
@@ -39,6 +40,7 @@ __all__ = [
     "NotGranted",
     "NotShared",
     "Pin",
+    "Runs",
     "TooFragmented",
     "UnknownPin",
 ]
@@ -122,6 +124,68 @@ class AccessRange:
     access: Access
 
 
+class Runs(Sequence[AccessRange]):
+    """Page runs at one access level, handed out as byte ranges on demand.
+
+    A revocation of a million fragments costs two arrays here until someone asks for the
+    range objects, which the broker does on a worker thread (encoding, verifying), not on its
+    event loop. Compares equal to any sequence of the same ranges.
+    """
+
+    __slots__ = ("_level", "_pages", "_ps")
+
+    def __init__(self, pages: RangeSet, page_size: int, level: Access) -> None:
+        self._pages = pages
+        self._ps = page_size
+        self._level = level
+
+    @property
+    def pages(self) -> RangeSet:
+        """The runs as a page set (do not modify)."""
+        return self._pages
+
+    @property
+    def byte_total(self) -> int:
+        return self._pages.total() * self._ps
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    @overload
+    def __getitem__(self, index: int) -> AccessRange: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AccessRange]: ...
+
+    def __getitem__(self, index: int | slice) -> AccessRange | list[AccessRange]:
+        starts, ends = self._pages.columns()
+        ps, level = self._ps, self._level
+        if isinstance(index, slice):
+            return [
+                AccessRange(s * ps, (e - s) * ps, level)
+                for s, e in zip(starts[index], ends[index], strict=True)
+            ]
+        s, e = starts[index], ends[index]
+        return AccessRange(s * ps, (e - s) * ps, level)
+
+    def __iter__(self) -> Iterator[AccessRange]:
+        ps, level = self._ps, self._level
+        for s, e in self._pages:
+            yield AccessRange(s * ps, (e - s) * ps, level)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if len(self) <= 8:
+            return repr(tuple(self))
+        return f"Runs({len(self)} ranges, {self._level!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class ClientDelta:
     """How one client's effective access changed.
@@ -132,8 +196,15 @@ class ClientDelta:
     """
 
     client: str
-    raised: tuple[AccessRange, ...]
-    lowered: tuple[AccessRange, ...]
+    raised: Sequence[AccessRange]
+    lowered: Sequence[AccessRange]
+
+    @property
+    def lowered_bytes(self) -> int:
+        """How many bytes lost access (without building a range object, for `Runs`)."""
+        if isinstance(self.lowered, Runs):
+            return self.lowered.byte_total
+        return sum(r.length for r in self.lowered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,18 +461,15 @@ class AccessTable:
         g = self._grants.get(client)
         if g is None:
             return self._commit([])
-        pieces = [
-            (s_start, s_end, _NONE)
-            for start, end in pages
-            for r_start, r_end in g.readable.intersection(start, end)
-            for s_start, s_end in self._shared.intersection(r_start, r_end)
-        ]
+        # What it loses: its readable pages in the spans that are shared. Array work, however
+        # many fragments: the ranges themselves are made only when someone asks (see Runs).
+        lost = g.readable.intersect(RangeSet(pages)).intersect(self._shared)
         g.readable.remove_many(pages)
         g.writable.remove_many(pages)
         if not g.readable:
             del self._grants[client]
-        if pieces:
-            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
+        if lost:
+            return self._commit([ClientDelta(client, (), Runs(lost, self._page_size, _NONE))])
         return self._commit([])
 
     def set_shared_many(self, spans: Iterable[tuple[int, int]]) -> Delta:
@@ -425,24 +493,15 @@ class AccessTable:
     def set_private_many(self, spans: Iterable[tuple[int, int]]) -> Delta:
         """`set_private` over several sorted, disjoint byte ranges as one mutation (one seq)."""
         pages = self._page_spans(self.check_spans(spans))
-        was_shared = [
-            piece for start, end in pages for piece in self._shared.intersection(start, end)
-        ]
+        was_shared = self._shared.intersect(RangeSet(pages))
         changes: list[ClientDelta] = []
         if was_shared:
             for name in sorted(self._grants):
-                readable = self._grants[name].readable
-                pieces = [
-                    (r_start, r_end, _NONE)
-                    for s_start, s_end in was_shared
-                    for r_start, r_end in readable.intersection(s_start, s_end)
-                ]
-                if pieces:
-                    changes.append(ClientDelta(name, (), self._ranges(pieces)))
+                lost = self._grants[name].readable.intersect(was_shared)
+                if lost:
+                    changes.append(ClientDelta(name, (), Runs(lost, self._page_size, _NONE)))
             self._shared.remove_many(pages)
         return self._commit(changes)
-
-    # -- attributes -----------------------------------------------------------------------------
 
     def set_shared(self, offset: int, length: int) -> Delta:
         """Make a range shared; clients granted pages there that were private gain access."""

@@ -421,7 +421,7 @@ class Broker:
         dev, ino, page = space.dev, space.ino, space.page_size
         pidfd = session.pidfd
         return functools.partial(
-            judge_view, view, dev, ino, allowed, page, tuple(ranges), fd_allowed, pidfd
+            judge_view, view, dev, ino, allowed, page, ranges, fd_allowed, pidfd
         )
 
     def allowance(
@@ -974,7 +974,7 @@ class Broker:
         revoked = 0
         for change in delta.clients:
             session = self._attached(space, change.client)
-            revoked += sum(r.length for r in change.lowered)
+            revoked += change.lowered_bytes
             if session is None:
                 continue
             if change.raised:
@@ -1001,7 +1001,7 @@ class Broker:
         space: Space,
         session: Session,
         seq: int,
-        ranges: tuple[AccessRange, ...],
+        ranges: Sequence[AccessRange],
     ) -> None:
         session.retain()  # judged and perhaps fenced after its connection is gone
         ack = batch.expect(session, space.space_id, seq, ranges)

@@ -75,8 +75,8 @@ class Encoder:
         self._cache: dict[tuple[object, ...], list[bytes]] = {}
 
     def _key(self, kind: str, ranges: Sequence[AccessRange]) -> tuple[object, ...]:
-        if isinstance(ranges, tuple) and len(ranges) <= CACHE_RANGES:
-            return (kind, ranges)
+        if len(ranges) <= CACHE_RANGES:
+            return (kind, tuple(ranges))
         return (kind, id(ranges))
 
     async def _frames(self, kind: str, ranges: Sequence[AccessRange], make: Make) -> list[bytes]:

@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from membrokerd.access import AccessRange
@@ -54,7 +54,7 @@ class Ack:
     session: Session
     space_id: str
     seq: int
-    ranges: tuple[AccessRange, ...]
+    ranges: Sequence[AccessRange]
     sent: float
     batch: Batch
     verdict: Verdict = Verdict.PENDING
@@ -93,7 +93,7 @@ class Batch:
         self._done: asyncio.Future[None] = loop.create_future()
 
     def expect(
-        self, session: Session, space_id: str, seq: int, ranges: tuple[AccessRange, ...]
+        self, session: Session, space_id: str, seq: int, ranges: Sequence[AccessRange]
     ) -> Ack:
         ack = Ack(session, space_id, seq, ranges, time.perf_counter(), self)
         self.acks.append(ack)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from membroker._sys import sock as sys_sock
 from membroker._sys.proc import ProcessView, Vma
 from membroker.rangeset import RangeSet
-from membrokerd.access import Access, AccessRange
+from membrokerd.access import Access, AccessRange, Runs
 from membrokerd.revocation import Verdict
 
 
@@ -144,7 +144,9 @@ def check_reach(
         if held:
             return f"holds fd {held[0]} of the space, which it may not"
     examined = None
-    if ranges is not None:
+    if isinstance(ranges, Runs):
+        examined = ranges.pages  # already a page set: no range object is made
+    elif ranges is not None:
         examined = RangeSet()
         for r in ranges:
             examined.add(r.offset // page, -(-(r.offset + r.length) // page))
@@ -161,7 +163,7 @@ def judge_view(
     ino: int,
     allowed: Allowed,
     page: int,
-    ranges: tuple[AccessRange, ...],
+    ranges: Sequence[AccessRange],
     fd_allowed: bool,
     pidfd: int,
 ) -> tuple[Verdict, str]:

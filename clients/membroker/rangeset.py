@@ -311,6 +311,10 @@ class RangeSet:
         result._ends = ends
         return result
 
+    def columns(self) -> tuple[array[int], array[int]]:
+        """The starts and ends columns themselves (read them, never change them)."""
+        return self._starts, self._ends
+
     def total(self) -> int:
         """The number of pages in the set."""
         return sum(self._ends) - sum(self._starts)

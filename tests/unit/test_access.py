@@ -26,6 +26,7 @@ from membrokerd.access import (
     NotGranted,
     NotShared,
     Pin,
+    Runs,
     TooFragmented,
     UnknownPin,
 )
@@ -808,3 +809,22 @@ def test_grant_pages_concatenate_to_the_whole_listing(
         assert len(page) == limit
         cursor = following
     assert pages == t.grants(one)
+
+
+def test_a_lowering_is_handed_out_lazily_as_runs() -> None:
+    """A revocation's lowered ranges are two arrays until asked for (see Runs)."""
+    t = AccessTable(64 * PS, PS)
+    t.set_shared(0, 64 * PS)
+    t.grant_many("a", [(2 * i * PS, PS) for i in range(32)], RW)
+    (change,) = t.set_private(0, 64 * PS).clients
+    lowered = change.lowered
+    assert isinstance(lowered, Runs)
+    assert len(lowered) == 32 and change.lowered_bytes == 32 * PS
+    assert lowered[0] == r(0, 1, NONE) and lowered[-1] == r(62, 1, NONE)
+    assert lowered[1:3] == [r(2, 1, NONE), r(4, 1, NONE)]
+    assert lowered == tuple(r(2 * i, 1, NONE) for i in range(32))
+    assert lowered != tuple(r(2 * i, 1, NONE) for i in range(31))
+    assert repr(lowered) == "Runs(32 ranges, Access.NONE)"
+    t.set_shared(0, 64 * PS)
+    (change,) = t.revoke("a", 0, 4 * PS).clients
+    assert repr(change.lowered) == repr((r(0, 1, NONE), r(2, 1, NONE)))

@@ -10,16 +10,14 @@ whoever does not comply (membrokerd.enforcement), and reports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
-import gc
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from membroker import wire
@@ -45,7 +43,7 @@ from membrokerd.errors import (
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
-from membrokerd.pushes import OFFLOAD_RANGES, Encoder
+from membrokerd.pushes import OFFLOAD_RANGES, Encoder, collector_paused, without_collector
 from membrokerd.revocation import Ack, Batch, SpaceQueue, Verdict
 from membrokerd.sessions import CLIENT_NAME, Session
 from membrokerd.spaces import (
@@ -1156,7 +1154,7 @@ class Broker:
                 ranges = space.table.ranges_of(readable, writable)
             else:
                 ranges = await self.loop.run_in_executor(
-                    None, space.table.ranges_of, readable, writable
+                    None, without_collector(space.table.ranges_of), readable, writable
                 )
             on_session = len(ranges) > ATTACH_INLINE_RANGES
             if on_session:
@@ -1281,28 +1279,6 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
-
-
-_paused = 0
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Keeps Python's cyclic garbage collector from running during one table change on the
-    loop. A change of a million fragments builds a million small objects, and the collector,
-    triggered by their number, would walk them (and everything else alive) several times over:
-    more than half of the change's time, all of it holding up the loop (bench/results/scale.md).
-    Reference counting still frees everything; cycles wait for the next collection."""
-    global _paused
-    _paused += 1
-    if _paused == 1:
-        gc.disable()
-    try:
-        yield
-    finally:
-        _paused -= 1
-        if _paused == 0:
-            gc.enable()
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

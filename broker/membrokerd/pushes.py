@@ -8,8 +8,12 @@ nothing here touches a socket or broker state, which is what makes the worker th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import cast
+import contextlib
+import functools
+import gc
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import ParamSpec, TypeVar, cast
 
 from membroker import wire
 from membroker.v1 import session_pb2 as spb
@@ -20,9 +24,12 @@ from membrokerd.access import AccessRange
 RANGE_BYTES_MAX = 36
 FRAME_OVERHEAD = 256
 # A change of more ranges than this is encoded on a worker thread, off the event loop.
-OFFLOAD_RANGES = 20_000
+OFFLOAD_RANGES = 4096
 # Range lists up to this long are compared by value to share one encoding between clients.
 CACHE_RANGES = 4096
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # make(part, more) -> the frame carrying one part (`more`: further parts follow)
 Make = Callable[[list[spb.AccessRange], bool], spb.Frame]
@@ -50,7 +57,44 @@ async def encode(
     encoding touches nothing else)."""
     if len(ranges) < OFFLOAD_RANGES:
         return split(ranges, make, max_frame)
-    return await loop.run_in_executor(None, split, ranges, make, max_frame)
+    return await loop.run_in_executor(None, without_collector(split), ranges, make, max_frame)
+
+
+_paused = 0
+_paused_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keeps Python's cyclic garbage collector from running while a large change is computed
+    or encoded. A change of a million fragments builds a million small objects, and the
+    collector, triggered by their number, would walk them (and everything else alive) several
+    times over, holding the GIL, so holding up the event loop even from a worker thread
+    (bench/results/scale.md). Reference counting still frees everything; cycles wait for the
+    next collection. Nests, from any thread."""
+    global _paused
+    with _paused_lock:
+        _paused += 1
+        if _paused == 1:
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0:
+                gc.enable()
+
+
+def without_collector(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn`, run with the collector paused (for worker threads)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with collector_paused():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 class Encoder:

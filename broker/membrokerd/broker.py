@@ -389,7 +389,8 @@ class Broker:
     async def _judge_later(self, session: Session, awaited: Ack) -> None:
         try:
             verdict, reason = await self.loop.run_in_executor(
-                None, self.judge_prepared(session, awaited.space_id, awaited.ranges)
+                None,
+                without_collector(self.judge_prepared(session, awaited.space_id, awaited.ranges)),
             )
         except Exception as exc:  # never leave a revocation waiting on a lost verdict
             verdict, reason = Verdict.UNVERIFIED, f"its verification failed ({exc})"

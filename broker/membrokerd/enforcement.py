@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from membroker._sys import sock as sys_sock
 from membroker.v1 import session_pb2 as spb
+from membrokerd.pushes import without_collector
 from membrokerd.verify import Allowed, check_reach
 
 if TYPE_CHECKING:
@@ -253,7 +254,7 @@ class Enforcer:
                 problem = await broker.loop.run_in_executor(
                     None,
                     functools.partial(
-                        check_reach,
+                        without_collector(check_reach),
                         view,
                         space.dev,
                         space.ino,

@@ -869,8 +869,9 @@ class Session:
         self._decoder.close()
 
 
-# Ranges per batch call: the broker's limit (it applies a batch on its event loop).
-BATCH_RANGES = 16_384
+# Ranges per batch call (the broker takes up to 16,384): a batch is applied on the broker's
+# event loop, and 8,192 ranges take it about 25 ms.
+BATCH_RANGES = 8_192
 
 
 def _chunks(ranges: Sequence[tuple[int, int]]) -> list[list[spb.Range]]:

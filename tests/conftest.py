@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -221,3 +222,28 @@ def stop_process(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.005)
     raise TimeoutError(f"process {pid} did not stop within {timeout} s")
+
+
+@contextlib.contextmanager
+def daemon_and_clients(
+    tmp_path: Path, deadline_ms: int, audit_interval_s: float
+) -> Iterator[tuple[Daemon, Any]]:
+    """A daemon with this revoke deadline and audit interval, and a `start(name)` that runs
+    client processes; every process is resumed (if stopped) and ended afterwards, by pid."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S=str(audit_interval_s))
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", str(deadline_ms), env=env)
+    procs: list[ClientProc] = []
+
+    def start(name: str) -> ClientProc:
+        p = ClientProc(d.runtime_dir, name)
+        procs.append(p)
+        return p
+
+    try:
+        yield d, start
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+            p.close()
+        assert d.stop() == 0, d.log()

@@ -1001,20 +1001,16 @@ class OwnedSpace:
         self, client: str, ranges: Sequence[tuple[int, int]], *, on_pinned: str | None = None
     ) -> list[RevocationReport]:
         """`revoke` over many sorted, disjoint ranges: one revocation per BATCH_RANGES."""
-        return [
-            RevocationReport.from_pb(
-                self.session.call(
-                    "Revoke",
-                    pb.RevokeRequest(
-                        space_id=self.space_id,
-                        client=client,
-                        ranges=chunk,
-                        on_pinned=on_pinned_pb(on_pinned),
-                    ),
-                )
-            )
-            for chunk in _chunks(ranges)
-        ]
+        return self._batches(
+            "Revoke",
+            ranges,
+            lambda chunk: pb.RevokeRequest(
+                space_id=self.space_id,
+                client=client,
+                ranges=chunk,
+                on_pinned=on_pinned_pb(on_pinned),
+            ),
+        )
 
     def share_many(self, ranges: Sequence[tuple[int, int]]) -> list[RevocationReport]:
         return self._attributes_many(ranges, pb.ATTRIBUTE_SHARED, None)
@@ -1028,18 +1024,26 @@ class OwnedSpace:
     def _attributes_many(
         self, ranges: Sequence[tuple[int, int]], attribute: pb.Attribute, on_pinned: str | None
     ) -> list[RevocationReport]:
+        return self._batches(
+            "SetAttributes",
+            ranges,
+            lambda chunk: pb.SetAttributesRequest(
+                space_id=self.space_id,
+                ranges=chunk,
+                attribute=attribute,
+                on_pinned=on_pinned_pb(on_pinned),
+            ),
+        )
+
+    def _batches(
+        self,
+        method: str,
+        ranges: Sequence[tuple[int, int]],
+        request: Callable[[list[spb.Range]], Any],
+    ) -> list[RevocationReport]:
+        """One call of `method` per BATCH_RANGES ranges; their reports, in order."""
         return [
-            RevocationReport.from_pb(
-                self.session.call(
-                    "SetAttributes",
-                    pb.SetAttributesRequest(
-                        space_id=self.space_id,
-                        ranges=chunk,
-                        attribute=attribute,
-                        on_pinned=on_pinned_pb(on_pinned),
-                    ),
-                )
-            )
+            RevocationReport.from_pb(self.session.call(method, request(chunk)))
             for chunk in _chunks(ranges)
         ]
 

@@ -8,7 +8,6 @@ with a real daemon and real client processes; the hostile ones do what the SDK n
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -19,7 +18,7 @@ import membroker
 from membroker.errors import BrokerError, NotFound
 from membroker.v1 import broker_pb2 as pb
 from membroker.v1 import session_pb2 as spb
-from tests.conftest import ClientProc, Daemon, _env, stop_process
+from tests.conftest import ClientProc, Daemon, _env, daemon_and_clients, stop_process
 from tests.integration.test_identity import as_nobody, daemon_with, stop_and_clean
 
 PAGE = 4096
@@ -37,28 +36,11 @@ def _wait_for(predicate, timeout: float = 10.0, step: float = 0.02):
     return predicate()
 
 
-def _resume(proc: ClientProc) -> None:
-    if proc.proc.poll() is None:
-        os.kill(proc.pid, signal.SIGCONT)
-
-
 @pytest.fixture
 def quiet(tmp_path):
     """A daemon with a 1 s deadline and no periodic audit (only revocations verify)."""
-    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0")
-    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "1000", env=env)
-    procs: list[ClientProc] = []
-
-    def start(name: str) -> ClientProc:
-        p = ClientProc(d.runtime_dir, name)
-        procs.append(p)
-        return p
-
-    yield d, start
-    for p in procs:
-        _resume(p)
-        p.close()
-    assert d.stop() == 0, d.log()
+    with daemon_and_clients(tmp_path, 1000, 0) as world:
+        yield world
 
 
 def test_a_cancelled_revoke_still_waits_verifies_and_fences(quiet):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import membroker
-from tests.conftest import ClientProc, Daemon, _env
+from tests.conftest import ClientProc, Daemon, _env, daemon_and_clients
 
 PAGE = 4096
 MiB = 1 << 20
@@ -16,19 +16,8 @@ MiB = 1 << 20
 @pytest.fixture
 def strict(tmp_path):
     """A daemon that verifies every acknowledgement and audits every 0.2 s."""
-    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0.2")
-    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "2000", env=env)
-    procs: list[ClientProc] = []
-
-    def start(name: str) -> ClientProc:
-        p = ClientProc(d.runtime_dir, name)
-        procs.append(p)
-        return p
-
-    yield d, start
-    for p in procs:
-        p.close()
-    assert d.stop() == 0
+    with daemon_and_clients(tmp_path, 2000, 0.2) as world:
+        yield world
 
 
 @pytest.mark.parametrize("verify", ["always", "off"])

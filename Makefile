@@ -21,8 +21,15 @@ run: $(STAMP)
 apt-deps:
 	./deploy/install-test-deps.sh
 
+# The second pass: the revocation suites again with every VA client in cooperative mode (the
+# fallback where the kernel lacks sealed mode), which the first pass exercises only in part.
+COOPERATIVE_SUITES = tests/integration/test_sharing.py tests/integration/test_verification.py \
+	tests/integration/test_sound_revocation.py tests/integration/test_access_guards.py \
+	tests/integration/test_vma_budget.py tests/integration/test_revocation_model.py
+
 test: $(STAMP) apt-deps
 	$(VPY) -m pytest -rs $(PYTEST_ARGS)
+	MEMBROKER_TEST_VA_MODE=cooperative $(VPY) -m pytest -rs $(PYTEST_ARGS) $(COOPERATIVE_SUITES)
 
 proto: $(STAMP)
 	$(VPY) proto/generate.py

@@ -621,6 +621,11 @@ class AccessTable:
         """Whether `client` holds any grant record (shared or not)."""
         return client in self._grants
 
+    def has_rw_grant(self, client: str) -> bool:
+        """Whether `client` holds any read-write grant record (shared or not)."""
+        g = self._grants.get(client)
+        return g is not None and bool(g.writable)
+
     def retire(self) -> int:
         """The space is being deleted: bump `seq` once for that change and return it (the
         revocation of everything from every attached session carries it)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import errno
 import functools
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
 from membroker._sys import sock as sys_sock
+from membroker._sys import uffd as sys_uffd
 from membroker._sys.proc import ProcessView
 from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
@@ -40,6 +42,7 @@ from membrokerd.errors import (
     UnknownObject,
     WrongState,
 )
+from membrokerd.faults import FaultServer, SealedMapping
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
@@ -74,6 +77,7 @@ class Outcome(enum.Enum):
     FENCED = "fenced"
     GONE = "gone"
     UNVERIFIED = "unverified"
+    ENFORCED = "enforced"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +89,20 @@ class ClientResult:
     latency_s: float
     reason: str = ""
     fence: FenceResult | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attached:
+    """What an attach delivered: the fd's tag, the access at `seq` (inline unless
+    `on_session`), and whether the fd is a read-write description."""
+
+    space: Space
+    tag: int
+    seq: int
+    ranges: list[AccessRange]
+    on_session: bool
+    writable: bool
+    sealed: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -121,7 +139,9 @@ class Broker:
         self.revocations_total = 0
         self.fenced_total = 0
         self.unverified_total = 0
+        self.faults = FaultServer(self._fault_refused)
         self.metrics = Metrics(self.snapshot)
+        self.faults.observe = self.metrics.fault_seconds.observe
         self.metrics_url = ""
         self.enforcer = Enforcer(self)
 
@@ -239,6 +259,9 @@ class Broker:
                 fds = []
             elif kind == "mapped":
                 self._mapped(session, frame.mapped)
+            elif kind == "sealed":
+                self._sealed(session, frame.sealed, fds)
+                fds = []
             elif kind == "ping":
                 conn.send(spb.Frame(pong=spb.Pong(nonce=frame.ping.nonce)))
             elif kind == "goodbye":
@@ -361,6 +384,184 @@ class Broker:
             )
         session.va_base[space.space_id] = mapped.address
 
+    def _sealed(self, session: Session, sealed: spb.Sealed, fds: list[int]) -> None:
+        """A sealed VA client's mapping and userfaultfd: registered by the broker, checked
+        against the kernel's view, then served. A client that fails the check is told why and
+        fenced (it maps the space and the broker does not control that mapping)."""
+        space = self.spaces.get(sealed.space_id)
+        if space is None or sealed.space_id not in session.sealing:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(
+                f"sealed report for {sealed.space_id!r}, which this session did not attach "
+                "in sealed mode (or already reported)"
+            )
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(
+                f"a sealed report carries exactly one fd (its userfaultfd), not {len(fds)}"
+            )
+        may_write = session.sealing.pop(space.space_id)
+        self.spawn(self._check_sealed(session, space, sealed, sys_uffd.Uffd(fds[0]), may_write))
+
+    async def _check_sealed(
+        self,
+        session: Session,
+        space: Space,
+        sealed: spb.Sealed,
+        uffd: sys_uffd.Uffd,
+        may_write: bool,
+    ) -> None:
+        registered = False
+        try:
+            # The client closes its copy of the userfaultfd right after sending it: give that
+            # close a moment before its fd table is held against it.
+            view = session.view
+            for _ in range(50):
+                if view is None or not view.userfaultfds():
+                    break
+                await asyncio.sleep(0.002)
+            error, registered = self._accept_sealed(
+                session, space, sealed.address, sealed.length, uffd, may_write
+            )
+        except Exception as exc:  # a client's mistake never kills the daemon
+            log.exception("checking the sealed mapping of %r", session.name)
+            error = f"its sealed mapping could not be checked ({exc})"
+        session.conn.send(
+            spb.Frame(sealed_result=spb.SealedResult(space_id=space.space_id, error=error or ""))
+        )
+        if error is None:
+            return
+        if registered:
+            # Closing the uffd would hand the client the whole file: keep serving it, inert.
+            mapping = self._sealed_mapping(session, space, sealed.address, uffd)
+            mapping.retire()
+            self.faults.add(mapping)
+        else:
+            uffd.close()
+        log.warning(
+            "session %s (%r): sealed mapping refused: %s", session.session_id, session.name, error
+        )
+        self.spawn(
+            self.enforcer.fence(session, "sealing", f"its sealed mapping was refused: {error}")
+        )
+
+    def _sealed_mapping(
+        self, session: Session, space: Space, address: int, uffd: sys_uffd.Uffd
+    ) -> SealedMapping:
+        return SealedMapping(
+            uffd,
+            space.fd,
+            space.space_id,
+            session.name,
+            session.session_id,
+            session.pid,
+            os.dup(session.pidfd),
+            address,
+            space.size,
+            space.page_size,
+        )
+
+    def _accept_sealed(
+        self,
+        session: Session,
+        space: Space,
+        address: int,
+        length: int,
+        uffd: sys_uffd.Uffd,
+        may_write: bool,
+    ) -> tuple[str | None, bool]:
+        """(why the sealed mapping is refused or None, whether the range got registered)."""
+        if length != space.size or address == 0 or address % space.page_size:
+            return (
+                f"a sealed mapping is the whole space ({space.size} bytes) at a page-aligned "
+                f"address, not {length} bytes at {address:#x}",
+                False,
+            )
+        view = session.view
+        if view is None:
+            return "the broker cannot read its mappings (sealed mode needs /proc)", False
+        target = os.readlink(f"/proc/self/fd/{uffd.fd}")
+        if target != "anon_inode:[userfaultfd]":
+            return f"the fd it sent is {target}, not a userfaultfd", False
+        vmas = view.mappings_of(space.dev, space.ino)
+        whole = [
+            v for v in vmas if v.start == address and v.end == address + length and v.offset == 0
+        ]
+        if len(vmas) != 1 or not whole or not whole[0].shared:
+            found = ", ".join(f"{v.start:#x}-{v.end:#x} {v.perms} +{v.offset:#x}" for v in vmas)
+            return (
+                "it must map the space exactly once, whole and shared, at the address it "
+                f"reports ({address:#x}); it maps: {found or 'nothing'}",
+                False,
+            )
+        if whole[0].writable and not may_write:
+            return "it mapped the space writable, but holds no read-write grant", False
+        held = view.fds_of(space.dev, space.ino)
+        if held:
+            return f"it still holds fd {held[0]} of the space", False
+        own = view.userfaultfds()
+        if own:
+            return (
+                f"it holds a userfaultfd of its own (fd {own[0]}): one could map in pages "
+                "past the broker",
+                False,
+            )
+        base = sys_uffd.MODE_MISSING | sys_uffd.MODE_MINOR
+        try:
+            uffd.register(address, length, base)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return "its mapping is registered with another userfaultfd", False
+            return f"its mapping could not be registered with its userfaultfd ({exc})", False
+        # The flags show the registration took place in *this* process (a userfaultfd made by
+        # another process would register that one's memory): without write-protect mode now,
+        # with it after the second registration.
+        before = sys_uffd.vma_flags(session.pid, address)
+        missing = {"sl", "um", "ui", "dc"} - before
+        if missing or "uw" in before:
+            return (
+                "its mapping is not sealed and registered as sealed mode requires (smaps "
+                f"VmFlags {' '.join(sorted(before))}; "
+                f"missing {' '.join(sorted(missing)) or 'none'})",
+                True,
+            )
+        uffd.register(address, length, base | sys_uffd.MODE_WP)
+        after = sys_uffd.vma_flags(session.pid, address)
+        if "uw" not in after:
+            return "the userfaultfd it sent is not one of its own process", True
+        if space.space_id not in session.attached or session.conn.closed:
+            return "it detached meanwhile", True
+        mapping = self._sealed_mapping(session, space, address, uffd)
+        mapping.reset(*space.table.allowed_sets(session.name))
+        self.faults.add(mapping)
+        session.sealed[space.space_id] = mapping
+        session.va_base[space.space_id] = address
+        log.info(
+            "session %s (%r): sealed mapping of %s at %#x accepted (%s)",
+            session.session_id,
+            session.name,
+            space.space_id,
+            address,
+            "read-write" if whole[0].writable else "read-only",
+        )
+        return None, True
+
+    def _fault_refused(self, mapping: SealedMapping, why: str) -> None:
+        """From the fault thread: a touch was refused (the process got SIGBUS)."""
+
+        def report() -> None:
+            log.warning(
+                "client %r (pid %d) %s: refused (SIGBUS)%s",
+                mapping.client,
+                mapping.pid,
+                why,
+                "; killed after repeated refusals" if mapping.killed else "",
+            )
+
+        self.loop.call_soon_threadsafe(report)
+
     def _ack(self, session: Session, space_id: str, seq: int, refusal: str | None) -> None:
         """A RevokeAck (refusal None) or RevokeRefused: judged now, against what the client may
         hold now."""
@@ -375,6 +576,11 @@ class Broker:
         if refusal is not None:
             awaited.settle(Verdict.REFUSED, refusal, now)
             return
+        sealed = session.sealed.get(space_id)
+        if sealed is not None:
+            # It says it zapped: from now on a touch of those pages is refused, so whatever
+            # verification finds present now stays what it was.
+            sealed.set_access(awaited.ranges)
         if len(awaited.ranges) >= OFFLOAD_RANGES or len(awaited.batch.acks) > 1:
             # A large revocation, or one of a fan-out: the kernel's view is read and compared
             # on a worker thread (the reads release the GIL: several clients are verified at
@@ -471,7 +677,12 @@ class Broker:
                     readable.add(first, last)
                     if held.access is Access.RW:
                         writable.add(first, last)
-        return Allowed(readable, writable), fd_allowed
+        sealed = (
+            frozenset(m.base for m in self.faults.of_process(session.pid, space.space_id))
+            if session.pid
+            else frozenset()
+        )
+        return Allowed(readable, writable, sealed), fd_allowed
 
     def is_owner(self, session: Session, space: Space) -> bool:
         """The owner is an identity (name and uid), never a name alone."""
@@ -971,13 +1182,36 @@ class Broker:
         batch = Batch(self.loop)
         encoder = self._encoder(space.space_id, delta.seq)
         revoked = 0
+        enforced: list[ClientResult] = []
         for change in delta.clients:
             session = self._attached(space, change.client)
             revoked += change.lowered_bytes
             if session is None:
                 continue
+            sealed = session.sealed.get(space.space_id)
+            if sealed is not None:
+                # Before anything is pushed: write access taken away is write-protected in
+                # the client now; read access goes when it acknowledges (see _ack).
+                sealed.lower_write(change.lowered)
+                sealed.set_access(change.raised)
             if change.raised:
+                if space.space_id in session.read_only_fd and any(
+                    r.access is Access.RW for r in change.raised
+                ):
+                    # Its first rw grant: a read-write description, before the update says so.
+                    session.read_only_fd.discard(space.space_id)
+                    session.deliver_fd(space.fd, space.space_id, upgrade=True)
                 self._send_all(session, await encoder.update(change.raised))
+            if (
+                sealed is not None
+                and change.lowered
+                and all(r.access is Access.RO for r in change.lowered)
+            ):
+                # Only write access was taken: done by the broker alone, checked in the
+                # kernel's view; the client is told, with nothing to acknowledge.
+                enforced.append(await self._enforced(space, session, change.lowered, t0))
+                self._send_all(session, await encoder.update(change.lowered))
+                continue
             if change.lowered:
                 frames = await encoder.revoke(change.lowered, False)
                 self._expect_ack(batch, space, session, delta.seq, change.lowered)
@@ -992,7 +1226,37 @@ class Broker:
             return RevocationResult(
                 space.space_id, delta.seq, (), time.perf_counter() - t0, 0, cause
             )
-        return await self._settle(space, delta.seq, batch, cause, t0, revoked, fenced)
+        return await self._settle(
+            space, delta.seq, batch, cause, t0, revoked, list(fenced or ()) + enforced
+        )
+
+    async def _enforced(
+        self, space: Space, session: Session, ranges: Sequence[AccessRange], t0: float
+    ) -> ClientResult:
+        """The outcome of a write revoke the broker carried out itself on a sealed client."""
+        verdict, why = self.judge(session, space.space_id, ranges)
+        latency = time.perf_counter() - t0
+        if verdict is Verdict.ACKED:
+            return ClientResult(
+                session.name, session.session_id, session.pid, Outcome.ENFORCED, latency
+            )
+        if verdict is Verdict.UNVERIFIED and self.config.on_unverifiable == "report":
+            self.unverified_total += 1
+            return ClientResult(
+                session.name, session.session_id, session.pid, Outcome.UNVERIFIED, latency, why
+            )
+        outcome = await self.enforcer.fence(
+            session, "verify", f"write-protected by the broker, but {why}"
+        )
+        return ClientResult(
+            session.name,
+            session.session_id,
+            session.pid,
+            Outcome.FENCED,
+            latency,
+            outcome.reason,
+            outcome.result,
+        )
 
     def _expect_ack(
         self,
@@ -1136,17 +1400,39 @@ class Broker:
     # -- clients -------------------------------------------------------------------------------
 
     async def attach(
-        self, session: Session, space_id: str, kind: Attachment
-    ) -> tuple[Space, int, int, list[AccessRange], bool]:
-        """Delivers the fd; returns (space, fd tag, seq, ranges inline, ranges_on_session).
+        self, session: Session, space_id: str, kind: Attachment, *, sealed: bool = False
+    ) -> Attached:
+        """Delivers the fd: O_RDWR only to a client that holds a read-write grant (or the
+        owner), else an O_RDONLY description.
 
         Runs as a job of the space's queue, so the access it reports is exactly the access at
         its seq (no change is half done); a large snapshot is built off the event loop."""
         space = self.space(space_id)
         policy.check_attach(self.config, session.identity)
+        if kind is Attachment.VA and not sealed and self.config.va_mode == "sealed":
+            raise NotAllowed(
+                "this broker requires sealed VA mode (va_mode = sealed): attach with a sealed "
+                "mapping, on a kernel with mseal and userfaultfd minor faults"
+            )
         self._check_attach(session, space)
+        if kind is Attachment.VA and (sealed or self.config.va_mode == "sealed"):
+            why_not = space.sealed_unsupported() or self._holds_fd_by_right(session, space)
+            if why_not and self.config.va_mode == "sealed":
+                raise NotAllowed(
+                    f"this broker requires sealed VA mode, which {space.space_id} "
+                    f"({space.backing.value}) cannot offer: {why_not}"
+                )
+            if why_not:
+                log.info(
+                    "session %s (%r): %s attached cooperatively: sealed mode unavailable (%s)",
+                    session.session_id,
+                    session.name,
+                    space.space_id,
+                    why_not,
+                )
+                sealed = False
 
-        async def job() -> tuple[Space, int, int, list[AccessRange], bool]:
+        async def job() -> Attached:
             self._check_attach(session, space)
             readable, writable = space.table.allowed_sets(session.name)
             seq = space.table.seq
@@ -1162,13 +1448,40 @@ class Broker:
                 frames = await self._encoder(space_id, seq).update(ranges, snapshot=True)
                 self._check_attach(session, space)  # still there after the encoding?
                 self._send_all(session, frames)
+            rw_fd = self.is_owner(session, space) or space.table.has_rw_grant(session.name)
+            if sealed:
+                # userfaultfd registers only mappings that could be made writable (an O_RDWR
+                # description): a client without a rw grant maps read-only, which the broker
+                # checks and the seal keeps so; it holds the fd only until it has sealed.
+                fd = space.fd
+            else:
+                fd = space.fd if rw_fd else space.read_only_fd()
+                if fd < 0:
+                    fd, rw_fd = space.fd, True  # no read-only description of this backing
             session.attached[space_id] = kind
             session.attached_at[space_id] = time.monotonic()
             space.attachments[session.session_id] = kind
-            tag = session.deliver_fd(space.fd, space.space_id)
-            return space, tag, seq, ([] if on_session else ranges), on_session
+            if sealed:
+                session.sealing[space_id] = rw_fd
+            elif not rw_fd:
+                # An fd client, or a cooperative VA one: upgraded on its first rw grant.
+                session.read_only_fd.add(space_id)
+            tag = session.deliver_fd(fd, space.space_id)
+            return Attached(
+                space, tag, seq, [] if on_session else ranges, on_session, rw_fd, sealed
+            )
 
         return await self.change(space, "attach", job)
+
+    def _holds_fd_by_right(self, session: Session, space: Space) -> str:
+        """Why the process of `session` may keep an fd of `space` (then a sealed mapping in it
+        proves nothing), or ''."""
+        allowance = self.allowance(session, space, [])
+        if allowance is None:
+            return "its process is the space's owner, which holds the fd"
+        if allowance[1]:
+            return "its process holds the space's fd as an fd client"
+        return ""
 
     def _check_attach(self, session: Session, space: Space) -> None:
         if session.conn.closed:
@@ -1192,6 +1505,13 @@ class Broker:
         return self._detach(space, session)
 
     def _detach(self, space: Space, session: Session) -> int:
+        mapping = session.sealed.pop(space.space_id, None)
+        if mapping is not None:
+            # The client cannot unmap a sealed mapping; it stays served, inert, until the
+            # process exits.
+            mapping.retire()
+        session.sealing.pop(space.space_id, None)
+        session.read_only_fd.discard(space.space_id)
         session.attached.pop(space.space_id, None)
         session.attached_at.pop(space.space_id, None)
         session.va_base.pop(space.space_id, None)
@@ -1251,7 +1571,17 @@ class Broker:
             fragments += space.table.fragment_count()
             pins += len(space.table.pins())
             attachments += len(space.attachments)
+        va = [kind for s in self._by_id.values() for kind in s.attached.values()]
+        sealed = sum(len(s.sealed) for s in self._by_id.values())
+        stats = self.faults.stats
         return Snapshot(
+            va_sealed=sealed,
+            va_cooperative=sum(1 for k in va if k is Attachment.VA) - sealed,
+            sealed_mappings=len(self.faults.mappings),
+            faults_mapped=stats.mapped,
+            faults_refused=stats.refused,
+            faults_write_released=stats.write_released,
+            faults_read_ahead=stats.read_ahead,
             sessions=len(self._by_token),
             spaces_by_backing=by_backing,
             bytes_shared=shared,
@@ -1274,6 +1604,7 @@ class Broker:
             conn.close(reason)
         for task in list(self._tasks):
             task.cancel()
+        self.faults.close()
         for space in self.spaces.values():
             space.close()
         self.spaces.clear()

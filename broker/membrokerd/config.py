@@ -156,6 +156,13 @@ class BrokerConfig(BaseSettings):
         description="Whether a client holding no grant on a space may attach to it (and so "
         "receive its fd) ahead of any grant.",
     )
+    va_mode: Literal["any", "sealed"] = Field(
+        "any",
+        description="'sealed': a VA client must attach in sealed mode (sealed mapping, no fd, "
+        "first touches decided by the broker through its userfaultfd); 'any': a client may "
+        "also attach cooperatively (it keeps its mapping to its grants itself; verification "
+        "and fencing catch one that does not).",
+    )
     client_name_binding: Literal["uid", "none"] = Field(
         "uid",
         description="'uid': a client name is bound to the uid that first used it, for the "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -32,6 +32,14 @@ class Snapshot:
     pins: int
     attachments: int
     open_fds: int
+    # VA attachments by mode, and sealed mappings still served (inert ones included)
+    va_sealed: int = 0
+    va_cooperative: int = 0
+    sealed_mappings: int = 0
+    faults_mapped: int = 0
+    faults_refused: int = 0
+    faults_write_released: int = 0
+    faults_read_ahead: int = 0
 
 
 class _StateCollector(Collector):
@@ -60,6 +68,28 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "membroker_attachments", "Session attachments to spaces.", value=s.attachments
         )
+        va = GaugeMetricFamily(
+            "membroker_va_attachments", "VA attachments, by mode.", labels=["mode"]
+        )
+        va.add_metric(["sealed"], s.va_sealed)
+        va.add_metric(["cooperative"], s.va_cooperative)
+        yield va
+        yield GaugeMetricFamily(
+            "membroker_sealed_mappings",
+            "Sealed mappings whose faults the broker serves (inert ones of detached clients "
+            "included, until their process exits).",
+            value=s.sealed_mappings,
+        )
+        faults = CounterMetricFamily(
+            "membroker_faults",
+            "Faults of sealed mappings served by the broker, by result.",
+            labels=["result"],
+        )
+        faults.add_metric(["mapped"], s.faults_mapped)
+        faults.add_metric(["refused"], s.faults_refused)
+        faults.add_metric(["write_released"], s.faults_write_released)
+        faults.add_metric(["read_ahead"], s.faults_read_ahead)
+        yield faults
         yield GaugeMetricFamily(
             "membroker_process_open_fds",
             "File descriptors the daemon holds.",
@@ -81,8 +111,33 @@ class Metrics:
         )
         self.revocation_clients = Counter(
             "membroker_revocation_clients_total",
-            "Client outcomes of revocations (acked, fenced, gone, unverified).",
+            "Client outcomes of revocations (acked, fenced, gone, unverified, enforced).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.fault_seconds = Histogram(
+            "membroker_fault_handler_seconds",
+            "Broker time per fault of a sealed mapping (read of the event to the answer).",
+            buckets=(
+                2e-6,
+                4e-6,
+                6e-6,
+                8e-6,
+                10e-6,
+                12e-6,
+                15e-6,
+                20e-6,
+                25e-6,
+                30e-6,
+                40e-6,
+                50e-6,
+                75e-6,
+                100e-6,
+                200e-6,
+                500e-6,
+                1e-3,
+                5e-3,
+            ),
             registry=self.registry,
         )
         self.revoke_latency = Histogram(
@@ -156,7 +211,8 @@ class Metrics:
             registry=self.registry,
         )
         self._by_outcome = {
-            o: self.revocation_clients.labels(o) for o in ("acked", "fenced", "gone", "unverified")
+            o: self.revocation_clients.labels(o)
+            for o in ("acked", "fenced", "gone", "unverified", "enforced")
         }
         self._by_cause: dict[str, Any] = {}
 

@@ -66,6 +66,7 @@ OUTCOMES = {
     Outcome.FENCED: pb.OUTCOME_FENCED,
     Outcome.GONE: pb.OUTCOME_GONE,
     Outcome.UNVERIFIED: pb.OUTCOME_UNVERIFIED,
+    Outcome.ENFORCED: pb.OUTCOME_ENFORCED,
 }
 FENCE_RESULTS = {
     None: pb.FENCE_RESULT_UNSPECIFIED,
@@ -332,15 +333,28 @@ class Servicer(pb_grpc.MemBrokerServicer):
         kind = KINDS.get(request.kind)
         if kind is None:
             raise errors.BadRequest("kind must be VA or FD")
-        space, tag, seq, ranges, on_session = await self.broker.attach(
-            session, request.space_id, kind
-        )
+        if kind is Attachment.VA and request.va_mode not in (
+            pb.VA_MODE_UNSPECIFIED,
+            pb.VA_MODE_SEALED,
+            pb.VA_MODE_COOPERATIVE,
+        ):
+            raise errors.BadRequest(f"va_mode {request.va_mode} is not a known mode")
+        sealed = kind is Attachment.VA and request.va_mode == pb.VA_MODE_SEALED
+        attached = await self.broker.attach(session, request.space_id, kind, sealed=sealed)
         return pb.AttachResponse(
-            space=_space_pb(space),
-            fd_tag=tag,
-            seq=seq,
-            ranges=[access_range_pb(r) for r in ranges],
-            ranges_on_session=on_session,
+            space=_space_pb(attached.space),
+            fd_tag=attached.tag,
+            seq=attached.seq,
+            ranges=[access_range_pb(r) for r in attached.ranges],
+            ranges_on_session=attached.on_session,
+            va_mode=(
+                pb.VA_MODE_UNSPECIFIED
+                if kind is not Attachment.VA
+                else pb.VA_MODE_SEALED
+                if attached.sealed
+                else pb.VA_MODE_COOPERATIVE
+            ),
+            writable=attached.writable,
         )
 
     @edge
@@ -397,6 +411,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
                     owned_spaces=owned,
                     pins=pins,
                     age_seconds=now - s.created,
+                    sealed_spaces=sorted(s.sealed),
                 )
             )
         return pb.ListSessionsResponse(sessions=out)

@@ -23,6 +23,7 @@ from membrokerd.spaces import Attachment
 
 if TYPE_CHECKING:
     from membrokerd.enforcement import Fenced
+    from membrokerd.faults import SealedMapping
     from membrokerd.revocation import Ack
 
 CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
@@ -51,6 +52,12 @@ class Session:
         self.view: ProcessView | None = None
         # space id -> where this (VA) client says it mapped the space (a hint, never trusted)
         self.va_base: dict[str, int] = {}
+        # space id -> attached in sealed mode, mapping not yet checked: whether it may map
+        # writable; and the mapping once accepted
+        self.sealing: dict[str, bool] = {}
+        self.sealed: dict[str, SealedMapping] = {}
+        # space id -> an fd client attached with a read-only description (until upgraded)
+        self.read_only_fd: set[str] = set()
         self.pidfd = os.dup(conn.pidfd)
         self.fencing: asyncio.Future[Fenced] | None = None
         self.killed: str | None = None
@@ -83,10 +90,13 @@ class Session:
         tag, self._next_tag = self._next_tag, self._next_tag + 1
         return tag
 
-    def deliver_fd(self, fd: int, space_id: str) -> int:
+    def deliver_fd(self, fd: int, space_id: str, *, upgrade: bool = False) -> int:
         """Sends a space's fd on the session socket; returns the tag the reply names."""
         tag = self.next_tag()
-        self.conn.send(spb.Frame(fd_delivery=spb.FdDelivery(tag=tag, space_id=space_id)), [fd])
+        self.conn.send(
+            spb.Frame(fd_delivery=spb.FdDelivery(tag=tag, space_id=space_id, upgrade=upgrade)),
+            [fd],
+        )
         return tag
 
     def __repr__(self) -> str:

@@ -88,6 +88,29 @@ class Space:
         self.blocked: list[tuple[int, int]] = []
         # Set whenever a pin of this space goes away (revocations waiting on pins wake up).
         self.unpinned = asyncio.Event()
+        self._ro_fd = -1
+        self._sealed_support: str | None = None
+
+    def sealed_unsupported(self) -> str:
+        """'' when sealed VA mode works on this backing; else why not. Asked of the kernel
+        once per space: the broker maps one page itself and registers it with a userfaultfd
+        of its own the way a sealed client's mapping is registered (on 6.18 a guest_memfd
+        mapping is refused: EINVAL)."""
+        if self._sealed_support is None:
+            self._sealed_support = _probe_sealed(self.fd, self.page_size)
+        return self._sealed_support
+
+    def read_only_fd(self) -> int:
+        """An O_RDONLY description of the backing (not owned by the caller), reopened through
+        /proc/self/fd: a holder can neither write the file nor punch holes in it, and mappings
+        made from it can never become writable. -1 where the kernel cannot reopen the backing
+        (a guest_memfd is an anonymous inode: it has no path to reopen)."""
+        if self._ro_fd < 0 and self.fd >= 0:
+            try:
+                self._ro_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return -1
+        return self._ro_fd
 
     def is_blocked(self, offset: int, length: int) -> bool:
         return any(offset < end and start < offset + length for start, end in self.blocked)
@@ -99,9 +122,34 @@ class Space:
         )
 
     def close(self) -> None:
+        if self._ro_fd >= 0:
+            os.close(self._ro_fd)
+            self._ro_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _probe_sealed(fd: int, page_size: int) -> str:
+    from membroker._sys import mman
+    from membroker._sys import uffd as sys_uffd
+
+    try:
+        uffd = sys_uffd.Uffd.create()
+    except OSError as exc:
+        return f"userfaultfd: {exc}"
+    try:
+        with mman.Mapping.map_shared(fd, page_size, mman.PROT_READ | mman.PROT_WRITE) as m:
+            mode = sys_uffd.MODE_MISSING | sys_uffd.MODE_MINOR | sys_uffd.MODE_WP
+            uffd.register(m.address, page_size, mode)
+            uffd.unregister(m.address, page_size)
+    except OSError as exc:
+        return f"userfaultfd registration of this backing fails ({exc.strerror})"
+    finally:
+        uffd.close()
+    if not sys_uffd.mseal_available():
+        return "the kernel has no mseal"
+    return ""
 
 
 def check_regions(regions: Sequence[Region], size: int, page_size: int) -> None:

@@ -11,6 +11,12 @@ A page the client may not read is unreachable when its mapping is PROT_NONE and 
 present, or when it carries a guard marker; a page it may not write must not be in a writable
 mapping unless guarded. A VA client must not hold an fd of the space at all (it maps once and
 closes it); an fd client may.
+
+A sealed mapping (sealed VA mode: the broker registered it with the client's userfaultfd and
+serves its faults) is judged by its page table alone, since its protection is read-write or
+read-only for good: a page not present is reached only through the broker; a present page is
+reachable, and writable unless write-protected (PAGEMAP_SCAN: present, and "written", which
+means no uffd-wp bit).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class Allowed:
 
     readable: RangeSet
     writable: RangeSet
+    # Start addresses of this process's sealed mappings of the space (served by the broker)
+    sealed: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, held: Iterable[AccessRange], page: int) -> Allowed:
@@ -68,6 +76,18 @@ def _first_outside(
     return None
 
 
+def _asked(vma: Vma, examined: RangeSet | None, page: int) -> tuple[int, int] | None:
+    """(address, pages) of the part of `vma` between its first and last examined page; None
+    when none of it is examined."""
+    first, last = vma.offset // page, -(-vma.file_end // page)
+    if examined is not None:
+        hull = examined.hull(first, last)
+        if hull is None:
+            return None
+        first, last = hull
+    return vma.start + first * page - vma.offset, last - first
+
+
 def _judge_vma(
     view: ProcessView,
     vma: Vma,
@@ -76,15 +96,10 @@ def _judge_vma(
     page: int,
     check_present: bool,
 ) -> str | None:
-    first, last = vma.offset // page, -(-vma.file_end // page)
-    if examined is not None:
-        # Only the part of the mapping between the first and last examined page is asked for.
-        hull = examined.hull(first, last)
-        if hull is None:
-            return None
-        first, last = hull
-    addr = vma.start + first * page - vma.offset
-    pages = last - first
+    asked = _asked(vma, examined, page)
+    if asked is None:
+        return None
+    addr, pages = asked
 
     def where(p: int) -> int:
         return vma.start + p * page - vma.offset
@@ -120,6 +135,31 @@ def _judge_vma(
     return None
 
 
+def _judge_sealed(
+    view: ProcessView, vma: Vma, examined: RangeSet | None, allowed: Allowed, page: int
+) -> str | None:
+    asked = _asked(vma, examined, page)
+    if asked is None:
+        return None
+    addr, pages = asked
+    if vma.writable:
+        p = _first_outside(
+            view.writable_regions(addr, pages), vma, examined, allowed.writable, page
+        )
+        if p is not None:
+            return (
+                f"has offset {p * page:#x} present and writable at "
+                f"{vma.start + p * page - vma.offset:#x} (sealed mapping)"
+            )
+    p = _first_outside(view.present_regions(addr, pages), vma, examined, allowed.readable, page)
+    if p is not None:
+        return (
+            f"still has the page at offset {p * page:#x} present at "
+            f"{vma.start + p * page - vma.offset:#x} (sealed mapping)"
+        )
+    return None
+
+
 def check_reach(
     view: ProcessView,
     dev: int,
@@ -151,7 +191,10 @@ def check_reach(
         for r in ranges:
             examined.add(r.offset // page, -(-(r.offset + r.length) // page))
     for vma in view.mappings_of(dev, ino):
-        problem = _judge_vma(view, vma, examined, allowed, page, check_present)
+        if vma.start in allowed.sealed and vma.offset == 0:
+            problem = _judge_sealed(view, vma, examined, allowed, page)
+        else:
+            problem = _judge_vma(view, vma, examined, allowed, page, check_present)
         if problem is not None:
             return problem
     return None

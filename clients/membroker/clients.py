@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 from membroker import protection
 from membroker._sys import mman
+from membroker._sys import uffd as sys_uffd
 from membroker._sys.libc import KernelFeatureMissing
 from membroker.errors import MembrokerError, SessionClosed, TeardownFailed
 from membroker.rangeset import RangeSet
@@ -33,6 +34,30 @@ log = logging.getLogger("membroker")
 RevokeCallback = Callable[[list[AccessRange]], None]
 # Share of the revoke deadline a VaClient waits for access() blocks before tearing down anyway.
 GUARD_WAIT_SHARE = 0.6
+
+
+_SEALED_AVAILABLE: bool | None = None
+
+
+def sealed_mode_available() -> bool:
+    """Whether this kernel offers what sealed VA mode needs (userfaultfd with minor and
+    missing faults and write-protection on shmem, poison, and mseal). Asked once."""
+    global _SEALED_AVAILABLE
+    if _SEALED_AVAILABLE is None:
+        features = sys_uffd.Uffd.available_features()
+        _SEALED_AVAILABLE = (features & sys_uffd.FEATURES_SEALED) == sys_uffd.FEATURES_SEALED
+        if _SEALED_AVAILABLE:
+            _SEALED_AVAILABLE = sys_uffd.mseal_available()
+    return _SEALED_AVAILABLE
+
+
+class SealRefused(MembrokerError):
+    """The broker refused this client's sealed mapping (and fences the session): why."""
+
+    def __init__(self, space_id: str, reason: str) -> None:
+        super().__init__(f"sealed mapping of {space_id} refused: {reason}")
+        self.space_id = space_id
+        self.reason = reason
 
 
 class NotHeld(MembrokerError):
@@ -65,16 +90,27 @@ class _Attachment:
         self._closed = False
         self.seq = 0
         session._expect(space_id)
+        attached = False
         try:
-            resp = session.call("Attach", pb.AttachRequest(space_id=space_id, kind=self.kind))
+            resp = session.call(
+                "Attach",
+                pb.AttachRequest(space_id=space_id, kind=self.kind, va_mode=self._va_mode()),
+            )
+            attached = True
             self.info = SpaceInfo.from_pb(resp.space)
             self.page_size = self.info.page_size
             self._readable = RangeSet()
             self._writable = RangeSet()
+            # Whether the broker handed a read-write description (only to rw grantees).
+            self.writable_fd = resp.writable
             fd = session.take_fd(resp.fd_tag)
-            self._adopt_fd(fd)
+            self._adopt_fd(fd, resp)
         except BaseException:
             session._uninstall(space_id)
+            if attached and not session.closed:
+                # Attached at the broker, but not usable here: let go of it there too.
+                with contextlib.suppress(MembrokerError):
+                    session.call("Detach", pb.DetachRequest(space_id=space_id))
             raise
         self.seq = resp.seq
         try:
@@ -93,7 +129,10 @@ class _Attachment:
                 session.call("Detach", pb.DetachRequest(space_id=space_id))
             raise
 
-    def _adopt_fd(self, fd: int) -> None:
+    def _va_mode(self) -> pb.VaMode:
+        return pb.VA_MODE_UNSPECIFIED
+
+    def _adopt_fd(self, fd: int, resp: pb.AttachResponse) -> None:
         raise NotImplementedError
 
     @property
@@ -286,12 +325,48 @@ class VaClient(_Attachment):
 
     kind = pb.ATTACH_KIND_VA
 
-    def _adopt_fd(self, fd: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        space_id: str,
+        on_revoke: RevokeCallback | None,
+        mode: str = "auto",
+    ) -> None:
+        if mode not in ("auto", "sealed", "cooperative"):
+            raise ValueError(f"mode must be 'auto', 'sealed' or 'cooperative', not {mode!r}")
+        if mode == "sealed" and not sealed_mode_available():
+            raise KernelFeatureMissing(
+                "sealed VA mode", "this kernel lacks mseal or userfaultfd minor faults on shmem"
+            )
+        self._mode = mode
+        self.sealed = False
+        super().__init__(session, space_id, on_revoke)
+
+    def _va_mode(self) -> pb.VaMode:
+        if self._mode == "cooperative" or (self._mode == "auto" and not sealed_mode_available()):
+            return pb.VA_MODE_COOPERATIVE
+        return pb.VA_MODE_SEALED
+
+    @property
+    def mode(self) -> str:
+        """'sealed' (the kernel keeps the mapping to the grants) or 'cooperative'."""
+        return "sealed" if self.sealed else "cooperative"
+
+    def _adopt_fd(self, fd: int, resp: pb.AttachResponse) -> None:
         self._chunk_pages = max(1, protection.CHUNK_BYTES // self.page_size)
         self._use_guards = True
         self._guarded = RangeSet()
         self._cur_r = RangeSet()
         self._cur_w = RangeSet()
+        self._map_writable = resp.writable
+        if self._mode == "sealed" and resp.va_mode != pb.VA_MODE_SEALED:
+            os.close(fd)
+            raise KernelFeatureMissing(
+                "sealed VA mode", f"the broker cannot offer it for {self.space_id} (see its log)"
+            )
+        if resp.va_mode == pb.VA_MODE_SEALED:
+            self._adopt_sealed(fd, resp.writable)
+            return
         try:
             # The broker's fd is only needed to map: keeping it open would let a later mmap
             # reopen access without the broker, so it is closed as soon as the mapping exists.
@@ -307,9 +382,41 @@ class VaClient(_Attachment):
             )
         )
 
+    def _adopt_sealed(self, fd: int, writable: bool) -> None:
+        """Maps the whole space (read-write if the fd allows), hands a userfaultfd for it to
+        the broker, drops the fd, seals the mapping, and waits for the broker's check. From
+        then on the broker maps in each page on first touch, if it is held."""
+        uffd = None
+        try:
+            prot = mman.PROT_READ | (mman.PROT_WRITE if writable else 0)
+            self.mapping = mman.Mapping.map_shared(fd, self.info.size, prot)
+            os.close(fd)
+            fd = -1
+            uffd = sys_uffd.Uffd.create()
+            self.mapping.seal()
+            self.session._send(
+                spb.Frame(
+                    sealed=spb.Sealed(
+                        space_id=self.space_id,
+                        address=self.mapping.address,
+                        length=self.info.size,
+                    )
+                ),
+                [uffd.fd],
+            )
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if uffd is not None:
+                uffd.close()
+        error = self.session._wait_sealed(self.space_id)
+        if error:
+            raise SealRefused(self.space_id, error)
+        self.sealed = True
+
     def __repr__(self) -> str:
         return (
-            f"<VaClient {self.space_id} at {self.mapping.address:#x} seq={self.seq} "
+            f"<VaClient {self.space_id} ({self.mode}) at {self.mapping.address:#x} seq={self.seq} "
             f"held={len(self._readable)} range(s)>"
         )
 
@@ -328,7 +435,56 @@ class VaClient(_Attachment):
         if not self._closed:
             self._apply(ranges)
 
+    def on_new_fd(self, fd: int) -> None:
+        """The broker upgraded this attachment to a read-write description (its first rw
+        grant). Cooperative: the mapping is replaced in place by one of the new fd and what is
+        held is opened again, before the update that raises it arrives. Sealed: a sealed
+        mapping cannot be replaced; it stays read-only (attach again to write)."""
+        try:
+            with self._lock:
+                if self.sealed or self._closed:
+                    return
+                self.mapping.remap(fd)
+                self._guarded = RangeSet()
+                self._cur_r = RangeSet()
+                self._cur_w = RangeSet()
+                self._map_writable = True
+                self.writable_fd = True
+                held = self.ranges()
+                if held:
+                    self._apply_cooperative(held)
+        finally:
+            os.close(fd)
+
+    def _record_all(self, ranges: list[AccessRange]) -> None:
+        if not self._map_writable and any(r.access is Access.RW for r in ranges):
+            # Attached without a rw grant to a sealed, read-only mapping (for good): a rw grant
+            # reads as ro here; detach and attach again to write. (A cooperative one is
+            # upgraded in place first: on_new_fd.)
+            log.warning(
+                "%s: a read-write grant arrived, but this attachment's mapping is read-only; "
+                "attach again to write",
+                self.space_id,
+            )
+            ranges = [
+                AccessRange(r.offset, r.length, Access.RO) if r.access is Access.RW else r
+                for r in ranges
+            ]
+        super()._record_all(ranges)
+
     def _apply(self, ranges: list[AccessRange]) -> None:
+        if self.sealed:
+            # The broker maps held pages in on touch and write-protects itself; what is no
+            # longer readable is zapped here (a refault of it is refused).
+            page = self.page_size
+            for r in ranges:
+                if r.access is Access.NONE:
+                    first, last = r.offset // page, -(-(r.offset + r.length) // page)
+                    self.mapping.discard(first * page, (last - first) * page)
+            return
+        self._apply_cooperative(ranges)
+
+    def _apply_cooperative(self, ranges: list[AccessRange]) -> None:
         """Makes the mapping match what is held, for the chunks the ranges touch.
 
         Order matters: first every page that must stop being reachable is guarded or lowered,
@@ -364,7 +520,7 @@ class VaClient(_Attachment):
                 except KernelFeatureMissing:
                     # An older kernel: fall back to PROT_NONE for what is not held.
                     self._use_guards = False
-                    self._apply(
+                    self._apply_cooperative(
                         [
                             AccessRange(s * page, (e - s) * page, Access.NONE)
                             for s, e in spans[index:]
@@ -509,7 +665,7 @@ class FdClient(_Attachment):
     kind = pb.ATTACH_KIND_FD
     _callback_is_teardown = True
 
-    def _adopt_fd(self, fd: int) -> None:
+    def _adopt_fd(self, fd: int, resp: pb.AttachResponse) -> None:
         self.fd = fd
         self._pins: dict[int, Pin] = {}
         self.on_unpin_requested: Callable[[list[tuple[int, int]]], None] | None = None
@@ -517,6 +673,14 @@ class FdClient(_Attachment):
     def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None:
         if self.on_unpin_requested is not None:
             self.on_unpin_requested(ranges)
+
+    def on_new_fd(self, fd: int) -> None:
+        """The broker upgraded this attachment to a read-write description (its first rw
+        grant): the read-only one is closed. Mappings made from the old one stay read-only."""
+        with self._lock:
+            old, self.fd = self.fd, fd
+            self.writable_fd = True
+        os.close(old)
 
     def __repr__(self) -> str:
         return f"<FdClient {self.space_id} fd={self.fd} seq={self.seq} pins={len(self._pins)}>"

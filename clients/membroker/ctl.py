@@ -180,7 +180,11 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
                     s.client,
                     s.pid,
                     s.uid,
-                    ",".join(s.attached_spaces) or "-",
+                    ",".join(
+                        sp + ("(sealed)" if sp in s.sealed_spaces else "")
+                        for sp in s.attached_spaces
+                    )
+                    or "-",
                     ",".join(s.owned_spaces) or "-",
                     s.pins,
                     f"{s.age_seconds:.0f}",

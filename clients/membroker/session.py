@@ -130,10 +130,18 @@ class _Pending:
     snapshot_seq: int = -1
     snapshot: list[AccessRange] = dataclasses.field(default_factory=list)
     snapshot_done: bool = False
+    # A read-write fd that upgraded the attachment before its handler was installed (-1: none)
+    new_fd: int = -1
 
     @property
     def held_ranges(self) -> int:
         return sum(len(p.ranges) for p in self.pushes) + len(self.snapshot)
+
+
+def _replace_fd(old: int, new: int) -> int:
+    if old >= 0:
+        os.close(old)
+    return new
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -178,6 +186,7 @@ class Session:
         # Ranges in _partial and _buffered (under _cv), bounded by MAX_PENDING_RANGES.
         self._held_ranges = 0
         self._pongs: dict[int, float] = {}
+        self._sealed_results: dict[str, str] = {}
         self._nonce = itertools.count(1)
         self._offer_tag = itertools.count(1)
         self._closed_reason: str | None = None
@@ -460,6 +469,18 @@ class Session:
     def _dispatch(self, frame: spb.Frame, fds: list[int]) -> None:
         kind = frame.WhichOneof("body")
         if kind == "fd_delivery":
+            if frame.fd_delivery.upgrade:
+                with self._cv:
+                    target = self._handlers.get(frame.fd_delivery.space_id)
+                    pending = self._buffered.get(frame.fd_delivery.space_id)
+                upgrade = getattr(target, "on_new_fd", None)
+                if upgrade is not None:
+                    upgrade(fds[0])
+                elif pending is not None:
+                    pending.new_fd = _replace_fd(pending.new_fd, fds[0])
+                else:
+                    os.close(fds[0])
+                return
             with self._cv:
                 self._fds[frame.fd_delivery.tag] = fds[0]
                 self._cv.notify_all()
@@ -502,6 +523,10 @@ class Session:
         elif kind == "pong":
             with self._cv:
                 self._pongs[frame.pong.nonce] = time.perf_counter()
+                self._cv.notify_all()
+        elif kind == "sealed_result":
+            with self._cv:
+                self._sealed_results[frame.sealed_result.space_id] = frame.sealed_result.error
                 self._cv.notify_all()
         elif kind in ("error", "goodbye"):
             self._note_last_word(frame)
@@ -642,10 +667,18 @@ class Session:
                 pending = self._buffered.get(space_id)
                 pushes = pending.pushes if pending is not None else []
                 if pending is None or not pushes:
+                    new_fd = -1
                     if pending is not None:
                         self._held_ranges -= pending.held_ranges
+                        new_fd, pending.new_fd = pending.new_fd, -1
                     self._buffered.pop(space_id, None)
                     self._handlers[space_id] = handler
+                    upgrade = getattr(handler, "on_new_fd", None)
+                    if new_fd >= 0:
+                        if upgrade is not None:
+                            upgrade(new_fd)
+                        else:
+                            os.close(new_fd)
                     return
                 self._held_ranges -= sum(len(p.ranges) for p in pushes)
                 pending.pushes = []
@@ -659,6 +692,22 @@ class Session:
             pending = self._buffered.pop(space_id, None)
             if pending is not None:
                 self._held_ranges -= pending.held_ranges
+                pending.new_fd = _replace_fd(pending.new_fd, -1)
+
+    def _wait_sealed(self, space_id: str, timeout: float | None = None) -> str:
+        """Waits for the broker's answer to a sealed mapping: '' when accepted, else why not."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        with self._cv:
+            while space_id not in self._sealed_results:
+                if self._closed_reason is not None:
+                    raise self._closed_error()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(
+                        f"the broker did not answer the sealed mapping of {space_id}"
+                    )
+                self._cv.wait(left)
+            return self._sealed_results.pop(space_id)
 
     def take_fd(self, tag: int, timeout: float | None = None) -> int:
         """Waits for the fd the broker delivers under `tag`; the caller owns it."""
@@ -821,12 +870,21 @@ class Session:
     # -- client API ----------------------------------------------------------------------------
 
     def attach_va(
-        self, space_id: str, on_revoke: Callable[[list[AccessRange]], None] | None = None
+        self,
+        space_id: str,
+        on_revoke: Callable[[list[AccessRange]], None] | None = None,
+        *,
+        mode: str = "auto",
     ) -> VaClient:
-        """Maps the space PROT_NONE and opens what this client name is granted."""
+        """Maps the whole space; only what this client name holds can be touched.
+
+        mode 'sealed': the mapping is sealed and holds no fd, and the broker maps each held
+        page in on first touch (a touch of anything else is a SIGBUS); 'cooperative': the
+        mapping is PROT_NONE and this SDK opens what is held (mprotect, guard markers);
+        'auto' (default): sealed where the kernel offers it."""
         from membroker.clients import VaClient
 
-        return VaClient(self, space_id, on_revoke)
+        return VaClient(self, space_id, on_revoke, mode)
 
     def attach_fd(
         self,

@@ -140,8 +140,10 @@ class SpaceInfo:
 class ClientOutcome:
     """What one client did in a revocation.
 
-    outcome: "acked", "fenced", "gone" (its session or process ended meanwhile), or
-    "unverified" (acknowledged, but the kernel's view of it could not be read). fence: what
+    outcome: "acked", "fenced", "gone" (its session or process ended meanwhile),
+    "unverified" (acknowledged, but the kernel's view of it could not be read), or "enforced"
+    (a sealed VA client lost write access: the broker write-protected its pages itself and
+    checked, without waiting for it). fence: what
     fencing did when outcome is "fenced" -- "disconnected", "killed", "still_mapped" (the
     reason says what it still maps) or "exited" -- and "" otherwise.
     """
@@ -172,6 +174,7 @@ _OUTCOMES = {
     pb.OUTCOME_FENCED: "fenced",
     pb.OUTCOME_GONE: "gone",
     pb.OUTCOME_UNVERIFIED: "unverified",
+    pb.OUTCOME_ENFORCED: "enforced",
 }
 _FENCE_RESULTS = {
     pb.FENCE_RESULT_UNSPECIFIED: "",
@@ -213,4 +216,6 @@ class RevocationReport:
 
     @property
     def all_acked(self) -> bool:
-        return all(c.outcome == "acked" for c in self.clients)
+        """Every client complied: acknowledged and verified, or (a sealed client losing write
+        access) enforced by the broker itself and verified."""
+        return all(c.outcome in ("acked", "enforced") for c in self.clients)

@@ -47,9 +47,167 @@ def main() -> None:
                 out({"ok": True})
                 break
             if op == "attach_va":
-                c = session.attach_va(req["space"], on_revoke=lambda r: revokes.append(len(r)))
+                c = session.attach_va(
+                    req["space"],
+                    on_revoke=lambda r: revokes.append(len(r)),
+                    # MEMBROKER_TEST_VA_MODE: the whole suite's VA clients in one mode (the
+                    # second CI pass runs the revocation suites cooperatively).
+                    mode=req.get("mode", os.environ.get("MEMBROKER_TEST_VA_MODE", "auto")),
+                )
                 attached[req["space"]] = c
-                out({"ok": True, "address": c.address, "ranges": _ranges(c)})
+                out({"ok": True, "address": c.address, "ranges": _ranges(c), "mode": c.mode})
+            elif op == "attach_va_rogue":
+                # A sealed client that cheats in one way ("keep_fd", "no_seal", "own_uffd",
+                # "other_uffd") and is expected to be refused.
+                from membroker._sys import mman
+                from membroker._sys import uffd as sys_uffd
+
+                how = req["how"]
+                real_map = mman.Mapping.map_shared
+                real_seal = mman.Mapping.seal
+                real_create = sys_uffd.Uffd.create
+
+                def map_keeping(fd: int, *a: Any, real_map: Any = real_map, **k: Any) -> Any:
+                    kept.append(os.dup(fd))
+                    return real_map(fd, *a, **k)
+
+                def other_uffd(*a: Any, real_create: Any = real_create, **k: Any) -> Any:
+                    # A uffd registered over the mapping by this process itself is kept; the
+                    # broker is sent a fresh one.
+                    mine = real_create(*a, **k)
+                    kept.append(mine)
+                    return real_create(*a, **k)
+
+                if how == "keep_fd":
+                    mman.Mapping.map_shared = map_keeping  # type: ignore[assignment]
+                elif how == "no_seal":
+                    mman.Mapping.seal = lambda self: None  # type: ignore[method-assign]
+                elif how == "own_uffd":
+                    kept.append(real_create())
+                elif how == "other_uffd":
+                    sys_uffd.Uffd.create = other_uffd  # type: ignore[method-assign]
+
+                    def seal_and_register(self: Any, real_seal: Any = real_seal) -> None:
+                        kept[-1].register(
+                            self.address, self.length, sys_uffd.MODE_MISSING | sys_uffd.MODE_MINOR
+                        )
+                        real_seal(self)
+
+                    mman.Mapping.seal = seal_and_register  # type: ignore[method-assign]
+                try:
+                    c = session.attach_va(req["space"], mode="sealed")
+                    attached[req["space"]] = c
+                    out({"ok": True, "mode": c.mode})
+                finally:
+                    mman.Mapping.map_shared = real_map  # type: ignore[method-assign]
+                    mman.Mapping.seal = real_seal  # type: ignore[method-assign]
+                    sys_uffd.Uffd.create = real_create  # type: ignore[method-assign]
+            elif op == "mapping_attacks":
+                # What a compromised backend tries on its own sealed mapping: each answer is the
+                # errno (0: it worked).
+                import ctypes
+
+                from membroker._sys.libc import libc as clib
+
+                client = attached[req["space"]]
+                addr, size = client.address, client.size
+                mremap = clib.mremap
+                mremap.restype = ctypes.c_void_p
+                mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+                results = {}
+                ret = clib.mprotect(addr, 4096, 3)
+                results["mprotect"] = ctypes.get_errno() if ret == -1 else 0
+                ret = clib.munmap(addr, 4096)
+                results["munmap"] = ctypes.get_errno() if ret == -1 else 0
+                moved = mremap(addr, size, size, 1)  # MREMAP_MAYMOVE
+                results["mremap"] = ctypes.get_errno() if moved in (None, 2**64 - 1) else 0
+                out({"ok": True, "errno": results})
+            elif op == "fork_with_mapping":
+                # A compromised backend undoes MADV_DONTFORK and forks: the child sleeps, then
+                # reads the page at `offset` (which the parent had faulted in).
+                import ctypes
+                import time as _time
+
+                from membroker._sys.libc import libc as clib
+
+                client = attached[req["space"]]
+                ret = clib.madvise(client.address, client.size, 11)  # MADV_DOFORK
+                if ret != 0:
+                    out({"ok": False, "errno": ctypes.get_errno()})
+                    continue
+                child = os.fork()
+                if child == 0:
+                    _time.sleep(req.get("sleep", 1.0))
+                    value = client.view(req["offset"], 1, check=False)[0]
+                    os._exit(100 + value % 100)
+                out({"ok": True, "child": child})
+            elif op == "reap":
+                _, status = os.waitpid(req["pid"], 0)
+                out(
+                    {
+                        "ok": True,
+                        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
+                        "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1,
+                    }
+                )
+            elif op == "procmem_read":
+                # Reads through /proc/self/mem (FOLL_FORCE): what PROT_NONE does not stop.
+                client = attached[req["space"]]
+                try:
+                    with open("/proc/self/mem", "rb", buffering=0) as mem:
+                        mem.seek(client.address + req["offset"])
+                        data = mem.read(req.get("length", 8))
+                    out({"ok": True, "data": data.hex()})
+                except OSError as exc:
+                    out({"ok": True, "errno": exc.errno})
+            elif op == "present_pages":
+                # Pages of the mapping present in this process's page table (pagemap).
+                from membroker._sys.proc import ProcessView
+
+                client = attached[req["space"]]
+                view = ProcessView(os.getpid())
+                try:
+                    pages = []
+                    for start, end in view.present_regions(client.address, client.size // 4096):
+                        pages += range(
+                            (start - client.address) // 4096, (end - client.address) // 4096
+                        )
+                finally:
+                    view.close()
+                out({"ok": True, "pages": pages})
+            elif op == "fd_attacks":
+                # What an fd holder tries beyond its grants: pwrite, punch a hole, map it
+                # writable. Each answer is the errno (0: it worked).
+                import fcntl
+                import mmap
+
+                fd = attached[req["space"]].fd
+                results = {}
+                try:
+                    os.pwrite(fd, b"\xee", req["offset"])
+                    results["pwrite"] = 0
+                except OSError as exc:
+                    results["pwrite"] = exc.errno
+                import ctypes
+
+                from membroker._sys.libc import libc as clib
+
+                # fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, 4096)
+                ret = clib.fallocate(fd, 3, ctypes.c_int64(req["offset"]), ctypes.c_int64(4096))
+                results["punch"] = 0 if ret == 0 else ctypes.get_errno()
+                try:
+                    mm = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                    mm.close()
+                    results["mmap_rw"] = 0
+                except OSError as exc:
+                    results["mmap_rw"] = exc.errno
+                out(
+                    {
+                        "ok": True,
+                        "errno": results,
+                        "read_only": fcntl.fcntl(fd, fcntl.F_GETFL) & 3 == 0,
+                    }
+                )
             elif op == "attach_fd":
                 c = session.attach_fd(req["space"], on_revoke=lambda r: revokes.append(len(r)))
                 attached[req["space"]] = c

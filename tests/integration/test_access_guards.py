@@ -52,7 +52,7 @@ def test_revoke_waits_for_the_access_block_and_the_block_reads_safely(tmp_path):
             assert [c.outcome for c in report.clients] == ["acked"]
             assert float(box["elapsed"]) >= 0.4  # type: ignore[arg-type]
             result = backend.cmd("touch", space=space.space_id, offset=PAGE)
-            assert result.get("dead") and backend.wait() == -signal.SIGSEGV
+            assert result.get("dead") and backend.wait() in (-signal.SIGSEGV, -signal.SIGBUS)
             mem.close()
     finally:
         if backend is not None:
@@ -86,7 +86,7 @@ def test_a_block_that_outlives_the_deadline_loses_its_pages_not_its_session(tmp_
             assert 0.5 <= float(box["elapsed"]) < 1.0 + 5  # type: ignore[arg-type]
             assert vmm.stats().fenced_total == 0
             result = backend.cmd("access_read", space=space.space_id, index=0)
-            assert result.get("dead") and backend.wait() == -signal.SIGSEGV
+            assert result.get("dead") and backend.wait() in (-signal.SIGSEGV, -signal.SIGBUS)
     finally:
         if backend is not None:
             backend.close()

@@ -53,10 +53,11 @@ def test_python_blocks(daemon, index):
     assert proc.returncode == 0, proc.stderr
     if "hello from the guest" in code:
         lines = proc.stdout.splitlines()
-        assert lines[0] == "b'hello from the guest'"
-        assert lines[1] == "b'written by the backend'"
-        assert lines[2].startswith("[('backend', 'acked', ")
-        assert lines[3] == "False"
+        assert lines[0] == "cooperative"  # beside the owner's fd, as the comment says
+        assert lines[1] == "b'hello from the guest'"
+        assert lines[2] == "b'written by the backend'"
+        assert lines[3].startswith("[('backend', 'acked', ")
+        assert lines[4] == "False"
     else:
         assert (
             "stop DMA on [AccessRange(offset=0, length=1048576, access=<Access.NONE: 0>)]"

@@ -96,6 +96,7 @@ LIVE, FENCED, DEAD = "live", "fenced", "dead"
 ACKED = "acked"
 
 PM_PRESENT, PM_SWAPPED, PM_GUARD = 1 << 63, 1 << 62, 1 << 58
+PM_UFFD_WP = 1 << 57  # the page is write-protected through userfaultfd
 
 
 # -- the kernel's view ---------------------------------------------------------------------------
@@ -109,6 +110,9 @@ class Reach:
     writable: set[int] = dataclasses.field(default_factory=set)
     vmas: int = 0
     fds: int = 0
+    # Of `vmas`, the sealed ones served by a userfaultfd: a client cannot unmap them, so after
+    # detach they stay, inert (nothing present, every touch refused by the broker).
+    sealed_vmas: int = 0
 
     @property
     def nothing(self) -> bool:
@@ -116,7 +120,9 @@ class Reach:
 
     @property
     def absent(self) -> bool:
-        return self.vmas == 0 and self.fds == 0
+        """Maps and holds nothing of the file (an inert sealed mapping with nothing present
+        counts as nothing)."""
+        return self.vmas == self.sealed_vmas and self.fds == 0 and not self.readable
 
 
 def kernel_reach(pid: int, files: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Reach] | None:
@@ -124,16 +130,24 @@ def kernel_reach(pid: int, files: Iterable[tuple[int, int]]) -> dict[tuple[int, 
 
     A page of a readable or writable mapping is reachable unless it carries a guard marker; a
     page of a PROT_NONE mapping is reachable (through /proc/PID/mem) while it is present or
-    swapped and not guarded.
+    swapped and not guarded. A sealed mapping whose faults a userfaultfd serves (smaps VmFlags
+    `sl` and `ui`: sealed VA mode) reaches its present pages, and writes those present without
+    the uffd-wp bit where it is writable: any other touch is decided by the broker.
     """
     out = {f: Reach() for f in files}
     try:
-        with open(f"/proc/{pid}/maps") as maps:
-            lines = maps.read().splitlines()
+        with open(f"/proc/{pid}/smaps") as smaps:
+            lines = smaps.read().splitlines()
+        vmas: list[tuple[list[str], set[str]]] = []
+        for line in lines:
+            if line.startswith("VmFlags:"):
+                if vmas:
+                    vmas[-1][1].update(line.split()[1:])
+            elif not line.split(None, 1)[0].endswith(":"):
+                vmas.append((line.split(None, 5), set()))
         pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for line in lines:
-                fields = line.split(None, 5)
+            for fields, flags in vmas:
                 if len(fields) < 5 or fields[4] == "0":
                     continue
                 major, minor = fields[3].split(":")
@@ -142,12 +156,20 @@ def kernel_reach(pid: int, files: Iterable[tuple[int, int]]) -> dict[tuple[int, 
                     continue
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 perms, first = fields[1], int(fields[2], 16) // PAGE
+                sealed = {"sl", "ui"} <= flags
                 found.vmas += 1
+                found.sealed_vmas += sealed
                 data = os.pread(pagemap, (end - start) // PAGE * 8, start // PAGE * 8)
                 for index, (entry,) in enumerate(struct.iter_unpack("<Q", data)):
+                    page = first + index
+                    if sealed:
+                        if entry & PM_PRESENT:
+                            found.readable.add(page)
+                            if perms[1] == "w" and not entry & PM_UFFD_WP:
+                                found.writable.add(page)
+                        continue
                     if entry & PM_GUARD:
                         continue
-                    page = first + index
                     if perms[0] == "r" or perms[1] == "w":
                         if perms[0] == "r":
                             found.readable.add(page)
@@ -234,6 +256,12 @@ class MClient:
     stopped: bool = False
     # space id -> whether it lies (acks revocations of that space without tearing down)
     attached: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # space id -> its VA attachment is sealed (the broker faults pages in, write-protects)
+    sealed: dict[str, bool] = dataclasses.field(default_factory=dict)
+    # space ids whose sealed mapping is read-only for good (attached without a rw grant)
+    read_only: set[str] = dataclasses.field(default_factory=set)
+    # space id -> pages present in its sealed mapping, read from the kernel before a call
+    present: dict[str, set[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -354,7 +382,16 @@ class World:
             c = self.clients.get(name)
             if c is None or c.state != LIVE or sp.space_id not in c.attached:
                 continue
-            bad = c.stopped or c.attached[sp.space_id]
+            if c.sealed.get(sp.space_id) and cause == "downgrade":
+                # Write access only: the broker write-protects it itself, stopped or lying.
+                outcomes[name] = "enforced"
+                continue
+            lies = c.attached[sp.space_id]
+            if c.sealed.get(sp.space_id):
+                # A lie is caught only where it kept pages present: anything else it would
+                # have to fault in, and the broker refuses once it has acknowledged.
+                lies = lies and bool(c.present.get(sp.space_id, set()) & pages)
+            bad = c.stopped or lies
             outcomes[name] = "fenced" if bad else ACKED
             slow = slow or c.stopped
             if not bad:
@@ -725,7 +762,7 @@ class RevocationModel(RuleBasedStateMachine):
                 # outcome still shows in the sessions, fence count and kernel checks).
                 self.note(f"  {op}: space deleted meanwhile, report not kept")
                 for name, outcome in expect.outcomes.items():
-                    if outcome != ACKED:
+                    if outcome not in (ACKED, "enforced"):
                         self.check_fenced(name, "", "(report gone with the space)", name in stopped)
             elif expect.in_history:
                 assert seen.seq is not None
@@ -751,8 +788,8 @@ class RevocationModel(RuleBasedStateMachine):
         self.check(report["revoked_bytes"] == expect.revoked, f"revoked bytes differ: {what}")
         for name, outcome, fence, pid, reason in report["clients"]:
             self.check(pid == pids[name], f"pid of {name} is {pid}, not {pids[name]}: {what}")
-            if outcome == ACKED:
-                self.check(fence == "", f"acked with a fence result: {what}")
+            if outcome in (ACKED, "enforced"):
+                self.check(fence == "", f"{outcome} with a fence result: {what}")
             else:
                 self.check_fenced(name, fence, reason, name in stopped)
 
@@ -806,6 +843,7 @@ class RevocationModel(RuleBasedStateMachine):
             return Expect(error="not_found")
         pids = {c.name: c.pid for c in self.world.clients.values()}
         stopped = {c.name for c in self.world.clients.values() if c.stopped}
+        self.sense()
         expect = self.world.run(op)
         seen = self.execute(op, space_id)
         self.verify(op, space_id, expect, seen, pids, stopped)
@@ -826,7 +864,10 @@ class RevocationModel(RuleBasedStateMachine):
             for c, sid in pending:
                 sp = world.space_of(sid)
                 assert sp is not None
-                want = ranges_of(*sp.effective(c.name))
+                readable, writable = sp.effective(c.name)
+                if sid in c.read_only:
+                    writable = set()  # a sealed read-only mapping sees rw grants as ro
+                want = ranges_of(readable, writable)
                 got = self.procs[c.name].ok("ranges", space=sid)["ranges"]
                 if got != want:
                     left.append((c, sid, got, want))
@@ -965,6 +1006,24 @@ class RevocationModel(RuleBasedStateMachine):
         want = ranges_of(*sp.effective(c.name))
         self.check(out["ranges"] == want, f"attach reply {out['ranges']} != model {want}")
         c.attached[sp.space_id] = False
+        c.sealed[sp.space_id] = out.get("mode") == "sealed"
+        if c.sealed[sp.space_id] and not sp.writable.get(c.name):
+            c.read_only.add(sp.space_id)
+        else:
+            c.read_only.discard(sp.space_id)
+
+    def sense(self) -> None:
+        """What each live sealed VA client has present, from the kernel (a lie is judged by
+        it): read before an owner call, which the model then predicts."""
+        for c in self.world.live():
+            sealed = [space_id for space_id, yes in c.sealed.items() if yes]
+            c.present = {}
+            if not sealed:
+                continue
+            reach = kernel_reach(c.pid, [self.files[x] for x in sealed if x in self.files])
+            for space_id in sealed:
+                found = reach.get(self.files.get(space_id, (0, 0))) if reach else None
+                c.present[space_id] = set(found.readable) if found else set()
 
     # -- owner rules -----------------------------------------------------------------------------
 
@@ -1082,6 +1141,7 @@ class RevocationModel(RuleBasedStateMachine):
             seq0 = self.owners[op.owner].call(space_id, "seq")["seq"]
             pids = {c.name: c.pid for c in self.world.clients.values()}
             stopped = {c.name for c in self.world.clients.values() if c.stopped}
+            self.sense()
             expect = self.world.run(op)
             seen = self.execute(op, space_id, deadline_s=CANCEL_AFTER_S)
             if seen.error != "deadline":
@@ -1209,6 +1269,7 @@ class RevocationModel(RuleBasedStateMachine):
             release = [
                 i for i, (h, lo, hi) in sorted(sp.pins.items()) if h == holder and lo < b and a < hi
             ]
+            self.sense()
             t, box = _thread(lambda: self.execute(op, sp.space_id))
             time.sleep(RACE_AFTER_S)
             released_at = time.monotonic()
@@ -1243,6 +1304,7 @@ class RevocationModel(RuleBasedStateMachine):
             space_id = self.space_id(op.owner)
             assert space_id is not None
             pids = {x.name: x.pid for x in self.world.clients.values()}
+            self.sense()
             t, box = _thread(lambda: self.execute(op, space_id))
             time.sleep(RACE_AFTER_S)
             resumed_at = time.monotonic()
@@ -1414,7 +1476,7 @@ class RevocationModel(RuleBasedStateMachine):
     @rule(index=pick_st, owner=owner_st, fault=st.booleans(), page=st.integers(0, PAGES - 1))
     def touch(self, index: int, owner: str, fault: bool, page: int) -> None:
         """A VA client touches a page through its raw mapping: one it holds reads, one it does
-        not hold (never granted, or revoked and acknowledged) kills it with SIGSEGV."""
+        not hold (never granted, or revoked and acknowledged) kills it (SIGBUS or SIGSEGV)."""
         sp = self.world.spaces[owner]
         space_id = sp.space_id if sp else None
         c = self.pick(
@@ -1433,7 +1495,8 @@ class RevocationModel(RuleBasedStateMachine):
                 self.check(out.get("ok"), f"{c.name} could not read held page {target}: {out}")
                 return
             self.check(
-                out.get("dead") and out.get("returncode") == -signal.SIGSEGV,
+                # SIGBUS from the broker (sealed mode), SIGSEGV from a guard (cooperative)
+                out.get("dead") and out.get("returncode") in (-signal.SIGSEGV, -signal.SIGBUS),
                 f"{c.name} touched page {target} it does not hold and lived: {out}",
             )
             self.wait_session_gone(proc.pid)

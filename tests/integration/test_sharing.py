@@ -122,26 +122,37 @@ def test_va_client_writes_fail_in_sdk_on_ro_grant_and_crash_when_forced(owner, c
     assert not refused["ok"] and refused["error"].startswith("NotHeld")
     result = backend.cmd("poke", space=space.space_id, offset=0, value=1)
     assert result.get("dead"), result
-    assert _dead_signal(backend) == signal.SIGSEGV
+    assert _dead_signal(backend) in (signal.SIGSEGV, signal.SIGBUS)
 
 
-def test_grant_reaches_attached_client_without_reattach(owner, clients):
+@pytest.mark.parametrize("mode", ["cooperative", "sealed"])
+def test_grant_reaches_attached_client_without_reattach(owner, clients, mode):
+    """Cooperative: its first rw grant upgrades the read-only description it attached with (the
+    mapping is replaced in place). Sealed: the mapping's writability is fixed at attach, so a
+    client that will write needs a rw grant before it attaches; here it has one on page 9."""
     space = owner.create_space(MiB)
     space.share(0, MiB)
     space.grant("backend", 8 * PAGE, PAGE, "ro")
+    if mode == "sealed":
+        space.grant("backend", 9 * PAGE, PAGE, "rw")
     backend = clients("backend")
-    assert backend.ok("attach_va", space=space.space_id)["ranges"] == [[8 * PAGE, PAGE, "RO"]]
+    attached = backend.ok("attach_va", space=space.space_id, mode=mode)
+    assert attached["mode"] == mode
+    assert attached["ranges"][0] == [8 * PAGE, PAGE, "RO"]
     seq = space.grant("backend", 0, 2 * PAGE, "rw")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         if len(backend.ok("ranges", space=space.space_id)["ranges"]) == 2:
             break
         time.sleep(0.01)
-    assert backend.ok("ranges", space=space.space_id)["ranges"] == [
+    assert backend.ok("ranges", space=space.space_id)["ranges"][:2] == [
         [0, 2 * PAGE, "RW"],
         [8 * PAGE, PAGE, "RO"],
     ]
     assert owner.get_space(space.space_id).seq == seq
+    backend.ok("write", space=space.space_id, offset=PAGE, data="5a")
+    with space.map() as mem:
+        assert mem.read(PAGE, 1) == b"\x5a"
 
 
 def test_attach_without_a_grant_is_refused_and_hands_out_no_fd(daemon, owner, clients):
@@ -254,11 +265,12 @@ def test_delete_space_revokes_every_attached_client_first(owner, clients, daemon
     assert owner.list_spaces() == []
     result = backend.cmd("touch_held", space=space.space_id)
     assert result.get("dead"), result
-    assert _dead_signal(backend) == signal.SIGSEGV
+    assert _dead_signal(backend) in (signal.SIGSEGV, signal.SIGBUS)
 
 
+@pytest.mark.parametrize("mode", ["cooperative", "sealed"])
 @pytest.mark.parametrize("action", ["disconnect", "kill", "disconnect-report"])
-def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, action):
+def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, action, mode):
     from tests.conftest import ClientProc, Daemon, _env, stop_process
 
     env = dict(_env(), MEMBROKER_FENCE_ACTION=action.split("-")[0])
@@ -274,7 +286,8 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
                 space.grant(name, 0, PAGE)
                 proc = ClientProc(fast.runtime_dir, name)
                 procs.append(proc)
-                proc.ok("attach_va", space=space.space_id)
+                proc.ok("attach_va", space=space.space_id, mode=mode)
+                proc.ok("touch", space=space.space_id, offset=0)
             good, stuck = procs
             stop_process(stuck.pid)
             t0 = time.monotonic()
@@ -296,6 +309,18 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
                 assert outcomes["stuck"][1].endswith("; killed with SIGKILL")
                 assert fence["stuck"] == "killed"
                 assert stuck.wait(10) == -signal.SIGKILL
+            elif mode == "sealed":
+                # The broker zapped nothing, but it decides every fault of a sealed mapping:
+                # the disconnect retired it (write-protected, every touch refused). What the
+                # stopped process still has present is page 0, which it held; the report
+                # names it, and the kill policy applies.
+                if action == "disconnect":
+                    assert fence["stuck"] == "killed"
+                    assert "present at" in outcomes["stuck"][1]
+                    assert stuck.wait(10) == -signal.SIGKILL
+                else:
+                    assert fence["stuck"] == "still_mapped"
+                    assert "still has the page at offset 0x0 present" in outcomes["stuck"][1]
             elif action == "disconnect":
                 # Disconnected, but a stopped process cannot drop its mapping: looked at again
                 # after the grace, still mapped, so killed (on_fenced_still_mapped = kill).

@@ -558,6 +558,8 @@ class FakeControl(pb_grpc.MemBrokerServicer):
             seq=self.seq,
             ranges=self.inline,
             ranges_on_session=bool(self.snapshot),
+            va_mode=pb.VA_MODE_COOPERATIVE,
+            writable=True,
         )
 
     def Detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachResponse:

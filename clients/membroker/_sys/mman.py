@@ -36,6 +36,7 @@ MAP_ANONYMOUS: Final = 0x20
 MAP_NORESERVE: Final = 0x4000  # x86_64 and aarch64
 
 MADV_DONTNEED: Final = 4
+MADV_DONTFORK: Final = 10
 MADV_REMOVE: Final = 9
 MADV_GUARD_INSTALL: Final = 102
 MADV_GUARD_REMOVE: Final = 103
@@ -87,6 +88,15 @@ def _release(region: _Region) -> None:
     if ret == MAP_FAILED:
         check(-1, "mmap(MAP_FIXED reservation)")
     weakref.finalize(exporter, _munmap, region.address, region.length)
+
+
+def _zap_sealed(region: _Region) -> None:
+    """The release of a sealed mapping: it cannot be unmapped, so its pages are zapped and the
+    range stays reserved (each later touch is a fault the broker refuses) until the process
+    exits."""
+    # SAFETY: [address, +length) is our own sealed mapping; MADV_DONTNEED only drops this
+    # process's page-table entries (a shared mapping's contents stay in the file).
+    libc.madvise(region.address, region.length, MADV_DONTNEED)
 
 
 class Mapping:
@@ -167,6 +177,30 @@ class Mapping:
         # Gotcha: every distinct protection run is its own VMA (max_map_count is 65530); a
         # fragmented pattern should use guard_install() instead, which costs no VMA.
         check(libc.mprotect(address, length, prot), "mprotect")
+
+    def remap(self, fd: int) -> None:
+        """Replace the mapping, in place and PROT_NONE, by one of `fd` (a new description of
+        the same file, say a read-write one): the addresses, and so every view, stay valid;
+        protections and guard markers start over."""
+        address = self._range(0, self._region.length, aligned=True)
+        # SAFETY: MAP_FIXED over exactly our own live range, atomically: it is never free for
+        # another mmap() meanwhile. fd is only read by the kernel.
+        ret = libc.mmap(address, self._region.length, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0)
+        if ret is None or ret == MAP_FAILED:
+            check(-1, "mmap(MAP_FIXED remap)")
+
+    def seal(self) -> None:
+        """Not inherited by children (MADV_DONTFORK), then sealed (mseal): from now on the
+        mapping can be neither unmapped, moved nor re-protected, by anyone in this process.
+        close() then zaps its pages instead of unmapping it."""
+        from .uffd import mseal  # the one mseal wrapper lives with the userfaultfd calls
+
+        address = self._range(0, self._region.length, aligned=True)
+        # SAFETY: exactly our own live mapping; MADV_DONTFORK changes no contents.
+        check(libc.madvise(address, self._region.length, MADV_DONTFORK), "madvise(MADV_DONTFORK)")
+        mseal(address, self._region.length)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _zap_sealed, self._region)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop this process's page-table entries for the range (MADV_DONTNEED)."""

@@ -110,6 +110,7 @@ PROCMAP_QUERY_FILE_BACKED_VMA: Final = 0x20
 _PAGEMAP_PRESENT: Final = 1 << 63
 _PAGEMAP_SWAPPED: Final = 1 << 62
 _PAGEMAP_GUARD: Final = 1 << 58
+_PAGEMAP_UFFD_WP: Final = 1 << 57
 _PAGEMAP_ENTRY = struct.Struct("<Q")
 
 
@@ -155,6 +156,9 @@ assert ctypes.sizeof(PmScanArg) == 96
 assert ctypes.sizeof(PageRegion) == 24
 
 PAGEMAP_SCAN: Final = _IOWR(ord("f"), 16, PmScanArg)
+# "Written": present or swapped without the uffd-wp bit, i.e. writable without a fault the
+# broker sees (for a page write-protected through userfaultfd the bit is clear).
+PAGE_IS_WRITTEN: Final = 1 << 1
 PAGE_IS_PRESENT: Final = 1 << 3
 PAGE_IS_SWAPPED: Final = 1 << 4
 # Since 6.14 a guard marker is its own category (it is also reported as swapped).
@@ -335,6 +339,8 @@ class ProcessView:
                 cats = 0
                 if entry & _PAGEMAP_PRESENT:
                     cats |= PAGE_IS_PRESENT
+                    if not entry & _PAGEMAP_UFFD_WP:
+                        cats |= PAGE_IS_WRITTEN
                 if entry & _PAGEMAP_SWAPPED:
                     cats |= PAGE_IS_SWAPPED
                 if entry & _PAGEMAP_GUARD:
@@ -378,6 +384,27 @@ class ProcessView:
             inverted=PAGE_IS_GUARD,
             anyof=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
         )
+
+    def present_regions(self, addr: int, pages: int) -> Iterator[tuple[int, int]]:
+        """Runs of pages present in the page table."""
+        return self.regions(addr, pages, mask=PAGE_IS_PRESENT)
+
+    def writable_regions(self, addr: int, pages: int) -> Iterator[tuple[int, int]]:
+        """Runs of present pages without a userfaultfd write-protection (writable by a touch,
+        in a writable mapping)."""
+        return self.regions(addr, pages, mask=PAGE_IS_PRESENT | PAGE_IS_WRITTEN)
+
+    def userfaultfds(self) -> list[int]:
+        """The fd numbers of the userfaultfds the process holds."""
+        found = []
+        for name in os.listdir(self._fd_dir):
+            try:
+                target = os.readlink(name, dir_fd=self._fd_dir)
+            except FileNotFoundError:
+                continue
+            if target == "anon_inode:[userfaultfd]":
+                found.append(int(name))
+        return sorted(found)
 
     def unguarded_regions(self, addr: int, pages: int) -> Iterator[tuple[int, int]]:
         """Runs of pages without a guard marker (a touch would reach them)."""

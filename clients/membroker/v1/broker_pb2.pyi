@@ -33,6 +33,12 @@ class AttachKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTACH_KIND_VA: _ClassVar[AttachKind]
     ATTACH_KIND_FD: _ClassVar[AttachKind]
 
+class VaMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VA_MODE_UNSPECIFIED: _ClassVar[VaMode]
+    VA_MODE_SEALED: _ClassVar[VaMode]
+    VA_MODE_COOPERATIVE: _ClassVar[VaMode]
+
 class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
@@ -40,6 +46,7 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_FENCED: _ClassVar[Outcome]
     OUTCOME_GONE: _ClassVar[Outcome]
     OUTCOME_UNVERIFIED: _ClassVar[Outcome]
+    OUTCOME_ENFORCED: _ClassVar[Outcome]
 
 class FenceResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,11 +68,15 @@ ON_PINNED_FENCE: OnPinned
 ATTACH_KIND_UNSPECIFIED: AttachKind
 ATTACH_KIND_VA: AttachKind
 ATTACH_KIND_FD: AttachKind
+VA_MODE_UNSPECIFIED: VaMode
+VA_MODE_SEALED: VaMode
+VA_MODE_COOPERATIVE: VaMode
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_ACKED: Outcome
 OUTCOME_FENCED: Outcome
 OUTCOME_GONE: Outcome
 OUTCOME_UNVERIFIED: Outcome
+OUTCOME_ENFORCED: Outcome
 FENCE_RESULT_UNSPECIFIED: FenceResult
 FENCE_RESULT_DISCONNECTED: FenceResult
 FENCE_RESULT_KILLED: FenceResult
@@ -313,26 +324,32 @@ class ListGrantsResponse(_message.Message):
     def __init__(self, grants: _Optional[_Iterable[_Union[GrantRecord, _Mapping]]] = ..., more: _Optional[bool] = ..., next_client: _Optional[str] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("space_id", "kind")
+    __slots__ = ("space_id", "kind", "va_mode")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    VA_MODE_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     kind: AttachKind
-    def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ...) -> None: ...
+    va_mode: VaMode
+    def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ..., va_mode: _Optional[_Union[VaMode, str]] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
-    __slots__ = ("space", "fd_tag", "seq", "ranges", "ranges_on_session")
+    __slots__ = ("space", "fd_tag", "seq", "ranges", "ranges_on_session", "va_mode", "writable")
     SPACE_FIELD_NUMBER: _ClassVar[int]
     FD_TAG_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RANGES_FIELD_NUMBER: _ClassVar[int]
     RANGES_ON_SESSION_FIELD_NUMBER: _ClassVar[int]
+    VA_MODE_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
     space: Space
     fd_tag: int
     seq: int
     ranges: _containers.RepeatedCompositeFieldContainer[_session_pb2.AccessRange]
     ranges_on_session: bool
-    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.AccessRange, _Mapping]]] = ..., ranges_on_session: _Optional[bool] = ...) -> None: ...
+    va_mode: VaMode
+    writable: bool
+    def __init__(self, space: _Optional[_Union[Space, _Mapping]] = ..., fd_tag: _Optional[int] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.AccessRange, _Mapping]]] = ..., ranges_on_session: _Optional[bool] = ..., va_mode: _Optional[_Union[VaMode, str]] = ..., writable: _Optional[bool] = ...) -> None: ...
 
 class DetachRequest(_message.Message):
     __slots__ = ("space_id",)
@@ -407,7 +424,7 @@ class ListPinsResponse(_message.Message):
     def __init__(self, pins: _Optional[_Iterable[_Union[PinRecord, _Mapping]]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "client", "pid", "uid", "gid", "attached_spaces", "owned_spaces", "pins", "age_seconds")
+    __slots__ = ("session_id", "client", "pid", "uid", "gid", "attached_spaces", "owned_spaces", "pins", "age_seconds", "sealed_spaces")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +434,7 @@ class SessionInfo(_message.Message):
     OWNED_SPACES_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_SPACES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     client: str
     pid: int
@@ -426,7 +444,8 @@ class SessionInfo(_message.Message):
     owned_spaces: _containers.RepeatedScalarFieldContainer[str]
     pins: int
     age_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., client: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., attached_spaces: _Optional[_Iterable[str]] = ..., owned_spaces: _Optional[_Iterable[str]] = ..., pins: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+    sealed_spaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., client: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., attached_spaces: _Optional[_Iterable[str]] = ..., owned_spaces: _Optional[_Iterable[str]] = ..., pins: _Optional[int] = ..., age_seconds: _Optional[float] = ..., sealed_spaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()

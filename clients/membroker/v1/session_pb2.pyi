@@ -65,12 +65,14 @@ class FdOffer(_message.Message):
     def __init__(self, tag: _Optional[int] = ...) -> None: ...
 
 class FdDelivery(_message.Message):
-    __slots__ = ("tag", "space_id")
+    __slots__ = ("tag", "space_id", "upgrade")
     TAG_FIELD_NUMBER: _ClassVar[int]
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    UPGRADE_FIELD_NUMBER: _ClassVar[int]
     tag: int
     space_id: str
-    def __init__(self, tag: _Optional[int] = ..., space_id: _Optional[str] = ...) -> None: ...
+    upgrade: bool
+    def __init__(self, tag: _Optional[int] = ..., space_id: _Optional[str] = ..., upgrade: _Optional[bool] = ...) -> None: ...
 
 class AccessUpdate(_message.Message):
     __slots__ = ("space_id", "seq", "ranges", "more", "snapshot")
@@ -158,6 +160,24 @@ class Mapped(_message.Message):
     length: int
     def __init__(self, space_id: _Optional[str] = ..., address: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
+class Sealed(_message.Message):
+    __slots__ = ("space_id", "address", "length")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    address: int
+    length: int
+    def __init__(self, space_id: _Optional[str] = ..., address: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class SealedResult(_message.Message):
+    __slots__ = ("space_id", "error")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    error: str
+    def __init__(self, space_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
 class ReleasePins(_message.Message):
     __slots__ = ("space_id", "ranges", "deadline_ms")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -169,7 +189,7 @@ class ReleasePins(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +204,8 @@ class Frame(_message.Message):
     MAPPED_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PINS_FIELD_NUMBER: _ClassVar[int]
     REVOKE_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    SEALED_RESULT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -198,4 +220,6 @@ class Frame(_message.Message):
     mapped: Mapped
     release_pins: ReleasePins
     revoke_refused: RevokeRefused
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ...) -> None: ...
+    sealed: Sealed
+    sealed_result: SealedResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ...) -> None: ...

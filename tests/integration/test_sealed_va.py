@@ -1,0 +1,295 @@
+"""Sealed VA mode against a real daemon and real client processes, tried the way a compromised
+backend would: /proc/self/mem, mprotect/munmap/mremap of its own mapping, a kept fd, a
+userfaultfd of its own, writes after a non-cooperative write revoke, writes through a
+read-only description."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import membroker
+from membroker._sys.kvm import guest_memfd_support
+from membroker.clients import sealed_mode_available
+from tests.conftest import Daemon, _env, daemon_and_clients, stop_process
+
+PAGE = 4096
+SIZE = 64 * PAGE
+
+pytestmark = pytest.mark.skipif(
+    not sealed_mode_available(),
+    reason="the kernel lacks mseal or userfaultfd minor/missing/wp faults on shmem",
+)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Daemon, Any, Any, Any]]:
+    """A daemon, an owner with a 64-page space whose every page holds its own index, shared,
+    and a `start(name)` for client processes."""
+    with daemon_and_clients(tmp_path, 2000, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(SIZE, name="guest")
+        mem = space.map()
+        for page in range(SIZE // PAGE):
+            mem.write(page * PAGE, bytes([page + 1]) * 8)
+        space.share(0, SIZE)
+        try:
+            yield d, start, space, mem
+        finally:
+            mem.close()
+            owner.close()
+
+
+def _sigbus(result: dict[str, Any]) -> bool:
+    return bool(result.get("dead")) and result["returncode"] == -signal.SIGBUS
+
+
+def test_sealed_client_reaches_only_what_it_holds(world: Any) -> None:
+    d, start, space, mem = world
+    space.grant("c", 0, PAGE, "rw")
+    c = start("c")
+    out = c.ok("attach_va", space=space.space_id)
+    assert out["mode"] == "sealed"
+    # Nothing is present until touched: the broker faults pages in lazily.
+    assert c.ok("present_pages", space=space.space_id)["pages"] == []
+    assert c.ok("read", space=space.space_id, offset=0, length=8)["data"] == "01" * 8
+    assert c.ok("present_pages", space=space.space_id)["pages"] == [0]
+    c.ok("write", space=space.space_id, offset=0, data="aa")
+    assert mem.read(0, 1) == b"\xaa"
+    # /proc/self/mem (FOLL_FORCE) does not read a page it does not hold, nor write one.
+    got = c.ok("procmem_read", space=space.space_id, offset=5 * PAGE)
+    assert "data" not in got and got["errno"] in (errno.EIO, errno.EFAULT), got
+    # The mapping cannot be re-protected, unmapped or moved.
+    attacks = c.ok("mapping_attacks", space=space.space_id)["errno"]
+    assert attacks == {"mprotect": errno.EPERM, "munmap": errno.EPERM, "mremap": errno.EPERM}
+    sessions = {s.client: s for s in membroker.connect("ops", str(d.runtime_dir)).list_sessions()}
+    assert list(sessions["c"].sealed_spaces) == [space.space_id]
+    # A touch of page 5 is a SIGBUS; the guest's bytes are unchanged.
+    assert _sigbus(c.cmd("touch", space=space.space_id, offset=5 * PAGE))
+    assert mem.read(5 * PAGE, 8) == bytes([6]) * 8
+    assert "touched offset 0x5000, which it does not hold" in d.log()
+
+
+def test_fault_around_stays_inside_the_grant(world: Any) -> None:
+    _d, start, space, _mem = world
+    space.grant("c", 0, 16 * PAGE, "ro")
+    space.grant("c", 20 * PAGE, 4 * PAGE, "ro")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    assert c.ok("read", space=space.space_id, offset=2 * PAGE, length=8)["data"] == "03" * 8
+    present = c.ok("present_pages", space=space.space_id)["pages"]
+    # Faulted around from the touched page to the end of its granted run, and no further.
+    assert present == list(range(2, 16))
+    assert c.ok("read", space=space.space_id, offset=21 * PAGE, length=1)["data"] == "16"
+    present = c.ok("present_pages", space=space.space_id)["pages"]
+    assert present == [*range(2, 16), 21, 22, 23]
+
+
+def test_holes_of_the_file_fault_in_as_zeroes(tmp_path: Path) -> None:
+    with daemon_and_clients(tmp_path, 2000, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(SIZE)  # never written: every page a hole
+        space.share(0, SIZE)
+        space.grant("c", 0, 4 * PAGE, "rw")
+        c = start("c")
+        c.ok("attach_va", space=space.space_id)
+        assert c.ok("read", space=space.space_id, offset=PAGE, length=4)["data"] == "00" * 4
+        c.ok("write", space=space.space_id, offset=3 * PAGE, data="5a")
+        with space.map() as mem:
+            assert mem.read(3 * PAGE, 1) == b"\x5a"
+        owner.close()
+
+
+def test_a_stopped_writer_loses_write_access_without_its_help(world: Any) -> None:
+    _d, start, space, mem = world
+    space.grant("c", 0, 4 * PAGE, "rw")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    c.ok("write", space=space.space_id, offset=0, data="bb")  # present and writable
+    stop_process(c.pid)
+    t0 = time.monotonic()
+    space.grant("c", 0, 4 * PAGE, "ro")  # rw -> ro while the client is frozen
+    took = time.monotonic() - t0
+    report = space.revocations()[-1]
+    assert [(o.client, o.outcome) for o in report.clients] == [("c", "enforced")]
+    assert took < 2.0  # well inside the 2 s deadline: nothing waited for the frozen client
+    os.kill(c.pid, signal.SIGCONT)
+    # It still reads what it holds; its write does not land.
+    assert c.ok("read", space=space.space_id, offset=0, length=1)["data"] == "bb"
+    assert _sigbus(c.cmd("poke", space=space.space_id, offset=0, value=0xCC))
+    assert mem.read(0, 1) == b"\xbb"
+
+
+def test_a_read_revoke_zaps_and_a_refault_is_refused(world: Any) -> None:
+    _d, start, space, mem = world
+    space.grant("c", 0, 8 * PAGE, "rw")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    c.ok("read", space=space.space_id, offset=0, length=8 * PAGE)
+    c.ok("hold", space=space.space_id, offset=3 * PAGE)
+    report = space.revoke("c", 0, 8 * PAGE)
+    assert [(o.client, o.outcome) for o in report.clients] == [("c", "acked")]
+    assert c.ok("present_pages", space=space.space_id)["pages"] == []
+    assert _sigbus(c.cmd("touch_held", space=space.space_id))
+    assert mem.read(3 * PAGE, 1) == b"\x04"
+
+
+def test_a_child_forked_with_the_mapping_is_killed(world: Any) -> None:
+    d, start, space, _mem = world
+    space.grant("c", 0, 4 * PAGE, "rw")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    c.ok("read", space=space.space_id, offset=0, length=1)  # present in the parent
+    child = c.ok("fork_with_mapping", space=space.space_id, offset=0, sleep=2.0)["child"]
+    reaped = c.ok("reap", pid=child)
+    # Killed before it could read the page it inherited (it would exit with 101).
+    assert reaped["signal"] == signal.SIGKILL, reaped
+    assert "a fork of 'c' that inherited its sealed mapping" in d.log()
+    # The parent carries on.
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
+
+
+def test_a_regrant_after_a_revoke_faults_in_again(world: Any) -> None:
+    _d, start, space, _mem = world
+    space.grant("c", 0, 2 * PAGE, "rw")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
+    assert space.revoke("c", 0, 2 * PAGE).all_acked
+    space.grant("c", 0, 2 * PAGE, "ro")
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
+    space.grant("c", 0, 2 * PAGE, "rw")
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
+    c.ok("write", space=space.space_id, offset=PAGE, data="77")
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "77"
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [
+        ("keep_fd", "still holds fd"),
+        ("no_seal", "missing dc sl"),
+        ("own_uffd", "userfaultfd of its own"),
+        ("other_uffd", "userfaultfd of its own"),
+    ],
+)
+def test_a_client_that_cheats_at_sealing_is_refused_and_fenced(
+    tmp_path: Path, how: str, why: str
+) -> None:
+    with daemon_and_clients(tmp_path, 2000, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(SIZE)
+        space.share(0, SIZE)
+        space.grant("c", 0, PAGE, "rw")
+        c = start("c")
+        out = c.cmd("attach_va_rogue", space=space.space_id, how=how)
+        assert not out.get("ok"), out
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "sealed mapping refused" not in d.log():
+            time.sleep(0.05)
+        assert why in d.log(), d.log()[-2000:]
+        stats = owner.stats()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and stats.fenced_total < 1:
+            time.sleep(0.05)
+            stats = owner.stats()
+        assert stats.fenced_total == 1
+        owner.close()
+
+
+def test_a_read_only_sealed_mapping_stays_read_only(world: Any) -> None:
+    _d, start, space, _mem = world
+    space.grant("c", 0, PAGE, "ro")
+    c = start("c")
+    c.ok("attach_va", space=space.space_id)
+    space.grant("c", 0, PAGE, "rw")
+    out = c.cmd("write", space=space.space_id, offset=0, data="01")
+    assert not out.get("ok") and "NotHeld" in out["error"]
+
+
+def test_read_only_grantees_get_read_only_descriptions(world: Any) -> None:
+    _d, start, space, mem = world
+    space.grant("fdc", 0, 4 * PAGE, "ro")
+    c = start("fdc")
+    c.ok("attach_fd", space=space.space_id)
+    got = c.ok("fd_attacks", space=space.space_id, offset=8 * PAGE)
+    assert got["read_only"]
+    assert got["errno"] == {"pwrite": errno.EBADF, "punch": errno.EBADF, "mmap_rw": errno.EACCES}
+    assert mem.read(8 * PAGE, 8) == bytes([9]) * 8
+    # A read-only sealed VA client's mapping is read-only for good: a write is a SIGSEGV.
+    space.grant("va", 0, 4 * PAGE, "ro")
+    v = start("va")
+    v.ok("attach_va", space=space.space_id)
+    assert v.ok("read", space=space.space_id, offset=0, length=1)["data"] == "01"
+    result = v.cmd("poke", space=space.space_id, offset=0, value=0xEE)
+    assert result.get("dead") and result["returncode"] == -signal.SIGSEGV
+    assert mem.read(0, 1) == b"\x01"
+
+
+def test_a_first_rw_grant_upgrades_a_read_only_fd_client(world: Any) -> None:
+    _d, start, space, mem = world
+    space.grant("fdc", 0, 4 * PAGE, "ro")
+    c = start("fdc")
+    c.ok("attach_fd", space=space.space_id)
+    assert c.ok("fd_attacks", space=space.space_id, offset=0)["read_only"]
+    space.grant("fdc", 0, 4 * PAGE, "rw")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        got = c.ok("fd_attacks", space=space.space_id, offset=0)
+        if not got["read_only"]:
+            break
+        time.sleep(0.02)
+    # Now it may write: its pwrite landed, and so did its hole punch (page 0 reads zero).
+    assert not got["read_only"]
+    assert got["errno"] == {"pwrite": 0, "punch": 0, "mmap_rw": 0}
+    assert mem.read(0, 1) == b"\x00"
+
+
+GMEM_OK, GMEM_WHY = guest_memfd_support()
+
+
+@pytest.mark.skipif(not GMEM_OK, reason=GMEM_WHY)
+def test_guest_memfd_spaces_fall_back_to_cooperative_and_say_so(tmp_path: Path) -> None:
+    """On 6.18 a guest_memfd mapping cannot be registered with a userfaultfd: the broker finds
+    that out itself and attaches VA clients of such a space cooperatively; a client that
+    insists on sealed mode is told it cannot have it."""
+    with daemon_and_clients(tmp_path, 2000, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(SIZE, backing="guest_memfd")
+        space.share(0, SIZE)
+        space.grant("c", 0, PAGE, "rw")
+        space.grant("strict", 0, PAGE, "rw")
+        c = start("c")
+        assert c.ok("attach_va", space=space.space_id)["mode"] == "cooperative"
+        assert "sealed mode unavailable (userfaultfd registration" in d.log()
+        strict = start("strict")
+        out = strict.cmd("attach_va", space=space.space_id, mode="sealed")
+        assert not out["ok"] and "KernelFeatureMissing" in out["error"], out
+        sessions = {s.client: s for s in owner.list_sessions()}
+        assert list(sessions["c"].sealed_spaces) == []
+        assert list(sessions["strict"].attached_spaces) == []  # let go of, not left behind
+        owner.close()
+
+
+def test_sealed_mode_can_be_required(tmp_path: Path) -> None:
+    env_extra = {"MEMBROKER_VA_MODE": "sealed"}
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "2000", env=dict(_env(), **env_extra))
+    try:
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(SIZE)
+        space.share(0, SIZE)
+        space.grant("c", 0, PAGE, "rw")
+        client = membroker.connect("c", str(d.runtime_dir))
+        with pytest.raises(membroker.errors.PermissionDenied, match="requires sealed VA mode"):
+            client.attach_va(space.space_id, mode="cooperative")
+        client.close()
+        owner.close()
+    finally:
+        assert d.stop() == 0, d.log()

@@ -78,14 +78,24 @@ class Client:
             self.proc.stdout.close()
 
 
-def histogram_quantiles(url: str, name: str, qs: tuple[float, ...]) -> list[float]:
-    """Quantiles (seconds) of a Prometheus histogram, interpolated within buckets."""
+def histogram_buckets(url: str, name: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of each bucket of a Prometheus histogram."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     buckets = []
     for line in text.splitlines():
         if line.startswith(name + "_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    return buckets
+
+
+def histogram_quantiles(
+    before: list[tuple[float, float]], after: list[tuple[float, float]], qs: tuple[float, ...]
+) -> list[float]:
+    """Quantiles (seconds) of what a histogram counted between two scrapes, interpolated
+    within buckets."""
+    counts = dict(before)
+    buckets = [(le, n - counts.get(le, 0.0)) for le, n in after]
     total = buckets[-1][1] if buckets else 0
     out = []
     for q in qs:
@@ -164,9 +174,8 @@ def random_touch_rows(daemon: Daemon, runtime_dir: Path) -> list[tuple[str, str]
             mem.view(0, SIZE)[:] = b"\x02" * SIZE
         space.share(0, SIZE)
         space.grant_many("r", [(p * PAGE, PAGE) for p in range(0, SIZE // PAGE, 2)], "ro")
-        before = histogram_quantiles(
-            daemon.metrics_url, "membroker_fault_handler_seconds", (0.5, 0.99)
-        )
+        name = "membroker_fault_handler_seconds"
+        before = histogram_buckets(daemon.metrics_url, name)
         c = Client(runtime_dir, "r", space.space_id)
         try:
             assert c.ask("va sealed") == "sealed"
@@ -174,10 +183,9 @@ def random_touch_rows(daemon: Daemon, runtime_dir: Path) -> list[tuple[str, str]
         finally:
             c.close()
         after = histogram_quantiles(
-            daemon.metrics_url, "membroker_fault_handler_seconds", (0.5, 0.99)
+            before, histogram_buckets(daemon.metrics_url, name), (0.5, 0.99)
         )
         space.delete()
-    del before
     p50, p99, _mean = percentiles(samples)
     return [
         (

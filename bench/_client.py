@@ -2,7 +2,9 @@
 the SDK's reader thread) until stdin closes. Used by bench/revoke_bench.py, scale_bench.py and
 flood_bench.py.
 
-    python bench/_client.py RUNTIME_DIR CLIENT_NAME SPACE_ID
+    python bench/_client.py RUNTIME_DIR CLIENT_NAME SPACE_ID [MODE]
+
+MODE: the VA mode (auto, sealed, cooperative; default auto: sealed where the kernel offers it).
 
 Lines on stdin are commands, each answered with one line on stdout:
 
@@ -20,8 +22,9 @@ import membroker
 
 def main() -> None:
     runtime_dir, name, space_id = sys.argv[1:4]
+    mode = sys.argv[4] if len(sys.argv) > 4 else "auto"
     with membroker.connect(name, runtime_dir) as session:
-        client = session.attach_va(space_id)
+        client = session.attach_va(space_id, mode=mode)
         print("ready", flush=True)
         for line in sys.stdin:
             command = line.strip()

@@ -149,6 +149,76 @@ def bench_socket_pingpong(n: int) -> list[float]:
     return samples
 
 
+FLOOR_CLIENT = """
+import os, socket, sys
+import membroker  # the libraries a real client has loaded: its maps text is as long
+from membroker._sys import mman
+fd, sock_fd = int(sys.argv[1]), int(sys.argv[2])
+sock = socket.socket(fileno=sock_fd)
+m = mman.Mapping.map_shared(fd, 1 << 20, mman.PROT_READ | mman.PROT_WRITE)
+os.close(fd)
+sock.sendall(m.address.to_bytes(8, "little"))
+while sock.recv(16):
+    m.discard(0, 4096)
+    sock.sendall(b"ack-ack!")
+"""
+
+
+def bench_floor(k: int, n: int, sound: bool) -> list[float]:
+    """What Python itself allows for a verified revoke to K clients, with no broker: push a
+    16-byte frame to K client processes (Python, with the SDK's libraries loaded), each zaps
+    its page (MADV_DONTNEED) and acks with 8 bytes, and each ack is checked in the kernel's
+    view of that client -- `sound`: every mapping of the inode (the whole maps text, as
+    membrokerd does), else one PROCMAP_QUERY at the address the client gave plus one pagemap
+    read (the targeted check)."""
+    from membroker._sys.proc import ProcessView
+
+    fd = sys_memfd.create_memfd("floor", 1 << 20)
+    st = os.fstat(fd)
+    children = []
+    try:
+        for _ in range(k):
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
+                pass_fds=(fd, child_end.fileno()),
+                env=dict(os.environ, PYTHONPATH=SRC_PATH),
+            )
+            child_end.close()
+            address = int.from_bytes(parent_end.recv(8), "little")
+            children.append((proc, parent_end, address, ProcessView(proc.pid)))
+    finally:
+        os.close(fd)
+    by_fd = {sock.fileno(): (sock, address, view) for _, sock, address, view in children}
+    poller = select.poll()
+    for fileno in by_fd:
+        poller.register(fileno, select.POLLIN)
+
+    def once() -> None:
+        for _, sock, _, _ in children:
+            sock.sendall(b"revoke-seq-00001")
+        left = len(children)
+        while left:
+            for fileno, _ in poller.poll():
+                sock, address, view = by_fd[fileno]
+                sock.recv(8)
+                if sound:
+                    for vma in view.mappings_of(st.st_dev, st.st_ino):
+                        next(view.present_regions(vma.start, 1), None)
+                else:
+                    view.vma_at(address)
+                    view._entries(address, 1)
+                left -= 1
+
+    try:
+        return timeit(once, n)
+    finally:
+        for proc, sock, _, view in children:
+            sock.close()
+            view.close()
+            proc.wait(10)
+
+
 class Daemon:
     """A membrokerd process for a benchmark, ended by its pid in `stop()`.
 
@@ -253,7 +323,9 @@ def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
         return timeit(lambda: stub.Check(req, timeout=10), n)
 
 
-def start_clients(runtime_dir: Path, space_id: str, k: int) -> list[subprocess.Popen[bytes]]:
+def start_clients(
+    runtime_dir: Path, space_id: str, k: int, mode: str = "auto"
+) -> list[subprocess.Popen[bytes]]:
     env = dict(os.environ, PYTHONPATH=SRC_PATH)
     procs = [
         subprocess.Popen(
@@ -263,6 +335,7 @@ def start_clients(runtime_dir: Path, space_id: str, k: int) -> list[subprocess.P
                 str(runtime_dir),
                 f"c{i}",
                 space_id,
+                mode,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -287,14 +360,19 @@ def stop_clients(procs: list[subprocess.Popen[bytes]]) -> None:
             p.stdout.close()
 
 
-def bench_revoke(runtime_dir: Path, k: int, n: int) -> tuple[list[float], list[float]]:
-    """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold)."""
-    with membroker.connect("bench-owner", runtime_dir) as owner:
+def bench_revoke(
+    runtime_dir: Path, k: int, n: int, calls: str = "session", mode: str = "auto"
+) -> tuple[list[float], list[float]]:
+    """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold).
+
+    calls: how the owner's calls travel ("session" socket, the SDK's default, or "grpc");
+    mode: the VA clients' mode ("auto": sealed where the kernel offers it)."""
+    with membroker.connect("bench-owner", runtime_dir, calls=calls) as owner:
         space = owner.create_space(1 << 20)
         space.share(0, 1 << 20)
         for i in range(k):
             space.grant(f"c{i}", 0, PAGE)
-        procs = start_clients(runtime_dir, space.space_id, k)
+        procs = start_clients(runtime_dir, space.space_id, k, mode)
         try:
             single = []
             for it in range(n + 10):
@@ -385,6 +463,15 @@ SOCK = "baseline: Unix-socket ping-pong between processes"
 GRPC = "baseline: empty gRPC unary call (health Check)"
 REVOKE1 = "Revoke, 1 VA client, verify always"
 REVOKE1_OFF = "Revoke, 1 VA client, verify off"
+
+
+def floor_name(k: int, sound: bool) -> str:
+    check = "maps text + PAGEMAP_SCAN" if sound else "one PROCMAP_QUERY + one pagemap read"
+    return f"floor: bare Python fan-out to {k} client(s), zap, ack, {check}"
+
+
+REVOKE1_GRPC = "Revoke, 1 VA client, verify always, owner's call over gRPC"
+REVOKE1_COOP = "Revoke, 1 cooperative VA client, verify always"
 
 
 def fan_name(k: int, verify: str) -> str:
@@ -537,6 +624,18 @@ def main() -> int:
                     if k == 1:
                         rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
                     rows.append((fan_name(k, verify), percentiles(fan)))
+                    if verify == "always":
+                        for sound in (False, True):
+                            rows.append(
+                                (floor_name(k, sound), percentiles(bench_floor(k, iters, sound)))
+                            )
+                    if k == 1 and verify == "always":
+                        # The owner's call over gRPC (the path before session calls), and a
+                        # cooperative client (the mode before sealed mode), one change each.
+                        single, _ = bench_revoke(rt, 1, n, calls="grpc")
+                        rows.append((REVOKE1_GRPC, percentiles(single)))
+                        single, _ = bench_revoke(rt, 1, n, mode="cooperative")
+                        rows.append((REVOKE1_COOP, percentiles(single)))
             finally:
                 daemon.stop()
     load_after = os.getloadavg()
@@ -559,6 +658,19 @@ def main() -> int:
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]
+    for k, measured in ((1, revoke1), (32, fan32)):
+        targeted, sound = now[floor_name(k, False)], now[floor_name(k, True)]
+        summary.append(
+            f"Issue 9 floor, {k} client(s): {measured[0]:.0f} µs p50 = "
+            f"{measured[0] / targeted[0]:.1f}x the targeted-check floor ({targeted[0]:.0f} µs), "
+            f"{measured[0] / sound[0]:.1f}x the sound-check floor ({sound[0]:.0f} µs); goal <= 3x."
+        )
+    grpc1 = now.get(REVOKE1_GRPC)
+    if grpc1 is not None:
+        summary.append(
+            f"Owner's call on the session socket instead of gRPC: {revoke1[0]:.0f} vs "
+            f"{grpc1[0]:.0f} µs p50 ({revoke1[0] / grpc1[0]:.2f}x)."
+        )
     for label, before in previous:
         if not before.keys() >= {SOCK, GRPC, REVOKE1}:
             continue

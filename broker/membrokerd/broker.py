@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
@@ -62,12 +62,17 @@ from membrokerd.spaces import (
 )
 from membrokerd.verify import Allowed, judge_view
 
+if TYPE_CHECKING:
+    from membrokerd.servicer import SessionCalls
+
 log = logging.getLogger("membrokerd")
 
 T = TypeVar("T")
 
 # Attach replies carry at most this many ranges inline; more travel as snapshot frames.
 ATTACH_INLINE_RANGES = 1024
+# Control calls one session may have in flight on its socket.
+MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
 
@@ -139,6 +144,8 @@ class Broker:
         self.revocations_total = 0
         self.fenced_total = 0
         self.unverified_total = 0
+        # Set by the server: runs `Call` frames (membrokerd.servicer.SessionCalls).
+        self.calls: SessionCalls | None = None
         self.faults = FaultServer(self._fault_refused)
         self.metrics = Metrics(self.snapshot)
         self.faults.observe = self.metrics.fault_seconds.observe
@@ -262,6 +269,12 @@ class Broker:
             elif kind == "sealed":
                 self._sealed(session, frame.sealed, fds)
                 fds = []
+            elif kind == "call":
+                self._call(session, frame.call)
+            elif kind == "call_cancelled":
+                task = session.calls.get(frame.call_cancelled.id)
+                if task is not None:
+                    task.cancel()  # as a gRPC cancellation: its change goes on, caller_gone
             elif kind == "ping":
                 conn.send(spb.Frame(pong=spb.Pong(nonce=frame.ping.nonce)))
             elif kind == "goodbye":
@@ -383,6 +396,33 @@ class Broker:
                 f"maps the whole space ({space.size} bytes) at a page-aligned address"
             )
         session.va_base[space.space_id] = mapped.address
+
+    def _call(self, session: Session, call: spb.Call) -> None:
+        """A control call on the session socket: run like its gRPC twin, answered in turn."""
+        if self.calls is None:
+            raise ProtocolError("this broker takes no calls on the session socket", code=12)
+        if call.id == 0 or call.id in session.calls:
+            raise ProtocolError(f"call id {call.id} is zero or already in flight")
+        if len(session.calls) >= MAX_CALLS_IN_FLIGHT:
+            raise ProtocolError(
+                f"more than {MAX_CALLS_IN_FLIGHT} calls in flight on one session", code=8
+            )
+        calls = self.calls
+
+        async def run() -> None:
+            try:
+                result = await calls.run(session, call)
+            except asyncio.CancelledError:
+                return  # the caller gave up or left: nothing to answer
+            finally:
+                session.calls.pop(call.id, None)
+            if not session.conn.closed:
+                session.conn.send(spb.Frame(call_result=result))
+
+        task = self.loop.create_task(run())
+        session.calls[call.id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _sealed(self, session: Session, sealed: spb.Sealed, fds: list[int]) -> None:
         """A sealed VA client's mapping and userfaultfd: registered by the broker, checked
@@ -702,6 +742,8 @@ class Broker:
         for fd in session.offered.values():
             os.close(fd)
         session.offered.clear()
+        for task in list(session.calls.values()):
+            task.cancel()  # its caller is gone: changes go on, reports say caller_gone
         for awaited in session.pending_acks.values():
             awaited.settle(Verdict.LOST, f"session ended: {conn.close_reason}")
         session.pending_acks.clear()

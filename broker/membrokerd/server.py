@@ -33,7 +33,7 @@ from membrokerd.listener import (
     temporary_socket_path,
 )
 from membrokerd.metrics import MetricsServer
-from membrokerd.servicer import Servicer
+from membrokerd.servicer import Servicer, SessionCalls
 
 log = logging.getLogger("membrokerd")
 
@@ -215,7 +215,9 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
 
         listener = Listener(loop, config.session_socket, config.session_socket_mode, broker.accept)
         server = aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
-        broker_pb2_grpc.add_MemBrokerServicer_to_server(Servicer(broker), server)  # type: ignore[no-untyped-call]
+        servicer = Servicer(broker)
+        broker.calls = SessionCalls(servicer, config.max_frame_bytes)
+        broker_pb2_grpc.add_MemBrokerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(

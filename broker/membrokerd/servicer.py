@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 import membrokerd
@@ -89,6 +90,13 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
+def status_of(exc: Exception) -> grpc.StatusCode:
+    """The status code a broker fault or access error answers with."""
+    return next(
+        (c for t, c in STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
 def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]:
     """Authenticates the call, runs it, and maps exceptions to status codes."""
 
@@ -100,10 +108,7 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
             session = self.broker.authenticate(token if isinstance(token, str) else None)
             return await method(self, request, session)
         except (errors.BrokerFault, AccessError) as exc:
-            code = next(
-                (c for t, c in STATUS.items() if isinstance(exc, t)),
-                grpc.StatusCode.INVALID_ARGUMENT,
-            )
+            code = status_of(exc)
             self.broker.metrics.rpc_errors.labels(code.name).inc()
             log.debug("%s refused: %s: %s", name, code.name, exc)
             await context.abort(code, _describe(exc))
@@ -454,3 +459,58 @@ def _on_pinned(
 def _check_name(name: str) -> None:
     if len(name) > 128 or any(not c.isprintable() for c in name):
         raise errors.BadRequest("name must be at most 128 printable characters")
+
+
+class SessionCalls:
+    """Control calls that come on the session socket (`Call` frames): every unary method of the
+    service, run by the same code as over gRPC (validation, policy, the per-space queue) as the
+    session's own process, answered with `CallResult` frames. The owner's hot path: a Unix
+    socket round trip instead of a gRPC one."""
+
+    def __init__(self, servicer: Servicer, max_frame_bytes: int) -> None:
+        self.servicer = servicer
+        self.max_body = max_frame_bytes - 64  # room for the frame's own fields
+        self.methods: dict[str, tuple[Any, Handler]] = {}
+        for method in pb.DESCRIPTOR.services_by_name["MemBroker"].methods:
+            request_class = getattr(pb, method.input_type.name)
+            wrapped = getattr(type(servicer), method.name)
+            self.methods[method.name] = (request_class, wrapped.__wrapped__)
+
+    async def run(self, session: Session, call: spb.Call) -> spb.CallResult:
+        entry = self.methods.get(call.method)
+        if entry is None:
+            return self._failed(call, grpc.StatusCode.UNIMPLEMENTED, f"no method {call.method!r}")
+        request_class, handler = entry
+        try:
+            request = request_class.FromString(call.body)
+        except DecodeError:
+            return self._failed(
+                call,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"body is not a valid {request_class.DESCRIPTOR.name}",
+            )
+        try:
+            response = await handler(self.servicer, request, session)
+        except (errors.BrokerFault, AccessError) as exc:
+            code = status_of(exc)
+            log.debug("%s (session) refused: %s: %s", call.method, code.name, exc)
+            return self._failed(call, code, _describe(exc))
+        except Exception:
+            log.exception("%s (session) failed unexpectedly", call.method)
+            return self._failed(
+                call,
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {call.method} (details in the broker log)",
+            )
+        body = response.SerializeToString()
+        if len(body) > self.max_body:
+            return self._failed(
+                call,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the {len(body)}-byte response does not fit a session frame; call it over gRPC",
+            )
+        return spb.CallResult(id=call.id, body=body)
+
+    def _failed(self, call: spb.Call, code: grpc.StatusCode, message: str) -> spb.CallResult:
+        self.servicer.broker.metrics.rpc_errors.labels(code.name).inc()
+        return spb.CallResult(id=call.id, code=code.value[0], message=message[:4096])

@@ -58,6 +58,8 @@ class Session:
         self.sealed: dict[str, SealedMapping] = {}
         # space id -> an fd client attached with a read-only description (until upgraded)
         self.read_only_fd: set[str] = set()
+        # the control calls in flight on the socket (Call frames), by id
+        self.calls: dict[int, asyncio.Task[None]] = {}
         self.pidfd = os.dup(conn.pidfd)
         self.fencing: asyncio.Future[Fenced] | None = None
         self.killed: str | None = None

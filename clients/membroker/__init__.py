@@ -27,9 +27,14 @@ from membroker.types import Access, AccessRange, ClientOutcome, Region, Revocati
 __version__ = "0.1.0"
 
 
-def connect(name: str, runtime_dir: str | None = None, *, timeout: float = 30.0) -> Session:
-    """Opens a session with membrokerd as client `name` (runtime_dir: where its sockets are)."""
-    return Session(name, runtime_dir, timeout=timeout)
+def connect(
+    name: str, runtime_dir: str | None = None, *, timeout: float = 30.0, calls: str = "session"
+) -> Session:
+    """Opens a session with membrokerd as client `name` (runtime_dir: where its sockets are).
+
+    calls: "session" (default) sends control calls on the session socket, "grpc" on the
+    control socket; the broker runs the same methods either way."""
+    return Session(name, runtime_dir, timeout=timeout, calls=calls)
 
 
 __all__ = [

@@ -616,13 +616,24 @@ class VaClient(_Attachment):
         return self.mapping.view(offset, length)
 
     def read(self, offset: int, length: int) -> bytes:
+        """New bytes of [offset, offset+length); `readinto` copies into a buffer of yours."""
         if not self.holds(offset, length):
             raise NotHeld(offset, length, Access.RO)
         return self.mapping.read(offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
-        if not self.holds(offset, len(data), Access.RW):
-            raise NotHeld(offset, len(data), Access.RW)
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Copies len(buffer) held bytes from `offset` into `buffer`: one copy, nothing new
+        allocated (a backend's own request buffer, say); returns the count."""
+        length = memoryview(buffer).nbytes
+        if not self.holds(offset, length):
+            raise NotHeld(offset, length, Access.RO)
+        return self.mapping.readinto(offset, buffer)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copies `data` (any contiguous buffer) to `offset`: one copy."""
+        length = memoryview(data).nbytes
+        if not self.holds(offset, length, Access.RW):
+            raise NotHeld(offset, length, Access.RW)
         self.mapping.write(offset, data)
 
 

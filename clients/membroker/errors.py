@@ -149,5 +149,10 @@ def from_rpc_error(err: grpc.RpcError, method: str, request: Any) -> BrokerError
     """The typed exception for a failed call (the caller raises it `from err`)."""
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    return from_status(code, details, method, request)
+
+
+def from_status(code: grpc.StatusCode, details: str, method: str, request: Any) -> BrokerError:
+    """The typed exception for a status code and its details (gRPC or session answers)."""
     cls = _BY_CODE.get(code, BrokerError)
     return cls(details, method=method, request=request, code=code)

@@ -17,6 +17,7 @@ why.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -34,12 +35,16 @@ import grpc
 from membroker import wire
 from membroker._sys import sock as sys_sock
 from membroker.errors import (
+    BrokerError,
     ConnectError,
     MembrokerError,
     ProtocolError,
+    ResourceExhausted,
     SessionClosed,
     Unauthenticated,
+    Unimplemented,
     from_rpc_error,
+    from_status,
 )
 from membroker.types import (
     AccessRange,
@@ -58,6 +63,14 @@ log = logging.getLogger("membroker")
 
 TOKEN_KEY = "membroker-session-token"
 DEFAULT_TIMEOUT = 30.0
+# Bytes a Call frame adds to its request body (id, method name, framing), at most.
+CALL_OVERHEAD = 128
+# Method name -> its response message class, for calls answered on the session socket.
+_RESPONSES: dict[str, Any] = {
+    m.name: getattr(pb, m.output_type.name)
+    for m in pb.DESCRIPTOR.services_by_name["MemBroker"].methods
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The largest frame the SDK accepts whatever the broker announces (the daemon's own ceiling).
 MAX_FRAME_CEILING = 16 * 1024 * 1024
 # The reader's recvmsg buffer. Python allocates the full size on every recvmsg: 64 KiB costs
@@ -169,10 +182,19 @@ class Session:
         runtime_dir: str | os.PathLike[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        calls: str = "session",
     ) -> None:
+        if calls not in ("session", "grpc"):
+            raise ValueError(f"calls must be 'session' or 'grpc', not {calls!r}")
         rdir = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
         self.name = name
         self.timeout = timeout
+        # "session": control calls travel on the session socket (a Unix-socket round trip),
+        # "grpc": on control.sock. Either way the broker runs the same method.
+        self.calls = calls
+        self._call_ids = itertools.count(1)
+        # id -> the CallResult, once it came (None while awaited), under _cv
+        self._results: dict[int, spb.CallResult | None] = {}
         self.control_socket = rdir / "control.sock"
         self.session_socket = rdir / "session.sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -524,6 +546,13 @@ class Session:
             with self._cv:
                 self._pongs[frame.pong.nonce] = time.perf_counter()
                 self._cv.notify_all()
+        elif kind == "call_result":
+            with self._cv:
+                if frame.call_result.id in self._results:
+                    self._results[frame.call_result.id] = frame.call_result
+                    self._cv.notify_all()
+                else:
+                    log.debug("late result of call %d dropped", frame.call_result.id)
         elif kind == "sealed_result":
             with self._cv:
                 self._sealed_results[frame.sealed_result.space_id] = frame.sealed_result.error
@@ -729,9 +758,22 @@ class Session:
         return tag
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """One control call with the session token; gRPC errors become typed exceptions."""
+        """One control call; broker errors become typed exceptions.
+
+        On the session socket (calls="session", the default) when the request fits a frame and
+        the caller is not the session's own reader thread (a push handler calling back), else
+        over gRPC with the session token."""
         if self._closed_reason is not None:
             raise SessionClosed(self._closed_reason, fenced=self._fenced)
+        if self.calls == "session" and threading.current_thread() is not self._reader:
+            body = request.SerializeToString()
+            if len(body) <= self.max_frame_bytes - CALL_OVERHEAD:
+                try:
+                    return self._call_on_session(method, request, body, timeout)
+                except ResourceExhausted as exc:
+                    if "does not fit a session frame" not in exc.details:
+                        raise
+                    # The answer is too large for a frame: ask again over gRPC.
         try:
             return getattr(self._stub, method)(
                 request,
@@ -748,6 +790,42 @@ class Session:
                     if self._closed_reason is not None:
                         raise self._closed_error() from exc
             raise error from exc
+
+    def _call_on_session(
+        self, method: str, request: Any, body: bytes, timeout: float | None
+    ) -> Any:
+        response_class = _RESPONSES.get(method)
+        if response_class is None:
+            raise Unimplemented(f"no method {method!r}", method=method, request=request)
+        call_id = next(self._call_ids)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        with self._cv:
+            self._results[call_id] = None
+        try:
+            self._send(spb.Frame(call=spb.Call(id=call_id, method=method, body=body)))
+            with self._cv:
+                while (result := self._results[call_id]) is None:
+                    if self._closed_reason is not None:
+                        raise self._closed_error()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        with contextlib.suppress(OSError, MembrokerError):
+                            self._send(spb.Frame(call_cancelled=spb.CallCancelled(id=call_id)))
+                        raise BrokerError(
+                            "deadline exceeded waiting for the broker's answer "
+                            "(a change it started runs to its end in the broker)",
+                            method=method,
+                            request=request,
+                            code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                        )
+                    self._cv.wait(left)
+        finally:
+            with self._cv:
+                self._results.pop(call_id, None)
+        if result.code:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            raise from_status(code, result.message, method, request)
+        return response_class.FromString(result.body)
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip on the session socket, in seconds."""

@@ -59,6 +59,22 @@ def test_map_read_write_view(memfd: int) -> None:
         v.release()
 
 
+def test_readinto_and_writes_from_any_buffer(memfd: int) -> None:
+    import array
+
+    with Mapping.map_shared(memfd, 16 * PAGE_SIZE, RW) as m:
+        words = array.array("I", [0x01020304, 0x05060708])
+        m.write(8, memoryview(words))  # another item size: copied as its bytes
+        m.write(16, bytearray(b"abc"))
+        buf = bytearray(11)
+        assert m.readinto(8, buf) == 11
+        assert bytes(buf) == words.tobytes() + b"abc"
+        window = memoryview(bytearray(8))[2:5]
+        assert m.readinto(16, window) == 3 and bytes(window) == b"abc"
+        with pytest.raises(ValueError, match="outside the mapping"):
+            m.readinto(16 * PAGE_SIZE - 2, bytearray(4))
+
+
 def test_mapping_lifecycle_and_repr(memfd: int) -> None:
     dev, ino = _inode(memfd)
     m = Mapping.map_shared(memfd, 4 * PAGE_SIZE)

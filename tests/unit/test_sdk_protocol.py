@@ -150,7 +150,7 @@ class RawBroker:
         thread = threading.Thread(target=handshake)
         thread.start()
         try:
-            session = Session("client", self.runtime_dir, timeout=WAIT)
+            session = Session("client", self.runtime_dir, timeout=WAIT, calls="grpc")
         finally:
             thread.join(WAIT)
         self.sessions.append(session)

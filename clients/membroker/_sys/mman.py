@@ -260,12 +260,17 @@ class Mapping:
         return ctypes.string_at(address, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy `data` into the mapping (SIGSEGV where it is not writable)."""
-        src = data if isinstance(data, bytes) else bytes(data)
-        address = self._range(offset, len(src), aligned=False)
-        # SAFETY: destination [address, +len(src)) lies inside our live mapping (checked
-        # above); the source is a bytes object of len(src) bytes kept alive by `src`.
-        ctypes.memmove(address, src, len(src))
+        """Copy `data` (any contiguous buffer) into the mapping, one copy (SIGSEGV where it is
+        not writable)."""
+        src = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        self.view(offset, len(src))[:] = src
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Copy len(buffer) bytes from `offset` into `buffer` (any writable contiguous buffer),
+        one copy and no allocation; returns the count (SIGSEGV where it is not readable)."""
+        dst = memoryview(buffer).cast("B")
+        dst[:] = self.view(offset, len(dst))
+        return len(dst)
 
     def close(self) -> None:
         """munmap the mapping; idempotent. Outstanding views then fault instead of reading."""

@@ -178,6 +178,34 @@ class SealedResult(_message.Message):
     error: str
     def __init__(self, space_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
+class Call(_message.Message):
+    __slots__ = ("id", "method", "body")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    method: str
+    body: bytes
+    def __init__(self, id: _Optional[int] = ..., method: _Optional[str] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class CallResult(_message.Message):
+    __slots__ = ("id", "body", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    body: bytes
+    code: int
+    message: str
+    def __init__(self, id: _Optional[int] = ..., body: _Optional[bytes] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class CallCancelled(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
 class ReleasePins(_message.Message):
     __slots__ = ("space_id", "ranges", "deadline_ms")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -189,7 +217,7 @@ class ReleasePins(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result", "call", "call_result", "call_cancelled")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +234,9 @@ class Frame(_message.Message):
     REVOKE_REFUSED_FIELD_NUMBER: _ClassVar[int]
     SEALED_FIELD_NUMBER: _ClassVar[int]
     SEALED_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    CALL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CALL_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -222,4 +253,7 @@ class Frame(_message.Message):
     revoke_refused: RevokeRefused
     sealed: Sealed
     sealed_result: SealedResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ...) -> None: ...
+    call: Call
+    call_result: CallResult
+    call_cancelled: CallCancelled
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., call_result: _Optional[_Union[CallResult, _Mapping]] = ..., call_cancelled: _Optional[_Union[CallCancelled, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,158 @@
+"""Control calls on the session socket (Call / CallResult frames), tried by a raw peer: bad ids,
+unknown methods, garbage bodies, a flood of calls in flight, a caller that hangs up mid-call.
+The SDK's own use of them (its default) is covered by every other integration test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import pytest
+
+import membroker
+from membroker import wire
+from membroker._sys import sock as sys_sock
+from membroker.v1 import broker_pb2 as pb
+from membroker.v1 import session_pb2 as spb
+from tests.conftest import Daemon, daemon_and_clients, stop_process
+
+PAGE = 4096
+MiB = 1 << 20
+
+
+class Raw:
+    """A session peer that speaks the frames itself (no SDK)."""
+
+    def __init__(self, runtime_dir: Any, name: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(runtime_dir / "session.sock"))
+        self.decoder = wire.FrameDecoder()
+        self.frames: list[spb.Frame] = []
+        self.send(spb.Frame(hello=spb.Hello(protocol_version=1, client_name=name)))
+        assert self.next().WhichOneof("body") == "welcome"
+
+    def send(self, frame: spb.Frame) -> None:
+        self.sock.sendall(wire.encode(frame))
+
+    def next(self) -> spb.Frame:
+        while not self.frames:
+            data, fds, _ = sys_sock.recv_with_fds(self.sock, 1 << 17)
+            if not data:
+                raise EOFError("connection closed")
+            for frame, frame_fds in self.decoder.feed(data, fds):
+                for fd in frame_fds:
+                    os.close(fd)  # a space's fd (FdDelivery): not needed here
+                self.frames.append(frame)
+        return self.frames.pop(0)
+
+    def call(self, call_id: int, method: str, request: Any) -> None:
+        self.send(
+            spb.Frame(call=spb.Call(id=call_id, method=method, body=request.SerializeToString()))
+        )
+
+    def result(self) -> spb.CallResult:
+        while True:
+            frame = self.next()
+            if frame.WhichOneof("body") == "call_result":
+                return frame.call_result
+
+    def closed_after_error(self) -> spb.Error:
+        while True:
+            frame = self.next()
+            if frame.WhichOneof("body") == "error":
+                break
+        with pytest.raises(EOFError):
+            while True:
+                self.next()
+        return frame.error
+
+
+def test_calls_on_the_session_are_answered_like_grpc_and_bad_ones_refused(daemon: Daemon) -> None:
+    raw = Raw(daemon.runtime_dir, "raw-owner")
+    raw.call(7, "CreateSpace", pb.CreateSpaceRequest(size=MiB, name="g", backing=pb.BACKING_MEMFD))
+    created = raw.result()
+    assert created.id == 7 and created.code == 0, created
+    space = pb.CreateSpaceResponse.FromString(created.body).space
+    raw.call(8, "NoSuchMethod", pb.GetStatsRequest())
+    missing = raw.result()
+    assert (missing.id, missing.code) == (8, 12) and "NoSuchMethod" in missing.message
+    raw.send(spb.Frame(call=spb.Call(id=9, method="Grant", body=b"\xff\xff\xff")))
+    garbage = raw.result()
+    assert (garbage.id, garbage.code) == (9, 3) and "GrantRequest" in garbage.message
+    # Validation and policy are the gRPC method's own: a grant of a private range is refused.
+    raw.call(
+        10,
+        "Grant",
+        pb.GrantRequest(
+            space_id=space.space_id,
+            client="x",
+            range=spb.Range(offset=0, length=PAGE),
+            access=spb.ACCESS_RW,
+        ),
+    )
+    refused = raw.result()
+    assert refused.code == 9 and "not shared" in refused.message, refused  # FAILED_PRECONDITION
+    # Someone else's space: PERMISSION_DENIED, as over gRPC.
+    other = membroker.connect("other", str(daemon.runtime_dir))
+    with pytest.raises(membroker.PermissionDenied):
+        other.call(
+            "SetAttributes",
+            pb.SetAttributesRequest(
+                space_id=space.space_id,
+                range=spb.Range(offset=0, length=PAGE),
+                attribute=pb.ATTRIBUTE_SHARED,
+            ),
+        )
+    other.close()
+    # An id of zero is a protocol error: the connection is closed, the broker serves on.
+    raw.call(0, "GetStats", pb.GetStatsRequest())
+    assert "zero" in raw.closed_after_error().message
+    with membroker.connect("check", str(daemon.runtime_dir)) as check:
+        assert check.get_space(space.space_id).size == MiB
+
+
+def test_a_flood_of_calls_in_flight_is_cut_off_and_a_hung_up_caller_changes_nothing(
+    tmp_path: Any,
+) -> None:
+    with daemon_and_clients(tmp_path, 1500, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("c", 0, 64 * PAGE)
+        c = start("c")
+        c.ok("attach_va", space=space.space_id)
+        stop_process(c.pid)  # every revoke below now waits for its deadline
+        owner.close()  # its name is free for the raw peer (same uid)
+        raw = Raw(d.runtime_dir, "vmm")
+        for i in range(65):
+            if i == 64:
+                time.sleep(0.3)  # the 64 have started (queued behind the first): one more
+            raw.call(
+                i + 1,
+                "Revoke",
+                pb.RevokeRequest(
+                    space_id=space.space_id,
+                    client="c",
+                    range=spb.Range(offset=i * PAGE, length=PAGE),
+                ),
+            )
+        # Over 64 calls in flight: cut off (the connection), while the ones already running
+        # run to their end without their caller.
+        error = raw.closed_after_error()
+        assert error.code == 8 and "64 calls in flight" in error.message, error
+        with membroker.connect("vmm", str(d.runtime_dir)) as again:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and again.stats().fenced_total < 1:
+                time.sleep(0.05)
+            # The first revocation fenced the frozen client at its deadline, with nobody waiting
+            # for it any more; its report is kept, and says so.
+            reports = again.list_revocations(space.space_id)
+            first = next(r for r in reports if r.clients)
+            assert first.cause == "revoke" and first.clients[0].outcome == "fenced", first
+            assert first.caller_gone
+            assert again.stats().fenced_total == 1
+        os.kill(c.pid, signal.SIGCONT)

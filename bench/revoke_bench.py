@@ -403,6 +403,7 @@ def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float
     Verification reads the whole /proc/PID/maps text every time, by design: every mapping of
     the space's inode must be judged, not only the one the client reports (issue 7, item 4).
     """
+    from membroker._sys import uffd as sys_uffd
     from membroker._sys.proc import ProcessView
     from membrokerd.access import Access, AccessRange
     from membrokerd.verify import Allowed, check_reach
@@ -418,8 +419,15 @@ def bench_verification(runtime_dir: Path, n: int) -> list[tuple[str, tuple[float
             st = os.fstat(space.fd)  # type: ignore[arg-type]
             dev, ino = st.st_dev, st.st_ino
             view = ProcessView(procs[0].pid)
-            assert len(view.mappings_of(dev, ino)) >= 1
-            allowed = Allowed.of([AccessRange(0, PAGE, Access.RW)], PAGE)
+            mapped = view.mappings_of(dev, ino)
+            assert len(mapped) == 1
+            held = Allowed.of([AccessRange(0, PAGE, Access.RW)], PAGE)
+            # A sealed client's mapping (smaps: sealed, registered) is judged by its page
+            # table, as the daemon does.
+            sealed = frozenset(
+                v.start for v in mapped if {"sl", "ui"} <= sys_uffd.vma_flags(procs[0].pid, v.start)
+            )
+            allowed = Allowed(held.readable, held.writable, sealed)
             gone = [AccessRange(PAGE, PAGE, Access.NONE)]
 
             def one_page() -> str | None:

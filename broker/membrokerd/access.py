@@ -145,6 +145,11 @@ class Runs(Sequence[AccessRange]):
         return self._pages
 
     @property
+    def level(self) -> Access:
+        """The access level every run is at."""
+        return self._level
+
+    @property
     def byte_total(self) -> int:
         return self._pages.total() * self._ps
 

@@ -501,6 +501,7 @@ class Broker:
             address,
             space.size,
             space.page_size,
+            view=_view_of(session.pid),
         )
 
     def _accept_sealed(
@@ -617,9 +618,9 @@ class Broker:
             awaited.settle(Verdict.REFUSED, refusal, now)
             return
         sealed = session.sealed.get(space_id)
-        if sealed is not None:
+        if sealed is not None and len(awaited.ranges) < OFFLOAD_RANGES:
             # It says it zapped: from now on a touch of those pages is refused, so whatever
-            # verification finds present now stays what it was.
+            # verification finds present now stays what it was. (A large one: in _judge_later.)
             sealed.set_access(awaited.ranges)
         if len(awaited.ranges) >= OFFLOAD_RANGES or len(awaited.batch.acks) > 1:
             # A large revocation, or one of a fan-out: the kernel's view is read and compared
@@ -634,10 +635,11 @@ class Broker:
 
     async def _judge_later(self, session: Session, awaited: Ack) -> None:
         try:
-            verdict, reason = await self.loop.run_in_executor(
-                None,
-                without_collector(self.judge_prepared(session, awaited.space_id, awaited.ranges)),
-            )
+            judge = self.judge_prepared(session, awaited.space_id, awaited.ranges)
+            sealed = session.sealed.get(awaited.space_id)
+            if sealed is not None and len(awaited.ranges) >= OFFLOAD_RANGES:
+                judge = _after(functools.partial(sealed.set_access, awaited.ranges), judge)
+            verdict, reason = await self.loop.run_in_executor(None, without_collector(judge))
         except Exception as exc:  # never leave a revocation waiting on a lost verdict
             verdict, reason = Verdict.UNVERIFIED, f"its verification failed ({exc})"
         awaited.settle(verdict, reason, awaited.acked_at)
@@ -1233,9 +1235,13 @@ class Broker:
             sealed = session.sealed.get(space.space_id)
             if sealed is not None:
                 # Before anything is pushed: write access taken away is write-protected in
-                # the client now; read access goes when it acknowledges (see _ack).
-                sealed.lower_write(change.lowered)
-                sealed.set_access(change.raised)
+                # the client now; read access goes when it acknowledges (see _ack). A large
+                # change is applied on a worker thread (faults wait for it, the loop does not).
+                update = functools.partial(_sealed_update, sealed, change.lowered, change.raised)
+                if len(change.lowered) + len(change.raised) >= OFFLOAD_RANGES:
+                    await self.loop.run_in_executor(None, without_collector(update))
+                else:
+                    update()
             if change.raised:
                 if space.space_id in session.read_only_fd and any(
                     r.access is Access.RW for r in change.raised
@@ -1653,6 +1659,28 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+def _sealed_update(
+    sealed: SealedMapping, lowered: Sequence[AccessRange], raised: Sequence[AccessRange]
+) -> None:
+    sealed.lower_write(lowered)
+    sealed.set_access(raised)
+
+
+def _after(first: Callable[[], None], then: Callable[[], T]) -> Callable[[], T]:
+    def both() -> T:
+        first()
+        return then()
+
+    return both
+
+
+def _view_of(pid: int) -> ProcessView | None:
+    try:
+        return ProcessView(pid)
+    except OSError:
+        return None  # gone meanwhile: write-protections then cover whole spans
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

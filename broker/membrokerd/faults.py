@@ -59,9 +59,10 @@ from collections.abc import Callable, Iterable
 
 from membroker._sys import sock as sys_sock
 from membroker._sys import uffd as sys_uffd
+from membroker._sys.proc import ProcessView
 from membroker._sys.uffd import Fault, Uffd
 from membroker.rangeset import RangeSet
-from membrokerd.access import Access, AccessRange
+from membrokerd.access import Access, AccessRange, Runs
 
 log = logging.getLogger("membrokerd.faults")
 
@@ -104,8 +105,11 @@ class SealedMapping:
         page: int,
         *,
         inert: bool = False,
+        view: ProcessView | None = None,
     ) -> None:
         self.uffd = uffd
+        # The client's page table (owned): which pages a write-protection must reach.
+        self.view = view
         self.space_fd = space_fd  # the broker's own fd of the space (not owned)
         self.space_id = space_id
         self.client = client
@@ -141,6 +145,9 @@ class SealedMapping:
     def set_access(self, ranges: Iterable[AccessRange]) -> None:
         """The client's access over `ranges` (disjoint) is now as given. Write access taken
         away is write-protected in the client before this returns (without its help)."""
+        if isinstance(ranges, Runs):
+            self._set_runs(ranges)
+            return
         page = self.page
         none: list[tuple[int, int]] = []
         ro: list[tuple[int, int]] = []
@@ -163,10 +170,39 @@ class SealedMapping:
                 self.writable.add_many(rw)
             self._write_protect(lost_write)
 
+    def _set_runs(self, runs: Runs) -> None:
+        """`set_access` of runs at one level, as page sets (no object per run)."""
+        pages = runs.pages
+        with self.lock:
+            if self.closed:
+                return
+            if runs.level is Access.RW:
+                self.readable.add_many(pages)
+                self.writable.add_many(pages)
+                return
+            lost = list(self.writable.intersect(pages))
+            if lost:
+                self.writable.remove_many(pages)
+            if runs.level is Access.RO:
+                self.readable.add_many(pages)
+            else:
+                self.readable.remove_many(pages)
+            self._write_protect(lost)
+
     def lower_write(self, ranges: Iterable[AccessRange]) -> None:
         """Write access over `ranges` is gone (whatever is left of read access): write-protect
         them in the client now. Read access is taken later, with `set_access`, when the client
         has zapped and acknowledged (until then its access() blocks may still fault pages in)."""
+        if isinstance(ranges, Runs):
+            pages = ranges.pages
+            with self.lock:
+                if self.closed:
+                    return
+                lost = list(self.writable.intersect(pages))
+                if lost:
+                    self.writable.remove_many(pages)
+                self._write_protect(lost)
+            return
         page = self.page
         spans = [(r.offset // page, -(-(r.offset + r.length) // page)) for r in ranges]
         with self.lock:
@@ -198,11 +234,28 @@ class SealedMapping:
                 log.error("%r: write-protecting it on retirement failed: %s", self, exc)
 
     def _write_protect(self, spans: list[tuple[int, int]]) -> None:
+        """Write-protects what is present and writable in `spans` (pages). Only present pages
+        need it: any other touch is a fault this broker answers from the new access. Their
+        runs come from one PAGEMAP_SCAN over the spans' hull, so protecting a million
+        fragments costs what the client actually has mapped (a range-wide write-protect of
+        shmem would install a marker in every page-table entry of it)."""
         if not spans:
             return
-        if len(spans) > WP_RANGES:
-            spans = [(min(s for s, _ in spans), max(e for _, e in spans))]
-        for first, last in spans:
+        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        targets: list[tuple[int, int]] = []
+        if self.view is not None:
+            try:
+                for start, end in self.view.writable_regions(self.base + lo * self.page, hi - lo):
+                    first = (start - self.base) // self.page
+                    last = (end - self.base) // self.page
+                    targets.append((first, last))
+            except OSError:
+                targets = []
+                self.view.close()  # the process is exiting: whole spans from now on
+                self.view = None
+        if self.view is None:
+            targets = spans if len(spans) <= WP_RANGES else [(lo, hi)]
+        for first, last in targets:
             for attempt in range(100):
                 try:
                     self.uffd.writeprotect(
@@ -364,6 +417,9 @@ class SealedMapping:
         with self.lock:
             self.closed = True
             self.uffd.close()
+            if self.view is not None:
+                self.view.close()
+                self.view = None
             if self.pidfd >= 0:
                 os.close(self.pidfd)
                 self.pidfd = -1

@@ -1484,16 +1484,24 @@ class Broker:
             self._check_attach(session, space)
             readable, writable = space.table.allowed_sets(session.name)
             seq = space.table.seq
-            ranges: list[AccessRange]
+            ranges: list[AccessRange] = []
+            frames: list[bytes] = []
             if len(readable) + len(writable) < OFFLOAD_RANGES:
                 ranges = space.table.ranges_of(readable, writable)
+                if len(ranges) > ATTACH_INLINE_RANGES:
+                    frames = self._encoder(space_id, seq).snapshot_frames(ranges)
             else:
-                ranges = await self.loop.run_in_executor(
-                    None, without_collector(space.table.ranges_of), readable, writable
-                )
-            on_session = len(ranges) > ATTACH_INLINE_RANGES
+                # Built and encoded together on a worker: a million range objects are made and
+                # freed there, never alive on the loop where the collector would walk them.
+                encoder = self._encoder(space_id, seq)
+                table = space.table
+
+                def snapshot() -> list[bytes]:
+                    return encoder.snapshot_frames(table.ranges_of(readable, writable))
+
+                frames = await self.loop.run_in_executor(None, without_collector(snapshot))
+            on_session = bool(frames)
             if on_session:
-                frames = await self._encoder(space_id, seq).update(ranges, snapshot=True)
                 self._check_attach(session, space)  # still there after the encoding?
                 self._send_all(session, frames)
             rw_fd = self.is_owner(session, space) or space.table.has_rw_grant(session.name)

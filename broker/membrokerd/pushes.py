@@ -130,6 +130,20 @@ class Encoder:
             frames = self._cache[key] = await encode(self.loop, ranges, make, self.max_frame_bytes)
         return frames
 
+    def snapshot_frames(self, ranges: Sequence[AccessRange]) -> list[bytes]:
+        """The frames of an attach snapshot, encoded here and now (on a worker, for a large
+        one, together with building `ranges`, so its range objects never reach the loop)."""
+        space_id, seq = self.space_id, self.seq
+        return split(
+            ranges,
+            lambda part, more: spb.Frame(
+                access_update=spb.AccessUpdate(
+                    space_id=space_id, seq=seq, ranges=part, more=more, snapshot=True
+                )
+            ),
+            self.max_frame_bytes,
+        )
+
     async def update(self, ranges: Sequence[AccessRange], snapshot: bool = False) -> list[bytes]:
         """AccessUpdate frames (`snapshot`: an attach snapshot, the client's whole access)."""
         space_id, seq = self.space_id, self.seq

@@ -44,8 +44,17 @@ class RangeSet:
 
     def __init__(self, intervals: Iterable[Interval] = ()) -> None:
         """Build the union of `intervals` (in any order; they may overlap or touch)."""
-        starts: array[int] = array("Q")
-        ends: array[int] = array("Q")
+        starts: array[int]
+        ends: array[int]
+        if isinstance(intervals, RangeSet):
+            # Already sorted and merged: the columns are copied in C, nothing is re-sorted (a
+            # sort of a million intervals holds the GIL for the whole of it).
+            starts, ends = intervals.columns()
+            self._starts = starts[:]
+            self._ends = ends[:]
+            return
+        starts = array("Q")
+        ends = array("Q")
         for start, end in sorted(intervals):
             _check(start, end)
             if ends and start <= ends[-1]:

@@ -339,4 +339,8 @@ def test_a_hugetlb_space_is_sealed_in_huge_pages(tmp_path: Path, huge_pages: Non
             assert mem.read(HUGE - 1, 1) == b"\x7e"
             assert _sigbus(c.cmd("touch", space=space.space_id, offset=HUGE))
             assert mem.read(HUGE, 5) == b"huge1"
+        # Every hold on the huge pages goes before the pool is shrunk back: the space, the
+        # owner's fd of it (a page still in use would stay behind as a surplus page).
+        space.delete()
+        space.close()
         owner.close()

@@ -156,3 +156,51 @@ def test_a_flood_of_calls_in_flight_is_cut_off_and_a_hung_up_caller_changes_noth
             assert first.caller_gone
             assert again.stats().fenced_total == 1
         os.kill(c.pid, signal.SIGCONT)
+
+
+def test_raw_sealed_frames_that_lie_are_refused(daemon: Daemon) -> None:
+    """A peer without the SDK: a Sealed frame for a space it did not attach sealed, and one
+    whose fd is a memfd instead of a userfaultfd (refused, and the peer fenced)."""
+    with membroker.connect("vmm", str(daemon.runtime_dir)) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("raw", 0, PAGE)
+        space_id = space.space_id
+        space.close()  # this process must not hold the space by right (owner, fd) for sealing
+    sealed = spb.Frame(sealed=spb.Sealed(space_id=space_id, address=1 << 30, length=MiB))
+    # Without its fd, or for a space not attached in sealed mode: a protocol error each, the
+    # connection closed (and the fd it carried closed by the broker).
+    raw = Raw(daemon.runtime_dir, "raw")
+    raw.send(sealed)
+    assert "sealed frame needs 1 fd" in raw.closed_after_error().message
+    raw = Raw(daemon.runtime_dir, "raw")
+    stray = os.memfd_create("stray")
+    try:
+        sys_sock.send_with_fds(raw.sock, wire.encode(sealed), [stray])
+    finally:
+        os.close(stray)
+    assert "did not attach in sealed mode" in raw.closed_after_error().message
+    # Attached sealed, then a Sealed frame carrying a memfd: refused, and fenced.
+    raw = Raw(daemon.runtime_dir, "raw")
+    raw.call(
+        1,
+        "Attach",
+        pb.AttachRequest(space_id=space_id, kind=pb.ATTACH_KIND_VA, va_mode=pb.VA_MODE_SEALED),
+    )
+    attached = raw.result()
+    assert attached.code == 0, attached
+    assert pb.AttachResponse.FromString(attached.body).va_mode == pb.VA_MODE_SEALED
+    memfd = os.memfd_create("not-a-uffd")
+    try:
+        sys_sock.send_with_fds(raw.sock, wire.encode(sealed), [memfd])
+    finally:
+        os.close(memfd)
+    while (frame := raw.next()).WhichOneof("body") != "sealed_result":
+        pass
+    assert "not a userfaultfd" in frame.sealed_result.error, frame
+    with membroker.connect("vmm", str(daemon.runtime_dir)) as owner:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and owner.stats().fenced_total < 1:
+            time.sleep(0.05)
+        assert owner.stats().fenced_total == 1
+    assert "sealed mapping refused" in daemon.log()

@@ -145,73 +145,50 @@ class SealedMapping:
     def set_access(self, ranges: Iterable[AccessRange]) -> None:
         """The client's access over `ranges` (disjoint) is now as given. Write access taken
         away is write-protected in the client before this returns (without its help)."""
-        if isinstance(ranges, Runs):
-            self._set_runs(ranges)
-            return
-        page = self.page
-        none: list[tuple[int, int]] = []
-        ro: list[tuple[int, int]] = []
-        rw: list[tuple[int, int]] = []
-        for r in ranges:
-            span = (r.offset // page, -(-(r.offset + r.length) // page))
-            (rw if r.access is Access.RW else ro if r.access is Access.RO else none).append(span)
+        levels = self._levels(ranges)
         with self.lock:
             if self.closed:
                 return
-            lowered = ro + none
-            lost_write = [(s, e) for s, e in lowered if self.writable.overlaps(s, e)]
-            if lowered:
-                self.writable.remove_many(sorted(lowered))
-            if none:
-                self.readable.remove_many(none)
-            if ro or rw:
-                self.readable.add_many(sorted(ro + rw))
-            if rw:
-                self.writable.add_many(rw)
-            self._write_protect(lost_write)
-
-    def _set_runs(self, runs: Runs) -> None:
-        """`set_access` of runs at one level, as page sets (no object per run)."""
-        pages = runs.pages
-        with self.lock:
-            if self.closed:
-                return
-            if runs.level is Access.RW:
-                self.readable.add_many(pages)
-                self.writable.add_many(pages)
-                return
-            lost = list(self.writable.intersect(pages))
-            if lost:
-                self.writable.remove_many(pages)
-            if runs.level is Access.RO:
-                self.readable.add_many(pages)
-            else:
-                self.readable.remove_many(pages)
-            self._write_protect(lost)
+            for level, pages in levels.items():
+                if level is Access.RW:
+                    self.readable.add_many(pages)
+                    self.writable.add_many(pages)
+                    continue
+                self._lose_write(pages)
+                if level is Access.RO:
+                    self.readable.add_many(pages)
+                else:
+                    self.readable.remove_many(pages)
 
     def lower_write(self, ranges: Iterable[AccessRange]) -> None:
         """Write access over `ranges` is gone (whatever is left of read access): write-protect
         them in the client now. Read access is taken later, with `set_access`, when the client
         has zapped and acknowledged (until then its access() blocks may still fault pages in)."""
-        if isinstance(ranges, Runs):
-            pages = ranges.pages
-            with self.lock:
-                if self.closed:
-                    return
-                lost = list(self.writable.intersect(pages))
-                if lost:
-                    self.writable.remove_many(pages)
-                self._write_protect(lost)
-            return
-        page = self.page
-        spans = [(r.offset // page, -(-(r.offset + r.length) // page)) for r in ranges]
+        levels = self._levels(ranges)
         with self.lock:
             if self.closed:
                 return
-            lost = [(s, e) for s, e in spans if self.writable.overlaps(s, e)]
-            if lost:
-                self.writable.remove_many(lost)
-            self._write_protect(lost)
+            for pages in levels.values():
+                self._lose_write(pages)
+
+    def _levels(self, ranges: Iterable[AccessRange]) -> dict[Access, RangeSet]:
+        """`ranges` as a page set per access level (runs already are one: no object per run)."""
+        if isinstance(ranges, Runs):
+            return {ranges.level: ranges.pages}
+        page = self.page
+        spans: dict[Access, list[tuple[int, int]]] = {}
+        for r in ranges:
+            spans.setdefault(r.access, []).append(
+                (r.offset // page, -(-(r.offset + r.length) // page))
+            )
+        return {level: RangeSet(found) for level, found in spans.items()}
+
+    def _lose_write(self, pages: RangeSet) -> None:
+        """Under the lock: `pages` are no longer writable; what was is write-protected."""
+        lost = self.writable.intersect(pages)
+        if lost:
+            self.writable.remove_many(pages)
+            self._write_protect(list(lost))
 
     def reset(self, readable: RangeSet, writable: RangeSet) -> None:
         """The client's whole access, as page sets (at acceptance: nothing is mapped yet)."""

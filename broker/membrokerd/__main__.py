@@ -9,6 +9,9 @@ from pathlib import Path
 
 from membrokerd.config import ConfigError, load_config
 
+# The GIL switch interval in the daemon (see main).
+SWITCH_INTERVAL_S = 0.0005
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -41,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from membrokerd.server import serve
+
+    # Large changes are computed and encoded on worker threads. With the default 5 ms switch
+    # interval a busy worker keeps the GIL for 5 ms each time the loop gives it up for a
+    # syscall, and a loop callback doing a few syscalls waits that long several times over
+    # (bench/scale_bench.py: lag max 95-147 ms at 1M fragments, against 36-71 ms at 0.5 ms).
+    # Threads only switch this often while more than one wants to run.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     try:
         uvloop.run(serve(config))

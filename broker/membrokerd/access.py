@@ -14,6 +14,7 @@ Exceptions::
      ├── NotShared         grant over a range with a private page  (.offset: first private byte)
      ├── NotGranted        pin without the needed access  (.client, .offset: first such byte)
      ├── TooFragmented     a batch grant over the fragment limit  (.client, .count, .limit)
+     ├── StaleChange       a prepared grant committed after another mutation  (.prepared, .now)
      └── UnknownPin        unpin of an id that is not held  (.pin_id)
 
 A call that raises changes nothing, `seq` included.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -37,10 +39,13 @@ __all__ = [
     "ClientDelta",
     "Delta",
     "InvalidRange",
+    "LevelRuns",
     "NotGranted",
     "NotShared",
     "Pin",
+    "PreparedGrant",
     "Runs",
+    "StaleChange",
     "TooFragmented",
     "UnknownPin",
 ]
@@ -56,6 +61,9 @@ class Access(enum.IntEnum):
     def __repr__(self) -> str:
         """``Access.RO``."""
         return f"Access.{self.name}"
+
+
+_BY_VALUE = (Access.NONE, Access.RO, Access.RW)  # level by value, for column readers
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -104,6 +112,15 @@ class TooFragmented(AccessError):
         self.limit = limit
 
 
+class StaleChange(AccessError):
+    """A prepared change no longer fits the table: something else changed it in between."""
+
+    def __init__(self, prepared: int, now: int) -> None:
+        super().__init__(f"change prepared at seq {prepared}, table now at seq {now}")
+        self.prepared = prepared
+        self.now = now
+
+
 class UnknownPin(AccessError):
     """An unpin of a pin id the table does not hold."""
 
@@ -124,12 +141,60 @@ class AccessRange:
     access: Access
 
 
-class Runs(Sequence[AccessRange]):
+class _LazyRanges(Sequence[AccessRange]):
+    """Byte ranges kept as page columns; the range objects are made only on demand (a million
+    small objects cost the collector more than their making, see bench/scale_bench.py).
+    Compares equal to any sequence of the same ranges."""
+
+    __slots__ = ()
+
+    def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
+        """Starts and ends (pages), levels (Access values) and the page size."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._columns()[0])
+
+    @overload
+    def __getitem__(self, index: int) -> AccessRange: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AccessRange]: ...
+
+    def __getitem__(self, index: int | slice) -> AccessRange | list[AccessRange]:
+        starts, ends, levels, ps = self._columns()
+        if isinstance(index, slice):
+            return [
+                AccessRange(s * ps, (e - s) * ps, _BY_VALUE[v])
+                for s, e, v in zip(starts[index], ends[index], levels[index], strict=True)
+            ]
+        s, e = starts[index], ends[index]
+        return AccessRange(s * ps, (e - s) * ps, _BY_VALUE[levels[index]])
+
+    def __iter__(self) -> Iterator[AccessRange]:
+        starts, ends, levels, ps = self._columns()
+        for s, e, v in zip(starts, ends, levels, strict=True):
+            yield AccessRange(s * ps, (e - s) * ps, _BY_VALUE[v])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if len(self) <= 8:
+            return repr(tuple(self))
+        return f"{type(self).__name__}({len(self)} ranges)"
+
+
+class Runs(_LazyRanges):
     """Page runs at one access level, handed out as byte ranges on demand.
 
     A revocation of a million fragments costs two arrays here until someone asks for the
     range objects, which the broker does on a worker thread (encoding, verifying), not on its
-    event loop. Compares equal to any sequence of the same ranges.
+    event loop.
     """
 
     __slots__ = ("_level", "_pages", "_ps")
@@ -156,39 +221,64 @@ class Runs(Sequence[AccessRange]):
     def __len__(self) -> int:
         return len(self._pages)
 
-    @overload
-    def __getitem__(self, index: int) -> AccessRange: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[AccessRange]: ...
-
-    def __getitem__(self, index: int | slice) -> AccessRange | list[AccessRange]:
+    def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
         starts, ends = self._pages.columns()
-        ps, level = self._ps, self._level
-        if isinstance(index, slice):
-            return [
-                AccessRange(s * ps, (e - s) * ps, level)
-                for s, e in zip(starts[index], ends[index], strict=True)
-            ]
-        s, e = starts[index], ends[index]
-        return AccessRange(s * ps, (e - s) * ps, level)
+        return starts, ends, bytes((self._level,)) * len(starts), self._ps
 
     def __iter__(self) -> Iterator[AccessRange]:
         ps, level = self._ps, self._level
         for s, e in self._pages:
             yield AccessRange(s * ps, (e - s) * ps, level)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         if len(self) <= 8:
             return repr(tuple(self))
         return f"Runs({len(self)} ranges, {self._level!r})"
+
+
+class LevelRuns(_LazyRanges):
+    """Sorted page runs, each at its own level, adjacent runs of one level merged: what
+    `effective` and a conversion to shared hand out, as columns until someone reads them."""
+
+    __slots__ = ("_ends", "_levels", "_ps", "_starts")
+
+    def __init__(self, page_size: int) -> None:
+        self._starts: array[int] = array("Q")
+        self._ends: array[int] = array("Q")
+        self._levels = bytearray()
+        self._ps = page_size
+
+    def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
+        return self._starts, self._ends, self._levels, self._ps
+
+    def extend_split(
+        self, readable: Iterable[tuple[int, int]], writable: Iterable[tuple[int, int]]
+    ) -> None:
+        """Append the sorted page intervals of `readable` (after every run so far), RW where
+        `writable` (which must lie within `readable`) covers them and RO elsewhere: a linear
+        merge of the two."""
+        starts, ends, levels = self._starts, self._ends, self._levels
+        w_iter = iter(writable)
+        w_start, w_end = next(w_iter, (-1, -1))
+
+        def put(start: int, end: int, level: int) -> None:
+            if ends and ends[-1] == start and levels[-1] == level:
+                ends[-1] = end
+            else:
+                starts.append(start)
+                ends.append(end)
+                levels.append(level)
+
+        for start, end in readable:
+            pos = start
+            while 0 <= w_start < end:  # writable pieces start inside [start, end)
+                if w_start > pos:
+                    put(pos, w_start, 1)
+                put(w_start, w_end, 2)
+                pos = w_end
+                w_start, w_end = next(w_iter, (-1, -1))
+            if pos < end:
+                put(pos, end, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +318,20 @@ class Delta:
     def is_empty(self) -> bool:
         """Whether no client's effective access changed."""
         return all(not c.raised and not c.lowered for c in self.clients)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedGrant:
+    """A grant computed by `AccessTable.prepare_grant`, for `commit_grant`: the client's new
+    page sets and its delta, against the table as it was at `seq` (and the client's grant
+    record then, `grants`, None if it had none)."""
+
+    seq: int
+    client: str
+    grants: _Grants | None
+    readable: RangeSet
+    writable: RangeSet
+    change: ClientDelta | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +520,20 @@ class AccessTable:
         range is checked (InvalidRange, NotShared) before anything changes; the sets change in
         one pass each (`RangeSet.add_many`), so k ranges cost O(k log n), not k array moves.
         With `max_fragments`, a result over that many stored ranges (`fragment_count`) is
-        undone and TooFragmented raised: the exact count, not an estimate."""
+        refused with TooFragmented: the exact count, not an estimate."""
+        return self.commit_grant(self.prepare_grant(client, spans, access, max_fragments))
+
+    def prepare_grant(
+        self,
+        client: str,
+        spans: Iterable[tuple[int, int]],
+        access: Access,
+        max_fragments: int | None = None,
+    ) -> PreparedGrant:
+        """What `grant_many` would do, computed without changing anything: the client's new
+        sets and the delta. Only reads the table, so a large batch can be prepared on a worker
+        thread while the loop keeps serving from the current state; `commit_grant` applies it
+        if no mutation came in between. Raises what `grant_many` raises."""
         checked = self.check_spans(spans)
         if access != _RO and access != _RW:
             offset, length = checked[0]
@@ -427,38 +544,47 @@ class AccessTable:
             if first_private is not None:
                 raise NotShared(first_private * self._page_size)
         g = self._grants.get(client)
-        if g is None:
-            g = self._grants[client] = _Grants()
-        before = (g.readable.copy(), g.writable.copy()) if max_fragments is not None else None
+        readable = g.readable.copy() if g is not None else RangeSet()
+        writable = g.writable.copy() if g is not None else RangeSet()
         raised: list[tuple[int, int]] = []
         lowered: list[tuple[int, int]] = []
         if access == _RW:
             for start, end in pages:
-                raised += g.writable.missing(start, end)
-            g.readable.add_many(pages)
-            g.writable.add_many(pages)
+                raised += writable.missing(start, end)
+            readable.add_many(pages)
+            writable.add_many(pages)
         else:
             for start, end in pages:
-                raised += g.readable.missing(start, end)
-                lowered += g.writable.intersection(start, end)
-            g.readable.add_many(pages)
-            g.writable.remove_many(pages)
-        if before is not None and max_fragments is not None:
-            count = len(g.readable) + len(g.writable)
+                raised += readable.missing(start, end)
+                lowered += writable.intersection(start, end)
+            readable.add_many(pages)
+            writable.remove_many(pages)
+        if max_fragments is not None:
+            count = len(readable) + len(writable)
             if count > max_fragments:
-                g.readable, g.writable = before
-                if not g.readable:
-                    del self._grants[client]
                 raise TooFragmented(client, count, max_fragments)
+        change = None
+        if raised or lowered:
+            change = ClientDelta(
+                client,
+                _coalesce(self._as_ranges(raised, access)),
+                _coalesce(self._as_ranges(lowered, _RO)),
+            )
+        return PreparedGrant(self._seq, client, g, readable, writable, change)
+
+    def commit_grant(self, prepared: PreparedGrant) -> Delta:
+        """Apply a `prepare_grant` result: the one mutation (seq + 1). Raises StaleChange,
+        changing nothing, when the table was mutated after the preparation (prepare again)."""
+        if prepared.seq != self._seq or self._grants.get(prepared.client) is not prepared.grants:
+            raise StaleChange(prepared.seq, self._seq)
+        g = self._grants.get(prepared.client)
+        if g is None:
+            g = self._grants[prepared.client] = _Grants()
+        g.readable, g.writable = prepared.readable, prepared.writable
         self._seq += 1
-        if not raised and not lowered:
+        if prepared.change is None:
             return Delta(self._seq, ())
-        change = ClientDelta(
-            client,
-            _coalesce(self._as_ranges(raised, access)),
-            _coalesce(self._as_ranges(lowered, _RO)),
-        )
-        return Delta(self._seq, (change,))
+        return Delta(self._seq, (prepared.change,))
 
     def revoke_many(self, client: str, spans: Iterable[tuple[int, int]]) -> Delta:
         """`revoke` over several sorted, disjoint byte ranges as one mutation (one seq)."""
@@ -480,18 +606,18 @@ class AccessTable:
     def set_shared_many(self, spans: Iterable[tuple[int, int]]) -> Delta:
         """`set_shared` over several sorted, disjoint byte ranges as one mutation (one seq)."""
         pages = self._page_spans(self.check_spans(spans))
-        newly = [piece for start, end in pages for piece in self._shared.missing(start, end)]
+        newly = RangeSet(
+            [piece for start, end in pages for piece in self._shared.missing(start, end)]
+        )
         changes: list[ClientDelta] = []
         if newly:
             for name in sorted(self._grants):
                 g = self._grants[name]
-                pieces: list[_Piece] = []
-                for n_start, n_end in newly:
-                    readable = g.readable.intersection(n_start, n_end)
-                    if readable:
-                        pieces += _split_levels(readable, g.writable.intersection(n_start, n_end))
-                if pieces:
-                    changes.append(ClientDelta(name, self._ranges(pieces), ()))
+                readable = g.readable.intersect(newly)
+                if readable:
+                    gained = LevelRuns(self._page_size)
+                    gained.extend_split(readable, g.writable.intersect(newly))
+                    changes.append(ClientDelta(name, gained, ()))
             self._shared.add_many(pages)
         return self._commit(changes)
 
@@ -573,9 +699,9 @@ class AccessTable:
         g = self._grants.pop(client, None)
         if g is None:
             return self._commit([])
-        pieces = [(s, e, _NONE) for s, e in g.readable.intersect(self._shared)]
-        if pieces:
-            return self._commit([ClientDelta(client, (), self._ranges(pieces))])
+        lost = g.readable.intersect(self._shared)
+        if lost:
+            return self._commit([ClientDelta(client, (), Runs(lost, self._page_size, _NONE))])
         return self._commit([])
 
     def forget_client(self, client: str) -> int:
@@ -586,14 +712,14 @@ class AccessTable:
         self._seq += 1
         return self._seq
 
-    def effective(self, client: str) -> list[AccessRange]:
+    def effective(self, client: str) -> Sequence[AccessRange]:
         """`client`'s effective access (grants ∩ shared), sorted and coalesced."""
         g = self._grants.get(client)
         if g is None:
             return []
-        readable = g.readable.intersect(self._shared)
-        writable = g.writable.intersect(self._shared)
-        return list(self._ranges(_split_levels(readable, writable)))
+        runs = LevelRuns(self._page_size)
+        runs.extend_split(g.readable.intersect(self._shared), g.writable.intersect(self._shared))
+        return runs
 
     def effective_in(self, client: str, offset: int, length: int) -> list[AccessRange]:
         """`client`'s effective access inside one byte range: cost in proportion to the

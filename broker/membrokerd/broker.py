@@ -30,7 +30,15 @@ from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
 from membrokerd import policy
-from membrokerd.access import Access, AccessRange, Delta, Pin, TooFragmented
+from membrokerd.access import (
+    Access,
+    AccessRange,
+    ClientDelta,
+    Delta,
+    Pin,
+    StaleChange,
+    TooFragmented,
+)
 from membrokerd.config import BrokerConfig
 from membrokerd.enforcement import Enforcer, FenceResult, is_alive
 from membrokerd.errors import (
@@ -1040,8 +1048,7 @@ class Broker:
                     )
             limit = self.config.max_grant_fragments_per_client
             try:
-                with collector_paused():
-                    delta = space.table.grant_many(client, spans, access, max_fragments=limit)
+                delta = await self._grant_in_table(space, client, spans, access, limit)
             except TooFragmented as exc:
                 raise LimitReached(
                     "max_grant_fragments_per_client",
@@ -1054,6 +1061,30 @@ class Broker:
             return delta.seq, int(notified)
 
         return await self.change(space, "grant", job)
+
+    async def _grant_in_table(
+        self,
+        space: Space,
+        client: str,
+        spans: Sequence[tuple[int, int]],
+        access: Access,
+        limit: int,
+    ) -> Delta:
+        """`grant_many` on the space's table. A large batch (thousands of ranges into a client
+        that may hold a million) is computed on a worker from the current state, which the
+        loop keeps serving meanwhile, and committed here; if the table changed in between (a
+        fence outside the queue), it is computed again, on the loop."""
+        table = space.table
+        with collector_paused():
+            if len(spans) >= OFFLOAD_RANGES:
+                prepared = await asyncio.to_thread(
+                    without_collector(table.prepare_grant), client, spans, access, limit
+                )
+                try:
+                    return table.commit_grant(prepared)
+                except StaleChange:
+                    pass
+            return table.grant_many(client, spans, access, max_fragments=limit)
 
     async def revoke(
         self,
@@ -1229,7 +1260,11 @@ class Broker:
         enforced: list[ClientResult] = []
         for change in delta.clients:
             session = self._attached(space, change.client)
-            revoked += change.lowered_bytes
+            if len(change.lowered) >= OFFLOAD_RANGES:
+                # Summing a million runs holds the GIL ~20 ms: not on the loop.
+                revoked += await asyncio.to_thread(_lowered_bytes, change)
+            else:
+                revoked += change.lowered_bytes
             if session is None:
                 continue
             sealed = session.sealed.get(space.space_id)
@@ -1667,6 +1702,10 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+def _lowered_bytes(change: ClientDelta) -> int:
+    return change.lowered_bytes
 
 
 def _sealed_update(

@@ -23,10 +23,12 @@ from membrokerd.access import (
     ClientDelta,
     Delta,
     InvalidRange,
+    LevelRuns,
     NotGranted,
     NotShared,
     Pin,
     Runs,
+    StaleChange,
     TooFragmented,
     UnknownPin,
 )
@@ -778,6 +780,31 @@ def test_a_batch_over_the_fragment_limit_is_undone(table: AccessTable) -> None:
     assert "new" not in table.clients()
 
 
+def test_a_prepared_grant_changes_nothing_until_committed(table: AccessTable) -> None:
+    table.set_shared(0, 16 * PS)
+    table.grant("a", 0, 4 * PS, RO)
+    before = (table.grants(), table.seq)
+    prepared = table.prepare_grant("a", [(2 * PS, 4 * PS)], RW)
+    assert (table.grants(), table.seq) == before  # a pure computation
+    delta = table.commit_grant(prepared)
+    assert delta.seq == before[1] + 1
+    assert delta.clients == (ClientDelta("a", (r(2, 4, RW),), ()),)
+    assert table.grants("a") == [("a", r(0, 2, RO)), ("a", r(2, 4, RW))]
+    with pytest.raises(StaleChange):  # committed once already: the table moved on
+        table.commit_grant(prepared)
+
+
+def test_a_prepared_grant_is_refused_after_another_change(table: AccessTable) -> None:
+    table.set_shared(0, 16 * PS)
+    table.grant("a", 0, PS, RW)
+    prepared = table.prepare_grant("a", [(4 * PS, PS)], RW)
+    seq = table.forget_client("a")  # e.g. a fence that ran while a worker prepared
+    with pytest.raises(StaleChange) as info:
+        table.commit_grant(prepared)
+    assert (info.value.prepared, info.value.now) == (seq - 1, seq)
+    assert table.clients() == [] and table.seq == seq  # the fenced client is not brought back
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     grants=st.lists(
@@ -825,6 +852,11 @@ def test_a_lowering_is_handed_out_lazily_as_runs() -> None:
     assert lowered == tuple(r(2 * i, 1, NONE) for i in range(32))
     assert lowered != tuple(r(2 * i, 1, NONE) for i in range(31))
     assert repr(lowered) == "Runs(32 ranges, Access.NONE)"
-    t.set_shared(0, 64 * PS)
+
+    def lowered_as(level: Access) -> list[AccessRange]:
+        return [r(2 * i, 1, level) for i in range(32)]
+    (gained,) = t.set_shared(0, 64 * PS).clients
+    assert isinstance(gained.raised, LevelRuns) and gained.raised == lowered_as(RW)
+    assert t.effective("a") == lowered_as(RW) and isinstance(t.effective("a"), LevelRuns)
     (change,) = t.revoke("a", 0, 4 * PS).clients
     assert repr(change.lowered) == repr((r(0, 1, NONE), r(2, 1, NONE)))

@@ -32,6 +32,7 @@ daemon and the client processes run the same one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -360,33 +361,81 @@ def stop_clients(procs: list[subprocess.Popen[bytes]]) -> None:
             p.stdout.close()
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process so far, in ns (schedstat: exact, not in ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total
+
+
+class CpuPerOp:
+    """CPU time the broker and the client processes spend on each timed operation: read
+    before and after it, outside the timed interval (so nothing after the reply is missed
+    unless it runs longer than the reads take)."""
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self.broker_pid = broker_pid
+        self.clients: list[int] = []
+        self.broker: list[float] = []
+        self.client: list[float] = []
+        self._start = (0, 0)
+
+    def _read(self) -> tuple[int, int]:
+        broker = cpu_ns(self.broker_pid) if self.broker_pid else 0
+        return broker, sum(cpu_ns(pid) for pid in self.clients)
+
+    def __enter__(self) -> None:
+        self._start = self._read()
+
+    def __exit__(self, *exc: object) -> None:
+        broker, client = self._read()
+        self.broker.append((broker - self._start[0]) / 1e9)
+        self.client.append((client - self._start[1]) / 1e9)
+
+
 def bench_revoke(
-    runtime_dir: Path, k: int, n: int, calls: str = "session", mode: str = "auto"
+    runtime_dir: Path,
+    k: int,
+    n: int,
+    calls: str = "session",
+    mode: str = "auto",
+    cpu: tuple[CpuPerOp, CpuPerOp] | None = None,
 ) -> tuple[list[float], list[float]]:
     """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold).
 
     calls: how the owner's calls travel ("session" socket, the SDK's default, or "grpc");
-    mode: the VA clients' mode ("auto": sealed where the kernel offers it)."""
+    mode: the VA clients' mode ("auto": sealed where the kernel offers it); cpu: where to
+    count the CPU time of each (single, fan-out) operation."""
     with membroker.connect("bench-owner", runtime_dir, calls=calls) as owner:
         space = owner.create_space(1 << 20)
         space.share(0, 1 << 20)
         for i in range(k):
             space.grant(f"c{i}", 0, PAGE)
         procs = start_clients(runtime_dir, space.space_id, k, mode)
+        single_cpu, fan_cpu = cpu or (CpuPerOp(None), CpuPerOp(None))
+        single_cpu.clients = [procs[0].pid]
+        fan_cpu.clients = [p.pid for p in procs]
         try:
             single = []
             for it in range(n + 10):
-                t0 = time.perf_counter()
-                report = space.revoke("c0", 0, PAGE)
-                single.append(time.perf_counter() - t0)
+                with single_cpu if cpu else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    report = space.revoke("c0", 0, PAGE)
+                    single.append(time.perf_counter() - t0)
                 assert report.all_acked and len(report.clients) == 1, report
                 space.grant("c0", 0, PAGE)
                 del it
             fan = []
             for _ in range(n + 10):
-                t0 = time.perf_counter()
-                report = space.unshare(0, PAGE)
-                fan.append(time.perf_counter() - t0)
+                with fan_cpu if cpu else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    report = space.unshare(0, PAGE)
+                    fan.append(time.perf_counter() - t0)
                 assert report.all_acked and len(report.clients) == k, report
                 space.share(0, PAGE)
         finally:
@@ -603,6 +652,7 @@ def main() -> int:
     load_before = os.getloadavg()
     cpu = CpuMeter()
     rows: list[Row] = []
+    cpu_rows: list[tuple[str, CpuPerOp]] = []
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
         for verify in ("off", "always"):
             rt = Path(tmp) / f"rt-{verify}"
@@ -628,7 +678,11 @@ def main() -> int:
                     rows += bench_verification(rt, n)
                 for k in (1, 8, 32):
                     iters = n if k == 1 else max(50, n // (k // 4 + 1))
-                    single, fan = bench_revoke(rt, k, iters)
+                    meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
+                    single, fan = bench_revoke(rt, k, iters, cpu=meters)
+                    if k == 1:
+                        cpu_rows.append((f"Revoke, 1 VA client, verify {verify}", meters[0]))
+                    cpu_rows.append((fan_name(k, verify), meters[1]))
                     if k == 1:
                         rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
                     rows.append((fan_name(k, verify), percentiles(fan)))
@@ -653,6 +707,20 @@ def main() -> int:
 
     lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
+    lines += [
+        "",
+        "CPU time per operation (median over the timed operations, all threads of the process; "
+        "from /proc/PID/task/*/schedstat read before and after each one):",
+        "",
+        "| operation | wall p50 µs | broker CPU µs | client CPU µs, per client | clients |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, meter in cpu_rows:
+        k = len(meter.clients)
+        lines.append(
+            f"| {name} | {now[name][0]:.0f} | {statistics.median(meter.broker[10:]) * 1e6:.0f} "
+            f"| {statistics.median(meter.client[10:]) * 1e6 / k:.0f} | {k} |"
+        )
     revoke1, revoke1_off = now[REVOKE1], now[REVOKE1_OFF]
     fan32 = now[fan_name(32, "always")]
     summary = [

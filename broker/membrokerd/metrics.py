@@ -2,20 +2,37 @@
 
 Gauges are read from the broker's state at scrape time (a collector), counters and histograms are
 updated where things happen. Everything runs on the event loop thread: no locks.
+
+The registry is the daemon's own (not prometheus_client's global one), so it carries the standard
+`process_*`, `python_info` and `python_gc_*` collectors itself, plus `membroker_build_info`.
+No `*_created` series are exposed: they double the series count and no rule uses them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+
+from membrokerd import __version__
 
 log = logging.getLogger("membrokerd.metrics")
 
@@ -101,8 +118,44 @@ class Metrics:
     """The daemon's registry and the counters the broker updates."""
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        # prometheus_client decides this per process, at collect time, for every registry: the
+        # daemon's is the only one in the process. (PROMETHEUS_DISABLE_CREATED_SERIES=true in the
+        # environment does the same, but only if set before prometheus_client is imported.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(snapshot))
+        # What prometheus_client's global registry would carry: process_cpu_seconds_total,
+        # process_resident_memory_bytes, process_open_fds, process_max_fds,
+        # process_start_time_seconds, ...; python_info; python_gc_*.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "membroker_build_info",
+            "Always 1; the labels say which membrokerd, Python and grpcio this daemon runs.",
+            ["version", "python", "grpcio"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version(), grpc.__version__).set(1)
+        self.daemon_starts = Counter(
+            "membroker_daemon_starts_total",
+            "Starts of membrokerd counted by this process: its own start, so 1 (the counter "
+            "resets with the process; a restart shows in process_start_time_seconds).",
+            registry=self.registry,
+        )
+        self.daemon_starts.inc()
+        self.restored_spaces = Counter(
+            "membroker_restored_spaces_total",
+            "Spaces taken over from a previous membrokerd process at start (a restart that kept "
+            "the guests' memory).",
+            registry=self.registry,
+        )
+        self.resumed_sessions = Counter(
+            "membroker_resumed_sessions_total",
+            "Client sessions resumed after a membrokerd restart: a client that reconnected and "
+            "got its attachments back without attaching again.",
+            registry=self.registry,
+        )
         self.revocations = Counter(
             "membroker_revocations_total",
             "Revocations carried out, by cause.",

@@ -3,8 +3,10 @@ expected names), and a real Prometheus server scraping the daemon and loading th
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -15,8 +17,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
-from deploy_helpers import RULES, RULES_TEST, Daemon, require_tool
+from deploy_helpers import ROOT, RULES, RULES_TEST, Daemon, require_tool
+
+import membrokerd
 
 # Family name -> type, as `# TYPE` lines of the classic text exposition give them.
 EXPECTED_FAMILIES = {
@@ -34,6 +39,19 @@ EXPECTED_FAMILIES = {
     "membroker_session_protocol_errors_total": "counter",
     "membroker_grant_calls_total": "counter",
     "membroker_rpc_errors_total": "counter",
+    "membroker_build_info": "gauge",
+    "membroker_daemon_starts_total": "counter",
+    "membroker_restored_spaces_total": "counter",
+    "membroker_resumed_sessions_total": "counter",
+    # the standard process and runtime collectors, on the daemon's own registry
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "process_start_time_seconds": "gauge",
+    "python_info": "gauge",
+    "python_gc_collections_total": "counter",
 }
 
 # Series that exist before anything happens (labelled counters appear on first use).
@@ -49,6 +67,9 @@ EXPECTED_SAMPLES = [
     'membroker_revoke_latency_seconds_bucket{le="+Inf"}',
     "membroker_revoke_latency_seconds_count",
     "membroker_session_protocol_errors_total",
+    "membroker_daemon_starts_total",
+    "membroker_restored_spaces_total",
+    "membroker_resumed_sessions_total",
 ]
 
 
@@ -123,6 +144,59 @@ def test_expected_metric_names_present(exposition: str) -> None:
     assert present["membroker_session_protocol_errors_total"] >= 1
     assert present["membroker_process_open_fds"] > 0
     assert present["membroker_sessions"] == 0
+
+
+def test_build_info_names_this_build(exposition: str) -> None:
+    """One membroker_build_info series, value 1, with the version the package declares."""
+    series = {k: v for k, v in samples(exposition).items() if k.startswith("membroker_build_info")}
+    assert len(series) == 1, series
+    [(name, value)] = series.items()
+    assert value == 1
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', name))
+    # The daemon runs this interpreter (sys.executable) with this checkout's packages.
+    assert labels == {
+        "version": membrokerd.__version__,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+    }, name
+    assert membrokerd.__version__ == importlib.metadata.version("membroker")
+
+
+def test_process_metrics_describe_the_daemon(exposition: str) -> None:
+    present = samples(exposition)
+    assert present["process_open_fds"] > 0
+    assert present["process_max_fds"] >= present["process_open_fds"]
+    assert present["process_resident_memory_bytes"] > 1 << 20
+    assert present["process_cpu_seconds_total"] > 0
+    # This module's daemon started moments ago (clock ticks since boot: within a second).
+    assert time.time() - 300 < present["process_start_time_seconds"] <= time.time() + 1
+    assert any(k.startswith("python_info{") for k in present)
+
+
+def test_no_created_series(exposition: str) -> None:
+    """No *_created samples (nor their HELP/TYPE lines): disabled for the daemon's registry."""
+    created = [line for line in exposition.splitlines() if "_created" in line]
+    assert not created, created
+    # ... while the counters and histograms they would accompany are there.
+    assert "membroker_revocation_clients_total" in families(exposition)
+    assert "membroker_revoke_latency_seconds" in families(exposition)
+
+
+def test_restart_counters_start_at_their_values(exposition: str) -> None:
+    present = samples(exposition)
+    assert present["membroker_daemon_starts_total"] == 1
+    assert present["membroker_restored_spaces_total"] == 0
+    assert present["membroker_resumed_sessions_total"] == 0
+
+
+def test_readme_lists_every_membroker_family(exposition: str) -> None:
+    """The README's Metrics section names every membroker_* family the daemon exports."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"\bmembroker_[a-z_]+\b", section))
+    exported = {f for f in families(exposition) if f.startswith("membroker_")}
+    assert exported - listed == set(), "exported but not in the README"
+    assert listed - exported == set(), "in the README but not exported"
 
 
 def test_promtool_check_metrics_clean(exposition: str) -> None:

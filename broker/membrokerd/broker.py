@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
+from membroker._sys import memfd as sys_memfd
 from membroker._sys import sock as sys_sock
 from membroker._sys import uffd as sys_uffd
 from membroker._sys.proc import ProcessView
 from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
-from membrokerd import policy
+from membrokerd import policy, systemd
 from membrokerd.access import (
     Access,
     AccessRange,
@@ -51,6 +52,18 @@ from membrokerd.errors import (
     WrongState,
 )
 from membrokerd.faults import FaultServer, SealedMapping
+from membrokerd.journal import (
+    GRANT_RO,
+    GRANT_RW,
+    PRIVATE,
+    REVOKE,
+    SHARE,
+    SHARED,
+    JournalError,
+    SpaceRecord,
+    Writer,
+    restore_table,
+)
 from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
@@ -159,6 +172,19 @@ class Broker:
         self.faults.observe = self.metrics.fault_seconds.observe
         self.metrics_url = ""
         self.enforcer = Enforcer(self)
+        # Set by restore(): the journal's writer (None: no journal), and whether space fds go
+        # to systemd's fd store.
+        self.journal: Writer | None = None
+        self.fd_store = False
+        # A fence drops the client's grants in every space (Enforcer._begin): journaled here.
+        begin = self.enforcer._begin
+
+        def begin_then_journal(session: Session, kind: str, reason: str) -> Any:
+            reach = begin(session, kind, reason)
+            self._journal_forget(session.name)
+            return reach
+
+        self.enforcer._begin = begin_then_journal  # type: ignore[method-assign]
 
     def spawn(self, coro: Awaitable[object]) -> None:
         """Runs work that outlives its caller; failures are logged, never lost."""
@@ -343,8 +369,10 @@ class Broker:
         if not is_alive(session):
             session.release()
             raise ProtocolError("the process exited during the handshake")
-        if self.config.client_name_binding == "uid":
-            self._name_uid.setdefault(name, who.uid)
+        if self.config.client_name_binding == "uid" and name not in self._name_uid:
+            self._name_uid[name] = who.uid
+            if self.journal is not None:
+                self.journal.submit(self.journal.journal.bind_name, name, who.uid)
         self._stop_waiting(conn)
         self.sessions[conn] = session
         self._by_token[session.token] = session
@@ -796,6 +824,225 @@ class Broker:
             )
         return space
 
+    # -- the journal and the fd store ---------------------------------------------------------
+
+    @staticmethod
+    def _record(space: Space) -> SpaceRecord:
+        seals = -1
+        if space.backing is not BackingKind.GUEST_MEMFD:
+            seals = sys_memfd.get_seals(space.fd)
+        return SpaceRecord(
+            space_id=space.space_id,
+            name=space.name,
+            size=space.size,
+            backing=space.backing.value,
+            page_size=space.page_size,
+            owner=space.owner,
+            owner_uid=space.owner_uid,
+            imported=space.imported,
+            regions=tuple((r.gpa, r.offset, r.size) for r in space.regions),
+            dev=space.dev,
+            ino=space.ino,
+            seals=seals,
+            created_unix=space.created_unix,
+        )
+
+    def _persist_new(self, space: Space) -> None:
+        """A new space (in self.spaces) into the journal, then its fd into systemd's fd store,
+        before the call that made it returns; if the journal refuses, the space is undone.
+        Ephemeral spaces are neither: they end with their owner's session."""
+        if self.journal is None or space.ephemeral:
+            return
+        try:
+            # On the loop: one small row (waits behind a journal write in progress, if any).
+            self.journal.journal.add_space(self._record(space), space.table.seq)
+        except BaseException:
+            self.spaces.pop(space.space_id, None)
+            space.close()
+            log.exception("journal: cannot record new space %s: refused", space.space_id)
+            raise
+        if self.fd_store:
+            systemd.fd_store_add(space.space_id, space.fd)
+
+    async def _journal_change(
+        self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
+    ) -> Exception | None:
+        """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
+        the shared attribute), on disk before the call returns (membrokerd.journal).
+
+        A failed write is returned, not raised: the change is in force in the table, so it is
+        carried out (clients told, revocations verified) all the same, and only then does the
+        call fail, saying it will not survive a restart (see `_saved`)."""
+        if self.journal is None or space.ephemeral:
+            return None
+        change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)
+        try:
+            await self.journal.write(self.journal.journal.apply, change)
+        except Exception as exc:
+            # The next change of this set must write it whole: its logged operations may miss
+            # this one.
+            self.journal.compaction.logged[(space.space_id, key)] = self.journal.compaction.max_ops
+            return exc
+        return None
+
+    def _journal_forget(self, client: str) -> None:
+        """A fenced client's grants are gone from every space (written without waiting: a
+        fence is no call of the owner's)."""
+        if self.journal is None:
+            return
+        forget = self.journal.compaction.forget
+        changes = [
+            forget(space.space_id, space.table, client)
+            for space in self.spaces.values()
+            if not space.ephemeral
+        ]
+        if changes:
+            self.journal.submit(self.journal.journal.apply, *changes)
+
+    async def _journal_gone(self, space: Space) -> None:
+        if self.journal is None or space.ephemeral:
+            return
+        self.journal.compaction.space_gone(space.space_id)
+        try:
+            await self.journal.write(self.journal.journal.delete_space, space.space_id)
+        except Exception:
+            # Its fd leaves the store all the same: at the next start the journal's row has no
+            # fd, and is dropped.
+            log.exception("journal: cannot remove deleted space %s", space.space_id)
+        if self.fd_store:
+            systemd.fd_store_remove(space.space_id)
+
+    def restore(self, writer: Writer, stored: dict[str, int], fd_store: bool) -> int:
+        """At start: takes the journal's spaces back, each with its fd from systemd's fd store
+        (`stored`, by space id; every fd in it is used or closed here). A journal space without
+        an fd, or whose fd is not the backing it recorded, and an fd without a journal space,
+        are logged and dropped (from the journal and the store). Returns the spaces restored."""
+        self.journal = writer
+        self.fd_store = fd_store
+        journal = writer.journal
+        try:
+            contents = journal.load()
+        except BaseException:
+            for fd in stored.values():
+                os.close(fd)
+            raise
+        if self.config.client_name_binding == "uid":
+            self._name_uid.update(contents.names)
+        restored = 0
+        for state in contents.spaces:
+            rec = state.record
+            fd = stored.pop(rec.space_id, -1)
+            if fd < 0:
+                log.warning(
+                    "journal: space %s (%r, owner %r uid %d, %d bytes) has no fd in systemd's fd "
+                    "store (the service was stopped, not restarted, or runs without the fd "
+                    "store): dropped",
+                    rec.space_id,
+                    rec.name,
+                    rec.owner,
+                    rec.owner_uid,
+                    rec.size,
+                )
+                journal.delete_space(rec.space_id)
+                continue
+            try:
+                space = self._restored_space(rec, fd)
+            except (JournalError, BadRequest, OSError, ValueError) as exc:
+                log.error("journal: space %s cannot be restored (%s): dropped", rec.space_id, exc)
+                os.close(fd)
+                journal.delete_space(rec.space_id)
+                systemd.fd_store_remove(rec.space_id)
+                continue
+            try:
+                restore_table(space.table, state)
+            except (JournalError, ValueError) as exc:
+                log.error(
+                    "journal: the access table of space %s cannot be restored (%s): dropped",
+                    rec.space_id,
+                    exc,
+                )
+                space.close()
+                journal.delete_space(rec.space_id)
+                systemd.fd_store_remove(rec.space_id)
+                continue
+            self.spaces[space.space_id] = space
+            logged = writer.compaction.logged
+            for op in state.ops:
+                logged[(space.space_id, op.client)] = logged.get((space.space_id, op.client), 0) + 1
+            self.metrics.restored_spaces.inc()
+            restored += 1
+            log.info(
+                "space %s restored: %r of %r (uid %d), %s, %d bytes, seq %d, %d client(s) "
+                "with grants, %d shared page range(s)",
+                space.space_id,
+                space.name,
+                space.owner,
+                space.owner_uid,
+                space.backing.value,
+                space.size,
+                space.table.seq,
+                len(space.table.clients()),
+                len(state.shared),
+            )
+        for space_id, fd in stored.items():
+            log.warning(
+                "fd store: %s has no space in the journal: dropped (fd closed, removed from "
+                "the store)",
+                space_id,
+            )
+            os.close(fd)
+            systemd.fd_store_remove(space_id)
+        stored.clear()
+        return restored
+
+    @staticmethod
+    def _restored_space(rec: SpaceRecord, fd: int) -> Space:
+        """A Space for a journal record and the fd the store gave back, once the fd is shown
+        to be that very backing: same inode, size, kind, page size and seals."""
+        info = sys_memfd.describe_fd(fd)
+        backing = BackingKind(rec.backing)
+        problems = []
+        if (info.dev, info.ino) != (rec.dev, rec.ino):
+            problems.append(
+                f"its fd is inode {info.dev}:{info.ino}, the journal says {rec.dev}:{rec.ino}"
+            )
+        if info.kind != backing.value:
+            problems.append(f"its fd is a {info.kind}, the journal says {backing.value}")
+        if info.size != rec.size:
+            problems.append(f"its fd has {info.size} bytes, the journal says {rec.size}")
+        if info.page_size != rec.page_size:
+            problems.append(f"page size {info.page_size}, the journal says {rec.page_size}")
+        if not info.writable:
+            problems.append("its fd is not read-write")
+        if rec.seals >= 0 and info.seals != rec.seals:
+            problems.append(f"seals {info.seals}, the journal says {rec.seals}")
+        if problems:
+            raise BadRequest("; ".join(problems))
+        regions = [Region(*r) for r in rec.regions]
+        check_regions(regions, rec.size, rec.page_size)
+        space = Space(
+            name=rec.name,
+            fd=fd,
+            size=rec.size,
+            backing=backing,
+            page_size=rec.page_size,
+            owner=rec.owner,
+            owner_uid=rec.owner_uid,
+            ephemeral=False,
+            imported=rec.imported,
+            regions=regions,
+            dev=rec.dev,
+            ino=rec.ino,
+            space_id=rec.space_id,
+        )
+        space.created_unix = rec.created_unix
+        return space
+
+    def close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
     # -- the per-space queue ------------------------------------------------------------------
 
     def queue(self, space: Space) -> SpaceQueue:
@@ -896,6 +1143,7 @@ class Broker:
             os.close(fd)
             raise
         self.spaces[space.space_id] = space
+        self._persist_new(space)
         tag = session.deliver_fd(space.fd, space.space_id)
         log.info(
             "space %s created by %r: %s, %d bytes",
@@ -948,6 +1196,7 @@ class Broker:
             ino=found.ino,
         )
         self.spaces[space.space_id] = space
+        self._persist_new(space)
         log.info(
             "space %s imported by %r: %s, %d bytes",
             space.space_id,
@@ -988,6 +1237,7 @@ class Broker:
         queue = self.queues.pop(space.space_id, None)
         if queue is not None:
             queue.closed = True
+        await self._journal_gone(space)
         space.close()
         log.info("space %s deleted (%s)", space.space_id, why)
         return result
@@ -1012,11 +1262,13 @@ class Broker:
             if shared:
                 with collector_paused():
                     delta = space.table.set_shared_many(spans)
-                return await self.carry_out(space, delta, "shared", t0)
+                unsaved = await self._journal_change(space, SHARED, SHARE, spans)
+                return _saved(await self.carry_out(space, delta, "shared", t0), unsaved)
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
             with collector_paused():
                 delta = space.table.set_private_many(spans)
-            return await self.carry_out(space, delta, "private", t0, fenced)
+            unsaved = await self._journal_change(space, SHARED, PRIVATE, spans)
+            return _saved(await self.carry_out(space, delta, "private", t0, fenced), unsaved)
 
         return await self.change(space, "shared" if shared else "private", job)
 
@@ -1056,9 +1308,11 @@ class Broker:
                     f"client {client!r} would hold {exc.count} grant ranges in this space",
                 ) from None
             self.metrics.grants.inc()
+            kind = GRANT_RW if access is Access.RW else GRANT_RO
+            unsaved = await self._journal_change(space, client, kind, spans)
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
-            return delta.seq, int(notified)
+            return _saved((delta.seq, int(notified)), unsaved)
 
         return await self.change(space, "grant", job)
 
@@ -1102,7 +1356,8 @@ class Broker:
             fenced = await self._clear_pins_of(space, spans, client, on_pinned)
             with collector_paused():
                 delta = space.table.revoke_many(client, spans)
-            return await self.carry_out(space, delta, "revoke", t0, fenced)
+            unsaved = await self._journal_change(space, client, REVOKE, spans)
+            return _saved(await self.carry_out(space, delta, "revoke", t0, fenced), unsaved)
 
         return await self.change(space, "revoke", job)
 
@@ -1702,6 +1957,16 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+def _saved(result: T, unsaved: Exception | None) -> T:
+    """`result`, unless the change's journal write failed: then an error saying so."""
+    if unsaved is not None:
+        raise JournalError(
+            f"the change is in force, but the journal could not record it ({unsaved}): it "
+            "will not survive a restart of the daemon"
+        ) from unsaved
+    return result
 
 
 def _lowered_bytes(change: ClientDelta) -> int:

@@ -6,11 +6,12 @@ Precedence, highest first: explicit overrides (command-line flags), environment 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,6 +39,14 @@ class BrokerConfig(BaseSettings):
     runtime_dir: Path = Field(
         default_factory=default_runtime_dir,
         description="Where control.sock and session.sock are created.",
+    )
+    state_dir: str | None = Field(
+        None,
+        description="Where the journal (journal.sqlite) keeps spaces, attributes and grants "
+        "so that a restarted daemon takes them back (with the space fds from systemd's fd "
+        "store). Unset: /var/lib/membroker when runtime_dir is /run/membroker (the unit's "
+        "StateDirectory=), else RUNTIME_DIR.state beside the runtime directory. Empty: no "
+        "journal (nothing survives a restart).",
     )
     control_socket_mode: int = Field(0o660, ge=0, le=0o777)
     session_socket_mode: int = Field(0o660, ge=0, le=0o777)
@@ -171,6 +180,9 @@ class BrokerConfig(BaseSettings):
     )
     log_level: str = Field("INFO")
 
+    # Where load_config found this configuration (file, overrides): a reload reads it again.
+    _source: tuple[Path | None, dict[str, Any]] = PrivateAttr(default=(None, {}))
+
     @field_validator("control_socket_mode", "session_socket_mode", mode="before")
     @classmethod
     def _octal(cls, value: Any) -> Any:
@@ -191,6 +203,15 @@ class BrokerConfig(BaseSettings):
             raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9464)")
         return value
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return value
+        if not os.path.isabs(value):
+            raise ValueError(f"{value!r} is not an absolute path (or empty: no journal)")
+        return os.path.normpath(value)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -207,6 +228,17 @@ class BrokerConfig(BaseSettings):
                 f"max_outbound_bytes ({self.max_outbound_bytes})"
             )
         return self
+
+    @property
+    def journal_dir(self) -> Path | None:
+        """The resolved state_dir, or None when the journal is off."""
+        if self.state_dir == "":
+            return None
+        if self.state_dir is not None:
+            return Path(self.state_dir)
+        if self.runtime_dir == Path("/run/membroker"):
+            return Path("/var/lib/membroker")
+        return self.runtime_dir.with_name(self.runtime_dir.name + ".state")
 
     @property
     def lock_file(self) -> Path:
@@ -246,8 +278,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> BrokerConfig:
         raise ConfigError(f"configuration file {path} does not exist")
     if path is not None:
         _toml_file["path"] = path
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return BrokerConfig(**{k: v for k, v in overrides.items() if v is not None})
+        config = BrokerConfig(**given)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -263,3 +296,55 @@ def load_config(path: Path | None = None, **overrides: Any) -> BrokerConfig:
         raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
     finally:
         _toml_file.pop("path", None)
+    config._source = (path, given)
+    return config
+
+
+# Settings a running daemon cannot take from a reload (SIGHUP): what was bound or sized at
+# start (sockets and their modes, the metrics endpoint, frame buffers), the periodic tasks'
+# on/off and periods, and the client-name binding (its table is only kept in "uid" mode). Every
+# other setting is read by the broker each time it is used, so a reload applies it to what
+# happens next (new sessions, attaches, grants, revocations); a revocation already in progress
+# may see the new values for the steps it has not reached yet.
+RESTART_REQUIRED = frozenset(
+    {
+        "runtime_dir",
+        "state_dir",
+        "control_socket_mode",
+        "session_socket_mode",
+        "metrics_address",
+        "max_frame_bytes",
+        "audit_interval_s",
+        "loop_probe_ms",
+        "client_name_binding",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """What a reload found: the configuration to run with now (the new file's values, except
+    the RESTART_REQUIRED ones which keep their running values), the settings it changed, and
+    the changed settings that wait for a restart."""
+
+    config: BrokerConfig
+    applied: tuple[str, ...]
+    need_restart: tuple[str, ...]
+
+
+def reload_config(running: BrokerConfig) -> Reload:
+    """Reads the configuration again from where `running` came from (same file, same
+    environment variables, same command-line overrides). Raises ConfigError, changing nothing,
+    when the new one is not valid."""
+    path, given = running._source
+    fresh = load_config(path, **given)
+    changed = [
+        name
+        for name in type(running).model_fields
+        if getattr(fresh, name) != getattr(running, name)
+    ]
+    need_restart = tuple(n for n in changed if n in RESTART_REQUIRED)
+    applied = tuple(n for n in changed if n not in RESTART_REQUIRED)
+    merged = fresh.model_copy(update={n: getattr(running, n) for n in need_restart})
+    merged._source = running._source
+    return Reload(merged, applied, need_restart)

@@ -25,6 +25,7 @@ import os
 import socket
 import stat
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -365,15 +366,29 @@ class Listener:
 
     Bound under a temporary name and renamed over `path` once listening (see `SocketFile`):
     a stale session.sock is replaced atomically, a live one makes the constructor raise
-    StartupRefused without touching it.
+    StartupRefused without touching it. Or `adopted`: a listening socket systemd bound and
+    passed (socket activation); its file is systemd's, never removed here.
     """
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, path: Path, mode: int, accept: SessionAcceptor
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: Path,
+        mode: int,
+        accept: SessionAcceptor,
+        adopted: socket.socket | None = None,
     ) -> None:
         self.loop = loop
         self.path = path
         self._accept_cb = accept
+        self.file: SocketFile | None = None
+        if adopted is not None:
+            # Shared with systemd (it polls it while we are not running): O_NONBLOCK is set
+            # on the shared description, which systemd does not mind.
+            self.sock = adopted
+            self.sock.setblocking(False)
+            loop.add_reader(self.sock.fileno(), self._on_accept)
+            return
         check_socket_path(path)
         tmp = temporary_socket_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -412,7 +427,126 @@ class Listener:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        self.file.unlink()
+        if self.file is not None:
+            self.file.unlink()
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a relayed connection: what it reads, its peer writes, with back-pressure
+    (a peer whose send buffer fills pauses our reading) and half-closes passed on."""
+
+    def __init__(self, relay: Relay, start_paused: bool = False) -> None:
+        self.relay = relay
+        self.peer: _Pipe | None = None
+        self.transport: asyncio.Transport | None = None
+        # What arrived before the peer was connected (uvloop may deliver a first read before
+        # pause_reading takes effect); written to the peer once it is.
+        self.early: list[bytes] = []
+        self._start_paused = start_paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.relay.transports.add(transport)
+        if self._start_paused:
+            self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def eof_received(self) -> bool:
+        peer = self.peer.transport if self.peer is not None else None
+        if peer is not None and peer.can_write_eof():
+            peer.write_eof()
+            return True  # keep our side open for what the peer still has to say
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.relay.transports.discard(self.transport)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class Relay:
+    """Accepts on a listening socket (the control socket systemd passed) and relays each
+    connection, byte for byte, to the Unix socket at `target` (the gRPC server's private one).
+
+    Why: grpcio binds its own sockets and cannot adopt a listening fd (its server addresses are
+    unix:, unix-abstract:, vsock: and IP; no fd: scheme), so the only way to serve gRPC on a
+    socket systemd owns is to pass the bytes on. It costs a Unix-socket hop per control call;
+    the session socket, which the SDK uses for calls by default, is adopted directly.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, target: Path) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.target = target
+        self.transports: set[asyncio.BaseTransport] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("control socket: accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            task = self.loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        # The client's side is read only once the server's is connected: nothing read is lost.
+        client = _Pipe(self, start_paused=True)
+        server = _Pipe(self)
+        client.peer, server.peer = server, client
+        try:
+            await self.loop.connect_accepted_socket(lambda: client, conn)
+            await self.loop.create_unix_connection(lambda: server, str(self.target))
+        except (OSError, asyncio.CancelledError) as exc:
+            log.warning("control socket: cannot relay a connection: %r", exc)
+            if client.transport is not None:
+                client.transport.close()
+            else:
+                conn.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        assert client.transport is not None and server.transport is not None
+        if client.early:
+            server.transport.write(b"".join(client.early))
+            client.early.clear()
+        if client.transport.is_closing():
+            server.transport.close()
+        else:
+            client.transport.resume_reading()
+
+    def close(self) -> None:
+        """Stops accepting and drops the relayed connections (the listening socket itself is
+        systemd's: only our fd of it is closed)."""
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for transport in list(self.transports):
+            transport.close()
 
 
 # -- socket files ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 signals, graceful shutdown.
 
 `serve(config)` is the whole life of a membrokerd process; `__main__` parses flags and calls it
-under uvloop.
+under uvloop. Under systemd (membrokerd.systemd) it also says READY=1 / STATUS= / STOPPING=1,
+feeds the watchdog while its event loop runs, reloads its configuration on SIGHUP, and takes
+over the sockets of membrokerd.socket when started by socket activation.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
+import time
 from pathlib import Path
 
 from grpc import aio
@@ -23,10 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from membroker.v1 import broker_pb2, broker_pb2_grpc
+from membrokerd import systemd
 from membrokerd.broker import Broker
-from membrokerd.config import BrokerConfig
+from membrokerd.config import BrokerConfig, ConfigError, reload_config
+from membrokerd.journal import Journal, JournalError, Writer
 from membrokerd.listener import (
     Listener,
+    Relay,
     SocketFile,
     StartupRefused,
     check_socket_path,
@@ -38,20 +43,6 @@ from membrokerd.servicer import Servicer, SessionCalls
 log = logging.getLogger("membrokerd")
 
 SERVICE = broker_pb2.DESCRIPTOR.services_by_name["MemBroker"].full_name
-
-
-def _sd_notify(message: str) -> None:
-    """Tells systemd (Type=notify) about our state, when started by it."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        try:
-            s.sendto(message.encode(), path)
-        except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
 
 
 # A runtime directory created directly in a directory every user may write (the fallback
@@ -175,6 +166,87 @@ async def probe_loop_lag(broker: Broker, period: float) -> None:
             broker.metrics.loop_lag_max.set(worst)
 
 
+def reload(broker: Broker, status: systemd.StatusReporter) -> None:
+    """SIGHUP (`systemctl reload`): reads the configuration again and applies what can change
+    while running (see config.RESTART_REQUIRED for what cannot); an invalid one is logged and
+    the running one kept."""
+    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
+    try:
+        found = reload_config(broker.config)
+    except Exception as exc:
+        if isinstance(exc, ConfigError):
+            log.error("reload refused, the running configuration stays in force: %s", exc)
+        else:
+            log.exception("reload failed, the running configuration stays in force")
+        status.note = f"reload at {time.strftime('%H:%M:%S')} failed, old configuration kept"
+        systemd.notify("READY=1")
+        status.update(force=True)
+        return
+    status.note = ""
+    # The broker reads its settings from broker.config each time it uses one.
+    broker.config = found.config
+    logging.getLogger().setLevel(found.config.log_level)
+    if found.applied:
+        log.info(
+            "reloaded: applied %s",
+            ", ".join(f"{n}={getattr(found.config, n)!r}" for n in found.applied),
+        )
+    else:
+        log.info("reloaded: nothing changed that can change while running")
+    if found.need_restart:
+        log.warning(
+            "reloaded, but changed settings that only take effect after a restart were NOT "
+            "applied: %s",
+            ", ".join(found.need_restart),
+        )
+    systemd.notify("READY=1")
+    status.update(force=True)
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def restore(broker: Broker, config: BrokerConfig, stored: dict[str, int]) -> None:
+    """Opens the journal (state_dir) and takes back the spaces it holds, each with its fd from
+    systemd's fd store (`stored`, emptied here). Without a journal, stored fds are dropped."""
+    directory = config.journal_dir
+    if directory is None:
+        for space_id in stored:
+            log.warning("fd store: dropping %s: no journal (state_dir is empty)", space_id)
+            systemd.fd_store_remove(space_id)
+        _close_all(stored)
+        return
+    try:
+        writer = Writer(Journal(directory))
+    except JournalError as exc:
+        raise StartupRefused(f"{exc} (state_dir)") from exc
+    fd_store = systemd.fd_store_enabled()
+    t0 = time.perf_counter()
+    try:
+        restored = broker.restore(writer, stored, fd_store)
+    except BaseException as exc:
+        writer.close()
+        broker.journal = None
+        if isinstance(exc, JournalError):
+            raise StartupRefused(f"{exc} (state_dir)") from exc
+        raise
+    finally:
+        stored.clear()  # used or closed by restore()
+    log.info(
+        "journal %s: %d space(s) restored in %.1f ms; space fds %s",
+        writer.journal.path,
+        restored,
+        (time.perf_counter() - t0) * 1000,
+        "go to systemd's fd store"
+        if fd_store
+        else "are not kept (no fd store: not under "
+        "systemd Type=notify, or FileDescriptorStoreMax=0)",
+    )
+
+
 async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> None:
     """Serves until SIGTERM or SIGINT (or `stop` is set), then shuts down cleanly.
 
@@ -187,14 +259,30 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     # Workers (large encodings, verifications) hand the GIL back to the event loop within
     # 1 ms instead of Python's default 5 ms: the loop waits less behind them.
     sys.setswitchinterval(LOOP_SWITCH_INTERVAL_S)
-    prepare_runtime_dir(config.runtime_dir)
-    lock = DaemonLock.acquire(config.lock_file)
+    # Sockets (socket activation) and space fds (systemd's fd store, named by space id).
+    passed, stored = systemd.split_passed(systemd.passed_fds())
+    try:
+        prepare_runtime_dir(config.runtime_dir)
+        lock = DaemonLock.acquire(config.lock_file)
+    except BaseException:
+        for _, sock in passed:
+            sock.close()
+        _close_all(stored)
+        raise
     control = config.control_socket
     try:
+        # Socket activation: systemd's sockets are used as they are (and never removed).
+        adopted = systemd.take_sockets(
+            passed, {"control": control, "session": config.session_socket}
+        )
         # Both before binding either: refuse while nothing of ours exists yet.
-        check_socket_path(control)
-        check_socket_path(config.session_socket)
+        for path in (control, config.session_socket):
+            if path not in (Path(s.getsockname()) for s in adopted.values()):
+                check_socket_path(path)
     except BaseException:
+        for _, sock in passed:
+            sock.close()
+        _close_all(stored)
         lock.release()
         raise
     stop = asyncio.Event()
@@ -206,14 +294,28 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     metrics_server: MetricsServer | None = None
     audit: asyncio.Task[None] | None = None
     probe: asyncio.Task[None] | None = None
+    relay: Relay | None = None
+    private_control: SocketFile | None = None
+    watchdog: systemd.Watchdog | None = None
+    status_task: asyncio.Task[None] | None = None
     signals: list[signal.Signals] = []
     try:
         broker = Broker(config, loop)
+        restore(broker, config, stored)
+        status = systemd.StatusReporter(broker)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             signals.append(sig)
+        loop.add_signal_handler(signal.SIGHUP, reload, broker, status)
+        signals.append(signal.SIGHUP)
 
-        listener = Listener(loop, config.session_socket, config.session_socket_mode, broker.accept)
+        listener = Listener(
+            loop,
+            config.session_socket,
+            config.session_socket_mode,
+            broker.accept,
+            adopted=adopted.pop("session", None),
+        )
         server = aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
         servicer = Servicer(broker)
         broker.calls = SessionCalls(servicer, config.max_frame_bytes)
@@ -232,15 +334,24 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         # stops, whoever's file it is by then. So it binds a name of ours, which is renamed
         # over control.sock; at shutdown it unlinks that (long gone) name, and we remove
         # control.sock only if it still is the file we bound.
+        # Socket activation: gRPC cannot adopt systemd's socket, so it listens on that private
+        # name (owner only) and the daemon relays what systemd's control.sock accepts to it.
+        control_fd = adopted.pop("control", None)
+        mode = config.control_socket_mode if control_fd is None else 0o600
         tmp = temporary_socket_path(control)
-        old_umask = os.umask(0o777 & ~config.control_socket_mode)
+        old_umask = os.umask(0o777 & ~mode)
         try:
             server.add_insecure_port(f"unix:{tmp}")
             await server.start()
         finally:
             os.umask(old_umask)
-        os.chmod(tmp, config.control_socket_mode)
-        control_file = SocketFile.install(tmp, control)
+        os.chmod(tmp, mode)
+        if control_fd is None:
+            control_file = SocketFile.install(tmp, control)
+        else:
+            st = os.lstat(tmp)
+            private_control = SocketFile(tmp, st.st_dev, st.st_ino)
+            relay = Relay(loop, control_fd, tmp)
         await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -252,6 +363,10 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             audit = loop.create_task(broker.audit_forever())
         if config.loop_probe_ms > 0:
             probe = loop.create_task(probe_loop_lag(broker, config.loop_probe_ms / 1000))
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            watchdog = systemd.Watchdog(interval)
+            watchdog.start(loop)
         log.info(
             "membrokerd %d ready: control %s, session %s, metrics %s",
             os.getpid(),
@@ -264,7 +379,10 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             f"{config.session_socket}\n  metrics:        {broker.metrics_url or 'off'}",
             flush=True,
         )
-        _sd_notify("READY=1")
+        status.text = status.compose()
+        systemd.notify("READY=1", f"STATUS={status.text}")
+        if os.environ.get("NOTIFY_SOCKET"):
+            status_task = loop.create_task(status.run())
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -274,8 +392,10 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             audit.cancel()
         if probe is not None:
             probe.cancel()
-        if control_file is not None:
-            _sd_notify("STOPPING=1")
+        if status_task is not None:
+            status_task.cancel()
+        if control_file is not None or relay is not None:
+            systemd.notify("STOPPING=1", "STATUS=shutting down")
         if health is not None:
             await health.enter_graceful_shutdown()
         if listener is not None:
@@ -284,10 +404,21 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             broker.shutdown("broker shutting down")
         if server is not None:
             await server.stop(grace=1.0)
+        if broker is not None:
+            broker.close_journal()
+        _close_all(stored)
+        if relay is not None:
+            relay.close()
         if metrics_server is not None:
             await metrics_server.close()
         if control_file is not None:
             control_file.unlink()
+        if private_control is not None:
+            private_control.unlink()
+        if watchdog is not None:
+            watchdog.stop()
+        for sock in adopted.values():
+            sock.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
         lock.release()

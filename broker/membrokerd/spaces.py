@@ -65,8 +65,10 @@ class Space:
         regions: Sequence[Region],
         dev: int,
         ino: int,
+        space_id: str = "",
     ) -> None:
-        self.space_id = "sp-" + secrets.token_hex(4)
+        # A restored space keeps the id its owner knows it by.
+        self.space_id = space_id or "sp-" + secrets.token_hex(4)
         self.name = name or self.space_id
         self.fd = fd
         self.size = size

@@ -6,6 +6,7 @@ conftest.py files the run has loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,231 @@ class Daemon:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
         return self.returncode
+
+
+# -- a real systemd manager (see test_systemd_manager.py) ------------------------------------
+
+SERVICE = "membrokerd.service"
+SOCKET = "membrokerd.socket"
+WATCHDOG_SEC = 2
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
+SYSTEMD = Path("/lib/systemd/systemd")
+
+# Run inside `unshare --mount`: everything it mounts is private to the namespace and goes with it.
+_MANAGER_SCRIPT = r"""
+set -eu
+base=$1; cg=$2
+# A fresh /run: the manager's "booted with systemd" check (/run/systemd/system), the nodes
+# ProtectSystem= and friends bind over hidden paths, and whatever the manager writes under /run
+# stay in this namespace. (A mount point /run also keeps ProtectKernelTunables= from mounting
+# an empty tmpfs over it.)
+mount -n -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system /run/systemd/inaccessible
+cd /run/systemd/inaccessible
+mkdir dir; : > reg; mkfifo fifo; mknod chr c 0 0; mknod blk b 0 0
+python3 -c 'import socket; socket.socket(socket.AF_UNIX).bind("sock")'
+chmod 0000 dir reg fifo sock chr blk
+cd /
+for root in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified; do
+    mkdir "$root/$cg"
+    echo $$ > "$root/$cg/cgroup.procs"
+done
+export HOME=$base/home XDG_RUNTIME_DIR=$base/xdg XDG_CONFIG_HOME=$base/config
+unset DBUS_SESSION_BUS_ADDRESS NOTIFY_SOCKET LISTEN_FDS LISTEN_PID LISTEN_FDNAMES
+exec timeout --signal=TERM --kill-after=10 300 "$3" --user
+"""
+
+
+def skip_unless_manager_possible() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a systemd manager with its own cgroup subtree")
+    for tool in ("unshare", "systemctl", "timeout", "mknod", "mkfifo"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if not SYSTEMD.exists():
+        pytest.skip(f"{SYSTEMD} is missing (Debian package systemd)")
+    for root in CGROUP_ROOTS:
+        if not (root / "cgroup.procs").exists():
+            pytest.skip(f"{root} is not a cgroup hierarchy (this harness expects the v1 hybrid)")
+
+
+class UserManager:
+    """`systemd --user` in a private mount namespace and cgroup subtree, with its units."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.cgroup = base.name
+        self.xdg = base / "xdg"
+        self.runtime_dir = self.xdg / "membroker"
+        self.units = base / "config" / "systemd" / "user"
+        self.config = base / "membrokerd.toml"
+        self.log = base / "daemon.log"
+        for d in (self.xdg, base / "home", self.units / f"{SERVICE}.d"):
+            d.mkdir(parents=True, mode=0o700)
+        self.env = dict(os.environ)
+        self.env["XDG_RUNTIME_DIR"] = str(self.xdg)
+        self.env.pop("DBUS_SESSION_BUS_ADDRESS", None)
+        self.env["SYSTEMD_PAGER"] = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- set up and tear down ------------------------------------------------------------------
+
+    def install_units(self) -> None:
+        """The shipped units, paths pointed at this manager's runtime dir, plus the drop-in."""
+        for name in (SERVICE, SOCKET):
+            text = (DEPLOY / name).read_text().replace("/run/membroker", str(self.runtime_dir))
+            (self.units / name).write_text(text)
+        venv_bin = Path(sys.executable).parent
+        binds = sorted({str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve())})
+        (self.units / f"{SERVICE}.d" / "test.conf").write_text(
+            "[Service]\n"
+            "ExecStart=\n"
+            f"ExecStart={venv_bin / 'membrokerd'} --config {self.config}\n"
+            "ProtectHome=tmpfs\n"
+            f"BindReadOnlyPaths={' '.join(binds)} {ROOT}\n"
+            f"BindPaths={self.base}\n"
+            f"Environment=PYTHONPATH={ROOT / 'clients'}:{ROOT / 'broker'}\n"
+            f"StandardOutput=append:{self.log}\n"
+            f"StandardError=append:{self.log}\n"
+            f"WatchdogSec={WATCHDOG_SEC}s\n"
+            "LimitCORE=0\n"
+            # The tests start the service more often than the shipped burst allows.
+            "[Unit]\nStartLimitBurst=100\n"
+        )
+        self.write_config()
+
+    def write_config(self, **settings: object) -> None:
+        values: dict[str, object] = {"runtime_dir": str(self.runtime_dir), "metrics_address": ""}
+        values.update(settings)
+        lines = []
+        for key, value in values.items():
+            lines.append(f"{key} = {value!r}" if isinstance(value, str) else f"{key} = {value}")
+        self.config.write_text("\n".join(lines).replace("'", '"') + "\n")
+
+    def start(self) -> None:
+        script = self.base / "manager.sh"
+        script.write_text(_MANAGER_SCRIPT)
+        with open(self.base / "manager.log", "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    str(script),
+                    str(self.base),
+                    self.cgroup,
+                    str(SYSTEMD),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if (self.xdg / "systemd" / "private").exists():
+                probe = self.systemctl("show", "-p", "Version", check=False)
+                if probe.returncode == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(
+            "systemd --user did not come up: "
+            + (self.base / "manager.log").read_text(errors="replace")
+        )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError):
+                self.systemctl("stop", SERVICE, SOCKET, check=False, timeout=30)
+            # timeout(1) passes SIGTERM on to the manager, which stops its units and exits.
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # Whatever still sits in our cgroups was started by this manager: end it by pid.
+        for _ in range(50):
+            pids = self._cgroup_pids()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        for root in CGROUP_ROOTS:
+            top = root / self.cgroup
+            if top.exists():
+                for d in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                with contextlib.suppress(OSError):
+                    top.rmdir()
+
+    def _cgroup_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for root in CGROUP_ROOTS:
+            top = root / self.cgroup
+            if top.exists():
+                for procs in top.rglob("cgroup.procs"):
+                    with contextlib.suppress(OSError):
+                        pids.update(int(p) for p in procs.read_text().split())
+        return pids
+
+    # -- talking to it -------------------------------------------------------------------------
+
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["systemctl", "--user", "--no-pager", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"systemctl {' '.join(args)} failed ({result.returncode}): {result.stderr}\n"
+                f"{self.status()}"
+            )
+        return result
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", unit, *(f"-p{p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def status(self) -> str:
+        out = subprocess.run(
+            ["systemctl", "--user", "--no-pager", "status", SERVICE, SOCKET],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        log = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"{out}\n--- daemon log ---\n{log[-4000:]}"
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n{self.status()}")
+
+    def main_pid(self) -> int:
+        return int(self.show(SERVICE, "MainPID")["MainPID"])
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def reset(self) -> None:
+        """Nothing running, nothing failed, config back to the default."""
+        self.systemctl("stop", SERVICE, SOCKET, check=False)
+        self.systemctl("reset-failed", SERVICE, SOCKET, check=False)
+        self.write_config()

@@ -33,8 +33,14 @@ def test_example_config_lists_every_setting_with_its_default(clean_env: None) ->
     loaded = load_config(EXAMPLE_CONFIG)
     defaults = BrokerConfig()
     for name in BrokerConfig.model_fields:
-        if name != "runtime_dir":  # the default depends on the uid; the file shows root's
+        # These defaults depend on the uid (and state_dir's on runtime_dir): the file shows
+        # root's.
+        if name not in ("runtime_dir", "state_dir"):
             assert getattr(loaded, name) == getattr(defaults, name), name
+    assert (
+        loaded.journal_dir
+        == defaults.model_copy(update={"runtime_dir": loaded.runtime_dir}).journal_dir
+    )
 
 
 def test_example_config_comments_every_setting() -> None:

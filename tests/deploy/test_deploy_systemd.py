@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_helpers import EXAMPLE_CONFIG, UNIT, Daemon, require_tool
+from deploy_helpers import DEPLOY, EXAMPLE_CONFIG, UNIT, Daemon, require_tool
 
 from membrokerd.config import load_config
 
@@ -64,6 +64,29 @@ def test_unit_declares_the_service_contract() -> None:
     assert one["ProtectSystem"] == "strict"
     assert one["SystemCallArchitectures"] == "native"
     assert one["WantedBy"] == "multi-user.target"
+    # systemd integration: reload by SIGHUP, a watchdog, and a runtime directory that outlives
+    # the service (membrokerd.socket's sockets live in it).
+    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert one["WatchdogSec"] == "30s"
+    assert one["NotifyAccess"] == "main"
+    assert one["RuntimeDirectoryPreserve"] == "yes"
+
+
+SOCKET_UNIT = DEPLOY / "membrokerd.socket"
+
+
+def test_socket_unit_matches_the_service_and_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """membrokerd.socket listens where the daemon's config puts its sockets, with their mode."""
+    for var in [v for v in os.environ if v.startswith("MEMBROKER_")]:
+        monkeypatch.delenv(var)
+    s = unit_settings(SOCKET_UNIT.read_text())
+    config = load_config(EXAMPLE_CONFIG)
+    assert s["ListenStream"] == [str(config.control_socket), str(config.session_socket)]
+    assert config.control_socket_mode == config.session_socket_mode  # one SocketMode= for both
+    assert int(s["SocketMode"][-1], 8) == config.control_socket_mode
+    assert s["Service"] == ["membrokerd.service"]
+    assert s["WantedBy"] == ["sockets.target"]
+    assert "Accept" not in s  # one daemon takes the listening sockets over
 
 
 def test_unit_runtime_directory_matches_example_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,6 +96,14 @@ def test_unit_runtime_directory_matches_example_config(monkeypatch: pytest.Monke
     s = unit_settings(UNIT.read_text())
     config = load_config(EXAMPLE_CONFIG)
     assert config.runtime_dir == Path("/run") / s["RuntimeDirectory"][-1]
+
+
+def _socket_copy(tmp_path: Path) -> Path:
+    """membrokerd.socket next to the service copy (verify loads the service it triggers)."""
+    _unit_copy(tmp_path)
+    copy = tmp_path / SOCKET_UNIT.name
+    copy.write_text(SOCKET_UNIT.read_text())
+    return copy
 
 
 def _unit_copy(tmp_path: Path, extra: str = "") -> Path:
@@ -105,6 +136,13 @@ def _verify(unit: Path) -> subprocess.CompletedProcess[str]:
 def test_systemd_analyze_verify_is_silent(tmp_path: Path) -> None:
     """verify exits 0 even on unknown keys and bad values, so stderr must be empty too."""
     result = _verify(_unit_copy(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+    assert result.stdout == "", result.stdout
+
+
+def test_systemd_analyze_verify_socket_unit_is_silent(tmp_path: Path) -> None:
+    result = _verify(_socket_copy(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stderr == "", result.stderr
     assert result.stdout == "", result.stdout

@@ -115,3 +115,17 @@ def test_hardening_values_from_env(monkeypatch):
         "report",
         True,
     )
+
+
+def test_state_dir(tmp_path, monkeypatch):
+    for var in [v for v in os.environ if v.startswith("MEMBROKER_")]:
+        monkeypatch.delenv(var)
+    rt = tmp_path / "rt"
+    assert load_config(runtime_dir=rt).journal_dir == tmp_path / "rt.state"
+    assert load_config(runtime_dir="/run/membroker").journal_dir == Path("/var/lib/membroker")
+    assert load_config(runtime_dir=rt, state_dir="").journal_dir is None
+    assert load_config(runtime_dir=rt, state_dir="/srv/mb/").journal_dir == Path("/srv/mb")
+    monkeypatch.setenv("MEMBROKER_STATE_DIR", "")
+    assert load_config(runtime_dir=rt).journal_dir is None
+    with pytest.raises(ConfigError, match=r"state_dir.*not an absolute path"):
+        load_config(runtime_dir=rt, state_dir="relative/dir")

@@ -1,0 +1,614 @@
+"""The journal: what a restarted daemon needs to take its spaces back, on disk.
+
+One sqlite3 database (STATE_DIR/journal.sqlite) in WAL mode with `synchronous=FULL`: a change
+is on disk (the WAL fsynced) when its transaction commits, and the broker commits it before the
+call that made the change reports success. A crash (kill -9, power loss) leaves every committed
+change and none of a torn one: sqlite replays or drops the WAL tail on the next open.
+
+What it keeps, per space: the identity and layout of the space (id, name, size, backing, page
+size, owner name and uid, imported, regions, dev/ino and seals of its backing, the access
+table's seq), its shared pages, and each client's grant sets. Sets are stored as their
+`array('Q')` columns (`tobytes()`), one row per client, never a row per fragment: a change to
+one client rewrites that client's row only (a million fragments: 4 blobs, ~32 MB). Besides,
+the client-name -> uid bindings (client_name_binding = uid). Not kept: sessions, attachments,
+pins, revocation history (all end with the process), and ephemeral spaces (they end with
+their owner's session, which a restart ends).
+
+The memory itself is not in the journal: its fd travels through systemd's fd store
+(membrokerd.systemd.fd_store_add) and comes back in LISTEN_FDS.
+
+The access table (membrokerd.access) has no serialisation of its own: `capture` and
+`restore_table` read and set its fields here, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import stat
+import threading
+from array import array
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from membroker.rangeset import RangeSet
+from membrokerd.access import AccessTable, _Grants
+
+log = logging.getLogger("membrokerd.journal")
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+JOURNAL_FILE = "journal.sqlite"
+LOCK_FILE = "journal.lock"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spaces (
+    space_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    backing TEXT NOT NULL,
+    page_size INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    owner_uid INTEGER NOT NULL,
+    imported INTEGER NOT NULL,
+    regions TEXT NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    seals INTEGER NOT NULL,
+    created_unix REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    shared_starts BLOB NOT NULL,
+    shared_ends BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grants (
+    space_id TEXT NOT NULL REFERENCES spaces(space_id) ON DELETE CASCADE,
+    client TEXT NOT NULL,
+    readable_starts BLOB NOT NULL,
+    readable_ends BLOB NOT NULL,
+    writable_starts BLOB NOT NULL,
+    writable_ends BLOB NOT NULL,
+    PRIMARY KEY (space_id, client)
+);
+CREATE TABLE IF NOT EXISTS ops (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL REFERENCES spaces(space_id) ON DELETE CASCADE,
+    client TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    starts BLOB NOT NULL,
+    ends BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ops_by_set ON ops (space_id, client);
+CREATE TABLE IF NOT EXISTS names (client TEXT PRIMARY KEY, uid INTEGER NOT NULL);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or read; the message says which file and why."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sets:
+    """A RangeSet as its two columns' bytes (native u64, as array('Q') stores them)."""
+
+    starts: bytes
+    ends: bytes
+
+    @classmethod
+    def of(cls, ranges: RangeSet) -> Sets:
+        starts, ends = ranges.columns()
+        return cls(starts.tobytes(), ends.tobytes())
+
+    @classmethod
+    def of_byte_spans(cls, spans: Iterable[tuple[int, int]], page_size: int) -> Sets:
+        """Sorted, disjoint byte ranges (offset, length) as page spans; they may touch (a
+        batch's ranges may)."""
+        starts, ends = array("Q"), array("Q")
+        for offset, length in spans:
+            starts.append(offset // page_size)
+            ends.append((offset + length) // page_size)
+        return cls(starts.tobytes(), ends.tobytes())
+
+    def __len__(self) -> int:
+        return len(self.starts) // 8
+
+    def columns(self, limit: int, touching: bool = False) -> tuple[array[int], array[int]]:
+        """The columns again; JournalError unless they are well formed: as long as each other,
+        sorted, disjoint (not touching either, unless `touching`), within [0, limit)."""
+        if len(self.starts) != len(self.ends) or len(self.starts) % 8:
+            raise JournalError("a stored range set has columns of different lengths")
+        starts, ends = array("Q"), array("Q")
+        starts.frombytes(self.starts)
+        ends.frombytes(self.ends)
+        if starts and ends[-1] > limit:
+            raise JournalError(f"a stored range set ends at page {ends[-1]}, past {limit}")
+        apart = int.__le__ if touching else int.__lt__
+        if not all(map(int.__lt__, starts, ends)) or not all(map(apart, ends, starts[1:])):
+            raise JournalError("a stored range set is not sorted and disjoint")
+        return starts, ends
+
+    def rangeset(self, limit: int) -> RangeSet:
+        """The set again (see `columns`)."""
+        starts, ends = self.columns(limit)
+        out = RangeSet()
+        out_starts, out_ends = out.columns()
+        out_starts.extend(starts)
+        out_ends.extend(ends)
+        return out
+
+    def spans(self, limit: int) -> list[tuple[int, int]]:
+        starts, ends = self.columns(limit, touching=True)
+        return list(zip(starts, ends, strict=True))
+
+
+EMPTY = Sets(b"", b"")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientSets:
+    """One client's grant records: `readable` (RO and RW pages) and `writable` (RW pages)."""
+
+    readable: Sets
+    writable: Sets
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpaceRecord:
+    """What defines a space, as created or imported (none of it changes afterwards)."""
+
+    space_id: str
+    name: str
+    size: int
+    backing: str
+    page_size: int
+    owner: str
+    owner_uid: int
+    imported: bool
+    regions: tuple[tuple[int, int, int], ...]  # (gpa, offset, size)
+    dev: int
+    ino: int
+    seals: int  # F_GET_SEALS of the backing; -1 where it has none (guest_memfd)
+    created_unix: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Change:
+    """One committed change of a space's access table: its seq after the change, and what
+    changed as snapshots (the shared pages; the grant sets of clients, None: no grants left)
+    or as operations to replay on the last snapshot (`ops`)."""
+
+    space_id: str
+    seq: int
+    shared: Sets | None
+    clients: dict[str, ClientSets | None]
+    ops: tuple[Op, ...] = ()
+
+
+# Operations: what a change did to one set, replayed on its snapshot at load.
+GRANT_RO, GRANT_RW, REVOKE, SHARE, PRIVATE = "grant_ro", "grant_rw", "revoke", "share", "private"
+OP_KINDS = (GRANT_RO, GRANT_RW, REVOKE, SHARE, PRIVATE)
+# The key of the shared attribute's operations (a client name is never empty).
+SHARED = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Op:
+    """`kind` over page spans, of `client`'s grants (SHARED: of the shared attribute)."""
+
+    client: str
+    kind: str
+    spans: Sets
+
+
+@dataclasses.dataclass(slots=True)
+class SpaceState:
+    """A space as the journal has it."""
+
+    record: SpaceRecord
+    seq: int
+    shared: Sets
+    grants: dict[str, ClientSets]
+    # Logged since the snapshots, in order.
+    ops: list[Op] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(slots=True)
+class Contents:
+    spaces: list[SpaceState]
+    names: dict[str, int]
+
+
+# -- the access table, in and out --------------------------------------------------------------
+
+
+def client_sets(table: AccessTable, client: str) -> ClientSets | None:
+    """`client`'s grant records as bytes (a copy: the table may change right after)."""
+    g = table._grants.get(client)
+    if g is None:
+        return None
+    return ClientSets(Sets.of(g.readable), Sets.of(g.writable))
+
+
+def capture(
+    space_id: str, table: AccessTable, clients: Iterable[str] = (), shared: bool = False
+) -> Change:
+    """The change just committed to `table`, for the clients it touched (and the shared pages
+    when `shared`): taken at once, on the thread that changed the table."""
+    return Change(
+        space_id,
+        table.seq,
+        Sets.of(table._shared) if shared else None,
+        {client: client_sets(table, client) for client in clients},
+    )
+
+
+def restore_table(table: AccessTable, state: SpaceState) -> None:
+    """Puts a journal's shared pages, grants and seq into a new, empty table: the snapshots,
+    then the operations logged since, in order. (Grant records do not depend on the shared
+    attribute, nor one client's on another's: each set replays on its own snapshot.)"""
+    pages = table.size // table.page_size
+    shared = state.shared.rangeset(pages)
+    grants: dict[str, _Grants] = {}
+    for client, sets in state.grants.items():
+        g = grants[client] = _Grants()
+        g.readable = sets.readable.rangeset(pages)
+        g.writable = sets.writable.rangeset(pages)
+    for op in state.ops:
+        spans = op.spans.spans(pages)
+        if op.kind == SHARE:
+            shared.add_many(spans)
+        elif op.kind == PRIVATE:
+            shared.remove_many(spans)
+        else:
+            g = grants.get(op.client) or grants.setdefault(op.client, _Grants())
+            if op.kind == REVOKE:
+                g.readable.remove_many(spans)
+                g.writable.remove_many(spans)
+            else:
+                g.readable.add_many(spans)
+                if op.kind == GRANT_RW:
+                    g.writable.add_many(spans)
+                else:
+                    g.writable.remove_many(spans)
+    table._shared = shared
+    for client, g in grants.items():
+        if not g.readable:
+            continue
+        if g.writable.intersect(g.readable) != g.writable:
+            raise JournalError(f"client {client!r}: writable pages that are not readable")
+        table._grants[client] = g
+    table._seq = state.seq
+
+
+class Compaction:
+    """Decides, where the table changed (on the loop), what a change writes: a set small
+    enough is written whole (its snapshot); a large one gets its operation logged, and is
+    written whole again once `max_ops` operations piled up on it (then its log is dropped).
+    So a grant to a client holding a million fragments writes its few ranges, not 16 MB,
+    except one grant in `max_ops`."""
+
+    def __init__(self, small: int = 8192, max_ops: int = 256) -> None:
+        self.small = small
+        self.max_ops = max_ops
+        # (space id, client or SHARED) -> operations logged since its snapshot
+        self.logged: dict[tuple[str, str], int] = {}
+
+    def change(
+        self,
+        space_id: str,
+        table: AccessTable,
+        key: str,
+        kind: str,
+        spans: Iterable[tuple[int, int]],
+    ) -> Change:
+        """The change `kind` over byte ranges `spans` ((offset, length), sorted, disjoint) just
+        made to `key`'s set in `table`."""
+        if key == SHARED:
+            size = len(table._shared)
+        else:
+            g = table._grants.get(key)
+            if g is None:
+                self.logged.pop((space_id, key), None)
+                return Change(space_id, table.seq, None, {key: None})
+            size = len(g.readable) + len(g.writable)
+        count = self.logged.get((space_id, key), 0)
+        if size <= self.small or count >= self.max_ops:
+            self.logged.pop((space_id, key), None)
+            if key == SHARED:
+                return Change(space_id, table.seq, Sets.of(table._shared), {})
+            return Change(space_id, table.seq, None, {key: client_sets(table, key)})
+        self.logged[(space_id, key)] = count + 1
+        op = Op(key, kind, Sets.of_byte_spans(spans, table.page_size))
+        return Change(space_id, table.seq, None, {}, (op,))
+
+    def forget(self, space_id: str, table: AccessTable, client: str) -> Change:
+        """`client` holds nothing in the space any more (fenced)."""
+        self.logged.pop((space_id, client), None)
+        return Change(space_id, table.seq, None, {client: client_sets(table, client)})
+
+    def space_gone(self, space_id: str) -> None:
+        for key in [k for k in self.logged if k[0] == space_id]:
+            del self.logged[key]
+
+
+# -- the database -----------------------------------------------------------------------------
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Creates the directory (0700) if needed; refuses one that another uid owns or that group
+    or others may write (they could replace the journal)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise JournalError(f"state directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise JournalError(
+            f"state directory {path} is owned by uid {st.st_uid}, not by this daemon's uid "
+            f"{os.geteuid()}"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise JournalError(
+            f"state directory {path} is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+
+
+class Journal:
+    """The database, used from any thread (one connection, one lock); every write is one
+    transaction, committed (fsynced) before the method returns."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / JOURNAL_FILE
+        prepare_state_dir(directory)
+        self._lock_fd = os.open(
+            directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise JournalError(
+                f"another membrokerd writes the journal in {directory} (it holds {LOCK_FILE}): "
+                "give each daemon its own state_dir"
+            ) from None
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise JournalError(
+                    f"{self.path} has schema version {version}; this daemon knows {SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _write(self, body: Callable[[sqlite3.Connection], object]) -> None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                body(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def add_space(self, record: SpaceRecord, seq: int = 0) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM spaces WHERE space_id = ?", (record.space_id,))
+            db.execute(
+                "INSERT INTO spaces VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    record.space_id,
+                    record.name,
+                    record.size,
+                    record.backing,
+                    record.page_size,
+                    record.owner,
+                    record.owner_uid,
+                    int(record.imported),
+                    json.dumps([list(r) for r in record.regions]),
+                    record.dev,
+                    record.ino,
+                    record.seals,
+                    record.created_unix,
+                    seq,
+                    b"",
+                    b"",
+                ),
+            )
+
+        self._write(body)
+
+    def apply(self, *changes: Change) -> None:
+        """Changes (of one or several spaces) as one transaction. A change of a space the
+        journal does not have (deleted meanwhile) is skipped."""
+
+        def body(db: sqlite3.Connection) -> None:
+            for change in changes:
+                if change.shared is None:
+                    cur = db.execute(
+                        "UPDATE spaces SET seq = ? WHERE space_id = ?",
+                        (change.seq, change.space_id),
+                    )
+                else:
+                    cur = db.execute(
+                        "UPDATE spaces SET seq = ?, shared_starts = ?, shared_ends = ? "
+                        "WHERE space_id = ?",
+                        (change.seq, change.shared.starts, change.shared.ends, change.space_id),
+                    )
+                if cur.rowcount == 0:
+                    continue
+                if change.shared is not None:
+                    db.execute(
+                        "DELETE FROM ops WHERE space_id = ? AND client = ?",
+                        (change.space_id, SHARED),
+                    )
+                for op in change.ops:
+                    db.execute(
+                        "INSERT INTO ops (space_id, client, kind, starts, ends) VALUES (?,?,?,?,?)",
+                        (change.space_id, op.client, op.kind, op.spans.starts, op.spans.ends),
+                    )
+                for client, sets in change.clients.items():
+                    db.execute(
+                        "DELETE FROM ops WHERE space_id = ? AND client = ?",
+                        (change.space_id, client),
+                    )
+                    if sets is None:
+                        db.execute(
+                            "DELETE FROM grants WHERE space_id = ? AND client = ?",
+                            (change.space_id, client),
+                        )
+                        continue
+                    db.execute(
+                        "INSERT OR REPLACE INTO grants VALUES (?,?,?,?,?,?)",
+                        (
+                            change.space_id,
+                            client,
+                            sets.readable.starts,
+                            sets.readable.ends,
+                            sets.writable.starts,
+                            sets.writable.ends,
+                        ),
+                    )
+
+        self._write(body)
+
+    def delete_space(self, space_id: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM spaces WHERE space_id = ?", (space_id,)))
+
+    def bind_name(self, client: str, uid: int) -> None:
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR IGNORE INTO names VALUES (?, ?)", (client, uid)
+            ).close()
+        )
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def load(self) -> Contents:
+        """Everything the journal holds (each range set is checked when it is restored)."""
+        with self._lock:
+            db = self._db
+            try:
+                spaces = {}
+                for row in db.execute("SELECT * FROM spaces ORDER BY created_unix"):
+                    record = SpaceRecord(
+                        space_id=row[0],
+                        name=row[1],
+                        size=row[2],
+                        backing=row[3],
+                        page_size=row[4],
+                        owner=row[5],
+                        owner_uid=row[6],
+                        imported=bool(row[7]),
+                        regions=tuple(tuple(r) for r in json.loads(row[8])),
+                        dev=row[9],
+                        ino=row[10],
+                        seals=row[11],
+                        created_unix=row[12],
+                    )
+                    spaces[record.space_id] = SpaceState(
+                        record, row[13], Sets(row[14], row[15]), {}
+                    )
+                for row in db.execute("SELECT * FROM grants"):
+                    state = spaces.get(row[0])
+                    if state is not None:
+                        state.grants[row[1]] = ClientSets(
+                            Sets(row[2], row[3]), Sets(row[4], row[5])
+                        )
+                for row in db.execute(
+                    "SELECT space_id, client, kind, starts, ends FROM ops ORDER BY id"
+                ):
+                    state = spaces.get(row[0])
+                    if row[2] not in OP_KINDS:
+                        raise JournalError(f"unknown operation {row[2]!r}")
+                    if state is not None:
+                        state.ops.append(Op(row[1], row[2], Sets(row[3], row[4])))
+                names = {c: u for c, u in db.execute("SELECT client, uid FROM names")}
+            except (sqlite3.Error, ValueError, TypeError) as exc:
+                raise JournalError(f"cannot read the journal {self.path}: {exc}") from exc
+        return Contents(list(spaces.values()), names)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self._release_lock()
+
+
+class Writer:
+    """The journal's writes, off the event loop: one worker thread takes them in the order they
+    were submitted (the order the loop committed the changes), so the journal always moves
+    forward. `write` waits for the commit; `submit` does not. `compaction` (used on the loop)
+    decides what a change writes."""
+
+    def __init__(self, journal: Journal, compaction: Compaction | None = None) -> None:
+        self.journal = journal
+        self.compaction = compaction or Compaction()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+
+    def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(_log_failure)
+        return future
+
+    async def write(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.journal.close()
+
+
+def _log_failure(future: concurrent.futures.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("journal write failed: %s", future.exception())
+
+
+__all__ = [
+    "Change",
+    "ClientSets",
+    "Compaction",
+    "Contents",
+    "Journal",
+    "JournalError",
+    "Op",
+    "Sets",
+    "SpaceRecord",
+    "SpaceState",
+    "Writer",
+    "capture",
+    "client_sets",
+    "restore_table",
+]

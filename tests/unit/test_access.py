@@ -855,6 +855,7 @@ def test_a_lowering_is_handed_out_lazily_as_runs() -> None:
 
     def lowered_as(level: Access) -> list[AccessRange]:
         return [r(2 * i, 1, level) for i in range(32)]
+
     (gained,) = t.set_shared(0, 64 * PS).clients
     assert isinstance(gained.raised, LevelRuns) and gained.raised == lowered_as(RW)
     assert t.effective("a") == lowered_as(RW) and isinstance(t.effective("a"), LevelRuns)

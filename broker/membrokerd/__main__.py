@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     # (bench/scale_bench.py: lag max 95-147 ms at 1M fragments, against 36-71 ms at 0.5 ms).
     # Threads only switch this often while more than one wants to run.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    # Everything imported so far (gRPC, protobuf, the daemon: ~45,000 objects) lives as long as
+    # the process: keep the collector from walking it in every full collection, each of which
+    # would stall the event loop for that long (bench/scale_bench.py saw 13-33 ms ones).
+    gc.collect()
+    gc.freeze()
 
     try:
         uvloop.run(serve(config))

@@ -251,6 +251,18 @@ class LevelRuns(_LazyRanges):
     def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
         return self._starts, self._ends, self._levels, self._ps
 
+    def page_sets(self) -> dict[Access, RangeSet]:
+        """The runs as one page set per level, built from the columns (no object per run)."""
+        cols: dict[int, tuple[array[int], array[int]]] = {}
+        for start, end, value in zip(self._starts, self._ends, self._levels, strict=True):
+            found = cols.get(value)
+            if found is None:
+                found = cols[value] = (array("Q"), array("Q"))
+            found[0].append(start)
+            found[1].append(end)
+        # Runs of one level are never adjacent (merged as they are added): valid sets as they are.
+        return {_BY_VALUE[v]: RangeSet.from_columns(a, b) for v, (a, b) in cols.items()}
+
     def extend_split(
         self, readable: Iterable[tuple[int, int]], writable: Iterable[tuple[int, int]]
     ) -> None:
@@ -743,10 +755,14 @@ class AccessTable:
             return RangeSet(), RangeSet()
         return g.readable.intersect(self._shared), g.writable.intersect(self._shared)
 
-    def ranges_of(self, readable: RangeSet, writable: RangeSet) -> list[AccessRange]:
+    def ranges_of(self, readable: RangeSet, writable: RangeSet) -> Sequence[AccessRange]:
         """Page sets (as `allowed_sets` returns them) as sorted, coalesced byte ranges. Reads
-        only its arguments: safe on a worker thread with sets the loop no longer touches."""
-        return list(self._ranges(_split_levels(readable, writable)))
+        only its arguments: safe on a worker thread with sets the loop no longer touches.
+        Columns, not a list: freeing a million tuples at once is one C call that holds the GIL
+        (and so the event loop) for tens of milliseconds."""
+        runs = LevelRuns(self._page_size)
+        runs.extend_split(readable, writable)
+        return runs
 
     def has_grants(self, client: str) -> bool:
         """Whether `client` holds any grant record (shared or not)."""

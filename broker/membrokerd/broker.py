@@ -125,7 +125,7 @@ class Attached:
     space: Space
     tag: int
     seq: int
-    ranges: list[AccessRange]
+    ranges: Sequence[AccessRange]
     on_session: bool
     writable: bool
     sealed: bool = False
@@ -1330,7 +1330,9 @@ class Broker:
         fence outside the queue), it is computed again, on the loop."""
         table = space.table
         with collector_paused():
-            if len(spans) >= OFFLOAD_RANGES:
+            # Large either way: many ranges, or a client holding so many that copying its
+            # sets (what a grant computes on) takes milliseconds.
+            if len(spans) >= OFFLOAD_RANGES or table.fragment_count(client) >= OFFLOAD_FRAGMENTS:
                 prepared = await asyncio.to_thread(
                     without_collector(table.prepare_grant), client, spans, access, limit
                 )
@@ -1774,7 +1776,7 @@ class Broker:
             self._check_attach(session, space)
             readable, writable = space.table.allowed_sets(session.name)
             seq = space.table.seq
-            ranges: list[AccessRange] = []
+            ranges: Sequence[AccessRange] = ()
             frames: list[bytes] = []
             if len(readable) + len(writable) < OFFLOAD_RANGES:
                 ranges = space.table.ranges_of(readable, writable)
@@ -1967,6 +1969,11 @@ def _saved(result: T, unsaved: Exception | None) -> T:
             "will not survive a restart of the daemon"
         ) from unsaved
     return result
+
+
+# A client holding this many grant ranges has its grants computed on a worker (see
+# _grant_in_table): copying its sets alone takes a millisecond or more.
+OFFLOAD_FRAGMENTS = 65536
 
 
 def _lowered_bytes(change: ClientDelta) -> int:

@@ -43,10 +43,14 @@ def access_range_pb(r: AccessRange) -> spb.AccessRange:
 def split(ranges: Sequence[AccessRange], make: Make, max_frame_bytes: int) -> list[bytes]:
     """Encodes `ranges` as one or more frames, each within `max_frame_bytes`."""
     n = max(1, (max_frame_bytes - FRAME_OVERHEAD) // RANGE_BYTES_MAX)
-    parts = [ranges[i : i + n] for i in range(0, len(ranges), n)] or [ranges]
+    total = len(ranges)
+    if not total:
+        return [wire.encode(make([], False))]
+    # One part at a time: its range objects are made and freed before the next part's. A
+    # million of them freed together is one C call that holds the GIL for tens of ms.
     return [
-        wire.encode(make([access_range_pb(r) for r in part], index < len(parts) - 1))
-        for index, part in enumerate(parts)
+        wire.encode(make([access_range_pb(r) for r in ranges[i : i + n]], i + n < total))
+        for i in range(0, total, n)
     ]
 
 

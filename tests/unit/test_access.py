@@ -859,5 +859,15 @@ def test_a_lowering_is_handed_out_lazily_as_runs() -> None:
     (gained,) = t.set_shared(0, 64 * PS).clients
     assert isinstance(gained.raised, LevelRuns) and gained.raised == lowered_as(RW)
     assert t.effective("a") == lowered_as(RW) and isinstance(t.effective("a"), LevelRuns)
+    assert gained.raised.page_sets() == {RW: RangeSet([(2 * i, 2 * i + 1) for i in range(32)])}
+    t.grant("a", 0, 8 * PS, RO)  # pages 0-7 RO, then every other page RW
+    (mixed,) = t.set_shared(0, 64 * PS).clients or (None,)
+    assert mixed is None  # nothing newly shared: no change
+    sets = t.effective("a")
+    assert isinstance(sets, LevelRuns)
+    assert sets.page_sets() == {
+        RO: RangeSet([(0, 8)]),
+        RW: RangeSet([(2 * i, 2 * i + 1) for i in range(4, 32)]),
+    }
     (change,) = t.revoke("a", 0, 4 * PS).clients
-    assert repr(change.lowered) == repr((r(0, 1, NONE), r(2, 1, NONE)))
+    assert repr(change.lowered) == repr((r(0, 4, NONE),))  # pages 0-3, RO by then

@@ -261,3 +261,10 @@ def test_bulk_ops_on_a_million_fragments_are_linear() -> None:
     assert len(rs) == 500_000
     rs.remove_many((4 * i, 4 * i + 1) for i in range(500_000))
     assert len(rs) == 500_000 and rs.total() == 1_000_000
+
+
+def test_total_of_a_set_larger_than_one_summing_slice() -> None:
+    rs = RangeSet((3 * i, 3 * i + 2) for i in range(200_000))  # three slices and a bit
+    assert rs.total() == 400_000
+    rs.remove(0, 1)
+    assert rs.total() == 399_999

@@ -115,6 +115,8 @@ class ClientResult:
     latency_s: float
     reason: str = ""
     fence: FenceResult | None = None
+    # (offset, length) ranges the client gave up with its acknowledgement (still granted).
+    withdrawn: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -291,7 +293,14 @@ class Broker:
                     raise ProtocolError(f"the first frame must be hello, not {kind}")
                 self._hello(conn, frame.hello)
             elif kind == "revoke_ack":
-                self._ack(session, frame.revoke_ack.space_id, frame.revoke_ack.seq, None)
+                ack = frame.revoke_ack
+                self._ack(
+                    session,
+                    ack.space_id,
+                    ack.seq,
+                    None,
+                    tuple((r.offset, r.length) for r in ack.withdrawn),
+                )
             elif kind == "revoke_refused":
                 msg = frame.revoke_refused
                 self._ack(session, msg.space_id, msg.seq, msg.reason[:512] or "no reason given")
@@ -639,9 +648,16 @@ class Broker:
 
         self.loop.call_soon_threadsafe(report)
 
-    def _ack(self, session: Session, space_id: str, seq: int, refusal: str | None) -> None:
+    def _ack(
+        self,
+        session: Session,
+        space_id: str,
+        seq: int,
+        refusal: str | None,
+        withdrawn: tuple[tuple[int, int], ...] = (),
+    ) -> None:
         """A RevokeAck (refusal None) or RevokeRefused: judged now, against what the client may
-        hold now."""
+        hold now. `withdrawn`: what an acknowledging client says it gave up, for the report."""
         awaited = session.pending_acks.pop((space_id, seq), None)
         if awaited is None:
             what = "revoke_refused" if refusal is not None else "revoke_ack"
@@ -649,6 +665,7 @@ class Broker:
                 f"{what} for space {space_id!r} seq {seq}, "
                 "which this session was not asked to acknowledge"
             )
+        awaited.withdrawn = withdrawn
         now = time.perf_counter()
         if refusal is not None:
             awaited.settle(Verdict.REFUSED, refusal, now)
@@ -1705,7 +1722,9 @@ class Broker:
         ack: Ack, outcome: Outcome, reason: str = "", fence: FenceResult | None = None
     ) -> ClientResult:
         s = ack.session
-        return ClientResult(s.name, s.session_id, s.pid, outcome, ack.latency, reason, fence)
+        return ClientResult(
+            s.name, s.session_id, s.pid, outcome, ack.latency, reason, fence, ack.withdrawn
+        )
 
     # -- audits --------------------------------------------------------------------------------
 

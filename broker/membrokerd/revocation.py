@@ -64,6 +64,8 @@ class Ack:
     acked_at: float | None = None
     # The time this client was given (grows with the number of ranges).
     deadline_ms: int = 0
+    # (offset, length) ranges the client gave up with its acknowledgement (RevokeAck.withdrawn)
+    withdrawn: tuple[tuple[int, int], ...] = ()
 
     @property
     def settled(self) -> bool:

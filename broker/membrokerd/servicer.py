@@ -201,6 +201,8 @@ def _report(result: RevocationResult) -> pb.RevocationReport:
                 latency_us=int(c.latency_s * 1e6),
                 reason=c.reason,
                 fence=FENCE_RESULTS[c.fence],
+                # What the client gave up with its acknowledgement.
+                withdrawn=[spb.Range(offset=o, length=n) for o, n in c.withdrawn],
             )
             for c in result.clients
         ],

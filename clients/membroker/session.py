@@ -9,10 +9,12 @@ Pushes too large for one frame come in parts (`more`): the reader collects the p
 AccessUpdate or a Revoke so that the handler sees the whole change once (and, for a Revoke,
 tears down and the session acknowledges once). A revocation whose teardown failed is never
 acknowledged: the handler raises, and the session sends `RevokeRefused` with the reason
-instead. The session is closed, with a reason and every waiter woken, by the broker (EOF,
-`Goodbye`, `Error`), by `close()`, or by anything that goes wrong in the reader; a send that
-fails first reads the broker's last frame, so a fenced client learns that it was fenced and
-why.
+instead. A handler that gave up ranges it still holds (it could not keep using them safely)
+says so with `report_withdrawn`; they travel with the next acknowledgement of that space and
+the owner's report lists them. The session is closed, with a reason and every waiter woken, by
+the broker (EOF, `Goodbye`, `Error`), by `close()`, or by anything that goes wrong in the
+reader; a send that fails first reads the broker's last frame, so a fenced client learns that
+it was fenced and why.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ LAST_WORDS_WAIT = 0.5
 # A refusal's reason is cut to this many UTF-8 bytes: with the rest of RevokeRefused it fits
 # in the smallest frame a broker may announce (1 KiB).
 MAX_REASON_BYTES = 512
+# Withdrawn ranges carried by one acknowledgement (each costs at most 24 bytes of the frame).
+MAX_WITHDRAWN_RANGES = 32
 
 
 def default_runtime_dir() -> Path:
@@ -205,6 +209,8 @@ class Session:
         self._buffered: dict[str, _Pending] = {}
         # Revoke parts waiting for their last part, by (space, seq): the reader's alone.
         self._partial: dict[tuple[str, str, int], _Push] = {}
+        # Ranges a handler gave up (report_withdrawn), per space, until the next RevokeAck.
+        self._withdrawn: dict[str, list[tuple[int, int]]] = {}
         # Ranges in _partial and _buffered (under _cv), bounded by MAX_PENDING_RANGES.
         self._held_ranges = 0
         self._pongs: dict[int, float] = {}
@@ -641,9 +647,30 @@ class Session:
                     refusal,
                     exc_info=exc,
                 )
+        with self._cv:
+            withdrawn = self._withdrawn.pop(push.space_id, [])
+        if len(withdrawn) > MAX_WITHDRAWN_RANGES:
+            log.warning(
+                "%d withdrawn ranges of %s: the acknowledgement of seq %d carries the first %d",
+                len(withdrawn),
+                push.space_id,
+                push.seq,
+                MAX_WITHDRAWN_RANGES,
+            )
         if refusal is None:
             # Acknowledge only after the handler returned: by then the ranges are torn down.
-            self._send(spb.Frame(revoke_ack=spb.RevokeAck(space_id=push.space_id, seq=push.seq)))
+            self._send(
+                spb.Frame(
+                    revoke_ack=spb.RevokeAck(
+                        space_id=push.space_id,
+                        seq=push.seq,
+                        withdrawn=[
+                            spb.Range(offset=o, length=n)
+                            for o, n in withdrawn[:MAX_WITHDRAWN_RANGES]
+                        ],
+                    )
+                )
+            )
         else:
             self._send(
                 spb.Frame(
@@ -715,9 +742,29 @@ class Session:
                 # At or below the snapshot's seq a push is already in it (a revoke: acked).
                 self._deliver(handler if push.seq > after_seq else None, push)
 
+    def report_withdrawn(self, space_id: str, spans: Sequence[tuple[int, int]]) -> None:
+        """Ranges `[start, end)` of a space this client still holds but has given up (it
+        could not keep using them safely): they go with the next acknowledgement of a
+        revocation of the space, and the owner's report lists them as withdrawn. Meant for a
+        push handler (`on_revoke`, `on_unpin_request`), whose revocation is acknowledged
+        next. Adjacent and overlapping ranges are merged."""
+        with self._cv:
+            merged = sorted([*self._withdrawn.get(space_id, []), *((s, e - s) for s, e in spans)])
+            out: list[tuple[int, int]] = []
+            for offset, length in merged:
+                if length <= 0:
+                    continue
+                if out and offset <= out[-1][0] + out[-1][1]:
+                    lo, n = out[-1]
+                    out[-1] = (lo, max(lo + n, offset + length) - lo)
+                else:
+                    out.append((offset, length))
+            self._withdrawn[space_id] = out
+
     def _uninstall(self, space_id: str) -> None:
         with self._cv:
             self._handlers.pop(space_id, None)
+            self._withdrawn.pop(space_id, None)
             pending = self._buffered.pop(space_id, None)
             if pending is not None:
                 self._held_ranges -= pending.held_ranges

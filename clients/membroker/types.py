@@ -145,7 +145,10 @@ class ClientOutcome:
     (a sealed VA client lost write access: the broker write-protected its pages itself and
     checked, without waiting for it). fence: what
     fencing did when outcome is "fenced" -- "disconnected", "killed", "still_mapped" (the
-    reason says what it still maps) or "exited" -- and "" otherwise.
+    reason says what it still maps) or "exited" -- and "" otherwise. withdrawn: (offset,
+    length) ranges the client still holds but gave up with its acknowledgement (it could not
+    keep using them safely, say a vhost-user bridge whose backend maps regions from file
+    offset 0); they stay granted.
     """
 
     client: str
@@ -155,6 +158,7 @@ class ClientOutcome:
     latency_us: int
     reason: str
     fence: str = ""
+    withdrawn: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_pb(cls, c: pb.ClientOutcome) -> ClientOutcome:
@@ -166,6 +170,7 @@ class ClientOutcome:
             c.latency_us,
             c.reason,
             _FENCE_RESULTS.get(c.fence, "unknown"),
+            tuple((r.offset, r.length) for r in c.withdrawn),
         )
 
 

@@ -5,8 +5,9 @@ For backend authors and VMMs: `Frontend` speaks the vhost-user protocol on a bac
 `BlkBridge` attaches to a broker space as an fd+offset client, turns the ranges it is granted
 into backend memory regions, drives virtio-blk requests through them, and on a revocation
 removes the regions and checks the backend's own /proc/PID/maps before it acknowledges (the
-backend's reply alone is not proof); while the backend still maps a revoked offset, the
-revocation is refused, never acknowledged.
+backend's reply alone is not proof). It acknowledges only what is true: pieces it could not
+export again are reported as withdrawn with the acknowledgement, a backend that still maps a
+revoked offset, or that dropped the connection, gets the revocation refused, never acked.
 
 Wire layouts (little endian): header ``u32 request; u32 flags (version 1, 0x4 reply, 0x8
 need reply); u32 size``; region ``u64 guest_phys_addr, memory_size, userspace_addr,
@@ -24,24 +25,26 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from membroker._sys import memfd as sys_memfd
 from membroker._sys import mman
 from membroker._sys import sock as sys_sock
+from membroker._sys.libc import MAP_FAILED, PAGE_SIZE, check, libc
 from membroker._sys.proc import ProcessView
 from membroker.errors import MembrokerError
 from membroker.session import Session
 from membroker.types import Access, AccessRange
 
 if TYPE_CHECKING:
-    from membroker.clients import FdClient
+    from membroker.clients import FdClient, Pin
 
 log = logging.getLogger("membroker")
 
 GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
 MAX_TABLE_REGIONS = 8
-SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE = 8, 9, 10
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL = 12, 13
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES = 15, 16
 SET_VRING_ENABLE = 18
@@ -62,6 +65,16 @@ VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH = 0, 1, 4
 VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR = 0, 1
 SECTOR = 512
 _DESC_NEXT, _DESC_WRITE = 1, 2
+
+# The bridge's own parking page: a private memfd region at a guest-physical address far above
+# any space's, where a stopped vring is pointed while guest memory regions come and go (a
+# libvhost-user backend re-translates every vring it knows after each memory change and drops
+# the connection when one does not translate).
+PARK_GPA = 1 << 52
+_POLLRDHUP = 0x2000
+_HANGUP = select.POLLHUP | select.POLLERR | _POLLRDHUP
+
+Span = tuple[int, int]
 
 
 class VhostUserError(MembrokerError):
@@ -160,26 +173,51 @@ class Frontend:
     def remove_region(self, region: MemRegion) -> None:
         self.request(REM_MEM_REG, struct.pack("<Q", 0) + region.pack())
 
-    def set_mem_table(self, regions: Sequence[MemRegion], fd: int) -> None:
+    def set_mem_table(self, regions: Sequence[MemRegion], fd: int | Sequence[int]) -> None:
         """The whole table at once (backends without CONFIGURE_MEM_SLOTS): every region is
-        sent with its own copy of the fd."""
+        sent with its own copy of the fd (or with its own fd, one per region)."""
         if len(regions) > MAX_TABLE_REGIONS:
             raise VhostUserError(
                 f"{len(regions)} regions: SET_MEM_TABLE carries at most {MAX_TABLE_REGIONS}"
             )
+        fds = [fd] * len(regions) if isinstance(fd, int) else list(fd)
         payload = struct.pack("<II", len(regions), 0) + b"".join(r.pack() for r in regions)
-        self.request(SET_MEM_TABLE, payload, [fd] * len(regions))
+        self.request(SET_MEM_TABLE, payload, fds)
+
+    def get_vring_base(self, index: int) -> int:
+        """Stops the vring; returns where the backend will resume it (its last avail index)."""
+        with self._lock:
+            self._send(GET_VRING_BASE, struct.pack("<II", index, 0))
+            _, num = struct.unpack("<II", self._reply(GET_VRING_BASE))
+            return int(num)
+
+    def set_vring_addr(self, index: int, desc: int, avail: int, used: int) -> None:
+        self.request(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, desc, used, avail, 0))
 
     def setup_vring(
-        self, index: int, num: int, desc: int, avail: int, used: int, kick_fd: int, call_fd: int
+        self,
+        index: int,
+        num: int,
+        desc: int,
+        avail: int,
+        used: int,
+        kick_fd: int,
+        call_fd: int,
+        base: int = 0,
     ) -> None:
         """Ring addresses are frontend addresses (translated through the regions)."""
         self.request(SET_VRING_NUM, struct.pack("<II", index, num))
-        self.request(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, desc, used, avail, 0))
-        self.request(SET_VRING_BASE, struct.pack("<II", index, 0))
+        self.set_vring_addr(index, desc, avail, used)
+        self.request(SET_VRING_BASE, struct.pack("<II", index, base))
         self.request(SET_VRING_CALL, struct.pack("<Q", index), [call_fd])
         self.request(SET_VRING_KICK, struct.pack("<Q", index), [kick_fd])
         self.request(SET_VRING_ENABLE, struct.pack("<II", index, 1))
+
+    def hung_up(self) -> bool:
+        """Whether the backend has closed its end (nothing is read)."""
+        p = select.poll()
+        p.register(self.sock, _HANGUP)
+        return bool(p.poll(0))
 
     def close(self) -> None:
         self.sock.close()
@@ -188,7 +226,7 @@ class Frontend:
 class SplitQueue:
     """A split virtqueue in guest memory, driven from the frontend's mapping of it.
 
-    Layout at `base` (guest-physical `gpa`): descriptor table (16 * num), avail ring
+    Layout at `offset` of `mem` (guest-physical `gpa`): descriptor table (16 * num), avail ring
     (4 + 2 * num, padded to 4), used ring (4 + 8 * num).
     """
 
@@ -231,22 +269,106 @@ class SplitQueue:
 
 @dataclasses.dataclass(slots=True)
 class _Export:
-    range: AccessRange
+    """One region of guest memory the backend maps: space bytes [lo, hi) at gpa."""
+
+    lo: int
+    hi: int
     region: MemRegion
-    mapping: mman.Mapping
+    # The file bytes the backend's mapping of it covers: [lo, hi), or [0, hi) for a backend
+    # that maps regions from file offset 0. Pinned while exported.
+    span: Span
+    pin: Pin | None = None
+
+
+def _merge(spans: Sequence[Span]) -> list[Span]:
+    out: list[Span] = []
+    for lo, hi in sorted(s for s in spans if s[0] < s[1]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _subtract(spans: Sequence[Span], cuts: Sequence[Span]) -> list[Span]:
+    """The parts of `spans` outside every span of `cuts`."""
+    pieces = list(spans)
+    for c_lo, c_hi in cuts:
+        pieces = [
+            p
+            for lo, hi in pieces
+            for p in ((lo, min(hi, c_lo)), (max(lo, c_hi), hi))
+            if p[0] < p[1]
+        ]
+    return pieces
+
+
+def _overlaps(span: Span, spans: Sequence[Span]) -> bool:
+    return any(span[0] < hi and lo < span[1] for lo, hi in spans)
+
+
+def _covered(span: Span, spans: Sequence[Span]) -> bool:
+    """Whether every byte of `span` lies in `spans` (merged)."""
+    return not _subtract([span], spans)
 
 
 def _minus(r: AccessRange, cuts: list[AccessRange]) -> list[AccessRange]:
     """The parts of `r` outside every range of `cuts`."""
-    pieces = [(r.offset, r.end)]
-    for c in cuts:
-        pieces = [
-            p
-            for lo, hi in pieces
-            for p in ((lo, min(hi, c.offset)), (max(lo, c.end), hi))
-            if p[0] < p[1]
-        ]
-    return [AccessRange(lo, hi - lo, r.access) for lo, hi in pieces]
+    return [
+        AccessRange(lo, hi - lo, r.access)
+        for lo, hi in _subtract([(r.offset, r.end)], [(c.offset, c.end) for c in cuts])
+    ]
+
+
+def _fmt(spans: Sequence[Span]) -> str:
+    return ", ".join(f"{lo:#x}+{hi - lo:#x}" for lo, hi in spans)
+
+
+class _Window:
+    """An address-space reservation as large as the space, where each exported range is
+    mapped at base + its offset (and nothing else is): a range exported again lands at the
+    same frontend address, so vring addresses stay valid across memory changes."""
+
+    def __init__(self, size: int) -> None:
+        # SAFETY: addr NULL, the kernel picks a free range; anonymous PROT_NONE, no commit.
+        address = libc.mmap(
+            None,
+            size,
+            mman.PROT_NONE,
+            mman.MAP_PRIVATE | mman.MAP_ANONYMOUS | mman.MAP_NORESERVE,
+            -1,
+            0,
+        )
+        if address is None or address == MAP_FAILED:
+            check(-1, "mmap(reservation)")
+        self.mem = mman.Mapping(int(address), size)
+
+    @property
+    def address(self) -> int:
+        return self.mem.address
+
+    def map(self, fd: int, lo: int, hi: int, prot: int) -> None:
+        # SAFETY: MAP_FIXED over [lo, hi) of our own reservation, atomically.
+        ret = libc.mmap(self.address + lo, hi - lo, prot, mman.MAP_SHARED | mman.MAP_FIXED, fd, lo)
+        if ret is None or ret == MAP_FAILED:
+            check(-1, "mmap(MAP_FIXED export)")
+
+    def unmap(self, lo: int, hi: int) -> None:
+        """Back to reserved: the file is no longer mapped there in this process."""
+        # SAFETY: MAP_FIXED over [lo, hi) of our own reservation, atomically.
+        ret = libc.mmap(
+            self.address + lo,
+            hi - lo,
+            mman.PROT_NONE,
+            mman.MAP_PRIVATE | mman.MAP_ANONYMOUS | mman.MAP_FIXED | mman.MAP_NORESERVE,
+            -1,
+            0,
+        )
+        if ret is None or ret == MAP_FAILED:
+            check(-1, "mmap(MAP_FIXED reservation)")
+
+    def close(self) -> None:
+        self.mem.close()
 
 
 class BlkBridge:
@@ -254,31 +376,60 @@ class BlkBridge:
 
     The bridge is the broker's fd+offset client `name`. What it is granted (and shared)
     becomes backend memory regions at gpa = region gpa of the space's layout (identity when
-    the space has no layout). The virtqueue lives in the first `queue_bytes` of the first
-    granted range; requests whose buffers are not inside a granted range are refused with
-    VIRTIO_BLK_S_IOERR before the backend sees them.
+    the space has no layout). Requests whose buffers are not inside an exported region are
+    refused with VIRTIO_BLK_S_IOERR before the backend sees them.
+
+    What it acknowledges is true:
+    - At connect it asks the kernel how the backend maps a region (with a private page, never
+      guest memory): a backend that maps regions from file offset 0 (libvhost-user before
+      QEMU 9, so qemu-storage-daemon 7.2) is only given a region [lo, hi) when all of [0, hi)
+      is held. A revocation that leaves a piece it cannot give back safely reports the piece
+      as withdrawn with its acknowledgement (the owner's report lists it).
+    - Regions are removed before any piece is added again, and a piece is never one that
+      would map a revoked byte: the hole is in no mapped region at any moment.
+    - A revocation that touches the region holding the vring stops the ring first (parked
+      on the bridge's own page), and starts it again where it was if its memory stays
+      exported; if its memory is revoked the ring stays stopped (`queue_stopped` says why)
+      and the connection lives.
+    - The backend still mapping a revoked offset, or dropping the connection during the
+      teardown, refuses the revocation (never an ack).
+    - Every exported region is pinned (the file bytes the backend maps): the broker asks the
+      bridge to release before it revokes, waits for a request in flight, and applies its
+      on_pinned policy to a backend that cannot let go.
+    - A backend hang-up is seen at once (a thread polls the socket): everything is released,
+      the space detached, `gone` set and `on_backend_gone(reason)` called.
     """
 
     QUEUE_SIZE = 16
+    client: FdClient | None
 
     def __init__(
-        self, session: Session, space_id: str, backend_socket: str, *, use_mem_slots: bool = True
+        self,
+        session: Session,
+        space_id: str,
+        backend_socket: str,
+        *,
+        use_mem_slots: bool = True,
+        on_backend_gone: Callable[[str], None] | None = None,
     ) -> None:
         """use_mem_slots=False sends whole tables (SET_MEM_TABLE) even to a backend that
         offers CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG)."""
         self._connect(backend_socket, use_mem_slots)
-        self.client: FdClient | None = None
+        self.on_backend_gone = on_backend_gone
+        self._session: Session | None = session
         try:
-            self.client = session.attach_fd(
-                space_id, on_revoke=self._withdraw, on_unpin_request=None
+            client = session.attach_fd(
+                space_id, on_revoke=self._on_revoke, on_unpin_request=self._on_release
             )
-            self._fd = self.client.fd
-            info = self.client.info
+            self.client = client
+            self.space_id = space_id
+            info = client.info
             self._gpa = info.gpa_of if info.regions else (lambda offset: offset)
-            st = os.fstat(self._fd)
-            self._dev_ino = (st.st_dev, st.st_ino)
-            for r in self.client.ranges():
-                self._export(r)
+            self._open_space(client.fd, info.size)
+            unsafe = self._export_held()
+            if unsafe:
+                raise VhostUserError(self._unsafe_message(unsafe[0]))
+            self._start_watch()
         except BaseException:
             self.close()  # nothing stays attached, mapped or open
             raise
@@ -289,22 +440,42 @@ class BlkBridge:
         a VMM does without a broker, the benchmark's baseline."""
         self = cls.__new__(cls)
         self._connect(backend_socket)
-        self.client = None
-        self._fd = fd
-        self._gpa = lambda offset: offset
-        st = os.fstat(fd)
-        self._dev_ino = (st.st_dev, st.st_ino)
-        self._export(AccessRange(0, size, Access.RW))
+        self.on_backend_gone = None
+        self._session = None
+        self.space_id = ""
+        try:
+            self._gpa = lambda offset: offset
+            self._open_space(fd, size)
+            self._export_held()
+            self._start_watch()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _connect(self, backend_socket: str, use_mem_slots: bool = True) -> None:
         self.client = None
-        self.frontend = Frontend(backend_socket)
+        self._window: _Window | None = None
+        self._size = 0
         self._lock = threading.RLock()
         self._exports: dict[int, _Export] = {}
         self.queue: SplitQueue | None = None
+        self.queue_stopped: str | None = None
+        self.gone: str | None = None
+        self.gone_at: float | None = None
+        self._gone_done = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._closing = False
+        # Teardowns that failed on a release of pins: (what, why), refused when revoked.
+        self._failed: list[tuple[list[Span], str]] = []
+        # Exports taken out of the table whose teardown did not complete (pins still held).
+        self._stranded: list[_Export] = []
+        self._park_fd = -1
+        self._park: mman.Mapping | None = None
+        self.frontend = Frontend(backend_socket)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self.backend = ProcessView(self.frontend.backend_pid)
             self.features, self.protocol_features = self.frontend.negotiate(
@@ -312,165 +483,434 @@ class BlkBridge:
                 PROTOCOL_F_REPLY_ACK | (PROTOCOL_F_CONFIGURE_MEM_SLOTS if use_mem_slots else 0),
             )
             self.mem_slots = bool(self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+            self.prefix_mapping = self._probe()
         except BaseException:
             if hasattr(self, "backend"):
                 self.backend.close()
+            self._close_park()
             self.frontend.close()
-            os.close(self.kick)
-            os.close(self.call)
+            for fd in (self.kick, self.call, self._wake):
+                os.close(fd)
             raise
 
-    # -- regions -----------------------------------------------------------------------------
+    def _probe(self) -> bool:
+        """Exports the bridge's parking page (a private memfd, its second page at file offset
+        PAGE_SIZE) and asks the kernel what the backend mapped: from file offset 0 means the
+        backend maps every region from offset 0 (old libvhost-user). The page stays exported:
+        stopped vrings are parked on it."""
+        self._park_fd = sys_memfd.create_memfd("membroker-vhost-park", 2 * PAGE_SIZE)
+        self._park = mman.Mapping.map_shared(
+            self._park_fd, PAGE_SIZE, mman.PROT_READ | mman.PROT_WRITE, PAGE_SIZE
+        )
+        self._park_region = MemRegion(PARK_GPA, PAGE_SIZE, self._park.address, PAGE_SIZE)
+        if self.mem_slots:
+            self.frontend.add_region(self._park_region, self._park_fd)
+        else:
+            self.frontend.set_mem_table([self._park_region], self._park_fd)
+        st = os.fstat(self._park_fd)
+        vmas = self.backend.mappings_of(st.st_dev, st.st_ino)
+        # A backend that shows no mapping at all is assumed the worst.
+        return not vmas or any(v.offset < PAGE_SIZE for v in vmas)
 
-    def _export(self, r: AccessRange) -> None:
+    def _close_park(self) -> None:
+        if self._park is not None:
+            self._park.close()
+            self._park = None
+        if self._park_fd >= 0:
+            os.close(self._park_fd)
+            self._park_fd = -1
+
+    def _open_space(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._size = size
+        st = os.fstat(fd)
+        self._dev_ino = (st.st_dev, st.st_ino)
+        self._window = _Window(size)
+
+    # -- what may be exported ----------------------------------------------------------------
+
+    def _span(self, lo: int, hi: int) -> Span:
+        """The file bytes the backend maps for a region of [lo, hi)."""
+        return (0 if self.prefix_mapping else lo, hi)
+
+    def _held(self, cut: Sequence[Span] = ()) -> list[Span]:
+        """What the bridge holds now, less `cut` (what a revocation in progress takes)."""
+        if self.client is None:
+            held = [(0, self._size)]
+        else:
+            held = _merge([(r.offset, r.end) for r in self.client.ranges()])
+        return _merge(_subtract(held, cut))
+
+    def _unsafe_message(self, piece: Span) -> str:
+        lo, hi = piece
+        outside = _subtract([self._span(lo, hi)], self._held())
+        return (
+            f"the backend (pid {self.frontend.backend_pid}) maps offsets "
+            f"{_fmt(outside)} of the space for a region of {lo:#x}+{hi - lo:#x}: more than "
+            "this bridge holds (old libvhost-user maps regions from file offset 0); "
+            "region not exported"
+        )
+
+    def _export_held(self) -> list[Span]:
+        """Exports what is held and safe to export but not exported yet; returns the pieces
+        that are held but would expose more than is held (not exported)."""
         with self._lock:
-            mapping = mman.Mapping.map_shared(
-                self._fd, r.length, mman.PROT_READ | mman.PROT_WRITE, r.offset
+            if self._window is None or self.gone is not None:
+                return []
+            held = self._held()
+            have = [(e.lo, e.hi) for e in self._exports.values()]
+            pieces = _subtract(held, have)
+            safe = [p for p in pieces if _covered(self._span(*p), held)]
+            unsafe = [p for p in pieces if p not in safe]
+            new = self._add(safe)
+        self._pin(new)
+        return unsafe
+
+    def _add(self, pieces: Sequence[Span]) -> list[_Export]:
+        """Maps the pieces here and in the backend (lock held); checks the kernel after."""
+        if not pieces:
+            return []
+        assert self._window is not None
+        new = []
+        for lo, hi in pieces:
+            self._window.map(self._fd, lo, hi, mman.PROT_READ | mman.PROT_WRITE)
+            region = MemRegion(self._gpa(lo), hi - lo, self._window.address + lo, lo)
+            exp = _Export(lo, hi, region, self._span(lo, hi))
+            self._exports[lo] = exp
+            new.append(exp)
+        if self.mem_slots:
+            for exp in new:
+                self.frontend.add_region(exp.region, self._fd)
+        else:
+            self._publish_table()
+        # The backend's reply is not proof of what it mapped: ask the kernel.
+        over = self._overmapped()
+        if over is not None:
+            self._retract_locked([(e.lo, e.hi) for e in new], report=False)
+            raise VhostUserError(
+                f"the backend (pid {self.frontend.backend_pid}) maps offsets "
+                f"{over[0]:#x}-{over[1]:#x} of the space, outside every region it was "
+                "given; region(s) withdrawn"
             )
-            region = MemRegion(
-                gpa=self._gpa(r.offset), size=r.length, uaddr=mapping.address, mmap_offset=r.offset
-            )
-            self._exports[r.offset] = _Export(r, region, mapping)
-            if self.mem_slots:
-                self.frontend.add_region(region, self._fd)
-            else:
-                self._publish_table()
-            # The backend's reply is not proof of what it mapped: ask the kernel. A backend
-            # built on libvhost-user before QEMU 9 maps a region from file offset 0, i.e.
-            # [0, mmap_offset + size): memory this bridge was never granted.
-            over = self._overmapped()
-            if over is not None:
-                self._withdraw([r])
-                raise VhostUserError(
-                    f"the backend (pid {self.frontend.backend_pid}) maps offsets "
-                    f"{over[0]:#x}-{over[1]:#x} of the space for a region of "
-                    f"{r.offset:#x}+{r.length:#x}: more than granted (old libvhost-user maps "
-                    "regions from file offset 0); region withdrawn"
-                )
+        return new
+
+    def _pin(self, exports: Sequence[_Export]) -> None:
+        """Pins what the backend maps for each export (without the lock: a pin is a call the
+        session's reader answers, and the reader may be waiting for the lock)."""
+        client = self.client
+        if client is None:
+            return
+        for exp in exports:
+            lo, hi = exp.span
+            try:
+                pin = client.pin(lo, hi - lo, write=True)
+            except MembrokerError as exc:
+                # Being revoked right now: the revocation takes the region away next.
+                log.warning("cannot pin exported %#x+%#x: %s", lo, hi - lo, exc)
+                continue
+            with self._lock:
+                if self._exports.get(exp.lo) is exp and exp.pin is None:
+                    exp.pin = pin
+                    continue
+            try:
+                pin.unpin()
+            except MembrokerError:
+                pass
 
     def _publish_table(self) -> None:
-        self.frontend.set_mem_table([e.region for e in self._exports.values()], self._fd)
+        regions = [self._park_region, *(e.region for e in self._exports.values())]
+        fds = [self._park_fd] + [self._fd] * (len(regions) - 1)
+        self.frontend.set_mem_table(regions, fds)
 
     def _overmapped(self) -> tuple[int, int] | None:
-        """A file range the backend maps outside every exported range, if any."""
+        """A file range the backend maps outside every export's span, if any."""
         dev, ino = self._dev_ino
-        exported = sorted((e.range.offset, e.range.end) for e in self._exports.values())
+        allowed = _merge([e.span for e in self._exports.values()])
         for vma in self.backend.mappings_of(dev, ino):
-            lo = vma.offset
-            for start, end in exported:
-                if lo < start:
-                    return lo, min(start, vma.file_end)
-                lo = max(lo, end)
-                if lo >= vma.file_end:
-                    break
-            if lo < vma.file_end:
-                return lo, vma.file_end
+            outside = _subtract([(vma.offset, vma.file_end)], allowed)
+            if outside:
+                return outside[0]
         return None
 
-    def _withdraw(self, ranges: list[AccessRange]) -> None:
-        """On a revocation (session thread): remove every region touching the ranges, wait
-        until the backend's own maps no longer show them, and export again what is still held
-        of those regions.
+    # -- revocations -------------------------------------------------------------------------
 
-        Raises VhostUserError while the backend still maps any revoked offset (its reply is
-        not proof; its /proc/PID/maps is): the SDK then refuses the revocation instead of
-        acknowledging it. A piece that cannot be exported again is only logged, once the maps
-        show the revoked offsets gone.
-        """
+    def _on_release(self, ranges: list[tuple[int, int]]) -> None:
+        """The broker asks for the pins in `ranges` before it revokes them (session thread):
+        the regions whose mapping touches them leave the backend, the kernel confirms, then
+        their pins go. While the backend still maps them the pins stay: the broker then fails
+        the revocation or fences this client, per its on_pinned policy."""
+        cut = _merge([(o, o + n) for o, n in ranges])
+        try:
+            removed = self._retract(cut)
+        except VhostUserError as exc:
+            log.error("cannot release %s to the broker: %s", _fmt(cut), exc)
+            return
+        for exp in removed:
+            if exp.pin is not None:
+                try:
+                    exp.pin.unpin()
+                except MembrokerError as exc:
+                    log.warning("unpinning %#x+%#x: %s", exp.span[0], exp.span[1], exc)
+
+    def _on_revoke(self, ranges: list[AccessRange]) -> None:
+        """On a revocation (session thread): the regions whose mapping touches the ranges
+        leave the backend, the pieces that stay safe come back, and the backend's own maps are
+        checked for every revoked offset. Raises (the revocation is refused, not acked) while
+        the backend still maps one, or when it dropped the connection meanwhile."""
+        cut = _merge([(r.offset, r.end) for r in ranges])
         with self._lock:
-            keep: list[AccessRange] = []
-            problems: list[str] = []
-            for offset, exp in list(self._exports.items()):
-                if not any(exp.range.offset < r.end and r.offset < exp.range.end for r in ranges):
-                    continue
-                del self._exports[offset]
-                try:
-                    if self.mem_slots:
-                        self.frontend.remove_region(exp.region)
-                    else:
-                        self._publish_table()
-                except VhostUserError as exc:
-                    # Whether it still maps the region is the kernel's to say, just below.
-                    problems.append(f"removing region at gpa {exp.region.gpa:#x}: {exc}")
-                if self.queue is not None and self.queue.mem is exp.mapping:
-                    self.queue = None
-                exp.mapping.close()
-                keep += _minus(exp.range, ranges)
-            # Every revoked offset, exported or not: none may stay reachable by the backend.
-            still = self._wait_unmapped(ranges)
-            if still is not None:
-                raise VhostUserError("; ".join([still, *problems]))
-            failed_export = False
-            for piece in keep:
-                try:
-                    self._export(piece)
-                except VhostUserError as exc:
-                    failed_export = True
-                    log.warning(
-                        "cannot export %#x+%#x again after a revocation: %s",
-                        piece.offset,
-                        piece.length,
-                        exc,
-                    )
-            if failed_export:
-                # A backend that maps more than a region (old libvhost-user maps from file
-                # offset 0) may have reached revoked offsets through the re-export.
-                still = self._wait_unmapped(ranges)
-                if still is not None:
-                    raise VhostUserError(still)
+            failed = [why for spans, why in self._failed if any(_overlaps(s, cut) for s in spans)]
+            self._failed = [f for f in self._failed if f[1] not in failed]
+        if failed:
+            raise VhostUserError(failed[0])
+        self._retract(cut)
+        # Ranges lowered, not taken (read-only now): a backend maps read-write, so they were
+        # taken from it too, and are held still.
+        lowered = _merge([(r.offset, r.end) for r in ranges if r.access is not Access.NONE])
+        if lowered:
+            self._report_withdrawn(lowered)
 
-    def _still_mapped(self, ranges: list[AccessRange]) -> str | None:
-        """What the backend's maps still show of the ranges, or None."""
+    def _retract(self, cut: list[Span]) -> list[_Export]:
+        with self._lock:
+            return self._retract_locked(cut)
+
+    def _retract_locked(self, cut: list[Span], report: bool = True) -> list[_Export]:
+        """Takes `cut` away from the backend (lock held); returns the exports removed.
+
+        Order: the vring is stopped and parked if its region goes; every region whose mapping
+        touches `cut` is removed (or one new table sent without them); the kernel must show
+        nothing of `cut` in the backend; only then are the safe pieces added back (at the same
+        frontend addresses) and the ring started again where it was.
+        """
+        if self._window is None or not cut:
+            return []
+        affected = [e for e in self._exports.values() if _overlaps(e.span, cut)]
+        if not affected:
+            still = self._wait_unmapped(cut)
+            if still is not None and self.gone is None:
+                raise VhostUserError(still)
+            return []
+        held = self._held(cut)
+        keep: list[Span] = []
+        withdrawn: list[Span] = []
+        for exp in affected:
+            for piece in _subtract([(exp.lo, exp.hi)], cut):
+                (keep if _covered(self._span(*piece), held) else withdrawn).append(piece)
+        pid = self.frontend.backend_pid
+        q = self.queue
+        ring_moves = q is not None and any(exp.lo <= q.offset < exp.hi for exp in affected)
+        base = 0
+        try:
+            if ring_moves and q is not None:
+                base = self.frontend.get_vring_base(0)
+                park = self._park_region.uaddr
+                self.frontend.set_vring_addr(0, park, park + 1024, park + 2048)
+            for exp in affected:
+                del self._exports[exp.lo]
+                self._window.unmap(exp.lo, exp.hi)
+                # Until the teardown is known to be complete, a hang-up still lets them go.
+                self._stranded.append(exp)
+            if self.mem_slots:
+                for exp in affected:
+                    self.frontend.remove_region(exp.region)
+            else:
+                for lo, hi in keep:
+                    self._window.map(self._fd, lo, hi, mman.PROT_READ | mman.PROT_WRITE)
+                    region = MemRegion(self._gpa(lo), hi - lo, self._window.address + lo, lo)
+                    self._exports[lo] = _Export(lo, hi, region, self._span(lo, hi))
+                self._publish_table()
+        except VhostUserError as exc:
+            what = "dropped the connection" if self.frontend.hung_up() else "failed"
+            self.queue = None
+            self.queue_stopped = f"the backend (pid {pid}) {what}: {exc}"
+            raise self._teardown_failed(
+                cut,
+                f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
+                f"({exc}); not acknowledged",
+            ) from exc
+        still = self._wait_unmapped(cut)
+        if still is not None:
+            if ring_moves:
+                self.queue = None
+                self.queue_stopped = f"vring 0 was stopped for a teardown that failed: {still}"
+            raise VhostUserError(still)
+        if not self.frontend.hung_up():
+            self._stranded = [e for e in self._stranded if e not in affected]
+        added: list[_Export] = []
+        if self.mem_slots and keep:
+            try:
+                added = self._add(keep)
+            except VhostUserError as exc:
+                withdrawn += keep
+                log.warning("could not add %s back: %s", _fmt(keep), exc)
+                still = self._wait_unmapped(cut)
+                if still is not None:
+                    raise VhostUserError(still) from exc
+        elif keep:
+            added = [self._exports[lo] for lo, _ in keep]
+        if ring_moves and q is not None:
+            if any(e.lo <= q.offset and q.end_off <= e.hi for e in self._exports.values()):
+                desc, avail, used = q.addresses()
+                try:
+                    self.frontend.setup_vring(
+                        0, q.num, desc, avail, used, self.kick, self.call, base
+                    )
+                except VhostUserError as exc:
+                    self.queue = None
+                    self.queue_stopped = f"restarting vring 0 failed: {exc}"
+            else:
+                self.queue = None
+                self.queue_stopped = (
+                    f"vring 0 (gpa {q.gpa:#x}+{q.end_off - q.offset:#x}) was stopped: its "
+                    "memory is no longer exported (revoked or withdrawn); start_queue() first"
+                )
+        if self.frontend.hung_up():
+            # It answered, then went away (a libvhost-user backend that panics drops the
+            # connection): what it did is not known to be what was asked.
+            raise self._teardown_failed(
+                cut,
+                f"the backend (pid {pid}) dropped the connection while {_fmt(cut)} was being "
+                "taken from it; not acknowledged",
+            )
+        if report and withdrawn:
+            self._report_withdrawn(_merge(withdrawn))
+        if added:
+            self._pin_later(added)
+        return affected
+
+    def _teardown_failed(self, cut: list[Span], reason: str) -> VhostUserError:
+        """Remembers a teardown that failed before the revocation reached this bridge (on a
+        release of pins): that revocation is then refused with the same reason."""
+        self._failed.append((cut, reason))
+        return VhostUserError(reason)
+
+    def _pin_later(self, exports: list[_Export]) -> None:
+        # On the session thread calls go over gRPC, so pinning here cannot wait for itself;
+        # elsewhere the lock is held: pins then wait until it is let go.
+        if self._session is not None and threading.current_thread() is self._session._reader:
+            self._pin(exports)
+        else:
+            threading.Thread(target=self._pin, args=(exports,), daemon=True).start()
+
+    def _report_withdrawn(self, spans: list[Span]) -> None:
+        log.warning(
+            "withdrawn from the backend although still held (it cannot be exported without "
+            "exposing what is not held): %s",
+            _fmt(spans),
+        )
+        if self._session is not None:
+            self._session.report_withdrawn(self.space_id, spans)
+
+    def _still_mapped(self, spans: Sequence[Span]) -> str | None:
+        """What the backend's maps still show of the spans, or None."""
         dev, ino = self._dev_ino
-        for v in self.backend.mappings_of(dev, ino):
-            for r in ranges:
-                if v.offset < r.end and r.offset < v.file_end:
-                    return f"the backend still maps offsets {r.offset:#x}+{r.length:#x} ({v})"
+        try:
+            vmas = self.backend.mappings_of(dev, ino)
+        except OSError:
+            return None  # the process is gone: it maps nothing
+        for v in vmas:
+            for lo, hi in spans:
+                if v.offset < hi and lo < v.file_end:
+                    return f"the backend still maps offsets {lo:#x}+{hi - lo:#x} ({v})"
         return None
 
-    def _wait_unmapped(self, ranges: list[AccessRange], timeout: float = 1.0) -> str | None:
-        """Waits until the backend's maps show none of the ranges; else what they still show."""
-        if not ranges:
+    def _wait_unmapped(self, spans: Sequence[Span], timeout: float = 1.0) -> str | None:
+        """Waits until the backend's maps show none of the spans; else what they still show."""
+        if not spans:
             return None
         deadline = time.monotonic() + timeout
         while True:
-            still = self._still_mapped(ranges)
+            still = self._still_mapped(spans)
             if still is None:
                 return None
             if time.monotonic() > deadline:
                 return f"{still} after removing its regions"
             time.sleep(0.001)
 
-    def refresh(self) -> None:
-        """Exports what is held but not exported yet (after new grants)."""
-        if self.client is None:
-            return
-        with self._lock:
-            have = [e.range for e in self._exports.values()]
-            for r in self.client.ranges():
-                for piece in _minus(r, have):
-                    self._export(piece)
+    def refresh(self) -> list[tuple[int, int]]:
+        """Exports what is held but not exported yet (after new grants); returns the held
+        (offset, length) pieces left out because they would expose more than is held."""
+        return [(lo, hi - lo) for lo, hi in self._export_held()]
 
     def exported(self) -> list[MemRegion]:
         with self._lock:
-            return [e.region for e in self._exports.values()]
+            return [self._exports[k].region for k in sorted(self._exports)]
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="vhost-user-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        p = select.poll()
+        p.register(self.frontend.sock, _HANGUP)
+        p.register(self._wake, select.POLLIN)
+        while True:
+            events = p.poll()
+            if any(fd == self._wake for fd, _ in events) or self._closing:
+                return
+            if events:
+                self._backend_gone(f"the backend (pid {self.frontend.backend_pid}) hung up")
+                return
+
+    def _backend_gone(self, reason: str) -> None:
+        """Everything the bridge held for the backend is let go: its regions (here), their
+        pins (at the broker), the queue. The attachment stays (its grants are the bridge's;
+        `close()` detaches): a later revocation is acknowledged, as nothing is mapped, except
+        one whose teardown the hang-up interrupted, which is refused."""
+        self.gone_at = time.monotonic()
+        self.gone = reason
+        log.warning("%s: releasing what the bridge held for it", reason)
+        with self._lock:
+            exports = list(self._exports.values())
+            self._exports.clear()
+            # What a teardown the hang-up interrupted had taken out: its revocation is refused
+            # (self._failed), and the backend maps nothing any more.
+            exports += self._stranded
+            self._stranded = []
+            self.queue = None
+            self.queue_stopped = reason
+            if self._window is not None:
+                for exp in exports:
+                    self._window.unmap(exp.lo, exp.hi)
+        for exp in exports:
+            if exp.pin is not None:
+                try:
+                    exp.pin.unpin()
+                except MembrokerError as exc:
+                    log.warning("unpinning %#x+%#x: %s", exp.span[0], exp.span[1], exc)
+        self._gone_done.set()
+        if self.on_backend_gone is not None:
+            try:
+                self.on_backend_gone(reason)
+            except Exception:
+                log.exception("on_backend_gone failed")
+
+    def wait_gone(self, timeout: float | None = None) -> bool:
+        """Waits until a backend hang-up has been handled; whether it has."""
+        return self._gone_done.wait(timeout)
 
     # -- virtio-blk ------------------------------------------------------------------------------
 
-    def _locate(self, gpa: int, length: int) -> tuple[_Export, int] | None:
+    def _locate(self, gpa: int, length: int) -> int | None:
+        """The space offset of guest-physical [gpa, gpa+length) if one export holds it all."""
         for exp in self._exports.values():
-            if exp.region.gpa <= gpa and gpa + length <= exp.region.gpa + exp.region.size:
-                return exp, gpa - exp.region.gpa
+            region = exp.region
+            if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
+                return exp.lo + gpa - region.gpa
         return None
 
     def start_queue(self, queue_gpa: int) -> None:
         """Lays the virtqueue out at queue_gpa (inside an exported region) and starts it."""
         with self._lock:
-            found = self._locate(queue_gpa, 16 * self.QUEUE_SIZE + 4096)
-            if found is None:
+            if self.gone is not None:
+                raise VhostUserError(self.gone)
+            off = self._locate(queue_gpa, 16 * self.QUEUE_SIZE + 4096)
+            if off is None or self._window is None:
                 raise VhostUserError(f"queue at {queue_gpa:#x} is not in an exported region")
-            exp, off = found
-            self.queue = SplitQueue(exp.mapping, off, queue_gpa, self.QUEUE_SIZE)
+            self.queue = SplitQueue(self._window.mem, off, queue_gpa, self.QUEUE_SIZE)
+            self.queue_stopped = None
             desc, avail, used = self.queue.addresses()
             self.frontend.setup_vring(0, self.QUEUE_SIZE, desc, avail, used, self.kick, self.call)
             self._hdr = queue_gpa + (self.queue.end_off - off + 15) // 16 * 16
@@ -479,18 +919,23 @@ class BlkBridge:
         """One virtio-blk request whose data buffer is guest memory [gpa, gpa+length).
 
         Returns the virtio status; VIRTIO_BLK_S_IOERR without submitting when the buffer is not
-        inside memory the bridge holds (a revoked range, say)."""
+        inside memory the bridge exports (a revoked range, say). VhostUserError when there is
+        no running queue or the backend hangs up."""
         with self._lock:
+            if self.gone is not None:
+                raise VhostUserError(self.gone)
             q = self.queue
             if q is None:
-                raise VhostUserError("start_queue() first")
+                raise VhostUserError(self.queue_stopped or "start_queue() first")
+            assert self._window is not None
+            mem = self._window.mem
             if length and self._locate(gpa, length) is None:
                 return VIRTIO_BLK_S_IOERR
             hdr, status = self._hdr, self._hdr + 16
-            hexp, hoff = self._locate(hdr, 17) or (None, 0)
-            if hexp is None:
+            hoff = self._locate(hdr, 17)
+            if hoff is None:
                 return VIRTIO_BLK_S_IOERR
-            hexp.mapping.write(hoff, struct.pack("<IIQ", kind, 0, sector) + b"\xff")
+            mem.write(hoff, struct.pack("<IIQ", kind, 0, sector) + b"\xff")
             chain = [(hdr, 16, False)]
             if length:
                 chain.append((gpa, length, kind == VIRTIO_BLK_T_IN))
@@ -499,25 +944,50 @@ class BlkBridge:
             q.submit(chain)
             os.eventfd_write(self.kick, 1)
             deadline = time.monotonic() + timeout
+            p = select.poll()
+            p.register(self.call, select.POLLIN)
+            p.register(self.frontend.sock, _HANGUP)
             # Completion is asynchronous: wait for used.idx to move, not only for the call fd.
             while q.used_idx() == before:
                 if time.monotonic() > deadline:
                     raise VhostUserError("the backend did not complete the request")
-                select.select([self.call], [], [], 0.01)
+                for fd, _ in p.poll(10):
+                    if fd != self.call:
+                        raise VhostUserError(
+                            f"the backend (pid {self.frontend.backend_pid}) hung up with a "
+                            "request in flight"
+                        )
                 try:
                     os.eventfd_read(self.call)
                 except BlockingIOError:
                     pass
-            return hexp.mapping.read(hoff + 16, 1)[0]
+            return mem.read(hoff + 16, 1)[0]
 
     def close(self) -> None:
-        with self._lock:
-            for exp in self._exports.values():
-                exp.mapping.close()
-            self._exports.clear()
-        if self.client is not None:
-            self.client.close()
+        """Ends the connection (the backend unmaps every region when it goes), waits until
+        the backend's maps show nothing of the space, then detaches."""
+        self._closing = True
+        if self._watcher is not None:
+            os.eventfd_write(self._wake, 1)
+            if self._watcher is not threading.current_thread():
+                self._watcher.join(5)
         self.frontend.close()
+        with self._lock:
+            self._exports.clear()
+            self.queue = None
+            if self._window is not None:
+                still = self._wait_unmapped([(0, self._size)])
+                if still is not None:
+                    log.warning("closing the bridge: %s", still)
+                self._window.close()
+                self._window = None
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
         self.backend.close()
-        os.close(self.kick)
-        os.close(self.call)
+        self._close_park()
+        for fd in (self.kick, self.call, self._wake):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

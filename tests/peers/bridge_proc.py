@@ -1,17 +1,20 @@
 """A real bridge process: membroker.vhost_user.BlkBridge between a broker space and a
 vhost-user-blk backend, driven by JSON lines (see test_vhost_user.py).
 
-Ops: start SPACE SOCKET; exported; queue GPA; request KIND SECTOR GPA LENGTH; watch (returns
-when the backend hangs up, then closes the bridge so the broker releases what it held); close.
+Ops: start SPACE SOCKET; exported; queue GPA; request KIND SECTOR GPA LENGTH; refresh; watch
+(returns once the bridge has handled a backend hang-up on its own: when it noticed, and why);
+sabotage (the next REM_MEM_REG names a region the backend does not have: libvhost-user panics
+and drops the connection); close.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import select
 import sys
+import time
 from typing import Any
 
 import membroker
@@ -48,6 +51,7 @@ def main() -> None:
                         "features": bridge.features,
                         "mem_slots": bridge.mem_slots,
                         "protocol_features": bridge.protocol_features,
+                        "prefix_mapping": bridge.prefix_mapping,
                         "backend_pid": bridge.frontend.backend_pid,
                     }
                 )
@@ -64,14 +68,33 @@ def main() -> None:
             elif op == "request":
                 status = bridge.request(req["kind"], req["sector"], req["gpa"], req["length"])
                 out({"ok": True, "status": status})
+            elif op == "refresh":
+                out({"ok": True, "left_out": bridge.refresh()})
+            elif op == "queue_state":
+                out({"ok": True, "running": bridge.queue is not None, "why": bridge.queue_stopped})
             elif op == "watch":
-                sock = bridge.frontend.sock
-                select.select([sock], [], [], req.get("timeout", 10))
-                gone = sock.recv(1, 0x2) == b""  # MSG_PEEK: EOF means the backend is gone
-                if gone:
-                    bridge.close()
-                    bridge = None
-                out({"ok": True, "gone": gone})
+                gone = bridge.wait_gone(req.get("timeout", 10))
+                out(
+                    {
+                        "ok": True,
+                        "gone": gone,
+                        "reason": bridge.gone,
+                        "gone_at": bridge.gone_at,
+                        "now": time.monotonic(),
+                    }
+                )
+            elif op == "sabotage":
+                frontend = bridge.frontend
+                real = frontend.remove_region
+
+                def wrong_region(
+                    region: vhost_user.MemRegion, frontend: Any = frontend, real: Any = real
+                ) -> None:
+                    frontend.remove_region = real
+                    real(dataclasses.replace(region, gpa=region.gpa + (1 << 40)))
+
+                frontend.remove_region = wrong_region
+                out({"ok": True})
             elif op == "close":
                 bridge.close()
                 bridge = None

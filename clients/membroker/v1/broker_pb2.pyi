@@ -240,7 +240,7 @@ class RevokeRequest(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class ClientOutcome(_message.Message):
-    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence")
+    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence", "withdrawn")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class ClientOutcome(_message.Message):
     LATENCY_US_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     client: str
     session_id: str
     pid: int
@@ -255,7 +256,8 @@ class ClientOutcome(_message.Message):
     latency_us: int
     reason: str
     fence: FenceResult
-    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ..., fence: _Optional[_Union[FenceResult, str]] = ...) -> None: ...
+    withdrawn: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
+    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ..., fence: _Optional[_Union[FenceResult, str]] = ..., withdrawn: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class RevocationReport(_message.Message):
     __slots__ = ("space_id", "seq", "clients", "duration_us", "revoked_bytes", "cause", "caller_gone")

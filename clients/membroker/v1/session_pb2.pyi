@@ -105,12 +105,14 @@ class Revoke(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., space_deleted: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RevokeAck(_message.Message):
-    __slots__ = ("space_id", "seq")
+    __slots__ = ("space_id", "seq", "withdrawn")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     seq: int
-    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    withdrawn: _containers.RepeatedCompositeFieldContainer[Range]
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., withdrawn: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class RevokeRefused(_message.Message):
     __slots__ = ("space_id", "seq", "reason")

@@ -6,7 +6,8 @@ empty gRPC unary call to the same daemon.
         [--compare FILE[:LABEL] ...] [--nice N]
 
 Prints a table and writes it (machine, kernel, command, date, source revision) to the results
-file. Two daemons run in turn, MEMBROKER_VERIFY=off then always. With verification on it also
+file. Two daemons run in turn, MEMBROKER_VERIFY=off then always (both with the restart journal,
+the default), and a third without the journal for the 1-client revoke. With verification on it also
 times, against a real client process, what judging an acknowledgement costs: `check_reach` over
 one revoked page, and its full-space form (the periodic audit of one client), with their parts.
 Verification reads the whole /proc/PID/maps text every time, by design: every mapping of the
@@ -520,6 +521,7 @@ SOCK = "baseline: Unix-socket ping-pong between processes"
 GRPC = "baseline: empty gRPC unary call (health Check)"
 REVOKE1 = "Revoke, 1 VA client, verify always"
 REVOKE1_OFF = "Revoke, 1 VA client, verify off"
+REVOKE1_NOJOURNAL = "Revoke, 1 VA client, verify always, no journal (state_dir empty)"
 
 
 def floor_name(k: int, sound: bool) -> str:
@@ -700,6 +702,16 @@ def main() -> int:
                         rows.append((REVOKE1_COOP, percentiles(single)))
             finally:
                 daemon.stop()
+        # The journal's cost (issue 10): the same revoke and grant on a daemon without one.
+        rt = Path(tmp) / "rt-nojournal"
+        daemon = Daemon(rt, args.nice, "always", env={"MEMBROKER_STATE_DIR": ""})
+        try:
+            meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
+            single, _ = bench_revoke(rt, 1, n, cpu=meters)
+            rows.append((REVOKE1_NOJOURNAL, percentiles(single)))
+            cpu_rows.append((REVOKE1_NOJOURNAL, meters[0]))
+        finally:
+            daemon.stop()
     load_after = os.getloadavg()
     now = dict(rows)
     sock_rt, grpc_rt = now[SOCK], now[GRPC]
@@ -731,6 +743,9 @@ def main() -> int:
         f"Revoke beyond an empty gRPC call: {revoke1[0] - grpc_rt[0]:.0f} µs p50 (the push, "
         f"the client's teardown and its ack; a socket round trip alone is {sock_rt[0]:.0f} µs).",
         f"Verification adds {revoke1[0] - revoke1_off[0]:.0f} µs p50 to a 1-client revoke.",
+        f"The journal (fsync before the call returns, overlapping the clients' teardown) adds "
+        f"{revoke1[0] - now[REVOKE1_NOJOURNAL][0]:.0f} µs p50 to a 1-client revoke (another "
+        "daemon of the same run).",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]

@@ -881,20 +881,34 @@ class Broker:
         if self.fd_store:
             systemd.fd_store_add(space.space_id, space.fd)
 
-    async def _journal_change(
+    def _journal_change(
         self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
-    ) -> Exception | None:
+    ) -> asyncio.Future[None] | None:
         """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
-        the shared attribute), on disk before the call returns (membrokerd.journal).
-
-        A failed write is returned, not raised: the change is in force in the table, so it is
-        carried out (clients told, revocations verified) all the same, and only then does the
-        call fail, saying it will not survive a restart (see `_saved`)."""
+        the shared attribute), captured now and written by the journal's thread (in the order
+        of the changes) while the change is carried out; `_journal_wait` before the call
+        returns, so it is on disk before anyone is told it is done (membrokerd.journal). The
+        fsync overlaps the clients' teardowns instead of adding to them."""
         if self.journal is None or space.ephemeral:
             return None
         change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)
+        pending = asyncio.wrap_future(self.journal.submit(self.journal.journal.apply, change))
+        # Logged by the journal; retrieved here so that a call that fails before waiting for
+        # it leaves no "exception never retrieved" behind.
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return pending
+
+    async def _journal_wait(
+        self, space: Space, key: str, pending: asyncio.Future[None] | None
+    ) -> Exception | None:
+        """Waits for a `_journal_change` write. A failed write is returned, not raised: the
+        change is in force in the table, so it was carried out (clients told, revocations
+        verified) all the same, and only now does the call fail, saying it will not survive
+        a restart (see `_saved`)."""
+        if pending is None or self.journal is None:
+            return None
         try:
-            await self.journal.write(self.journal.journal.apply, change)
+            await asyncio.shield(pending)
         except Exception as exc:
             # The next change of this set must write it whole: its logged operations may miss
             # this one.
@@ -1279,13 +1293,15 @@ class Broker:
             if shared:
                 with collector_paused():
                     delta = space.table.set_shared_many(spans)
-                unsaved = await self._journal_change(space, SHARED, SHARE, spans)
-                return _saved(await self.carry_out(space, delta, "shared", t0), unsaved)
+                pending = self._journal_change(space, SHARED, SHARE, spans)
+                result = await self.carry_out(space, delta, "shared", t0)
+                return _saved(result, await self._journal_wait(space, SHARED, pending))
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
             with collector_paused():
                 delta = space.table.set_private_many(spans)
-            unsaved = await self._journal_change(space, SHARED, PRIVATE, spans)
-            return _saved(await self.carry_out(space, delta, "private", t0, fenced), unsaved)
+            pending = self._journal_change(space, SHARED, PRIVATE, spans)
+            result = await self.carry_out(space, delta, "private", t0, fenced)
+            return _saved(result, await self._journal_wait(space, SHARED, pending))
 
         return await self.change(space, "shared" if shared else "private", job)
 
@@ -1326,10 +1342,12 @@ class Broker:
                 ) from None
             self.metrics.grants.inc()
             kind = GRANT_RW if access is Access.RW else GRANT_RO
-            unsaved = await self._journal_change(space, client, kind, spans)
+            pending = self._journal_change(space, client, kind, spans)
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
-            return _saved((delta.seq, int(notified)), unsaved)
+            return _saved(
+                (delta.seq, int(notified)), await self._journal_wait(space, client, pending)
+            )
 
         return await self.change(space, "grant", job)
 
@@ -1375,8 +1393,9 @@ class Broker:
             fenced = await self._clear_pins_of(space, spans, client, on_pinned)
             with collector_paused():
                 delta = space.table.revoke_many(client, spans)
-            unsaved = await self._journal_change(space, client, REVOKE, spans)
-            return _saved(await self.carry_out(space, delta, "revoke", t0, fenced), unsaved)
+            pending = self._journal_change(space, client, REVOKE, spans)
+            result = await self.carry_out(space, delta, "revoke", t0, fenced)
+            return _saved(result, await self._journal_wait(space, client, pending))
 
         return await self.change(space, "revoke", job)
 

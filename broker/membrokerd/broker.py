@@ -30,7 +30,7 @@ from membroker._sys.proc import ProcessView
 from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
-from membrokerd import policy, systemd
+from membrokerd import pidns, policy, systemd
 from membrokerd.access import (
     Access,
     AccessRange,
@@ -368,13 +368,10 @@ class Broker:
             session.view = ProcessView(conn.cred.pid)
         except OSError as exc:
             if self.config.verify == "always":
+                # Another PID namespace, exited, or not permitted: say which (pidns.py).
+                reason = pidns.inspect_refusal(conn.pidfd, conn.cred.pid, exc)
                 session.release()
-                raise ProtocolError(
-                    f"cannot inspect process {conn.cred.pid} ({exc.strerror}): verification "
-                    "needs its /proc maps, pagemap and fd table (CAP_SYS_PTRACE for other "
-                    "users' processes), or verify = off",
-                    code=7,
-                ) from exc
+                raise ProtocolError(reason, code=7) from exc
         if not is_alive(session):
             session.release()
             raise ProtocolError("the process exited during the handshake")

@@ -47,6 +47,13 @@ def sealed_mode_available() -> bool:
         features = sys_uffd.Uffd.available_features()
         _SEALED_AVAILABLE = (features & sys_uffd.FEATURES_SEALED) == sys_uffd.FEATURES_SEALED
         if _SEALED_AVAILABLE:
+            # Offered is not permitted: fork events need CAP_SYS_PTRACE, so a process without
+            # it (in a container, say) cannot seal and attaches cooperatively instead.
+            try:
+                sys_uffd.Uffd.create(sys_uffd.FEATURES_SEALED).close()
+            except OSError:
+                _SEALED_AVAILABLE = False
+        if _SEALED_AVAILABLE:
             _SEALED_AVAILABLE = sys_uffd.mseal_available()
     return _SEALED_AVAILABLE
 

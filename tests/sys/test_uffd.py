@@ -122,3 +122,30 @@ def test_write_protected_pages_are_not_written_in_pagemap_scan() -> None:
         u.close()
         m.close()
         os.close(fd)
+
+
+def test_a_process_without_cap_sys_ptrace_is_not_offered_sealed_mode() -> None:
+    """Fork events need CAP_SYS_PTRACE: a process without it (a container's, say) must not be
+    told sealed mode is available, or attach_va(mode="auto") would fail instead of falling
+    back to cooperative mode."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from membroker.clients import sealed_mode_available\n"
+        "from membroker._sys import uffd\n"
+        "print(sealed_mode_available())\n"
+        "try:\n"
+        "    uffd.Uffd.create(uffd.FEATURES_SEALED)\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__, exc.errno)\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split("\n")
+    assert out[0] == "False"
+    assert out[1] == f"KernelFeatureMissing {errno.EPERM}"

@@ -160,6 +160,14 @@ class Uffd:
                     raise KernelFeatureMissing(
                         "userfaultfd features", f"{features:#x} not all offered", exc.errno
                     ) from exc
+                if exc.errno == errno.EPERM:
+                    # Fork events need CAP_SYS_PTRACE (a container drops it, say).
+                    raise KernelFeatureMissing(
+                        "userfaultfd features",
+                        f"{features:#x} not permitted to this process (fork events need "
+                        "CAP_SYS_PTRACE)",
+                        exc.errno,
+                    ) from exc
                 raise
         except BaseException:
             self.close()

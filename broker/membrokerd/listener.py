@@ -538,11 +538,17 @@ class Relay:
         else:
             client.transport.resume_reading()
 
+    def stop_accepting(self) -> None:
+        """Takes no new connection (they queue on systemd's socket for the next daemon); the
+        relayed ones go on until `close`."""
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
     def close(self) -> None:
         """Stops accepting and drops the relayed connections (the listening socket itself is
         systemd's: only our fd of it is closed)."""
-        self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
         for transport in list(self.transports):

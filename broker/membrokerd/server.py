@@ -396,10 +396,14 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             status_task.cancel()
         if control_file is not None or relay is not None:
             systemd.notify("STOPPING=1", "STATUS=shutting down")
-        if health is not None:
-            await health.enter_graceful_shutdown()
+        # Accept nothing more first: with systemd's sockets, a connection made from now on
+        # waits in their backlog for the next daemon instead of being refused by this one.
         if listener is not None:
             listener.close()
+        if relay is not None:
+            relay.stop_accepting()
+        if health is not None:
+            await health.enter_graceful_shutdown()
         if broker is not None:
             broker.shutdown("broker shutting down")
         if server is not None:

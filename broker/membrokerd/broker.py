@@ -217,6 +217,7 @@ class Broker:
             sock.close()
             return
         waiting = self._waiting.get(uid, 0)
+        code = 8  # RESOURCE_EXHAUSTED
         if len(self.sessions) >= self.config.max_sessions:
             refusal = f"too many sessions (limit max_sessions = {self.config.max_sessions})"
         elif waiting >= self.config.max_pending_hellos_per_uid:
@@ -224,11 +225,14 @@ class Broker:
                 f"too many connections of uid {uid} waiting to say Hello "
                 f"(limit max_pending_hellos_per_uid = {self.config.max_pending_hellos_per_uid})"
             )
+            # UNAVAILABLE: passes within moments (each says Hello or times out); the SDK
+            # retries, so a burst of honest clients of one uid is slowed, not refused.
+            code = 14
         if refusal is not None:
             # Refused before anything is built for it: a flood of connections costs the loop
             # one accept, one getsockopt, one send and one close each.
             try:
-                sock.send(wire.encode(spb.Frame(error=spb.Error(code=8, message=refusal))))
+                sock.send(wire.encode(spb.Frame(error=spb.Error(code=code, message=refusal))))
             except OSError:
                 pass
             sock.close()

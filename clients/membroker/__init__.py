@@ -5,9 +5,12 @@ revoke its ranges; as a client attach to a space as a `VaClient` (maps it) or `F
 fd+offset and pins).
 """
 
+import time
+
 from membroker.clients import FdClient, NotHeld, Pin, VaClient
 from membroker.errors import (
     AlreadyExists,
+    BrokerBusy,
     BrokerError,
     ConnectError,
     FailedPrecondition,
@@ -33,14 +36,29 @@ def connect(
     """Opens a session with membrokerd as client `name` (runtime_dir: where its sockets are).
 
     calls: "session" (default) sends control calls on the session socket, "grpc" on the
-    control socket; the broker runs the same methods either way."""
-    return Session(name, runtime_dir, timeout=timeout, calls=calls)
+    control socket; the broker runs the same methods either way.
+
+    A broker that is busy handshaking other connections of this uid (BrokerBusy) is asked
+    again, backing off from 5 ms to 200 ms, until `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return Session(
+                name, runtime_dir, timeout=max(0.1, deadline - time.monotonic()), calls=calls
+            )
+        except BrokerBusy:
+            if time.monotonic() + delay >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 __all__ = [
     "Access",
     "AccessRange",
     "AlreadyExists",
+    "BrokerBusy",
     "BrokerError",
     "ClientOutcome",
     "ConnectError",

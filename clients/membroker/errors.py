@@ -67,6 +67,11 @@ class ConnectError(MembrokerError):
     """The broker's sockets cannot be reached or the handshake failed."""
 
 
+class BrokerBusy(ConnectError):
+    """The broker turned the connection away for now (too many connections of this uid still
+    handshaking); `membroker.connect` tries again until its timeout."""
+
+
 class BrokerError(MembrokerError):
     """A control call failed; `code` is the gRPC status, `details` the broker's message."""
 

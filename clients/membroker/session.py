@@ -37,6 +37,7 @@ import grpc
 from membroker import wire
 from membroker._sys import sock as sys_sock
 from membroker.errors import (
+    BrokerBusy,
     BrokerError,
     ConnectError,
     MembrokerError,
@@ -218,6 +219,7 @@ class Session:
         self._nonce = itertools.count(1)
         self._offer_tag = itertools.count(1)
         self._closed_reason: str | None = None
+        self._last_error_code = 0  # of an Error frame the broker left on its way out
         self._fenced = False
         self._reader: threading.Thread | None = None
         self._decoder = wire.FrameDecoder()
@@ -234,6 +236,8 @@ class Session:
             self._sock.close()
             self._decoder.close()
             if isinstance(exc, SessionClosed):
+                if self._last_error_code == 14:  # UNAVAILABLE: try again
+                    raise BrokerBusy(f"broker is busy: {exc.reason}") from exc
                 raise ConnectError(f"broker refused the session: {exc.reason}") from exc
             raise
         self.session_id = welcome.session_id
@@ -374,6 +378,7 @@ class Session:
         """Records why the broker ends the session (Error, Goodbye); other frames are ignored."""
         kind = frame.WhichOneof("body")
         if kind == "error":
+            self._last_error_code = frame.error.code
             reason = f"broker error {frame.error.code}: {frame.error.message}"
             fenced = False
         elif kind == "goodbye":
@@ -417,6 +422,8 @@ class Session:
         if kind == "welcome":
             return frame.welcome
         if kind == "error":
+            if frame.error.code == 14:  # UNAVAILABLE: try again
+                raise BrokerBusy(f"broker is busy: {frame.error.message}")
             raise ConnectError(f"broker refused the session: {frame.error.message}")
         if kind == "goodbye":
             raise ConnectError(f"broker refused the session: {frame.goodbye.reason}")

@@ -14,48 +14,21 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from deploy_helpers import SERVICE, UserManager, skip_unless_manager_possible
+from deploy_helpers import SERVICE, UserManager
 
 import membroker
 from membroker.types import Region
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-@pytest.fixture(scope="module")
-def manager() -> Iterator[UserManager]:
-    skip_unless_manager_possible()
-    base = Path(tempfile.mkdtemp(prefix="mbrs-"))
-    os.chmod(base, 0o755)
-    m = UserManager(base)
-    try:
-        m.install_units()
-        m.start()
-        yield m
-    finally:
-        m.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def sd(manager: UserManager) -> Iterator[UserManager]:
-    manager.reset()
-    try:
-        yield manager
-    finally:
-        manager.reset()
 
 
 def _fds(pid: int) -> int:

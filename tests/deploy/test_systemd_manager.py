@@ -27,9 +27,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,35 +38,9 @@ from deploy_helpers import (
     WATCHDOG_SEC,
     UserManager,
     child_env,
-    skip_unless_manager_possible,
 )
 
 import membroker
-
-
-@pytest.fixture(scope="module")
-def manager() -> Iterator[UserManager]:
-    skip_unless_manager_possible()
-    # Short: socket paths must fit in sun_path (108 bytes).
-    base = Path(tempfile.mkdtemp(prefix="mbsd-"))
-    os.chmod(base, 0o755)
-    m = UserManager(base)
-    try:
-        m.install_units()
-        m.start()
-        yield m
-    finally:
-        m.close()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-@pytest.fixture
-def sd(manager: UserManager) -> Iterator[UserManager]:
-    manager.reset()
-    try:
-        yield manager
-    finally:
-        manager.reset()
 
 
 def _status_text(m: UserManager) -> str:

@@ -36,6 +36,7 @@ from membrokerd.access import (
     AccessRange,
     ClientDelta,
     Delta,
+    InvalidRange,
     Pin,
     StaleChange,
     TooFragmented,
@@ -666,6 +667,8 @@ class Broker:
                 f"{what} for space {space_id!r} seq {seq}, "
                 "which this session was not asked to acknowledge"
             )
+        if withdrawn:
+            self._check_withdrawn(session, space_id, withdrawn)
         awaited.withdrawn = withdrawn
         now = time.perf_counter()
         if refusal is not None:
@@ -686,6 +689,30 @@ class Broker:
             return
         verdict, reason = self.judge(session, awaited.space_id, awaited.ranges)
         awaited.settle(verdict, reason, now)
+
+    def _check_withdrawn(
+        self, session: Session, space_id: str, withdrawn: tuple[tuple[int, int], ...]
+    ) -> None:
+        """What a client says it gave up goes into the owner's report, so it must be true as
+        far as the broker can tell: a few valid ranges of the space, each held by the client
+        now (what it still holds but no longer uses). Otherwise the frame is refused."""
+        if len(withdrawn) > MAX_WITHDRAWN:
+            raise ProtocolError(
+                f"revoke_ack lists {len(withdrawn)} withdrawn ranges; at most {MAX_WITHDRAWN}"
+            )
+        space = self.spaces.get(space_id)
+        if space is None:
+            raise ProtocolError(f"revoke_ack lists withdrawn ranges of no space {space_id!r}")
+        try:
+            spans = space.table.check_spans(withdrawn)
+        except InvalidRange as exc:
+            raise ProtocolError(f"revoke_ack lists a bad withdrawn range: {exc}") from None
+        for offset, length in spans:
+            if space.table.effective_access(session.name, offset, length) is Access.NONE:
+                raise ProtocolError(
+                    f"revoke_ack lists {offset:#x}+{length:#x} as withdrawn, which this client "
+                    "does not hold"
+                )
 
     async def _judge_later(self, session: Session, awaited: Ack) -> None:
         try:
@@ -2009,6 +2036,9 @@ def _saved(result: T, unsaved: Exception | None) -> T:
         ) from unsaved
     return result
 
+
+# Ranges a RevokeAck may list as withdrawn (the SDK sends at most 32).
+MAX_WITHDRAWN = 64
 
 # A client holding this many grant ranges has its grants computed on a worker (see
 # _grant_in_table): copying its sets alone takes a millisecond or more.

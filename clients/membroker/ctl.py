@@ -68,9 +68,18 @@ def _report(report: RevocationReport) -> str:
         head
         + "\n"
         + table(
-            ["CLIENT", "SESSION", "PID", "OUTCOME", "FENCE", "LATENCY_US", "REASON"],
+            ["CLIENT", "SESSION", "PID", "OUTCOME", "FENCE", "LATENCY_US", "WITHDRAWN", "REASON"],
             [
-                (c.client, c.session_id, c.pid, c.outcome, c.fence or "-", c.latency_us, c.reason)
+                (
+                    c.client,
+                    c.session_id,
+                    c.pid,
+                    c.outcome,
+                    c.fence or "-",
+                    c.latency_us,
+                    ",".join(f"{o:#x}+{n:#x}" for o, n in c.withdrawn) or "-",
+                    c.reason,
+                )
                 for c in report.clients
             ],
         )

@@ -204,3 +204,50 @@ def test_raw_sealed_frames_that_lie_are_refused(daemon: Daemon) -> None:
             time.sleep(0.05)
         assert owner.stats().fenced_total == 1
     assert "sealed mapping refused" in daemon.log()
+
+
+def test_withdrawn_ranges_in_an_ack_must_be_held(daemon: Daemon) -> None:
+    """What a client says it gave up goes into the owner's report: a raw peer that lists a
+    range it does not hold is refused (protocol error); one it holds is reported."""
+    import threading
+
+    with membroker.connect("vmm", str(daemon.runtime_dir)) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("raw", 0, 2 * PAGE)
+        space.grant("raw", 8 * PAGE, PAGE)
+        sid = space.space_id
+
+        def revoke_with(withdrawn: list[tuple[int, int]]) -> tuple[Raw, Any]:
+            raw = Raw(daemon.runtime_dir, "raw")
+            raw.call(1, "Attach", pb.AttachRequest(space_id=sid, kind=pb.ATTACH_KIND_FD))
+            assert raw.result().code == 0
+            reports: list[Any] = []
+            t = threading.Thread(target=lambda: reports.append(space.revoke("raw", 0, PAGE)))
+            t.start()
+            while (frame := raw.next()).WhichOneof("body") != "revoke":
+                pass
+            ack = spb.RevokeAck(space_id=sid, seq=frame.revoke.seq)
+            for offset, length in withdrawn:
+                ack.withdrawn.add(offset=offset, length=length)
+            raw.send(spb.Frame(revoke_ack=ack))
+            t.join(30)
+            return raw, reports[0]
+
+        # 16 pages in: never granted. Refused, and the connection closed.
+        raw, report = revoke_with([(16 * PAGE, PAGE)])
+        error = raw.closed_after_error()
+        assert "does not hold" in error.message and "0x10000+0x1000" in error.message, error
+        assert report.clients[0].withdrawn == ()
+        # Page 8: held and not revoked. Reported as given up. (The refused session above was
+        # judged like any that ends mid-revocation; its grants are given again.)
+        space.grant("raw", 0, 2 * PAGE)
+        space.grant("raw", 8 * PAGE, PAGE)
+        raw, report = revoke_with([(8 * PAGE, PAGE)])
+        (outcome,) = report.clients
+        assert outcome.withdrawn == ((8 * PAGE, PAGE),), report
+        raw.sock.close()
+    # membrokerctl's report shows it too.
+    from membroker.ctl import _report
+
+    assert "0x8000+0x1000" in _report(report)

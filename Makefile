@@ -67,4 +67,4 @@ bench: $(RUN_STAMP)
 	$(VPY) bench/revoke_bench.py
 
 clean:
-	rm -rf $(VENV) $(RUNTIME) build *.egg-info $(DIST)
+	rm -rf $(VENV) $(RUNTIME) $(RUNTIME).state build *.egg-info $(DIST)

@@ -62,9 +62,19 @@ def child_env() -> dict[str, str]:
 
 
 class Daemon:
-    """membrokerd as a child process; `argv_prefix` may wrap it (setpriv, a prctl shim)."""
+    """membrokerd as a child process; `argv_prefix` may wrap it (setpriv, a prctl shim).
+    `command` replaces `python -m membrokerd` (an installed console script, say), run in `cwd`
+    with `env` (default: this checkout's code, see child_env)."""
 
-    def __init__(self, runtime_dir: Path, argv_prefix: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        runtime_dir: Path,
+        argv_prefix: Sequence[str] = (),
+        command: Sequence[str] = (sys.executable, "-m", "membrokerd"),
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 20.0,
+    ) -> None:
         self.runtime_dir = runtime_dir
         self.log_path = runtime_dir.parent / f"{runtime_dir.name}.stderr"
         self.stdout_text = ""
@@ -74,22 +84,21 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [
                     *argv_prefix,
-                    sys.executable,
-                    "-m",
-                    "membrokerd",
+                    *command,
                     "--runtime-dir",
                     str(runtime_dir),
                     "--metrics-address",
                     "127.0.0.1:0",
                 ],
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                env=child_env(),
+                env=env if env is not None else child_env(),
             )
         self.pid = self.proc.pid
         try:
-            self._wait_ready(20.0)
+            self._wait_ready(ready_timeout)
         except BaseException:
             self.stop()
             raise

@@ -12,8 +12,6 @@ from __future__ import annotations
 import email
 import os
 import re
-import selectors
-import signal
 import subprocess
 import sys
 import tarfile
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from deploy_helpers import ROOT
+from deploy_helpers import ROOT, Daemon
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from membrokerd import __version__
@@ -187,75 +185,16 @@ def test_packages_import_from_the_venv_not_the_checkout(installed: Installed) ->
     assert (typed, version, service) == ("True", __version__, "membroker.v1.MemBroker")
 
 
-class InstalledDaemon:
-    """The installed console script as a child process, ready once it printed its metrics URL."""
-
-    def __init__(self, installed: Installed, runtime_dir: Path) -> None:
-        self.runtime_dir = runtime_dir
-        self.log_path = runtime_dir.parent / "membrokerd.stderr"
-        self.metrics_url = ""
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(installed.bin / "membrokerd"),
-                    "--runtime-dir",
-                    str(runtime_dir),
-                    "--metrics-address",
-                    "127.0.0.1:0",
-                ],
-                cwd=installed.home,
-                env=_clean_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-            )
-        self.pid = self.proc.pid
-        try:
-            self._wait_ready(30.0)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        assert self.proc.stdout is not None
-        fd, out = self.proc.stdout.fileno(), b""
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if sel.select(timeout=0.2):
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    out += chunk
-                    match = re.search(rb"metrics:\s*(\S+)\n", out)
-                    if match:
-                        self.metrics_url = match.group(1).decode()
-                        return
-                elif self.proc.poll() is not None:
-                    break
-        raise RuntimeError(f"installed membrokerd did not start: {out!r}\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        """SIGTERM by pid; the exit status."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
-def installed_daemon(installed: Installed, tmp_path: Path) -> Iterator[InstalledDaemon]:
-    d = InstalledDaemon(installed, tmp_path / "rt")
+def installed_daemon(installed: Installed, tmp_path: Path) -> Iterator[Daemon]:
+    # The installed console script, run outside this checkout.
+    d = Daemon(
+        tmp_path / "rt",
+        command=[str(installed.bin / "membrokerd")],
+        cwd=installed.home,
+        env=_clean_env(),
+        ready_timeout=30.0,
+    )
     try:
         yield d
     finally:
@@ -266,7 +205,7 @@ def installed_daemon(installed: Installed, tmp_path: Path) -> Iterator[Installed
 
 
 def test_installed_daemon_answers_health_sdk_and_metrics(
-    installed: Installed, installed_daemon: InstalledDaemon
+    installed: Installed, installed_daemon: Daemon
 ) -> None:
     # The daemon runs the wheel's code, not this checkout's.
     exe = os.readlink(f"/proc/{installed_daemon.pid}/exe")

@@ -23,6 +23,7 @@ A call that raises changes nothing, `seq` included.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -189,6 +190,36 @@ class _LazyRanges(Sequence[AccessRange]):
         return f"{type(self).__name__}({len(self)} ranges)"
 
 
+class _Same(Sequence[int]):
+    """`length` times `value`, without storing them (a level column of one level: slicing a
+    million-run column per encoded frame must not build a million-byte copy each time)."""
+
+    __slots__ = ("_length", "_value")
+
+    def __init__(self, value: int, length: int) -> None:
+        self._value = value
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.repeat(self._value, self._length)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> _Same: ...
+
+    def __getitem__(self, index: int | slice) -> int | _Same:
+        if isinstance(index, slice):
+            return _Same(self._value, len(range(*index.indices(self._length))))
+        if not -self._length <= index < self._length:
+            raise IndexError(index)
+        return self._value
+
+
 class Runs(_LazyRanges):
     """Page runs at one access level, handed out as byte ranges on demand.
 
@@ -223,7 +254,7 @@ class Runs(_LazyRanges):
 
     def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
         starts, ends = self._pages.columns()
-        return starts, ends, bytes((self._level,)) * len(starts), self._ps
+        return starts, ends, _Same(self._level, len(starts)), self._ps
 
     def __iter__(self) -> Iterator[AccessRange]:
         ps, level = self._ps, self._level

@@ -228,12 +228,13 @@ class Runs(_LazyRanges):
     event loop.
     """
 
-    __slots__ = ("_level", "_pages", "_ps")
+    __slots__ = ("_cols", "_level", "_pages", "_ps")
 
     def __init__(self, pages: RangeSet, page_size: int, level: Access) -> None:
         self._pages = pages
         self._ps = page_size
         self._level = level
+        self._cols: tuple[array[int], array[int]] | None = None
 
     @property
     def pages(self) -> RangeSet:
@@ -253,7 +254,9 @@ class Runs(_LazyRanges):
         return len(self._pages)
 
     def _columns(self) -> tuple[Sequence[int], Sequence[int], Sequence[int], int]:
-        starts, ends = self._pages.columns()
+        if self._cols is None:  # whole columns are a copy of a chunked set's: made once
+            self._cols = self._pages.columns()
+        starts, ends = self._cols
         return starts, ends, _Same(self._level, len(starts)), self._ps
 
     def __iter__(self) -> Iterator[AccessRange]:

@@ -137,12 +137,7 @@ class Sets:
 
     def rangeset(self, limit: int) -> RangeSet:
         """The set again (see `columns`)."""
-        starts, ends = self.columns(limit)
-        out = RangeSet()
-        out_starts, out_ends = out.columns()
-        out_starts.extend(starts)
-        out_ends.extend(ends)
-        return out
+        return RangeSet.from_columns(*self.columns(limit))
 
     def spans(self, limit: int) -> list[tuple[int, int]]:
         starts, ends = self.columns(limit, touching=True)

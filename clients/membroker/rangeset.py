@@ -1,16 +1,21 @@
 """Compact sets of page numbers, under the daemon's access table and the SDK's held ranges.
 
-A `RangeSet` keeps sorted, disjoint, coalesced half-open intervals ``[start, end)`` in two
-``array('Q')`` columns, so a million fragments cost about 16 MB and no page is ever an object::
+A `RangeSet` keeps sorted, disjoint, coalesced half-open intervals ``[start, end)`` in
+``array('Q')`` columns cut into chunks of about a thousand intervals, so a million fragments
+cost about 16 MB, no page is ever an object, and a change in the middle moves one chunk's tail,
+not half of a 16 MB array::
 
-    starts: [ s0, s1, ... ]     ends: [ e0, e1, ... ]
-    invariant: s0 < e0 < s1 < e1 < ...   (strictly: touching intervals are merged)
+    chunk k:  starts: [ s0, s1, ... ]     ends: [ e0, e1, ... ]
+    invariant, across all chunks in order: s0 < e0 < s1 < e1 < ...   (touching intervals merge)
 
-Lookups bisect the columns; an update costs O(log n + k) plus the move of the arrays' tails.
+Lookups bisect the chunks' bounds, then one chunk: O(log n). A change to one interval costs
+O(log n) plus the copy of the one or two chunks it touches; a batch larger than the set's
+number of chunks is applied in one pass over whole columns (`add_many`, `remove_many`).
 """
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
@@ -18,11 +23,16 @@ from collections.abc import Iterable, Iterator
 __all__ = ["RangeSet"]
 
 Interval = tuple[int, int]
+Columns = tuple["array[int]", "array[int]"]
 
 _MAX_PAGE = 2**64 - 1  # the largest value an array('Q') holds
-# Batches up to this size go one interval at a time (cheap at the ends of the arrays); larger
-# ones in one pass that copies the arrays once.
+# Batches up to this size go one interval at a time; larger ones (and any batch with more
+# intervals than the set has chunks) in one pass over whole columns.
 _SMALL_BATCH = 16
+# Intervals per chunk: chunks are cut to this size and hold up to twice it before they split;
+# one that falls under half of it is merged with a neighbour. A chunk of 1,024 intervals is
+# 16 KiB of columns: an insertion moves at most that much.
+_LOAD = 1024
 
 
 def _check(start: int, end: int) -> None:
@@ -31,7 +41,187 @@ def _check(start: int, end: int) -> None:
         raise ValueError(f"invalid interval [{start}, {end}): need 0 <= start < end < 2**64")
 
 
-_SUM_SLICE = 65536  # entries summed per C call in `total`
+# -- the flat algorithms, on one pair of sorted columns ---------------------------------------
+
+
+def _flat_add(starts: array[int], ends: array[int], start: int, end: int) -> None:
+    """Add ``[start, end)`` to the columns in place, merging what it overlaps or touches."""
+    if not ends or start > ends[-1]:  # past the last interval
+        starts.append(start)
+        ends.append(end)
+        return
+    i = bisect_left(ends, start)  # first interval ending at or after `start`
+    j = bisect_right(starts, end, i)  # first interval starting after `end`
+    if i == j:
+        starts.insert(i, start)
+        ends.insert(i, end)
+        return
+    if starts[i] < start:
+        start = starts[i]
+    if ends[j - 1] > end:
+        end = ends[j - 1]
+    if j > i + 1:
+        del starts[i + 1 : j]
+        del ends[i + 1 : j]
+    starts[i] = start
+    ends[i] = end
+
+
+def _flat_remove(starts: array[int], ends: array[int], start: int, end: int) -> None:
+    """Remove ``[start, end)`` from the columns in place, splitting a straddling interval."""
+    i = bisect_right(ends, start)  # first interval ending after `start`
+    j = bisect_left(starts, end, i)  # first interval starting at or after `end`
+    if i == j:
+        return
+    new_starts: array[int] = array("Q")
+    new_ends: array[int] = array("Q")
+    if starts[i] < start:
+        new_starts.append(starts[i])
+        new_ends.append(start)
+    if ends[j - 1] > end:
+        new_starts.append(end)
+        new_ends.append(ends[j - 1])
+    starts[i:j] = new_starts
+    ends[i:j] = new_ends
+
+
+def _flat_add_many(starts: array[int], ends: array[int], batch: Iterable[Interval]) -> Columns:
+    """New columns: the union of the columns and a sorted, merged `batch`, in one pass:
+    untouched stretches are copied as array slices."""
+    out_s: array[int] = array("Q")
+    out_e: array[int] = array("Q")
+    pos = 0
+    for start, end in batch:
+        i = bisect_left(ends, start, pos)  # first interval ending at or after `start`
+        out_s += starts[pos:i]
+        out_e += ends[pos:i]
+        j = bisect_right(starts, end, i)  # first interval starting after `end`
+        if i < j:
+            start = min(start, starts[i])
+            end = max(end, ends[j - 1])
+        if out_e and out_e[-1] >= start:
+            out_e[-1] = max(out_e[-1], end)
+        else:
+            out_s.append(start)
+            out_e.append(end)
+        pos = j
+    out_s += starts[pos:]
+    out_e += ends[pos:]
+    return out_s, out_e
+
+
+def _flat_remove_many(starts: array[int], ends: array[int], batch: Iterable[Interval]) -> Columns:
+    """New columns: the columns less a sorted, merged `batch`, in one pass."""
+    out_s: array[int] = array("Q")
+    out_e: array[int] = array("Q")
+    pos = 0
+    carry: Interval | None = None  # the part of an interval left after a removal
+    for start, end in batch:
+        if carry is not None:
+            c_start, c_end = carry
+            if c_end <= start:
+                out_s.append(c_start)
+                out_e.append(c_end)
+                carry = None
+            else:
+                if c_start < start:
+                    out_s.append(c_start)
+                    out_e.append(start)
+                carry = (end, c_end) if c_end > end else None
+                if carry is not None:
+                    continue
+        i = bisect_right(ends, start, pos)  # first interval ending after `start`
+        out_s += starts[pos:i]
+        out_e += ends[pos:i]
+        j = bisect_left(starts, end, i)  # first interval starting at or after `end`
+        if i < j:
+            if starts[i] < start:
+                out_s.append(starts[i])
+                out_e.append(start)
+            if ends[j - 1] > end:
+                carry = (end, ends[j - 1])
+        pos = max(pos, j)
+    if carry is not None:
+        out_s.append(carry[0])
+        out_e.append(carry[1])
+    out_s += starts[pos:]
+    out_e += ends[pos:]
+    return out_s, out_e
+
+
+def _flat_intersect(starts: array[int], ends: array[int], batch: Iterable[Interval]) -> Columns:
+    """New columns: the parts of the columns inside a sorted, merged `batch`, in one pass of
+    bisections, each overlap copied as array slices."""
+    out_s: array[int] = array("Q")
+    out_e: array[int] = array("Q")
+    pos = 0
+    for start, end in batch:
+        i = bisect_right(ends, start, pos)  # first interval ending after `start`
+        j = bisect_left(starts, end, i)  # first interval starting at or after `end`
+        pos = i  # the next interval of the batch starts later: nothing before i concerns it
+        if i == j:
+            continue
+        first = len(out_s)
+        out_s += starts[i:j]
+        out_e += ends[i:j]
+        if out_s[first] < start:
+            out_s[first] = start
+        if out_e[-1] > end:
+            out_e[-1] = end
+    return out_s, out_e
+
+
+def _concat(parts: Iterable[array[int]]) -> array[int]:
+    """One array of `parts` in order (a C-level copy per part: the GIL is let go between)."""
+    out: array[int] = array("Q")
+    for part in parts:
+        out += part
+    return out
+
+
+class _Builder:
+    """Makes a set from sorted pieces of columns (valid, apart from each other), taking a
+    piece of chunk size as a chunk as it is (no copy) and gathering small ones."""
+
+    __slots__ = ("_ce", "_cs", "_pe", "_ps")
+
+    def __init__(self) -> None:
+        self._cs: list[array[int]] = []
+        self._ce: list[array[int]] = []
+        self._ps: array[int] = array("Q")
+        self._pe: array[int] = array("Q")
+
+    def add(self, starts: array[int], ends: array[int]) -> None:
+        """Append a piece this builder may keep (the caller no longer uses it), of at most
+        twice the chunk size (a slice of one chunk)."""
+        if len(self._ps) + len(starts) > 2 * _LOAD:
+            self._flush()
+        if len(starts) >= _LOAD // 2 and not self._ps:
+            self._cs.append(starts)
+            self._ce.append(ends)
+            return
+        self._ps += starts
+        self._pe += ends
+        if len(self._ps) >= _LOAD:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._ps:
+            self._cs.append(self._ps)
+            self._ce.append(self._pe)
+            self._ps, self._pe = array("Q"), array("Q")
+
+    def build(self) -> RangeSet:
+        self._flush()
+        result = RangeSet()
+        if len(self._cs) == 1:  # one chunk: it may be of any size
+            result._set_columns(self._cs[0], self._ce[0])
+            return result
+        result._cs, result._ce = self._cs, self._ce
+        result._first = [c[0] for c in self._cs]
+        result._last = [c[-1] for c in self._ce]
+        result._len = sum(len(c) for c in self._cs)
+        return result
 
 
 class RangeSet:
@@ -41,23 +231,30 @@ class RangeSet:
     ValueError otherwise.
     """
 
-    __slots__ = ("_ends", "_starts")
+    # _cs/_ce: the chunks' starts and ends columns (never empty); _first/_last: each chunk's
+    # first start and last end, bisected to find a chunk; _len: the intervals in all chunks.
+    __slots__ = ("_ce", "_cs", "_first", "_last", "_len")
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, intervals: Iterable[Interval] = ()) -> None:
         """Build the union of `intervals` (in any order; they may overlap or touch)."""
-        starts: array[int]
-        ends: array[int]
+        self._cs: list[array[int]] = []
+        self._ce: list[array[int]] = []
+        self._first: list[int] = []
+        self._last: list[int] = []
+        self._len = 0
         if isinstance(intervals, RangeSet):
-            # Already sorted and merged: the columns are copied in C, nothing is re-sorted (a
+            # Already sorted and merged: the chunks are copied in C, nothing is re-sorted (a
             # sort of a million intervals holds the GIL for the whole of it).
-            starts, ends = intervals.columns()
-            self._starts = starts[:]
-            self._ends = ends[:]
+            self._cs = [c[:] for c in intervals._cs]
+            self._ce = [c[:] for c in intervals._ce]
+            self._first = intervals._first[:]
+            self._last = intervals._last[:]
+            self._len = intervals._len
             return
-        starts = array("Q")
-        ends = array("Q")
+        starts: array[int] = array("Q")
+        ends: array[int] = array("Q")
         for start, end in sorted(intervals):
             _check(start, end)
             if ends and start <= ends[-1]:
@@ -66,211 +263,196 @@ class RangeSet:
             else:
                 starts.append(start)
                 ends.append(end)
-        self._starts = starts
-        self._ends = ends
+        self._set_columns(starts, ends)
+
+    # -- chunk bookkeeping ------------------------------------------------------------------
+
+    def _set_columns(self, starts: array[int], ends: array[int]) -> None:
+        """Make the set these (valid) columns, cut into chunks."""
+        self._cs, self._ce = [], []
+        self._first, self._last = [], []
+        self._len = 0
+        self._splice(0, 0, starts, ends)
+
+    def _splice(self, k0: int, k1: int, starts: array[int], ends: array[int]) -> None:
+        """Replace chunks ``[k0, k1)`` by these columns (valid, and fitting between the chunks
+        around them), cut into even chunks of about `_LOAD` if longer than twice that."""
+        n = len(starts)
+        self._len += n - sum(len(c) for c in self._cs[k0:k1])
+        if n == 0:
+            cs: list[array[int]] = []
+            ce: list[array[int]] = []
+        elif n <= 2 * _LOAD:
+            cs, ce = [starts], [ends]
+        else:
+            step = -(-n // (n // _LOAD))  # n // _LOAD chunks (at least 2), sizes within one
+            cs = [starts[i : i + step] for i in range(0, n, step)]
+            ce = [ends[i : i + step] for i in range(0, n, step)]
+        self._cs[k0:k1] = cs
+        self._ce[k0:k1] = ce
+        self._first[k0:k1] = [c[0] for c in cs]
+        self._last[k0:k1] = [c[-1] for c in ce]
+
+    def _local(self, k0: int, k1: int) -> tuple[int, int, array[int], array[int]]:
+        """Chunks ``[k0, k1)`` as one pair of columns to change and `_splice` back, widened by a
+        neighbour when they are small (so chunks never dwindle to a few intervals each)."""
+        count = sum(len(c) for c in self._cs[k0:k1])
+        if count < _LOAD // 2:
+            if k1 < len(self._cs):
+                k1 += 1
+            elif k0 > 0:
+                k0 -= 1
+        if k1 - k0 == 1:
+            return k0, k1, self._cs[k0][:], self._ce[k0][:]
+        return k0, k1, _concat(self._cs[k0:k1]), _concat(self._ce[k0:k1])
+
+    def _chunks_overlapping(self, start: int, end: int) -> tuple[int, int]:
+        """Chunk index range ``[k0, k1)`` of the chunks holding an interval that overlaps
+        ``[start, end)``, or an empty range where there is none."""
+        return bisect_right(self._last, start), bisect_left(self._first, end)
+
+    def _find(self, page: int) -> tuple[int, int]:
+        """(chunk, index) of the first interval ending after `page`; (len(chunks), 0) if none."""
+        k = bisect_right(self._last, page)
+        if k == len(self._cs):
+            return k, 0
+        return k, bisect_right(self._ce[k], page)
 
     # -- mutation ---------------------------------------------------------------------------
 
     def add(self, start: int, end: int) -> None:
         """Add the pages ``[start, end)``, merging with every interval it overlaps or touches."""
         _check(start, end)
-        starts, ends = self._starts, self._ends
-        if not ends or start > ends[-1]:  # fast path: past the last interval
-            starts.append(start)
-            ends.append(end)
+        if not self._cs:
+            self._splice(0, 0, array("Q", (start,)), array("Q", (end,)))
             return
-        if start >= starts[-1]:  # fast path: overlaps or touches the last interval only
-            if end > ends[-1]:
-                ends[-1] = end
+        last = len(self._cs) - 1
+        if start > self._last[last] and len(self._cs[last]) < 2 * _LOAD:
+            # Past the last interval, room in the last chunk: O(1).
+            self._cs[last].append(start)
+            self._ce[last].append(end)
+            self._last[last] = end
+            self._len += 1
             return
-        i = bisect_left(ends, start)  # first interval ending at or after `start`
-        j = bisect_right(starts, end, i)  # first interval starting after `end`
-        if i == j:
-            starts.insert(i, start)
-            ends.insert(i, end)
-            return
-        if starts[i] < start:
-            start = starts[i]
-        if ends[j - 1] > end:
-            end = ends[j - 1]
-        if j > i + 1:
-            del starts[i + 1 : j]
-            del ends[i + 1 : j]
-        starts[i] = start
-        ends[i] = end
+        # The chunks holding an interval that overlaps or touches it: from the first ending at
+        # or after `start` to the last starting at or before `end`; else the chunk it goes in.
+        k0 = bisect_left(self._last, start)
+        k1 = bisect_right(self._first, end)
+        if k0 >= k1:
+            k0 = min(k0, last)
+            k1 = k0 + 1
+        k0, k1, starts, ends = self._local(k0, k1)
+        _flat_add(starts, ends, start, end)
+        self._splice(k0, k1, starts, ends)
 
     def remove(self, start: int, end: int) -> None:
         """Remove the pages ``[start, end)``, splitting an interval that straddles an edge."""
-        starts, ends = self._starts, self._ends
-        i, j = self._span(start, end)
-        if i == j:
+        _check(start, end)
+        k0, k1 = self._chunks_overlapping(start, end)
+        if k0 >= k1:
             return
-        new_starts: array[int] = array("Q")
-        new_ends: array[int] = array("Q")
-        if starts[i] < start:
-            new_starts.append(starts[i])
-            new_ends.append(start)
-        if ends[j - 1] > end:
-            new_starts.append(end)
-            new_ends.append(ends[j - 1])
-        starts[i:j] = new_starts
-        ends[i:j] = new_ends
+        k0, k1, starts, ends = self._local(k0, k1)
+        _flat_remove(starts, ends, start, end)
+        self._splice(k0, k1, starts, ends)
 
     def add_many(self, intervals: Iterable[Interval]) -> None:
-        """Add many intervals at once, in one pass: untouched stretches of the set are copied
-        as array slices, so k intervals into n cost O(k log n) bisections plus one C-level
-        copy, instead of k insertions that each move the arrays' tails."""
+        """Add many intervals at once. A batch with more intervals than the set has chunks goes
+        in one pass (untouched stretches copied as array slices): k intervals into n cost
+        O(k log n) bisections plus one C-level copy; a smaller one goes one interval at a time,
+        each costing a chunk."""
         batch = RangeSet(intervals)  # sorted, merged, checked
         if not batch:
             return
-        if len(batch) <= _SMALL_BATCH:
-            # A few intervals: one by one (appending at the end costs O(1) that way).
+        if len(batch) <= max(_SMALL_BATCH, len(self._cs)):
             for start, end in batch:
                 self.add(start, end)
             return
-        if not self._starts:
-            self._starts, self._ends = batch._starts, batch._ends
+        if not self._cs:
+            self._set_columns(*batch.columns())
             return
-        starts, ends = self._starts, self._ends
-        out_s: array[int] = array("Q")
-        out_e: array[int] = array("Q")
-        pos = 0
-        for start, end in batch:
-            i = bisect_left(ends, start, pos)  # first interval ending at or after `start`
-            out_s += starts[pos:i]
-            out_e += ends[pos:i]
-            j = bisect_right(starts, end, i)  # first interval starting after `end`
-            if i < j:
-                start = min(start, starts[i])
-                end = max(end, ends[j - 1])
-            if out_e and out_e[-1] >= start:
-                out_e[-1] = max(out_e[-1], end)
-            else:
-                out_s.append(start)
-                out_e.append(end)
-            pos = j
-        out_s += starts[pos:]
-        out_e += ends[pos:]
-        self._starts, self._ends = out_s, out_e
+        self._set_columns(*_flat_add_many(*self.columns(), batch))
 
     def remove_many(self, intervals: Iterable[Interval]) -> None:
-        """Remove many intervals at once, in one pass (see `add_many`)."""
+        """Remove many intervals at once (see `add_many`)."""
         batch = RangeSet(intervals)
-        if not batch or not self._starts:
+        if not batch or not self._cs:
             return
-        if len(batch) <= _SMALL_BATCH:
+        if len(batch) <= max(_SMALL_BATCH, len(self._cs)):
             for start, end in batch:
                 self.remove(start, end)
             return
-        starts, ends = self._starts, self._ends
-        out_s: array[int] = array("Q")
-        out_e: array[int] = array("Q")
-        pos = 0
-        carry: Interval | None = None  # the part of an interval left after a removal
-        for start, end in batch:
-            if carry is not None:
-                c_start, c_end = carry
-                if c_end <= start:
-                    out_s.append(c_start)
-                    out_e.append(c_end)
-                    carry = None
-                else:
-                    if c_start < start:
-                        out_s.append(c_start)
-                        out_e.append(start)
-                    carry = (end, c_end) if c_end > end else None
-                    if carry is not None:
-                        continue
-            i = bisect_right(ends, start, pos)  # first interval ending after `start`
-            out_s += starts[pos:i]
-            out_e += ends[pos:i]
-            j = bisect_left(starts, end, i)  # first interval starting at or after `end`
-            if i < j:
-                if starts[i] < start:
-                    out_s.append(starts[i])
-                    out_e.append(start)
-                if ends[j - 1] > end:
-                    carry = (end, ends[j - 1])
-            pos = max(pos, j)
-        if carry is not None:
-            out_s.append(carry[0])
-            out_e.append(carry[1])
-        out_s += starts[pos:]
-        out_e += ends[pos:]
-        self._starts, self._ends = out_s, out_e
+        self._set_columns(*_flat_remove_many(*self.columns(), batch))
 
     # -- queries over one interval ----------------------------------------------------------
 
-    def _first_after(self, start: int) -> int:
-        """Index of the first interval ending after page `start` (len(self) if none does)."""
-        ends = self._ends
-        if not ends or start >= ends[-1]:  # fast path: past the last interval
-            return len(ends)
-        return bisect_right(ends, start)
-
-    def _span(self, start: int, end: int) -> tuple[int, int]:
-        """Index range ``[i, j)`` of the intervals overlapping ``[start, end)``."""
+    def _slices(self, start: int, end: int) -> Iterator[tuple[array[int], array[int]]]:
+        """The columns' slices holding the intervals that overlap ``[start, end)``, chunk by
+        chunk, unclipped."""
         _check(start, end)
-        i = self._first_after(start)
-        return i, bisect_left(self._starts, end, i)  # first interval starting at/after `end`
+        k, i = self._find(start)
+        cs, ce = self._cs, self._ce
+        while k < len(cs):
+            starts = cs[k]
+            j = bisect_left(starts, end, i)  # first interval starting at or after `end`
+            if j > i:
+                yield starts[i:j], ce[k][i:j]
+            if j < len(starts):
+                return
+            k += 1
+            i = 0
 
     def intersection(self, start: int, end: int) -> list[Interval]:
         """The parts of ``[start, end)`` that are in the set, in order."""
-        i, j = self._span(start, end)
-        if i == j:
-            return []
-        if j == i + 1:
-            return [(max(self._starts[i], start), min(self._ends[i], end))]
-        out = list(zip(self._starts[i:j], self._ends[i:j], strict=True))
-        first_start, first_end = out[0]
-        if first_start < start:
-            out[0] = (start, first_end)
-        last_start, last_end = out[-1]
-        if last_end > end:
-            out[-1] = (last_start, end)
+        out: list[Interval] = []
+        for starts, ends in self._slices(start, end):
+            out += zip(starts, ends, strict=True)
+        if out:
+            first_start, first_end = out[0]
+            if first_start < start:
+                out[0] = (start, first_end)
+            last_start, last_end = out[-1]
+            if last_end > end:
+                out[-1] = (last_start, end)
         return out
 
     def missing(self, start: int, end: int) -> list[Interval]:
         """The parts of ``[start, end)`` that are not in the set, in order."""
-        i, j = self._span(start, end)
-        if i == j:
-            return [(start, end)]
         out: list[Interval] = []
         pos = start
-        for s, e in zip(self._starts[i:j], self._ends[i:j], strict=True):
-            if s > pos:
-                out.append((pos, s))
-            pos = e
+        for starts, ends in self._slices(start, end):
+            for s, e in zip(starts, ends, strict=True):
+                if s > pos:
+                    out.append((pos, s))
+                pos = e
         if pos < end:
             out.append((pos, end))
         return out
 
     def overlaps(self, start: int, end: int) -> bool:
         """Whether any page of ``[start, end)`` is in the set."""
-        i, j = self._span(start, end)
-        return i < j
+        return self.first_present(start, end) is not None
 
     def covers(self, start: int, end: int) -> bool:
         """Whether every page of ``[start, end)`` is in the set."""
         _check(start, end)
-        i = self._first_after(start)
-        return i < len(self._starts) and self._starts[i] <= start and self._ends[i] >= end
+        k, i = self._find(start)
+        return k < len(self._cs) and self._cs[k][i] <= start and self._ce[k][i] >= end
 
     def first_missing(self, start: int, end: int) -> int | None:
         """The lowest page of ``[start, end)`` not in the set, or None if it is covered."""
         _check(start, end)
-        i = self._first_after(start)
-        if i < len(self._starts) and self._starts[i] <= start:
-            pos: int = self._ends[i]
+        k, i = self._find(start)
+        if k < len(self._cs) and self._cs[k][i] <= start:
+            pos: int = self._ce[k][i]
             return pos if pos < end else None
         return start
 
     def first_present(self, start: int, end: int) -> int | None:
         """The lowest page of ``[start, end)`` in the set, or None if none is."""
         _check(start, end)
-        i = self._first_after(start)
-        if i < len(self._starts) and self._starts[i] < end:
-            return max(self._starts[i], start)
+        k, i = self._find(start)
+        if k < len(self._cs) and self._cs[k][i] < end:
+            return max(self._cs[k][i], start)
         return None
 
     def window(self, start: int, count: int) -> list[Interval]:
@@ -278,8 +460,13 @@ class RangeSet:
         a page of a long listing, costing O(log n + count)."""
         if count <= 0:
             return []
-        i = self._first_after(start)
-        out = list(zip(self._starts[i : i + count], self._ends[i : i + count], strict=True))
+        k, i = self._find(start)
+        out: list[Interval] = []
+        while k < len(self._cs) and len(out) < count:
+            take = count - len(out)
+            out += zip(self._cs[k][i : i + take], self._ce[k][i : i + take], strict=True)
+            k += 1
+            i = 0
         if out and out[0][0] < start:
             out[0] = (start, out[0][1])
         return out
@@ -290,8 +477,9 @@ class RangeSet:
         first = self.first_present(start, end)
         if first is None:
             return None
-        j = bisect_left(self._starts, end) - 1  # the last interval starting before `end`
-        return first, min(self._ends[j], end)
+        k = bisect_left(self._first, end) - 1  # the last chunk starting before `end`
+        j = bisect_left(self._cs[k], end) - 1  # its last interval starting before `end`
+        return first, min(self._ce[k][j], end)
 
     # -- whole-set operations ---------------------------------------------------------------
 
@@ -304,74 +492,75 @@ class RangeSet:
         O(min(n, m) log max(n, m)) bisections plus a C-level copy of the output.
         """
         small, large = (self, other) if len(self) <= len(other) else (other, self)
-        starts: array[int] = array("Q")
-        ends: array[int] = array("Q")
-        l_starts, l_ends = large._starts, large._ends
+        if len(small) > len(large._cs):
+            # Both large: one pass over the large one's whole columns beats a chunk lookup
+            # per interval.
+            return RangeSet.from_columns(*_flat_intersect(*large.columns(), small))
+        out = _Builder()
         for start, end in small:
-            i, j = large._span(start, end)
-            if i == j:
+            parts = list(large._slices(start, end))  # fresh slices: clipped in place
+            if not parts:
                 continue
-            first = len(starts)
-            starts += l_starts[i:j]
-            ends += l_ends[i:j]
-            if starts[first] < start:
-                starts[first] = start
-            if ends[-1] > end:
-                ends[-1] = end
-        result = RangeSet()
-        result._starts = starts
-        result._ends = ends
-        return result
+            first_starts, last_ends = parts[0][0], parts[-1][1]
+            if first_starts[0] < start:
+                first_starts[0] = start
+            if last_ends[-1] > end:
+                last_ends[-1] = end
+            for s_part, e_part in parts:
+                out.add(s_part, e_part)
+        return out.build()
 
     @classmethod
     def from_columns(cls, starts: array[int], ends: array[int]) -> RangeSet:
-        """A set made of these columns themselves (not copied), which must already be what a
-        set holds: sorted, disjoint, not touching, each start below its end. Not checked
-        beyond the lengths: for callers that built them that way."""
+        """A set made of these columns (cut into chunks; a short pair is used as it is), which
+        must already be what a set holds: sorted, disjoint, not touching, each start below its
+        end. Not checked beyond the lengths: for callers that built them that way."""
         if len(starts) != len(ends):
             raise ValueError("starts and ends differ in length")
         result = cls()
-        result._starts = starts
-        result._ends = ends
+        result._set_columns(starts, ends)
         return result
 
-    def columns(self) -> tuple[array[int], array[int]]:
-        """The starts and ends columns themselves (read them, never change them)."""
-        return self._starts, self._ends
+    def columns(self) -> Columns:
+        """The starts and ends columns, whole: a copy when the set has several chunks, else the
+        chunk's own columns (read them, never change them)."""
+        if len(self._cs) == 1:
+            return self._cs[0], self._ce[0]
+        return _concat(self._cs), _concat(self._ce)
 
     def total(self) -> int:
-        """The number of pages in the set. Summed in slices: one sum() over a million-entry
-        column is a C call that holds the GIL (other threads' event loops wait) ~10 ms."""
-        starts, ends = self._starts, self._ends
-        step = _SUM_SLICE
-        return sum(
-            sum(ends[i : i + step]) - sum(starts[i : i + step]) for i in range(0, len(ends), step)
-        )
+        """The number of pages in the set, summed chunk by chunk: one sum() over a
+        million-entry column is a C call that holds the GIL (other threads' event loops wait)
+        ~10 ms."""
+        return sum(sum(e) - sum(s) for s, e in zip(self._cs, self._ce, strict=True))
 
     def copy(self) -> RangeSet:
         """An independent copy."""
-        result = RangeSet()
-        result._starts = self._starts[:]
-        result._ends = self._ends[:]
-        return result
+        return RangeSet(self)
 
     def __iter__(self) -> Iterator[Interval]:
         """The intervals ``(start, end)`` in ascending order."""
-        return zip(self._starts, self._ends, strict=True)
+        return itertools.chain.from_iterable(
+            zip(s, e, strict=True) for s, e in zip(self._cs, self._ce, strict=True)
+        )
 
     def __len__(self) -> int:
         """The number of intervals (fragments), not pages: see `total`."""
-        return len(self._starts)
+        return self._len
 
     def __bool__(self) -> bool:
         """Whether the set holds any page."""
-        return len(self._starts) > 0
+        return self._len > 0
 
     def __eq__(self, other: object) -> bool:
         """Sets are equal when they hold the same pages."""
         if not isinstance(other, RangeSet):
             return NotImplemented
-        return self._starts == other._starts and self._ends == other._ends
+        if self._len != other._len:
+            return False
+        if self._cs == other._cs and self._ce == other._ce:  # the same cut: no copies
+            return True
+        return self.columns() == other.columns()
 
     def __repr__(self) -> str:
         """``RangeSet([(0, 4), (8, 9)])``."""

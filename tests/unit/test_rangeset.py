@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from array import array
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from membroker import rangeset as rangeset_module
 from membroker.rangeset import RangeSet
 
 UNIVERSE = 64
@@ -38,6 +42,12 @@ def assert_canonical(rs: RangeSet) -> None:
         assert start < end
     for (_, end), (start, _) in itertools.pairwise(items):
         assert end < start
+    # The chunks: none empty, bounds as recorded, none above twice the cut.
+    chunks = list(zip(rs._cs, rs._ce, strict=True))
+    assert all(len(s) == len(e) > 0 for s, e in chunks)
+    assert all(len(s) <= 2 * rangeset_module._LOAD for s, _ in chunks)
+    assert rs._first == [s[0] for s, _ in chunks]
+    assert rs._last == [e[-1] for _, e in chunks]
 
 
 # -- examples -----------------------------------------------------------------------------------
@@ -165,57 +175,89 @@ def test_unhashable() -> None:
 
 # -- properties ---------------------------------------------------------------------------------
 
+# The properties run at the real chunk size (small sets: one chunk) and at tiny ones, where the
+# same sets span many chunks that split, merge and vanish, and every batch takes the one-pass
+# path (a batch threshold of 0).
+CUTS = pytest.mark.parametrize("cut", [None, (1, 0), (2, 0), (3, 16)], ids=str)
+
+
+@contextlib.contextmanager
+def chunking(cut: tuple[int, int] | None) -> Iterator[None]:
+    if cut is None:
+        yield
+        return
+    saved = rangeset_module._LOAD, rangeset_module._SMALL_BATCH
+    rangeset_module._LOAD, rangeset_module._SMALL_BATCH = cut
+    try:
+        yield
+    finally:
+        rangeset_module._LOAD, rangeset_module._SMALL_BATCH = saved
+
+
 interval = st.tuples(st.integers(0, UNIVERSE - 1), st.integers(1, UNIVERSE)).filter(
     lambda t: t[0] < t[1]
 )
 ops = st.lists(st.tuples(st.sampled_from(["add", "remove"]), interval), max_size=40)
 
 
+@CUTS
 @settings(max_examples=300, deadline=None, database=None)
 @given(ops=ops, initial=st.lists(interval, max_size=6), queries=st.lists(interval, max_size=4))
 def test_matches_page_set_model(
+    cut: tuple[int, int] | None,
     ops: list[tuple[str, tuple[int, int]]],
     initial: list[tuple[int, int]],
     queries: list[tuple[int, int]],
 ) -> None:
-    rs = RangeSet(initial)
-    model = {p for start, end in initial for p in range(start, end)}
-    assert pages_of(rs) == model
-    assert_canonical(rs)
-    for op, (start, end) in ops:
-        before = rs.copy()
-        if op == "add":
-            rs.add(start, end)
-            model |= set(range(start, end))
-        else:
-            rs.remove(start, end)
-            model -= set(range(start, end))
+    with chunking(cut):
+        rs = RangeSet(initial)
+        model = {p for start, end in initial for p in range(start, end)}
         assert pages_of(rs) == model
         assert_canonical(rs)
-        assert rs.total() == len(model)
-        assert pages_of(before) != model or before == rs
-        for q_start, q_end in [*queries, (start, end)]:
-            span = set(range(q_start, q_end))
-            assert rs.intersection(q_start, q_end) == runs(model, q_start, q_end, True)
-            assert rs.missing(q_start, q_end) == runs(model, q_start, q_end, False)
-            assert rs.overlaps(q_start, q_end) == bool(span & model)
-            assert rs.covers(q_start, q_end) == (span <= model)
-            absent = sorted(span - model)
-            present = sorted(span & model)
-            assert rs.first_missing(q_start, q_end) == (absent[0] if absent else None)
-            assert rs.first_present(q_start, q_end) == (present[0] if present else None)
+        for op, (start, end) in ops:
+            before = rs.copy()
+            if op == "add":
+                rs.add(start, end)
+                model |= set(range(start, end))
+            else:
+                rs.remove(start, end)
+                model -= set(range(start, end))
+            assert pages_of(rs) == model
+            assert_canonical(rs)
+            assert rs.total() == len(model)
+            assert pages_of(before) != model or before == rs
+            for q_start, q_end in [*queries, (start, end)]:
+                span = set(range(q_start, q_end))
+                assert rs.intersection(q_start, q_end) == runs(model, q_start, q_end, True)
+                assert rs.missing(q_start, q_end) == runs(model, q_start, q_end, False)
+                assert rs.overlaps(q_start, q_end) == bool(span & model)
+                assert rs.covers(q_start, q_end) == (span <= model)
+                absent = sorted(span - model)
+                present = sorted(span & model)
+                assert rs.first_missing(q_start, q_end) == (absent[0] if absent else None)
+                assert rs.first_present(q_start, q_end) == (present[0] if present else None)
+                inside = runs(model, q_start, q_end, True)
+                assert rs.hull(q_start, q_end) == (
+                    (inside[0][0], inside[-1][1]) if inside else None
+                )
+                after = [(max(s, q_start), e) for s, e in rs if e > q_start]
+                assert rs.window(q_start, 3) == after[:3]
 
 
+@CUTS
 @settings(max_examples=200, deadline=None, database=None)
 @given(a=st.lists(interval, max_size=8), b=st.lists(interval, max_size=8))
-def test_intersect_and_eq_match_model(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> None:
-    ra, rb = RangeSet(a), RangeSet(b)
-    both = ra.intersect(rb)
-    assert_canonical(both)
-    assert pages_of(both) == pages_of(ra) & pages_of(rb)
-    assert (ra == rb) == (pages_of(ra) == pages_of(rb))
-    assert RangeSet(list(ra)) == ra
-    assert eval(repr(ra), {"RangeSet": RangeSet}) == ra
+def test_intersect_and_eq_match_model(
+    cut: tuple[int, int] | None, a: list[tuple[int, int]], b: list[tuple[int, int]]
+) -> None:
+    with chunking(cut):
+        ra, rb = RangeSet(a), RangeSet(b)
+        both = ra.intersect(rb)
+        assert_canonical(both)
+        assert pages_of(both) == pages_of(ra) & pages_of(rb)
+        assert (ra == rb) == (pages_of(ra) == pages_of(rb))
+        assert RangeSet(list(ra)) == ra
+        assert eval(repr(ra), {"RangeSet": RangeSet}) == ra
 
 
 def test_hull_bounds_the_pages_inside_a_window() -> None:
@@ -228,6 +270,7 @@ def test_hull_bounds_the_pages_inside_a_window() -> None:
     assert RangeSet().hull(0, 5) is None
 
 
+@CUTS
 @settings(max_examples=300)
 @given(
     initial=st.lists(interval, max_size=10),
@@ -235,22 +278,26 @@ def test_hull_bounds_the_pages_inside_a_window() -> None:
     removed=st.lists(interval, max_size=10),
 )
 def test_bulk_add_and_remove_match_one_by_one(
-    initial: list[tuple[int, int]], added: list[tuple[int, int]], removed: list[tuple[int, int]]
+    cut: tuple[int, int] | None,
+    initial: list[tuple[int, int]],
+    added: list[tuple[int, int]],
+    removed: list[tuple[int, int]],
 ) -> None:
-    bulk, single = RangeSet(initial), RangeSet(initial)
-    bulk.add_many(added)
-    for start, end in added:
-        single.add(start, end)
-    assert bulk == single
-    assert_canonical(bulk)
-    bulk.remove_many(removed)
-    for start, end in removed:
-        single.remove(start, end)
-    assert bulk == single
-    assert_canonical(bulk)
-    assert pages_of(bulk) == (
-        pages_of(RangeSet(initial)) | {p for s, e in added for p in range(s, e)}
-    ) - {p for s, e in removed for p in range(s, e)}
+    with chunking(cut):
+        bulk, single = RangeSet(initial), RangeSet(initial)
+        bulk.add_many(added)
+        for start, end in added:
+            single.add(start, end)
+        assert bulk == single
+        assert_canonical(bulk)
+        bulk.remove_many(removed)
+        for start, end in removed:
+            single.remove(start, end)
+        assert bulk == single
+        assert_canonical(bulk)
+        assert pages_of(bulk) == (
+            pages_of(RangeSet(initial)) | {p for s, e in added for p in range(s, e)}
+        ) - {p for s, e in removed for p in range(s, e)}
 
 
 def test_bulk_ops_on_a_million_fragments_are_linear() -> None:
@@ -268,3 +315,33 @@ def test_total_of_a_set_larger_than_one_summing_slice() -> None:
     assert rs.total() == 400_000
     rs.remove(0, 1)
     assert rs.total() == 399_999
+
+
+def test_a_change_in_the_middle_of_a_million_fragments_touches_one_chunk() -> None:
+    rs = RangeSet.from_columns(
+        array("Q", range(0, 2_000_000, 2)), array("Q", range(1, 2_000_001, 2))
+    )
+    chunks = list(rs._cs)
+    assert len(chunks) > 900  # cut into chunks of about a thousand
+    middle = 1_000_000
+    rs.remove(middle, middle + 1)
+    rs.add(middle + 1, middle + 2)  # joins the next fragment: a merge inside one chunk
+    rs.add(middle - 1, middle + 1)  # and both neighbours: two fragments become one
+    changed = [i for i, (old, new) in enumerate(zip(chunks, rs._cs, strict=True)) if old is not new]
+    assert len(rs._cs) == len(chunks) and len(changed) == 1
+    assert len(rs) == 999_998 and rs.total() == 1_000_002
+    assert rs.intersection(middle - 2, middle + 4) == [(middle - 2, middle + 3)]
+
+
+def test_chunks_split_when_full_and_merge_when_small() -> None:
+    with chunking((2, 0)):
+        rs = RangeSet()
+        for i in range(20):
+            rs.add(3 * i, 3 * i + 1)
+        assert len(rs._cs) >= 5 and len(rs) == 20
+        assert_canonical(rs)
+        for i in range(19):
+            rs.remove(3 * i, 3 * i + 1)
+        assert len(rs._cs) == 1 and list(rs) == [(57, 58)]
+        rs.remove(57, 58)
+        assert rs._cs == [] and not rs and rs.columns() == (array("Q"), array("Q"))

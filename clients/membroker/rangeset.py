@@ -295,16 +295,22 @@ class RangeSet:
 
     def _local(self, k0: int, k1: int) -> tuple[int, int, array[int], array[int]]:
         """Chunks ``[k0, k1)`` as one pair of columns to change and `_splice` back, widened by a
-        neighbour when they are small (so chunks never dwindle to a few intervals each)."""
-        count = sum(len(c) for c in self._cs[k0:k1])
-        if count < _LOAD // 2:
+        neighbour when they are small (so chunks never dwindle to a few intervals each).
+
+        For a change to one interval, which swallows whatever lies between the first and the
+        last chunk it touches: chunks strictly between them are left out of the columns (they
+        are dropped by the splice, never copied)."""
+        edges = [k0] if k1 - k0 == 1 else [k0, k1 - 1]
+        if sum(len(self._cs[k]) for k in edges) < _LOAD // 2:
             if k1 < len(self._cs):
                 k1 += 1
+                edges.append(k1 - 1)
             elif k0 > 0:
                 k0 -= 1
-        if k1 - k0 == 1:
+                edges.insert(0, k0)
+        if len(edges) == 1:
             return k0, k1, self._cs[k0][:], self._ce[k0][:]
-        return k0, k1, _concat(self._cs[k0:k1]), _concat(self._ce[k0:k1])
+        return k0, k1, _concat(self._cs[k] for k in edges), _concat(self._ce[k] for k in edges)
 
     def _chunks_overlapping(self, start: int, end: int) -> tuple[int, int]:
         """Chunk index range ``[k0, k1)`` of the chunks holding an interval that overlaps

@@ -10,7 +10,9 @@ not half of a 16 MB array::
 
 Lookups bisect the chunks' bounds, then one chunk: O(log n). A change to one interval costs
 O(log n) plus the copy of the one or two chunks it touches; a batch larger than the set's
-number of chunks is applied in one pass over whole columns (`add_many`, `remove_many`).
+number of chunks is applied in one pass over whole columns (`add_many`, `remove_many`). A copy
+shares the chunks (copy on write): O(chunks), so a table can compute a change on a copy of a
+million-fragment client's sets and keep or drop it.
 """
 
 from __future__ import annotations
@@ -233,7 +235,9 @@ class RangeSet:
 
     # _cs/_ce: the chunks' starts and ends columns (never empty); _first/_last: each chunk's
     # first start and last end, bisected to find a chunk; _len: the intervals in all chunks.
-    __slots__ = ("_ce", "_cs", "_first", "_last", "_len")
+    # Chunk arrays are shared between copies and never changed in place, but for one case:
+    # appending past the end of the last chunk, which `_own_last` says is this set's alone.
+    __slots__ = ("_ce", "_cs", "_first", "_last", "_len", "_own_last")
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -244,14 +248,17 @@ class RangeSet:
         self._first: list[int] = []
         self._last: list[int] = []
         self._len = 0
+        self._own_last = True
         if isinstance(intervals, RangeSet):
-            # Already sorted and merged: the chunks are copied in C, nothing is re-sorted (a
-            # sort of a million intervals holds the GIL for the whole of it).
-            self._cs = [c[:] for c in intervals._cs]
-            self._ce = [c[:] for c in intervals._ce]
+            # Already sorted and merged: the chunks are shared (copy on write: a change makes
+            # new arrays for what it touches), so a copy of a million fragments costs two lists
+            # of a thousand references, and nothing is re-sorted.
+            self._cs = intervals._cs[:]
+            self._ce = intervals._ce[:]
             self._first = intervals._first[:]
             self._last = intervals._last[:]
             self._len = intervals._len
+            self._own_last = intervals._own_last = False
             return
         starts: array[int] = array("Q")
         ends: array[int] = array("Q")
@@ -279,6 +286,8 @@ class RangeSet:
         around them), cut into even chunks of about `_LOAD` if longer than twice that."""
         n = len(starts)
         self._len += n - sum(len(c) for c in self._cs[k0:k1])
+        if k1 >= len(self._cs):  # the last chunk is replaced: by new arrays, or by an older one
+            self._own_last = n > 0
         if n == 0:
             cs: list[array[int]] = []
             ce: list[array[int]] = []
@@ -334,7 +343,12 @@ class RangeSet:
             return
         last = len(self._cs) - 1
         if start > self._last[last] and len(self._cs[last]) < 2 * _LOAD:
-            # Past the last interval, room in the last chunk: O(1).
+            # Past the last interval, room in the last chunk: O(1) (once the chunk is this
+            # set's own).
+            if not self._own_last:
+                self._cs[last] = self._cs[last][:]
+                self._ce[last] = self._ce[last][:]
+                self._own_last = True
             self._cs[last].append(start)
             self._ce[last].append(end)
             self._last[last] = end
@@ -374,7 +388,14 @@ class RangeSet:
                 self.add(start, end)
             return
         if not self._cs:
-            self._set_columns(*batch.columns())
+            # The batch is this call's own: take its chunks (and whether its last is shared).
+            self._cs, self._ce, self._first, self._last = (
+                batch._cs,
+                batch._ce,
+                batch._first,
+                batch._last,
+            )
+            self._len, self._own_last = batch._len, batch._own_last
             return
         self._set_columns(*_flat_add_many(*self.columns(), batch))
 
@@ -541,7 +562,7 @@ class RangeSet:
         return sum(sum(e) - sum(s) for s, e in zip(self._cs, self._ce, strict=True))
 
     def copy(self) -> RangeSet:
-        """An independent copy."""
+        """An independent copy (sharing chunks until either set changes one: O(chunks))."""
         return RangeSet(self)
 
     def __iter__(self) -> Iterator[Interval]:

@@ -345,3 +345,39 @@ def test_chunks_split_when_full_and_merge_when_small() -> None:
         assert len(rs._cs) == 1 and list(rs) == [(57, 58)]
         rs.remove(57, 58)
         assert rs._cs == [] and not rs and rs.columns() == (array("Q"), array("Q"))
+
+
+copy_ops = st.lists(
+    st.tuples(st.sampled_from(["add", "remove", "copy"]), st.booleans(), interval), max_size=40
+)
+
+
+@CUTS
+@settings(max_examples=300, deadline=None, database=None)
+@given(ops=copy_ops, initial=st.lists(interval, max_size=6))
+def test_copies_share_chunks_but_never_changes(
+    cut: tuple[int, int] | None,
+    ops: list[tuple[str, bool, tuple[int, int]]],
+    initial: list[tuple[int, int]],
+) -> None:
+    """Two sets that copy each other now and then, each changed on its own: each one always
+    holds exactly its own model's pages (a copy shares the chunk arrays until one changes)."""
+    with chunking(cut):
+        sets = [RangeSet(initial), RangeSet()]
+        sets[1] = sets[0].copy()
+        models = [pages_of(sets[0]), pages_of(sets[0])]
+        for op, which, (start, end) in ops:
+            me, other = (1, 0) if which else (0, 1)
+            if op == "copy":
+                sets[me] = RangeSet(sets[other]) if start % 2 else sets[other].copy()
+                models[me] = set(models[other])
+            elif op == "add":
+                sets[me].add(start, end)
+                sets[me].add(UNIVERSE + end, UNIVERSE + end + 1)  # past the end: appended
+                models[me] |= set(range(start, end)) | {UNIVERSE + end}
+            else:
+                sets[me].remove(start, end)
+                models[me] -= set(range(start, end))
+            for rs, model in zip(sets, models, strict=True):
+                assert pages_of(rs) == model
+                assert_canonical(rs)

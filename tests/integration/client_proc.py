@@ -5,7 +5,8 @@ read, write, touch (read one byte through the raw mapping, unchecked: may die of
 hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 access_enter / access_read / access_exit (an access() block held open across commands),
-pin, unpin, ranges, truncate, pread, close, exit; own_create / own (this process as an
+pin, unpin, ranges, truncate, pread, close, exit, exec_liar (become exec_liar.py, which keeps
+the session and lies); own_create / own (this process as an
 owner: create a space, then share, unshare, grant, revoke, delete, revocations, seq on it).
 """
 
@@ -212,6 +213,19 @@ def main() -> None:
                 c = session.attach_fd(req["space"], on_revoke=lambda r: revokes.append(len(r)))
                 attached[req["space"]] = c
                 out({"ok": True, "ranges": _ranges(c)})
+            elif op == "exec_liar":
+                # Replace this program image, keeping the session socket (past Hello) and the
+                # FdClient's fd: the new image (exec_liar.py) maps the fd, closes it and acks
+                # every revoke without unmapping. Answers first: the next line is the new
+                # image's own {"ready": ...}.
+                sock_fd = session._sock.fileno()
+                space_fd = attached[req["space"]].fd
+                os.set_inheritable(sock_fd, True)
+                os.set_inheritable(space_fd, True)
+                out({"ok": True})
+                liar = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exec_liar.py")
+                args = [str(sock_fd), str(space_fd), str(req["length"])]
+                os.execv(sys.executable, [sys.executable, liar, *args])
             elif op == "ranges_of_nothing":
                 # One control call that changes nothing (opens the gRPC channel).
                 out({"ok": True, "spaces": len(session.list_spaces())})

@@ -185,6 +185,30 @@ def test_a_second_mapping_defeats_no_verification(quiet, keep_fd):
         assert sly.wait(10) == -signal.SIGKILL
 
 
+def test_a_client_that_execs_is_still_verified_in_its_new_image(quiet):
+    """A client replaces its program image after Hello, keeping the session socket and the
+    space's fd: files the broker opened on /proc/PID at Hello read as empty for the new image,
+    which must not pass for "maps nothing". The new image maps its grant, closes the fd and
+    acks a revoke without unmapping: fenced, and killed since it still maps the page."""
+    d, start = quiet
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("shifty", 0, 4 * PAGE)
+        shifty = start("shifty")
+        shifty.ok("attach_fd", space=space.space_id)
+        shifty.ok("exec_liar", space=space.space_id, length=4 * PAGE)
+        image = shifty._read(30)
+        assert image.get("ready") and image["pid"] == shifty.pid, image
+        assert shifty.ok("read", offset=PAGE)["value"] == 0  # the new image's own mapping
+        report = space.revoke("shifty", PAGE, PAGE)
+        ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
+        assert outcome == "fenced", report
+        assert reason.startswith("acknowledged seq 3 but maps offset 0x1000 writable"), reason
+        assert fence == "killed"
+        assert shifty.wait(10) == -signal.SIGKILL
+
+
 def test_an_honest_client_with_a_wrong_report_is_still_verified_not_fenced(quiet):
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:

@@ -78,8 +78,9 @@ def core(tmp_path: Path) -> Iterator[tuple[Broker, Session, Space, socket.socket
 
 def _break_view(session: Session) -> None:
     assert session.view is not None
-    os.close(session.view._maps)
-    session.view._maps = -1  # every later read of the maps fails with EBADF
+    maps, pagemap, fd_dir = session.view._files
+    os.close(maps)
+    session.view._files = (-1, pagemap, fd_dir)  # every later read of the maps fails: EBADF
 
 
 def test_a_view_that_cannot_be_read_is_unverified_never_verified(core):

@@ -8,7 +8,9 @@ import dataclasses
 import errno
 import fcntl
 import os
+import select
 import struct
+import threading
 from collections.abc import Iterator
 from typing import Final
 
@@ -196,23 +198,97 @@ class Vma:
 class ProcessView:
     """The kernel's view of one process's memory: /proc/PID/maps (PROCMAP_QUERY) and pagemap.
 
-    Opened once, when a session is accepted: the open files stay bound to that process even if
-    its pid is later reused, and reads fail (ESRCH / empty) once it is gone. Safe to ask from
-    several threads (an audit off the event loop while an acknowledgement is judged on it):
-    every call uses its own buffers and positioned reads.
+    Opened once, when a session is accepted, with a pidfd: the open files stay bound to that
+    process even if its pid is later reused, and reads fail (ESRCH / empty) once it is gone.
+
+    An execve gives the process a new memory image, and files opened on the old one read as
+    empty (maps, pagemap) or fail with ESRCH (PROCMAP_QUERY, PAGEMAP_SCAN): left alone, the view
+    would see nothing mapped in a process that maps whatever it likes. So a read that comes back
+    empty or with ESRCH is retried once on files opened again by pid, when the pidfd says the
+    very process still lives (a live process keeps its pid, so the new files are its own);
+    after `MAX_RENEWALS` such renewals the view raises OSError instead (a process cannot make
+    the broker open files without end). `renewals` counts them.
+
+    Safe to ask from several threads (an audit off the event loop while an acknowledgement is
+    judged on it): every call uses its own buffers and positioned reads, and a renewal swaps the
+    files in one assignment, closing the old ones only with the view.
     """
+
+    MAX_RENEWALS: Final = 16
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._maps = self._pagemap = self._fd_dir = -1
+        self.renewals = 0
+        self._files: tuple[int, int, int] = (-1, -1, -1)  # maps, pagemap, fd directory
+        self._retired: list[int] = []
+        self._lock = threading.Lock()
+        self._pidfd = os.pidfd_open(pid)
         try:
-            self._maps = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
-            self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            self._fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._files = self._open_files()
         except OSError:
             self.close()
             raise
         self._has_scan = True
+
+    def _open_files(self) -> tuple[int, int, int]:
+        opened: list[int] = []
+        try:
+            for name, flags in (("maps", 0), ("pagemap", 0), ("fd", os.O_DIRECTORY)):
+                opened.append(
+                    os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC | flags)
+                )
+        except OSError:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return opened[0], opened[1], opened[2]
+
+    def _alive(self) -> bool:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
+
+    def _renew(self, seen: tuple[int, int, int]) -> bool:
+        """After a read on `seen` came back empty or ESRCH: open the files again if the process
+        still lives (True: ask again), else False (it is gone: the answer stands). Raises
+        OSError past MAX_RENEWALS."""
+        with self._lock:
+            if self._files is not seen:
+                return True  # another thread renewed them meanwhile
+            if not self._alive():
+                return False
+            if self.renewals >= self.MAX_RENEWALS:
+                raise OSError(
+                    errno.EAGAIN,
+                    f"process {self.pid} replaced its memory image more than "
+                    f"{self.MAX_RENEWALS} times; its mappings are no longer followed",
+                )
+            try:
+                files = self._open_files()
+            except OSError:
+                if not self._alive():
+                    return False
+                raise
+            if not self._alive():  # it exited while we opened: the pid may be another's now
+                for fd in files:
+                    os.close(fd)
+                return False
+            self.renewals += 1
+            self._retired += seen
+            self._files = files
+            return True
+
+    @property
+    def _maps(self) -> int:
+        return self._files[0]
+
+    @property
+    def _pagemap(self) -> int:
+        return self._files[1]
+
+    @property
+    def _fd_dir(self) -> int:
+        return self._files[2]
 
     def _ask(self, addr: int, flags: int) -> Vma | None:
         q = ProcmapQuery()  # per call: a view may be asked from two threads at once
@@ -220,16 +296,20 @@ class ProcessView:
         q.size = ctypes.sizeof(q)
         q.query_flags = flags
         q.query_addr = addr
-        try:
-            # SAFETY: q is a live 104-byte procmap_query owned by this call; name and
-            # build-id buffers are zero-sized, so the kernel writes nothing but q itself.
-            fcntl.ioctl(self._maps, PROCMAP_QUERY, q)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            if exc.errno == errno.ENOTTY:
-                raise KernelFeatureMissing("PROCMAP_QUERY", "the kernel predates 6.11") from exc
-            raise
+        for attempt in (0, 1):
+            files = self._files
+            try:
+                # SAFETY: q is a live 104-byte procmap_query owned by this call; name and
+                # build-id buffers are zero-sized, so the kernel writes nothing but q itself.
+                fcntl.ioctl(files[0], PROCMAP_QUERY, q)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return None
+                if exc.errno == errno.ENOTTY:
+                    raise KernelFeatureMissing("PROCMAP_QUERY", "the kernel predates 6.11") from exc
+                if exc.errno != errno.ESRCH or attempt or not self._renew(files):
+                    raise
         return Vma(
             q.vma_start,
             q.vma_end,
@@ -254,13 +334,10 @@ class ProcessView:
         at a time, so a process changing its mappings meanwhile can show a VMA twice or not
         at all: callers only trust a scan of a process that is not expected to be changing.
         """
-        # One large read: the kernel fills it in one pass (fewer lock rounds, fewer syscalls).
-        chunks = []
-        offset = 0
-        while chunk := os.pread(self._maps, 1 << 20, offset):
-            chunks.append(chunk)
-            offset += len(chunk)
-        text = b"".join(chunks)
+        files = self._files
+        text = self._maps_text(files[0])
+        if not text and self._renew(files):  # never empty for a live image: an execve
+            text = self._maps_text(self._files[0])
         # Only the lines naming the inode are parsed (bytes.find runs in C): a Python process
         # has a few hundred lines, one or two of which matter.
         wanted = b" %d " % inode
@@ -296,8 +373,21 @@ class ProcessView:
             )
         return out
 
+    @staticmethod
+    def _maps_text(maps: int) -> bytes:
+        # One large read: the kernel fills it in one pass (fewer lock rounds, fewer syscalls).
+        chunks = []
+        offset = 0
+        while chunk := os.pread(maps, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
     def _entries(self, addr: int, pages: int) -> list[int]:
-        data = os.pread(self._pagemap, pages * 8, (addr // PAGE_SIZE) * 8)
+        files = self._files
+        data = os.pread(files[1], pages * 8, (addr // PAGE_SIZE) * 8)
+        if not data and pages and self._renew(files):
+            data = os.pread(self._files[1], pages * 8, (addr // PAGE_SIZE) * 8)
         return [entry for (entry,) in _PAGEMAP_ENTRY.iter_unpack(data)]
 
     def _scan(
@@ -361,9 +451,16 @@ class ProcessView:
         """Address runs [start, end) of the pages of [addr, addr + pages) whose categories
         (PAGE_IS_*) match, as PAGEMAP_SCAN defines matching, lazily."""
         if self._has_scan:
+            files = self._files
             scan = self._scan(addr, pages, mask, inverted, anyof)
             try:
-                first = next(scan, None)
+                try:
+                    first = next(scan, None)
+                except OSError as exc:
+                    if exc.errno != errno.ESRCH or not self._renew(files):
+                        raise
+                    scan = self._scan(addr, pages, mask, inverted, anyof)
+                    first = next(scan, None)
             except OSError as exc:
                 if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
@@ -394,12 +491,24 @@ class ProcessView:
         in a writable mapping)."""
         return self.regions(addr, pages, mask=PAGE_IS_PRESENT | PAGE_IS_WRITTEN)
 
+    def _fd_names(self) -> tuple[int, list[str]]:
+        """The fd directory and the names in it (renewed when the task behind it was replaced
+        by an execve from another thread)."""
+        files = self._files
+        try:
+            return files[2], os.listdir(files[2])
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESRCH) or not self._renew(files):
+                raise
+            return self._files[2], os.listdir(self._files[2])
+
     def userfaultfds(self) -> list[int]:
         """The fd numbers of the userfaultfds the process holds."""
         found = []
-        for name in os.listdir(self._fd_dir):
+        fd_dir, names = self._fd_names()
+        for name in names:
             try:
-                target = os.readlink(name, dir_fd=self._fd_dir)
+                target = os.readlink(name, dir_fd=fd_dir)
             except FileNotFoundError:
                 continue
             if target == "anon_inode:[userfaultfd]":
@@ -427,9 +536,10 @@ class ProcessView:
         not to a pid that could be reused); fds closed while we look are skipped.
         """
         found = []
-        for name in os.listdir(self._fd_dir):
+        fd_dir, names = self._fd_names()
+        for name in names:
             try:
-                st = os.stat(name, dir_fd=self._fd_dir)
+                st = os.stat(name, dir_fd=fd_dir)
             except FileNotFoundError:
                 continue
             if st.st_ino == inode and st.st_dev == dev:
@@ -437,7 +547,9 @@ class ProcessView:
         return sorted(found)
 
     def close(self) -> None:
-        for fd in (self._maps, self._pagemap, self._fd_dir):
+        for fd in (*self._files, *self._retired, self._pidfd):
             if fd >= 0:
                 os.close(fd)
-        self._maps = self._pagemap = self._fd_dir = -1
+        self._files = (-1, -1, -1)
+        self._retired = []
+        self._pidfd = -1

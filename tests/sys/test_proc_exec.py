@@ -1,0 +1,132 @@
+"""ProcessView follows a process through execve: the files it opened on the old memory image
+read as empty afterwards, which must never pass for "maps nothing"."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from membroker._sys.libc import PAGE_SIZE
+from membroker._sys.proc import ProcessView
+
+# A program that, at image N > 0, maps the memfd read-write and touches its first page, says
+# where, and on "exec" replaces itself with image N + 1 (the memfd's fd inherited).
+CHILD = """
+import ctypes, mmap, os, sys
+fd, image = int(sys.argv[1]), int(sys.argv[2])
+if image > 0:
+    m = mmap.mmap(fd, 4 * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    m[0:1] = b"x"
+    print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+else:
+    print(0, flush=True)
+for line in sys.stdin:
+    if line.strip() == "exec":
+        os.execv(sys.executable, [sys.executable, sys.argv[0], str(fd), str(image + 1)])
+    break
+"""
+
+
+class Child:
+    def __init__(self, script: Path, fd: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(fd), "0"],
+            pass_fds=[fd],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.address = self._read()
+
+    def _read(self) -> int:
+        assert self.proc.stdout is not None
+        return int(self.proc.stdout.readline())
+
+    def exec(self) -> int:
+        """Replace the program image; the new one's mapping address."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exec\n")
+        self.proc.stdin.flush()
+        self.address = self._read()
+        return self.address
+
+    def end(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[Child, int, os.stat_result]]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    fd = os.memfd_create("exec-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4 * PAGE_SIZE)
+    child = Child(script, fd)
+    try:
+        yield child, fd, os.fstat(fd)
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.end()
+        os.close(fd)
+
+
+def test_a_view_follows_the_process_through_execve(world) -> None:
+    child, fd, st = world
+    view = ProcessView(child.proc.pid)
+    try:
+        assert view.mappings_of(st.st_dev, st.st_ino) == []  # image 0 maps nothing
+        address = child.exec()  # image 1 maps the memfd read-write and touches a page
+        (vma,) = view.mappings_of(st.st_dev, st.st_ino)
+        assert (vma.start, vma.writable, vma.shared) == (address, True, True)
+        assert view.renewals == 1
+        # The other questions see the new image too (their files were renewed with the maps).
+        found = view.vma_at(address)
+        assert found is not None and found.inode == st.st_ino
+        assert view.first_present(address, 4) == 0
+        assert fd in view.fds_of(st.st_dev, st.st_ino)
+        address = child.exec()  # and again: a question other than the maps notices it too
+        found = view.vma_at(address)
+        assert found is not None and found.inode == st.st_ino and view.renewals == 2
+        child.end()  # gone (and reaped): reads fail as they did, nothing is renewed
+        with pytest.raises(ProcessLookupError):
+            view.mappings_of(st.st_dev, st.st_ino)
+        assert view.renewals == 2
+    finally:
+        view.close()
+
+
+def test_a_process_that_keeps_replacing_itself_is_no_longer_followed(world) -> None:
+    child, _, st = world
+    view = ProcessView(child.proc.pid)
+    try:
+        for _ in range(ProcessView.MAX_RENEWALS):
+            child.exec()
+            assert len(view.mappings_of(st.st_dev, st.st_ino)) == 1
+        child.exec()
+        with pytest.raises(OSError) as info:
+            view.mappings_of(st.st_dev, st.st_ino)
+        assert info.value.errno == errno.EAGAIN and "no longer followed" in str(info.value)
+    finally:
+        view.close()
+
+
+def test_the_mapping_the_view_reports_is_the_one_in_use(world) -> None:
+    """Cross-check against the process's own maps text read afresh by path."""
+    child, _, st = world
+    view = ProcessView(child.proc.pid)
+    try:
+        address = child.exec()
+        text = Path(f"/proc/{child.proc.pid}/maps").read_text()
+        assert f"{address:x}-" in text and f" {st.st_ino} " in text
+        assert [v.start for v in view.mappings_of(st.st_dev, st.st_ino)] == [address]
+    finally:
+        view.close()

@@ -140,6 +140,10 @@ class Connection:
         self.close_reason = ""
         self.queued_bytes = 0
         self.paused = False
+        # Every frame must come from the process that connected (SO_PEERCRED), whose memory
+        # the broker verifies: a session handed to another process (the socket passed over
+        # SCM_RIGHTS, or inherited by a fork) would have a decoy answer for it.
+        sys_sock.pass_credentials(sock)
         self._decoder = wire.FrameDecoder(max_frame)
         # Decoded frames not yet handed to the host; they own their fds until handed.
         self._ready: collections.deque[tuple[spb.Frame, list[int]]] = collections.deque()
@@ -180,11 +184,23 @@ class Connection:
         if self.closed or not self._reading:
             return
         try:
-            data, fds, truncated = sys_sock.recv_with_fds(self.sock, self.recv_bytes)
+            data, fds, truncated, sender = sys_sock.recv_with_fds_and_sender(
+                self.sock, self.recv_bytes
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.close(f"receive failed: {exc}")
+            return
+        if sender is not None and sender != self.cred.pid and data:
+            _close_fds(fds)
+            self._protocol_error(
+                ProtocolError(
+                    f"bytes sent by pid {sender} on the session of pid {self.cred.pid}: a "
+                    "session belongs to the process that connected, and is not handed on",
+                    code=7,
+                )
+            )
             return
         if truncated:
             _close_fds(fds)
@@ -387,6 +403,7 @@ class Listener:
             # on the shared description, which systemd does not mind.
             self.sock = adopted
             self.sock.setblocking(False)
+            sys_sock.pass_credentials(self.sock)  # see below
             loop.add_reader(self.sock.fileno(), self._on_accept)
             return
         check_socket_path(path)
@@ -401,6 +418,10 @@ class Listener:
             finally:
                 os.umask(old)
             os.chmod(tmp, mode)
+            # SO_PASSCRED on the listening socket: accepted sockets inherit it, and bytes a
+            # peer sends before its connection is accepted carry its credentials too, so every
+            # frame says which process sent it (Connection refuses any other than the peer's).
+            sys_sock.pass_credentials(self.sock)
             self.sock.listen(4096)  # the kernel caps it at net.core.somaxconn
             self.sock.setblocking(False)
             self.file = SocketFile.install(tmp, path)

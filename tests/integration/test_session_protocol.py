@@ -185,3 +185,39 @@ def test_offered_fds_are_limited_and_released(daemon):
         os.close(fd)
         assert "max_offered_fds" in _closed_after_error(s).message
         assert _wait_fds(daemon, baseline) == baseline
+
+
+@pytest.mark.parametrize("how", ["fork", "scm_rights"])
+def test_a_session_handed_to_another_process_is_cut_off(daemon, how):
+    """The broker verifies the memory of the process that connected; a session passed on to
+    another process (a decoy says Hello, the real user gets the socket) is refused at the new
+    process's first frame, and the decoy can go on using nothing of it."""
+    s = _raw(daemon)
+    _hello(s, "decoy")
+    s.sendall(wire.encode(spb.Frame(ping=spb.Ping(nonce=1))))
+    assert _read_frame(s).pong.nonce == 1  # the process that connected: served
+    if how == "scm_rights":
+        parent_end, child_end = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the other process: a Ping on the session it did not open
+        code = 1
+        try:
+            if how == "scm_rights":
+                parent_end.close()
+                _, fds, _ = sys_sock.recv_with_fds(child_end, 16)
+                theirs = socket.socket(fileno=fds[0])
+                s.close()
+            else:
+                theirs = s
+            theirs.sendall(wire.encode(spb.Frame(ping=spb.Ping(nonce=2))))
+            code = 0
+        finally:
+            os._exit(code)
+    if how == "scm_rights":
+        child_end.close()
+        socket.send_fds(parent_end, [b"s"], [s.fileno()])
+        parent_end.close()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    error = _closed_after_error(s)
+    assert error.code == 7
+    assert f"bytes sent by pid {pid} on the session of pid {os.getpid()}" in error.message

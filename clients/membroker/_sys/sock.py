@@ -22,6 +22,7 @@ __all__ = [
     "SO_PEERPIDFD",
     "PeerCred",
     "UCred",
+    "pass_credentials",
     "peer_credentials",
     "peer_groups",
     "peer_pidfd",
@@ -140,23 +141,56 @@ def recv_with_fds(
     ones that did not fit were never installed here (the kernel drops them), the ones that did
     are returned so the caller closes them. b"" with no fds means end of stream.
     """
+    data, fds, truncated, _ = _recv(sock, bufsize, maxfds, False)
+    return data, fds, truncated
+
+
+def recv_with_fds_and_sender(
+    sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_FRAME
+) -> tuple[bytes, list[int], bool, int | None]:
+    """`recv_with_fds`, and the pid of the process that sent these bytes (SCM_CREDENTIALS, as
+    the kernel recorded it at send time: a sender cannot name another process unless it has
+    CAP_SYS_ADMIN), or None when the message carried none. Needs SO_PASSCRED on `sock`
+    (`pass_credentials`); with it one recvmsg never returns the bytes of two senders."""
+    return _recv(sock, bufsize, maxfds, True)
+
+
+def pass_credentials(sock: socket.socket) -> None:
+    """SO_PASSCRED: every message received on `sock` says which process sent it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+
+_CRED_SPACE: Final = socket.CMSG_SPACE(ctypes.sizeof(UCred))
+
+
+def _recv(
+    sock: socket.socket, bufsize: int, maxfds: int, creds: bool
+) -> tuple[bytes, list[int], bool, int | None]:
     if maxfds < 0 or maxfds > SCM_MAX_FD:
         raise ValueError(f"maxfds {maxfds} is outside 0..{SCM_MAX_FD}")
     # CMSG_LEN, not CMSG_SPACE: the kernel installs (controllen - header) / sizeof(int) fds, and
-    # CMSG_SPACE rounds up to 8 bytes, so an odd maxfds would silently admit one extra fd.
+    # CMSG_SPACE rounds up to 8 bytes, so an odd maxfds would silently admit one extra fd. The
+    # kernel puts SCM_CREDENTIALS first, so its room goes in front of the fds' room.
     ancbufsize = socket.CMSG_LEN(maxfds * _INT_SIZE) if maxfds else 0
+    if creds:
+        ancbufsize += _CRED_SPACE
     # MSG_CMSG_CLOEXEC: the fds are installed close-on-exec atomically, so a fork+exec in
     # another thread cannot inherit them. A Unix stream socket never returns the bytes of two
     # sendmsg calls in one recvmsg when the second carried fds, so fds arrive with the first
     # byte of the message that sent them.
     data, ancdata, flags, _ = sock.recvmsg(bufsize, ancbufsize, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
+    sender: int | None = None
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_RIGHTS:
             whole = len(payload) - len(payload) % _INT_SIZE
             fds.extend(array.array("i", payload[:whole]))
+        elif kind == socket.SCM_CREDENTIALS and len(payload) >= ctypes.sizeof(UCred):
+            sender = UCred.from_buffer_copy(payload[: ctypes.sizeof(UCred)]).pid
     truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
-    return data, fds, truncated
+    return data, fds, truncated, sender
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:

@@ -1,22 +1,36 @@
-"""A vhost-user frontend that presents a broker space to a real backend (vhost-user-blk).
+"""A vhost-user frontend that presents a broker space to a real backend (blk or net device).
 
 For backend authors and VMMs: `Frontend` speaks the vhost-user protocol on a backend's socket
 (QEMU docs/interop/vhost-user.rst); `SplitQueue` is a split virtqueue laid out in guest memory;
-`BlkBridge` attaches to a broker space as an fd+offset client, turns the ranges it is granted
-into backend memory regions, drives virtio-blk requests through them, and on a revocation
-removes the regions and checks the backend's own /proc/PID/maps before it acknowledges (the
-backend's reply alone is not proof). It acknowledges only what is true: pieces it could not
-export again are reported as withdrawn with the acknowledgement, a backend that still maps a
-revoked offset, or that dropped the connection, gets the revocation refused, never acked.
+`Bridge` attaches to a broker space as an fd+offset client, turns the ranges it is granted
+into backend memory regions, and on a revocation removes the regions and checks the backend's
+own /proc/PID/maps before it acknowledges (the backend's reply alone is not proof). It
+acknowledges only what is true: pieces it could not export again are reported as withdrawn
+with the acknowledgement, a backend that still maps a revoked offset, or that dropped the
+connection, gets the revocation refused, never acked.
+
+Device classes: `BlkBridge` (virtio-blk: one request queue; tested with qemu-storage-daemon)
+and `membroker.vhost_net.NetBridge` (virtio-net: receive and transmit rings; tested with DPDK
+testpmd). Each offers its own feature bits (`DeviceType`) and refuses, at negotiation and
+before any feature is set, a backend whose offer shows a device of the other class.
+
+With `iommu=True` the bridge negotiates VIRTIO_F_ACCESS_PLATFORM and the IOTLB
+(BACKEND_REQ + REPLY_ACK): the device sees I/O virtual addresses (the guest-physical
+addresses of the space's layout), its IOTLB misses on the backend channel are answered from
+what is exported now (a miss anywhere else gets no UPDATE), and a revocation starts with an
+IOTLB INVALIDATE of the revoked IOVAs that the backend acknowledges before anything else
+happens (and before the broker is acknowledged).
 
 Wire layouts (little endian): header ``u32 request; u32 flags (version 1, 0x4 reply, 0x8
 need reply); u32 size``; region ``u64 guest_phys_addr, memory_size, userspace_addr,
 mmap_offset``; ADD/REM_MEM_REG ``u64 padding; region``; vring state ``u32 index, num``;
-vring addr ``u32 index, flags; u64 desc, used, avail, log``.
+vring addr ``u32 index, flags; u64 desc, used, avail, log``; IOTLB ``u64 iova, size, uaddr;
+u8 perm, type`` (padded to 32 bytes; on the backend channel too).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -26,7 +40,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from membroker._sys import memfd as sys_memfd
 from membroker._sys import mman
@@ -48,14 +62,39 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL = 12, 13
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES = 15, 16
 SET_VRING_ENABLE = 18
+SET_BACKEND_REQ_FD, IOTLB_MSG = 21, 22
 GET_MAX_MEM_SLOTS, ADD_MEM_REG, REM_MEM_REG = 36, 37, 38
+# Backend -> frontend requests (on the backend channel).
+BACKEND_IOTLB_MSG = 1
 
 F_PROTOCOL_FEATURES = 1 << 30
 VIRTIO_F_VERSION_1 = 1 << 32
+VIRTIO_F_ACCESS_PLATFORM = 1 << 33
+VIRTIO_BLK_F_GEOMETRY = 1 << 4
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+PROTOCOL_F_RARP = 1 << 2
 PROTOCOL_F_REPLY_ACK = 1 << 3
+PROTOCOL_F_MTU = 1 << 4
+PROTOCOL_F_BACKEND_REQ = 1 << 5
+PROTOCOL_F_CONFIG = 1 << 9
 PROTOCOL_F_CONFIGURE_MEM_SLOTS = 1 << 15
+
+# Feature bits only a virtio-net device defines (control queue and friends: CTRL_RX, VLAN,
+# GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR; MRG_RXBUF), and protocol features only vhost-user-net
+# uses (RARP, MTU): a backend offering one is a net device. A virtio-blk device defines
+# GEOMETRY (no net meaning); the CONFIG protocol feature is what a blk backend offers for its
+# configuration space.
+NET_ONLY_FEATURES = VIRTIO_NET_F_MRG_RXBUF | sum(1 << b for b in (18, 19, 21, 22, 23))
+NET_ONLY_PROTOCOL = PROTOCOL_F_RARP | PROTOCOL_F_MTU
+BLK_ONLY_FEATURES = VIRTIO_BLK_F_GEOMETRY
+BLK_ONLY_PROTOCOL = PROTOCOL_F_CONFIG
+
+# IOTLB message: u64 iova, size, uaddr; u8 perm, type (padded to 32 bytes).
+_IOTLB = struct.Struct("<QQQBB6x")
+IOTLB_MISS, IOTLB_UPDATE, IOTLB_INVALIDATE, IOTLB_ACCESS_FAIL = 1, 2, 3, 4
+IOTLB_RO, IOTLB_WO, IOTLB_RW = 1, 2, 3
 
 _HEADER = struct.Struct("<III")
 _REGION = struct.Struct("<QQQQ")
@@ -154,18 +193,39 @@ class Frontend:
                 if status != 0:
                     raise VhostUserError(f"backend refused request {request}: status {status}")
 
-    def negotiate(self, features: int, protocol_features: int) -> tuple[int, int]:
-        """Feature negotiation and SET_OWNER; returns (features, protocol features) agreed."""
+    def negotiate(
+        self,
+        features: int,
+        protocol_features: int,
+        check: Callable[[int, int], None] | None = None,
+    ) -> tuple[int, int]:
+        """Feature negotiation and SET_OWNER; returns (features, protocol features) agreed.
+        `check(offered features, offered protocol features)` may refuse the backend (raise)
+        before anything is set."""
         offered = self.get_u64(GET_FEATURES)
+        offered_proto = 0
+        if offered & F_PROTOCOL_FEATURES:
+            offered_proto = self.get_u64(GET_PROTOCOL_FEATURES)
+        if check is not None:
+            check(offered, offered_proto)
         agreed_proto = 0
         if offered & F_PROTOCOL_FEATURES:
-            agreed_proto = self.get_u64(GET_PROTOCOL_FEATURES) & protocol_features
+            agreed_proto = offered_proto & protocol_features
             self.request(SET_PROTOCOL_FEATURES, struct.pack("<Q", agreed_proto))
             self.reply_ack = bool(agreed_proto & PROTOCOL_F_REPLY_ACK)
         self.request(SET_OWNER)
         agreed = offered & (features | F_PROTOCOL_FEATURES)
         self.request(SET_FEATURES, struct.pack("<Q", agreed))
         return agreed, agreed_proto
+
+    def iotlb(self, kind: int, iova: int, size: int, uaddr: int = 0, perm: int = 0) -> None:
+        """One IOTLB_MSG (UPDATE or INVALIDATE); with REPLY_ACK, returns once the backend
+        says it is applied."""
+        self.request(IOTLB_MSG, _IOTLB.pack(iova, size, uaddr, perm, kind))
+
+    def set_backend_req_fd(self, fd: int) -> None:
+        """Hands the backend its end of the backend channel (IOTLB misses arrive there)."""
+        self.request(SET_BACKEND_REQ_FD, b"", [fd])
 
     def add_region(self, region: MemRegion, fd: int) -> None:
         self.request(ADD_MEM_REG, struct.pack("<Q", 0) + region.pack(), [fd])
@@ -245,6 +305,40 @@ class SplitQueue:
         base = self.mem.address
         return base + self.desc_off, base + self.avail_off, base + self.used_off
 
+    def iovas(self) -> tuple[int, int, int]:
+        """(desc, avail, used) as I/O virtual addresses (their guest-physical addresses)."""
+        gpa = self.gpa - self.offset
+        return gpa + self.desc_off, gpa + self.avail_off, gpa + self.used_off
+
+    def write_desc(self, index: int, gpa: int, length: int, flags: int, nxt: int = 0) -> None:
+        self.mem.write(self.desc_off + 16 * index, struct.pack("<QIHH", gpa, length, flags, nxt))
+
+    def publish(self, head: int) -> None:
+        """Makes the chain at `head` available (the entry before the index that publishes it)."""
+        slot = self.avail_idx % self.num
+        self.mem.write(self.avail_off + 4 + 2 * slot, struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.write(self.avail_off + 2, struct.pack("<H", self.avail_idx))
+
+    def avail_entry(self, idx: int) -> int:
+        (head,) = struct.unpack("<H", self.mem.read(self.avail_off + 4 + 2 * (idx % self.num), 2))
+        return int(head)
+
+    def rewrite_avail(self, start: int, heads: Sequence[int]) -> None:
+        """On a stopped ring only: the entries from index `start` on become `heads`, and the
+        avail index moves to just after them."""
+        for i, head in enumerate(heads):
+            slot = (start + i) % self.num
+            self.mem.write(self.avail_off + 4 + 2 * slot, struct.pack("<H", head))
+        self.avail_idx = (start + len(heads)) & 0xFFFF
+        self.mem.write(self.avail_off + 2, struct.pack("<H", self.avail_idx))
+
+    def used_elem(self, idx: int) -> tuple[int, int]:
+        """(descriptor id, bytes written) of used ring entry `idx`."""
+        slot = idx % self.num
+        head, length = struct.unpack("<II", self.mem.read(self.used_off + 4 + 8 * slot, 8))
+        return int(head), int(length)
+
     def submit(self, chain: Sequence[tuple[int, int, bool]]) -> int:
         """Writes a descriptor chain of (gpa, len, device_writes) at slot 0.. and publishes it."""
         head = (self.avail_idx * len(chain)) % self.num
@@ -312,6 +406,16 @@ def _covered(span: Span, spans: Sequence[Span]) -> bool:
     return not _subtract([span], spans)
 
 
+def _intersect(spans: Sequence[Span], others: Sequence[Span]) -> list[Span]:
+    """The parts of `spans` inside some span of `others`."""
+    return [
+        (max(lo, o_lo), min(hi, o_hi))
+        for lo, hi in spans
+        for o_lo, o_hi in others
+        if max(lo, o_lo) < min(hi, o_hi)
+    ]
+
+
 def _minus(r: AccessRange, cuts: list[AccessRange]) -> list[AccessRange]:
     """The parts of `r` outside every range of `cuts`."""
     return [
@@ -371,36 +475,84 @@ class _Window:
         self.mem.close()
 
 
-class BlkBridge:
-    """A broker space presented to a vhost-user-blk backend, range by range.
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceType:
+    """A virtio device class the bridge can drive: its name, the feature bits it offers the
+    backend, and what a backend of another class would reveal itself by."""
+
+    name: str
+    features: int
+    # Offered feature / protocol bits that only a device of another class defines, per class.
+    foreign: tuple[tuple[str, int, int], ...]
+
+
+VIRTIO_BLK = DeviceType(
+    "virtio-blk",
+    VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
+    (("virtio-net", NET_ONLY_FEATURES, NET_ONLY_PROTOCOL),),
+)
+VIRTIO_NET = DeviceType(
+    "virtio-net",
+    VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF,
+    (("virtio-blk", BLK_ONLY_FEATURES, BLK_ONLY_PROTOCOL),),
+)
+
+
+def check_device(device: DeviceType, path: str, features: int, protocol: int) -> None:
+    """Refuses a backend whose offer shows it is a device of another class (its bits would
+    mean something else there: virtio-blk's BLK_SIZE and FLUSH are a net device's GSO and
+    GUEST_ECN). A backend whose offer shows no class is accepted."""
+    for other, feature_bits, protocol_bits in device.foreign:
+        f, p = features & feature_bits, protocol & protocol_bits
+        if f or p:
+            raise VhostUserError(
+                f"the backend at {path} is a {other} device (it offers feature bits "
+                f"{f:#x} and protocol features {p:#x} that only {other} defines); this "
+                f"bridge drives {device.name}: refused before any feature was set"
+            )
+
+
+class Bridge:
+    """A broker space presented to a vhost-user backend, range by range (the device-neutral
+    part: memory regions, revocations, pins, liveness, IOTLB). Device classes (`BlkBridge`,
+    `membroker.vhost_net.NetBridge`) add their queues and requests.
 
     The bridge is the broker's fd+offset client `name`. What it is granted (and shared)
     becomes backend memory regions at gpa = region gpa of the space's layout (identity when
-    the space has no layout). Requests whose buffers are not inside an exported region are
-    refused with VIRTIO_BLK_S_IOERR before the backend sees them.
+    the space has no layout).
 
     What it acknowledges is true:
-    - At connect it asks the kernel how the backend maps a region (with a private page, never
-      guest memory): a backend that maps regions from file offset 0 (libvhost-user before
-      QEMU 9, so qemu-storage-daemon 7.2) is only given a region [lo, hi) when all of [0, hi)
-      is held. A revocation that leaves a piece it cannot give back safely reports the piece
-      as withdrawn with its acknowledgement (the owner's report lists it).
+    - At connect it checks the device class the backend offers (a backend of another class
+      is refused) and asks the kernel how the backend maps a region (with a private page,
+      never guest memory): a backend that maps regions from file offset 0 (libvhost-user
+      before QEMU 9, so qemu-storage-daemon 7.2; DPDK 22.11) is only given a region [lo, hi)
+      when all of [0, hi) is held. A revocation that leaves a piece it cannot give back safely
+      reports the piece as withdrawn with its acknowledgement (the owner's report lists it).
     - Regions are removed before any piece is added again, and a piece is never one that
       would map a revoked byte: the hole is in no mapped region at any moment.
-    - A revocation that touches the region holding the vring stops the ring first (parked
-      on the bridge's own page), and starts it again where it was if its memory stays
-      exported; if its memory is revoked the ring stays stopped (`queue_stopped` says why)
-      and the connection lives.
+    - A revocation that touches the region holding a vring stops the ring first (parked on
+      the bridge's own page), and starts it again where it was if its memory stays exported;
+      if its memory is revoked the ring stays stopped and the connection lives. A device
+      class may stop a ring for buffers in flight into the revoked memory too and take them
+      off the ring before it starts again (`revocations` says what was in flight).
+    - With `iommu=True` (VIRTIO_F_ACCESS_PLATFORM, IOTLB over BACKEND_REQ + REPLY_ACK) the
+      device sees I/O virtual addresses (= the guest-physical addresses of the grants): its
+      IOTLB misses are answered from what is exported now, a revocation is first an
+      INVALIDATE the backend acknowledges, and only then are regions changed.
     - The backend still mapping a revoked offset, or dropping the connection during the
       teardown, refuses the revocation (never an ack).
     - Every exported region is pinned (the file bytes the backend maps): the broker asks the
       bridge to release before it revokes, waits for a request in flight, and applies its
       on_pinned policy to a backend that cannot let go.
     - A backend hang-up is seen at once (a thread polls the socket): everything is released,
-      the space detached, `gone` set and `on_backend_gone(reason)` called.
+      `gone` set and `on_backend_gone(reason)` called.
     """
 
+    DEVICE: DeviceType = VIRTIO_BLK
+    NUM_QUEUES = 1
     QUEUE_SIZE = 16
+    # Whether the device class may run with an IOTLB (iommu=True).
+    IOTLB = True
     client: FdClient | None
 
     def __init__(
@@ -410,11 +562,13 @@ class BlkBridge:
         backend_socket: str,
         *,
         use_mem_slots: bool = True,
+        iommu: bool = False,
         on_backend_gone: Callable[[str], None] | None = None,
     ) -> None:
         """use_mem_slots=False sends whole tables (SET_MEM_TABLE) even to a backend that
-        offers CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG)."""
-        self._connect(backend_socket, use_mem_slots)
+        offers CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG). iommu=True negotiates
+        VIRTIO_F_ACCESS_PLATFORM and the IOTLB (refused when the backend does not offer it)."""
+        self._connect(backend_socket, use_mem_slots, iommu)
         self.on_backend_gone = on_backend_gone
         self._session: Session | None = session
         try:
@@ -435,11 +589,13 @@ class BlkBridge:
             raise
 
     @classmethod
-    def without_broker(cls, fd: int, size: int, backend_socket: str) -> BlkBridge:
+    def without_broker(
+        cls: type[_B], fd: int, size: int, backend_socket: str, *, iommu: bool = False
+    ) -> _B:
         """The same driver over a plain memfd (borrowed) exported whole, gpa = offset: what
         a VMM does without a broker, the benchmark's baseline."""
         self = cls.__new__(cls)
-        self._connect(backend_socket)
+        self._connect(backend_socket, True, iommu)
         self.on_backend_gone = None
         self._session = None
         self.space_id = ""
@@ -453,14 +609,14 @@ class BlkBridge:
             raise
         return self
 
-    def _connect(self, backend_socket: str, use_mem_slots: bool = True) -> None:
+    def _connect(self, backend_socket: str, use_mem_slots: bool, iommu: bool) -> None:
         self.client = None
         self._window: _Window | None = None
         self._size = 0
         self._lock = threading.RLock()
         self._exports: dict[int, _Export] = {}
-        self.queue: SplitQueue | None = None
-        self.queue_stopped: str | None = None
+        self._queues: dict[int, SplitQueue] = {}
+        self._queue_why: dict[int, str] = {}
         self.gone: str | None = None
         self.gone_at: float | None = None
         self._gone_done = threading.Event()
@@ -472,19 +628,59 @@ class BlkBridge:
         self._stranded: list[_Export] = []
         self._park_fd = -1
         self._park: mman.Mapping | None = None
+        self.iommu = iommu
+        # IOTLB traffic, newest last: (monotonic time, what, iova, size, outcome).
+        self.iotlb_log: collections.deque[tuple[float, str, int, int, str]] = collections.deque(
+            maxlen=4096
+        )
+        # What each revocation found in flight on the rings: newest last.
+        self.revocations: collections.deque[InFlight] = collections.deque(maxlen=256)
+        self._backend_ch: socket.socket | None = None
+        self._iotlb_thread: threading.Thread | None = None
+        if iommu and not self.IOTLB:
+            raise VhostUserError(
+                f"{self.DEVICE.name}: no IOTLB in this device class (a request waits for its "
+                "completion under the lock IOTLB misses are served under); iommu=True is for "
+                "virtio-net"
+            )
         self.frontend = Frontend(backend_socket)
         self.kick = os.eventfd(0, os.EFD_CLOEXEC)
         self.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self.backend = ProcessView(self.frontend.backend_pid)
+            features = self.DEVICE.features | (VIRTIO_F_ACCESS_PLATFORM if iommu else 0)
+            protocol = PROTOCOL_F_REPLY_ACK | (
+                PROTOCOL_F_CONFIGURE_MEM_SLOTS if use_mem_slots else 0
+            )
+            if iommu:
+                protocol |= PROTOCOL_F_BACKEND_REQ
+
+            def check(offered: int, offered_proto: int) -> None:
+                check_device(self.DEVICE, backend_socket, offered, offered_proto)
+                if iommu:
+                    need = {
+                        "VIRTIO_F_ACCESS_PLATFORM": offered & VIRTIO_F_ACCESS_PLATFORM,
+                        "PROTOCOL_FEATURES": offered & F_PROTOCOL_FEATURES,
+                        "BACKEND_REQ": offered_proto & PROTOCOL_F_BACKEND_REQ,
+                        "REPLY_ACK": offered_proto & PROTOCOL_F_REPLY_ACK,
+                    }
+                    missing = [name for name, have in need.items() if not have]
+                    if missing:
+                        raise VhostUserError(
+                            f"the backend at {backend_socket} offers no IOTLB (missing "
+                            f"{', '.join(missing)}); a bridge with iommu=True needs it"
+                        )
+
             self.features, self.protocol_features = self.frontend.negotiate(
-                VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH,
-                PROTOCOL_F_REPLY_ACK | (PROTOCOL_F_CONFIGURE_MEM_SLOTS if use_mem_slots else 0),
+                features, protocol, check
             )
             self.mem_slots = bool(self.protocol_features & PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+            if iommu:
+                self._open_backend_channel()
             self.prefix_mapping = self._probe()
         except BaseException:
+            self._close_backend_channel()
             if hasattr(self, "backend"):
                 self.backend.close()
             self._close_park()
@@ -632,6 +828,117 @@ class BlkBridge:
                 return outside[0]
         return None
 
+    # -- IOTLB (iommu=True) -------------------------------------------------------------------
+
+    def _open_backend_channel(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.frontend.set_backend_req_fd(theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._backend_ch = ours
+        self._iotlb_thread = threading.Thread(
+            target=self._serve_backend, name="vhost-user-iotlb", daemon=True
+        )
+        self._iotlb_thread.start()
+
+    def _close_backend_channel(self) -> None:
+        ch, self._backend_ch = self._backend_ch, None
+        if ch is not None:
+            try:
+                ch.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if (
+                self._iotlb_thread is not None
+                and self._iotlb_thread is not threading.current_thread()
+            ):
+                self._iotlb_thread.join(5)
+            ch.close()
+
+    def _serve_backend(self) -> None:
+        """The backend channel: IOTLB misses are answered from what is exported now (an
+        UPDATE for the export holding the address); a miss anywhere else is refused (no
+        UPDATE: the backend cannot translate it)."""
+        ch = self._backend_ch
+        assert ch is not None
+        buf = b""
+        while True:
+            try:
+                chunk = ch.recv(4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while len(buf) >= _HEADER.size:
+                req, flags, size = _HEADER.unpack_from(buf)
+                if len(buf) < _HEADER.size + size:
+                    break
+                payload = buf[_HEADER.size : _HEADER.size + size]
+                buf = buf[_HEADER.size + size :]
+                status = 1
+                if req == BACKEND_IOTLB_MSG and size >= _IOTLB.size - 6:
+                    iova, _, _, perm, kind = _IOTLB.unpack(payload.ljust(_IOTLB.size, b"\0"))
+                    if kind == IOTLB_MISS:
+                        status = 0 if self._serve_miss(iova, perm) else 1
+                    else:
+                        self._iotlb_note("backend", iova, 0, f"type {kind} (ignored)")
+                else:
+                    log.warning("backend channel request %d ignored", req)
+                if flags & _NEED_REPLY:
+                    reply = _HEADER.pack(req, _VERSION | _REPLY, 8) + struct.pack("<Q", status)
+                    try:
+                        ch.sendall(reply)
+                    except OSError:
+                        return
+
+    def _iotlb_note(self, what: str, iova: int, size: int, outcome: str) -> None:
+        self.iotlb_log.append((time.monotonic(), what, iova, size, outcome))
+
+    def _serve_miss(self, iova: int, perm: int) -> bool:
+        # Under the bridge's lock: a miss is answered before a revocation starts or after it
+        # has ended (from what is exported then), never with a translation it invalidates.
+        with self._lock:
+            entry = self._translate(iova)
+            if entry is None or self.gone is not None:
+                self._iotlb_note("miss", iova, 0, "refused: not exported")
+                return False
+            lo, size, uaddr = entry
+            try:
+                self.frontend.iotlb(IOTLB_UPDATE, lo, size, uaddr, IOTLB_RW)
+            except VhostUserError as exc:
+                self._iotlb_note("miss", iova, 0, f"failed: {exc}")
+                return False
+            self._iotlb_note("miss", iova, size, f"served {lo:#x}+{size:#x} perm {perm}")
+            return True
+
+    def _translate(self, iova: int) -> tuple[int, int, int] | None:
+        """(iova, size, frontend address) of the export (or the parking page) holding iova."""
+        park = self._park_region
+        if park.gpa <= iova < park.gpa + park.size:
+            return park.gpa, park.size, park.uaddr
+        for exp in self._exports.values():
+            r = exp.region
+            if r.gpa <= iova < r.gpa + r.size:
+                return r.gpa, r.size, r.uaddr
+        return None
+
+    def _invalidate(self, cut: list[Span]) -> None:
+        """INVALIDATEs the IOVAs of every exported byte in `cut`, each acknowledged by the
+        backend before the next step (lock held)."""
+        for exp in list(self._exports.values()):
+            for lo, hi in _intersect([(exp.lo, exp.hi)], cut):
+                iova = exp.region.gpa + lo - exp.lo
+                t0 = time.monotonic()
+                self.frontend.iotlb(IOTLB_INVALIDATE, iova, hi - lo)
+                self._iotlb_note(
+                    "invalidate", iova, hi - lo, f"acked in {(time.monotonic() - t0) * 1e6:.0f} us"
+                )
+
     # -- revocations -------------------------------------------------------------------------
 
     def _on_release(self, ranges: list[tuple[int, int]]) -> None:
@@ -674,18 +981,73 @@ class BlkBridge:
         with self._lock:
             return self._retract_locked(cut)
 
+    def _ring_addrs(self, q: SplitQueue) -> tuple[int, int, int]:
+        return q.iovas() if self.iommu else q.addresses()
+
+    def _park_addrs(self, index: int) -> tuple[int, int, int]:
+        base = (self._park_region.gpa if self.iommu else self._park_region.uaddr) + 512 * index
+        return base, base + 256, base + 320
+
+    def _stop_queue(self, index: int, why: str) -> None:
+        self._queues.pop(index, None)
+        self._queue_why[index] = why
+        self._queue_stopped(index)
+
+    def _queue_stopped(self, index: int) -> None:
+        """A device class forgets what it had in flight on a ring that stopped for good."""
+
+    def _in_flight_into(self, index: int, cut: list[Span]) -> bool:
+        """Whether ring `index` has buffers in flight into `cut` (a device class that keeps
+        buffers on its rings answers; then the ring is stopped and they are taken off)."""
+        return False
+
+    def _take_off(self, index: int, base: int, cut: list[Span], report: InFlight) -> None:
+        """Ring `index` is stopped at `base` (the backend's next avail index): a device class
+        takes buffers into `cut` off it and says so in `report`."""
+
     def _retract_locked(self, cut: list[Span], report: bool = True) -> list[_Export]:
         """Takes `cut` away from the backend (lock held); returns the exports removed.
 
-        Order: the vring is stopped and parked if its region goes; every region whose mapping
-        touches `cut` is removed (or one new table sent without them); the kernel must show
-        nothing of `cut` in the backend; only then are the safe pieces added back (at the same
-        frontend addresses) and the ring started again where it was.
+        Order: with an IOTLB, the revoked IOVAs are invalidated (acknowledged) first; the
+        vrings in a region that goes (or with buffers in flight into `cut`) are stopped and
+        parked; every region whose mapping touches `cut` is removed (or one new table sent
+        without them); the kernel must show nothing of `cut` in the backend; only then are
+        the safe pieces added back (at the same frontend addresses) and the rings started
+        again where they were, without the buffers into `cut`.
         """
         if self._window is None or not cut:
             return []
+        pid = self.frontend.backend_pid
         affected = [e for e in self._exports.values() if _overlaps(e.span, cut)]
+        moving = {
+            i: q
+            for i, q in self._queues.items()
+            if any(exp.lo <= q.offset < exp.hi for exp in affected) or self._in_flight_into(i, cut)
+        }
+        flight = InFlight(time.monotonic(), _merge(cut))
+        bases: dict[int, int] = {}
+        try:
+            if self.iommu:
+                self._invalidate(cut)
+            for i in sorted(moving):
+                bases[i] = self.frontend.get_vring_base(i)
+                self.frontend.set_vring_addr(i, *self._park_addrs(i))
+        except VhostUserError as exc:
+            what = "dropped the connection" if self.frontend.hung_up() else "failed"
+            for i in list(self._queues):
+                self._stop_queue(i, f"the backend (pid {pid}) {what}: {exc}")
+            raise self._teardown_failed(
+                cut,
+                f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
+                f"({exc}); not acknowledged",
+            ) from exc
+        for i, base in bases.items():
+            self._take_off(i, base, cut, flight)
+        if flight.taken_off or flight.in_backend:
+            self.revocations.append(flight)
+            log.info("in flight into %s: %s", _fmt(cut), flight)
         if not affected:
+            self._restart(moving, bases)
             still = self._wait_unmapped(cut)
             if still is not None and self.gone is None:
                 raise VhostUserError(still)
@@ -696,15 +1058,7 @@ class BlkBridge:
         for exp in affected:
             for piece in _subtract([(exp.lo, exp.hi)], cut):
                 (keep if _covered(self._span(*piece), held) else withdrawn).append(piece)
-        pid = self.frontend.backend_pid
-        q = self.queue
-        ring_moves = q is not None and any(exp.lo <= q.offset < exp.hi for exp in affected)
-        base = 0
         try:
-            if ring_moves and q is not None:
-                base = self.frontend.get_vring_base(0)
-                park = self._park_region.uaddr
-                self.frontend.set_vring_addr(0, park, park + 1024, park + 2048)
             for exp in affected:
                 del self._exports[exp.lo]
                 self._window.unmap(exp.lo, exp.hi)
@@ -721,8 +1075,8 @@ class BlkBridge:
                 self._publish_table()
         except VhostUserError as exc:
             what = "dropped the connection" if self.frontend.hung_up() else "failed"
-            self.queue = None
-            self.queue_stopped = f"the backend (pid {pid}) {what}: {exc}"
+            for i in list(self._queues):
+                self._stop_queue(i, f"the backend (pid {pid}) {what}: {exc}")
             raise self._teardown_failed(
                 cut,
                 f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
@@ -730,9 +1084,8 @@ class BlkBridge:
             ) from exc
         still = self._wait_unmapped(cut)
         if still is not None:
-            if ring_moves:
-                self.queue = None
-                self.queue_stopped = f"vring 0 was stopped for a teardown that failed: {still}"
+            for i in moving:
+                self._stop_queue(i, f"vring {i} was stopped for a teardown that failed: {still}")
             raise VhostUserError(still)
         if not self.frontend.hung_up():
             self._stranded = [e for e in self._stranded if e not in affected]
@@ -748,22 +1101,7 @@ class BlkBridge:
                     raise VhostUserError(still) from exc
         elif keep:
             added = [self._exports[lo] for lo, _ in keep]
-        if ring_moves and q is not None:
-            if any(e.lo <= q.offset and q.end_off <= e.hi for e in self._exports.values()):
-                desc, avail, used = q.addresses()
-                try:
-                    self.frontend.setup_vring(
-                        0, q.num, desc, avail, used, self.kick, self.call, base
-                    )
-                except VhostUserError as exc:
-                    self.queue = None
-                    self.queue_stopped = f"restarting vring 0 failed: {exc}"
-            else:
-                self.queue = None
-                self.queue_stopped = (
-                    f"vring 0 (gpa {q.gpa:#x}+{q.end_off - q.offset:#x}) was stopped: its "
-                    "memory is no longer exported (revoked or withdrawn); start_queue() first"
-                )
+        self._restart(moving, bases)
         if self.frontend.hung_up():
             # It answered, then went away (a libvhost-user backend that panics drops the
             # connection): what it did is not known to be what was asked.
@@ -777,6 +1115,26 @@ class BlkBridge:
         if added:
             self._pin_later(added)
         return affected
+
+    def _restart(self, moving: dict[int, SplitQueue], bases: dict[int, int]) -> None:
+        """Starts the stopped rings again where they were if their memory is still exported;
+        else they stay stopped, with the reason."""
+        for i, q in sorted(moving.items()):
+            if i not in bases:
+                continue
+            if any(e.lo <= q.offset and q.end_off <= e.hi for e in self._exports.values()):
+                try:
+                    self.frontend.setup_vring(
+                        i, q.num, *self._ring_addrs(q), self.kick, self.call, bases[i]
+                    )
+                except VhostUserError as exc:
+                    self._stop_queue(i, f"restarting vring {i} failed: {exc}")
+            else:
+                self._stop_queue(
+                    i,
+                    f"vring {i} (gpa {q.gpa:#x}+{q.end_off - q.offset:#x}) was stopped: its "
+                    "memory is no longer exported (revoked or withdrawn); start_queue() first",
+                )
 
     def _teardown_failed(self, cut: list[Span], reason: str) -> VhostUserError:
         """Remembers a teardown that failed before the revocation reached this bridge (on a
@@ -869,8 +1227,8 @@ class BlkBridge:
             # (self._failed), and the backend maps nothing any more.
             exports += self._stranded
             self._stranded = []
-            self.queue = None
-            self.queue_stopped = reason
+            for i in sorted(set(self._queues) | set(range(self.NUM_QUEUES))):
+                self._stop_queue(i, reason)
             if self._window is not None:
                 for exp in exports:
                     self._window.unmap(exp.lo, exp.hi)
@@ -891,7 +1249,7 @@ class BlkBridge:
         """Waits until a backend hang-up has been handled; whether it has."""
         return self._gone_done.wait(timeout)
 
-    # -- virtio-blk ------------------------------------------------------------------------------
+    # -- queues --------------------------------------------------------------------------------
 
     def _locate(self, gpa: int, length: int) -> int | None:
         """The space offset of guest-physical [gpa, gpa+length) if one export holds it all."""
@@ -901,19 +1259,97 @@ class BlkBridge:
                 return exp.lo + gpa - region.gpa
         return None
 
+    def _start_ring(self, index: int, gpa: int, num: int) -> SplitQueue:
+        """Lays vring `index` out at gpa (inside an exported region) and starts it (lock
+        held). Ring addresses are frontend addresses, or IOVAs with an IOTLB."""
+        if self.gone is not None:
+            raise VhostUserError(self.gone)
+        off = self._locate(gpa, ring_bytes(num))
+        if off is None or self._window is None:
+            raise VhostUserError(f"vring {index} at {gpa:#x} is not in an exported region")
+        q = SplitQueue(self._window.mem, off, gpa, num)
+        self._queues[index] = q
+        self._queue_why.pop(index, None)
+        self.frontend.setup_vring(index, num, *self._ring_addrs(q), self.kick, self.call)
+        return q
+
+    def close(self) -> None:
+        """Ends the connection (the backend unmaps every region when it goes), waits until
+        the backend's maps show nothing of the space, then detaches."""
+        self._closing = True
+        if self._watcher is not None:
+            os.eventfd_write(self._wake, 1)
+            if self._watcher is not threading.current_thread():
+                self._watcher.join(5)
+        self._close_backend_channel()
+        self.frontend.close()
+        with self._lock:
+            self._exports.clear()
+            self._queues.clear()
+            if self._window is not None:
+                still = self._wait_unmapped([(0, self._size)])
+                if still is not None:
+                    log.warning("closing the bridge: %s", still)
+                self._window.close()
+                self._window = None
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+        self.backend.close()
+        self._close_park()
+        for fd in (self.kick, self.call, self._wake):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_B = TypeVar("_B", bound=Bridge)
+
+
+def ring_bytes(num: int) -> int:
+    """Bytes of a split ring of `num` entries (descriptors, avail ring padded to 4, used)."""
+    return (16 * num + 4 + 2 * num + 3) // 4 * 4 + 4 + 8 * num
+
+
+@dataclasses.dataclass(slots=True)
+class InFlight:
+    """What a revocation found on the rings: buffers into the revoked memory taken off a
+    ring before the backend saw them (vring, gpa, length), and buffers the backend had taken
+    but not returned when the ring stopped (the same)."""
+
+    at: float
+    cut: list[Span]
+    taken_off: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    in_backend: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+
+
+class BlkBridge(Bridge):
+    """A broker space presented to a vhost-user-blk backend (see `Bridge`). Requests whose
+    buffers are not inside an exported region are refused with VIRTIO_BLK_S_IOERR before the
+    backend sees them. One request queue (vring 0)."""
+
+    DEVICE = VIRTIO_BLK
+    NUM_QUEUES = 1
+    IOTLB = False
+
+    @property
+    def queue(self) -> SplitQueue | None:
+        return self._queues.get(0)
+
+    @property
+    def queue_stopped(self) -> str | None:
+        return self._queue_why.get(0)
+
     def start_queue(self, queue_gpa: int) -> None:
         """Lays the virtqueue out at queue_gpa (inside an exported region) and starts it."""
         with self._lock:
             if self.gone is not None:
                 raise VhostUserError(self.gone)
-            off = self._locate(queue_gpa, 16 * self.QUEUE_SIZE + 4096)
-            if off is None or self._window is None:
+            if self._locate(queue_gpa, 16 * self.QUEUE_SIZE + 4096) is None:
                 raise VhostUserError(f"queue at {queue_gpa:#x} is not in an exported region")
-            self.queue = SplitQueue(self._window.mem, off, queue_gpa, self.QUEUE_SIZE)
-            self.queue_stopped = None
-            desc, avail, used = self.queue.addresses()
-            self.frontend.setup_vring(0, self.QUEUE_SIZE, desc, avail, used, self.kick, self.call)
-            self._hdr = queue_gpa + (self.queue.end_off - off + 15) // 16 * 16
+            q = self._start_ring(0, queue_gpa, self.QUEUE_SIZE)
+            self._hdr = queue_gpa + (q.end_off - q.offset + 15) // 16 * 16
 
     def request(self, kind: int, sector: int, gpa: int, length: int, timeout: float = 5.0) -> int:
         """One virtio-blk request whose data buffer is guest memory [gpa, gpa+length).
@@ -962,32 +1398,3 @@ class BlkBridge:
                 except BlockingIOError:
                     pass
             return mem.read(hoff + 16, 1)[0]
-
-    def close(self) -> None:
-        """Ends the connection (the backend unmaps every region when it goes), waits until
-        the backend's maps show nothing of the space, then detaches."""
-        self._closing = True
-        if self._watcher is not None:
-            os.eventfd_write(self._wake, 1)
-            if self._watcher is not threading.current_thread():
-                self._watcher.join(5)
-        self.frontend.close()
-        with self._lock:
-            self._exports.clear()
-            self.queue = None
-            if self._window is not None:
-                still = self._wait_unmapped([(0, self._size)])
-                if still is not None:
-                    log.warning("closing the bridge: %s", still)
-                self._window.close()
-                self._window = None
-        client, self.client = self.client, None
-        if client is not None:
-            client.close()
-        self.backend.close()
-        self._close_park()
-        for fd in (self.kick, self.call, self._wake):
-            try:
-                os.close(fd)
-            except OSError:
-                pass

@@ -1,7 +1,10 @@
-"""A real bridge process: membroker.vhost_user.BlkBridge between a broker space and a
-vhost-user-blk backend, driven by JSON lines (see test_vhost_user.py).
+"""A real bridge process: membroker.vhost_user.BlkBridge (or vhost_net.NetBridge, with
+start device=net) between a broker space and a vhost-user backend, driven by JSON lines (see
+test_vhost_user.py, test_vhost_net.py).
 
-Ops: start SPACE SOCKET; exported; queue GPA; request KIND SECTOR GPA LENGTH; refresh; watch
+Ops: start SPACE SOCKET [device, iommu, mem_slots]; exported; queue GPA; request KIND SECTOR
+GPA LENGTH; net: net_queues GPA, post_rx GPA LENGTH, post_rx_raw (unchecked), send GPA FRAME,
+receive COUNT WAIT, in_flight, revocations, iotlb_log; refresh; watch
 (returns once the bridge has handled a backend hang-up on its own: when it noticed, and why);
 sabotage (the next REM_MEM_REG names a region the backend does not have: libvhost-user panics
 and drops the connection); close.
@@ -14,11 +17,54 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
 import membroker
-from membroker import vhost_user
+from membroker import vhost_net, vhost_user
+
+
+class Traffic:
+    def __init__(self, bridge: Any, tx: int, frame: bytes, length: int) -> None:
+        self.bridge, self.tx, self.frame, self.length = bridge, tx, frame, length
+        self.sent = self.received = self.bad = 0
+        self.refused: list[int] = []
+        self.errors: list[str] = []
+        self.received_at: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.bridge.send(self.tx, self.frame)
+                self.sent += 1
+                for p in self.bridge.receive(1, 0.05):
+                    self.received += 1
+                    self.received_at.append([time.monotonic(), p.gpa])
+                    if p.frame != self.frame:
+                        self.bad += 1
+                    try:
+                        self.bridge.post_rx(p.gpa, self.length)
+                    except vhost_user.VhostUserError:
+                        self.refused.append(p.gpa)
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.01)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(10)
+        return {
+            "sent": self.sent,
+            "received": self.received,
+            "bad": self.bad,
+            "refused": self.refused,
+            "errors": self.errors[:5],
+            "received_at": self.received_at,
+        }
 
 
 def main() -> None:
@@ -28,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     session = membroker.connect(args.name, args.runtime_dir)
     bridge: Any = None
+    traffic: Any = None
 
     def out(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -42,8 +89,13 @@ def main() -> None:
                 out({"ok": True})
                 break
             if op == "start":
-                bridge = vhost_user.BlkBridge(
-                    session, req["space"], req["socket"], use_mem_slots=req.get("mem_slots", True)
+                kind = vhost_net.NetBridge if req.get("device") == "net" else vhost_user.BlkBridge
+                bridge = kind(
+                    session,
+                    req["space"],
+                    req["socket"],
+                    use_mem_slots=req.get("mem_slots", True),
+                    iommu=req.get("iommu", False),
                 )
                 out(
                     {
@@ -95,6 +147,61 @@ def main() -> None:
 
                 frontend.remove_region = wrong_region
                 out({"ok": True})
+            elif op == "net_queues":
+                bridge.start_queues(req["gpa"])
+                out({"ok": True})
+            elif op == "post_rx":
+                out({"ok": True, "head": bridge.post_rx(req["gpa"], req["length"])})
+            elif op == "post_rx_raw":
+                # Test only: a receive buffer put on the ring without the bridge's check (a
+                # driver that ignores what is exported), to see what the backend does with it.
+                with bridge._lock:
+                    q = bridge._queues[vhost_net.RX]
+                    head = bridge._free[vhost_net.RX].pop()
+                    q.write_desc(head, req["gpa"], req["length"], vhost_user._DESC_WRITE)
+                    bridge._posted[vhost_net.RX][head] = vhost_net.Buffer(
+                        req["gpa"], req["length"], req["gpa"]
+                    )
+                    q.publish(head)
+                    os.eventfd_write(bridge.kick, 1)
+                out({"ok": True, "head": head})
+            elif op == "send":
+                out({"ok": True, "head": bridge.send(req["gpa"], bytes.fromhex(req["frame"]))})
+            elif op == "receive":
+                packets = bridge.receive(req.get("count", 1), req.get("wait", 2.0))
+                out({"ok": True, "packets": [[p.gpa, p.data.hex()] for p in packets]})
+            elif op == "traffic":
+                # Traffic from a thread until traffic_stop: a frame sent, what comes back
+                # received and its buffer posted again (refused once it is revoked).
+                traffic = Traffic(bridge, req["tx"], bytes.fromhex(req["frame"]), req["length"])
+                out({"ok": True})
+            elif op == "traffic_stop":
+                out({"ok": True, **traffic.stop()})
+            elif op == "in_flight":
+                flight = bridge.in_flight()
+                out(
+                    {
+                        "ok": True,
+                        "rx": [[b.gpa, b.length] for b in flight[vhost_net.RX]],
+                        "tx": [[b.gpa, b.length] for b in flight[vhost_net.TX]],
+                    }
+                )
+            elif op == "revocations":
+                out(
+                    {
+                        "ok": True,
+                        "revocations": [
+                            {
+                                "cut": r.cut,
+                                "taken_off": r.taken_off,
+                                "in_backend": r.in_backend,
+                            }
+                            for r in bridge.revocations
+                        ],
+                    }
+                )
+            elif op == "iotlb_log":
+                out({"ok": True, "log": [list(e) for e in bridge.iotlb_log]})
             elif op == "close":
                 bridge.close()
                 bridge = None

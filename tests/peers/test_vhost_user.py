@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -80,16 +81,18 @@ def Bridge(runtime_dir: Path) -> PeerProc:
 @pytest.fixture
 def world(daemon, tmp_path):
     qsd = Qsd(tmp_path)
-    owner = membroker.connect("vmm", daemon.runtime_dir)
-    space = owner.create_space(4 * MiB)
-    mem = space.map()
-    bridge = Bridge(daemon.runtime_dir)
-    yield qsd, owner, space, mem, bridge
-    bridge.close()
-    mem.close()
-    space.close()
-    owner.close()
-    qsd.stop()
+    with contextlib.ExitStack() as stack:
+        # Whatever fails to start, what did start is ended (qemu-storage-daemon by its pid).
+        stack.callback(qsd.stop)
+        owner = membroker.connect("vmm", daemon.runtime_dir)
+        stack.callback(owner.close)
+        space = owner.create_space(4 * MiB)
+        stack.callback(space.close)
+        mem = space.map()
+        stack.callback(mem.close)
+        bridge = Bridge(daemon.runtime_dir)
+        stack.callback(bridge.close)
+        yield qsd, owner, space, mem, bridge
 
 
 def test_handshake_and_a_grant_maps_memory_in_the_backend(world):

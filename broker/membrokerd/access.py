@@ -15,6 +15,7 @@ Exceptions::
      ├── NotGranted        pin without the needed access  (.client, .offset: first such byte)
      ├── TooFragmented     a batch grant over the fragment limit  (.client, .count, .limit)
      ├── StaleChange       a prepared grant committed after another mutation  (.prepared, .now)
+     ├── TooManyPins       a pin over the holder's pin limit  (.holder, .limit)
      └── UnknownPin        unpin of an id that is not held  (.pin_id)
 
 A call that raises changes nothing, `seq` included.
@@ -48,6 +49,7 @@ __all__ = [
     "Runs",
     "StaleChange",
     "TooFragmented",
+    "TooManyPins",
     "UnknownPin",
 ]
 
@@ -110,6 +112,15 @@ class TooFragmented(AccessError):
         )
         self.client = client
         self.count = count
+        self.limit = limit
+
+
+class TooManyPins(AccessError):
+    """`holder` already holds `limit` pins in this space."""
+
+    def __init__(self, holder: str, limit: int) -> None:
+        super().__init__(f"{holder!r} already holds {limit} pins in this space (the limit)")
+        self.holder = holder
         self.limit = limit
 
 
@@ -456,7 +467,16 @@ class AccessTable:
     alone. Cost is proportional to the fragments inside the range touched, never to its pages.
     """
 
-    __slots__ = ("_grants", "_next_pin", "_page_size", "_pins", "_seq", "_shared", "_size")
+    __slots__ = (
+        "_grants",
+        "_next_pin",
+        "_page_size",
+        "_pin_counts",
+        "_pins",
+        "_seq",
+        "_shared",
+        "_size",
+    )
 
     def __init__(self, size: int, page_size: int = 4096) -> None:
         """An empty table: every page private, no grants, no pins, `seq` 0."""
@@ -470,6 +490,7 @@ class AccessTable:
         self._shared = RangeSet()
         self._grants: dict[str, _Grants] = {}
         self._pins: dict[int, Pin] = {}
+        self._pin_counts: dict[str, int] = {}  # pins per holder
         self._next_pin = 1
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -894,13 +915,19 @@ class AccessTable:
         length: int,
         write: bool = False,
         now: float | None = None,
+        max_pins: int | None = None,
     ) -> Pin:
         """Record that `holder` uses `client`'s access to the range; each call is its own pin.
 
         Needs effective RO (RW if `write`) over the whole range, else NotGranted naming the first
-        byte lacking it. `now` defaults to `time.monotonic()`.
+        byte lacking it. With `max_pins`, a holder that already holds that many pins in this
+        table gets TooManyPins (every revocation looks at every pin it overlaps: their number
+        must stay bounded). `now` defaults to `time.monotonic()`.
         """
         start, end = self._pages(offset, length)
+        held = self._pin_counts.get(holder, 0)
+        if max_pins is not None and held >= max_pins:
+            raise TooManyPins(holder, max_pins)
         g = self._grants.get(client)
         if g is None:
             first: int | None = start
@@ -922,14 +949,28 @@ class AccessTable:
         )
         self._next_pin += 1
         self._pins[pin.pin_id] = pin
+        self._pin_counts[holder] = held + 1
         return pin
+
+    def _forget_pin(self, pin: Pin) -> None:
+        del self._pins[pin.pin_id]
+        left = self._pin_counts[pin.holder] - 1
+        if left:
+            self._pin_counts[pin.holder] = left
+        else:
+            del self._pin_counts[pin.holder]
 
     def unpin(self, pin_id: int) -> Pin:
         """Release one pin and return it; UnknownPin if it is not held."""
-        try:
-            return self._pins.pop(pin_id)
-        except KeyError:
+        pin = self._pins.get(pin_id)
+        if pin is None:
             raise UnknownPin(pin_id) from None
+        self._forget_pin(pin)
+        return pin
+
+    def pin_count(self, holder: str) -> int:
+        """How many pins `holder` holds in this table."""
+        return self._pin_counts.get(holder, 0)
 
     def pins(self, holder: str | None = None) -> list[Pin]:
         """The pins of `holder`, or all pins, in pin id order."""
@@ -967,7 +1008,7 @@ class AccessTable:
             )
         ]
         for p in released:
-            del self._pins[p.pin_id]
+            self._forget_pin(p)
         return released
 
     def is_pinned(self, offset: int, length: int) -> bool:

@@ -30,6 +30,7 @@ from membrokerd.access import (
     Runs,
     StaleChange,
     TooFragmented,
+    TooManyPins,
     UnknownPin,
 )
 
@@ -871,3 +872,24 @@ def test_a_lowering_is_handed_out_lazily_as_runs() -> None:
     }
     (change,) = t.revoke("a", 0, 4 * PS).clients
     assert repr(change.lowered) == repr((r(0, 4, NONE),))  # pages 0-3, RO by then
+
+
+def test_pins_per_holder_are_limited_and_counted(table: AccessTable) -> None:
+    table.set_shared(0, 16 * PS)
+    table.grant("a", 0, 16 * PS, RW)
+    pins = [table.pin("s1", "a", i * PS, PS, max_pins=3) for i in range(3)]
+    other = table.pin("s2", "a", 0, PS, max_pins=3)  # the limit is per holder
+    seq, before = table.seq, table.pins()
+    with pytest.raises(TooManyPins) as info:
+        table.pin("s1", "a", 5 * PS, PS, max_pins=3)
+    assert (info.value.holder, info.value.limit) == ("s1", 3)
+    assert str(info.value) == "'s1' already holds 3 pins in this space (the limit)"
+    assert table.pins() == before and table.seq == seq  # the refusal changed nothing
+    assert (table.pin_count("s1"), table.pin_count("s2"), table.pin_count("s3")) == (3, 1, 0)
+    table.unpin(pins[0].pin_id)
+    assert table.pin_count("s1") == 2
+    table.pin("s1", "a", 5 * PS, PS, max_pins=3)  # room again
+    assert [p.pin_id for p in table.release_pins("s1", [(0, 16 * PS)])] == [2, 3, 5]
+    assert table.pin_count("s1") == 0
+    table.release_pins("s2")
+    assert table.pin_count("s2") == 0 and table.pins() == [] and other.pin_id == 4

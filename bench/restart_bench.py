@@ -14,21 +14,27 @@ round robin:
   kill -9     SIGKILL to MainPID; Restart=on-failure (RestartSec=1s) starts a new daemon
   restart     `systemctl --user restart membrokerd.service` (SIGTERM, then a new daemon)
   reload      `systemctl --user reload` (SIGHUP: the configuration is re-read in place)
+  upgrade     live upgrade: SIGUSR2 to MainPID (what `membrokerctl upgrade` asks for over its
+              session): the daemon re-executes itself in place (same pid), handing its
+              listening sockets, the space's fd and the journal to the new process
 
 and, with the first N only, two variants that are not the shipped set-up: kill -9 with a
 RestartSec=0 drop-in (what the 1 s wait costs), and kill -9 / restart with membrokerd.socket
 (socket activation: systemd holds the listening sockets while no daemon runs).
 
 A probe thread issues a cheap call every 2 ms from before the action on: a new session
-(`membroker.connect`: connect + Hello/Welcome) and `list_spaces`, until a call is answered by
+(connect + Hello/Welcome, not resuming) and `list_spaces`, until a call is answered by
 the new daemon (its pid in the Welcome). The gap is the time from the action to the end of the
 first successful call after the last failed call begun after the action (0 if none failed);
-"failed" counts those calls. A call in flight at the action fails with its session (sessions
-are not resumed) and is counted apart. Right after the new daemon answers, the probe thread
+"failed" counts those calls. A call in flight at the action fails (with its session, or with
+BrokerRestarting while the probe's session resumes: the probe opens a new session per call) and
+is counted apart. Right after the new daemon answers, the probe thread
 connects as the owner, attaches the space's fd and reads the 4 MiB back (retried until it
 works): "readable" is the time from the action to that read's end. For reload nothing fails and
 no new daemon answers: the probe stops at the first call begun 50 ms after `systemctl reload`
-returned, and "readable" is only when the check ran.
+returned, and "readable" is only when the check ran. For upgrade the pid stays the same: the
+probe asks GetStats instead of ListSpaces, and "the new daemon" is the first process whose
+uptime says it started after the action.
 
 Where the time goes comes from systemd's own CLOCK_MONOTONIC timestamps of the unit
 (ActiveExit, InactiveEnter, ExecMainStart, ActiveEnter = READY=1) and the daemon's log line
@@ -125,15 +131,34 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__} ({str(exc)[:60]})"
 
 
-def probe_once(runtime_dir: str) -> tuple[str | None, int]:
-    """One cheap call on a new session: (None, the answering daemon's pid) if it worked, else
-    (what it failed on, 0)."""
+def probe_session(runtime_dir: str) -> membroker.Session:
+    """A new session that does not resume (a probe's session lives for one call; one that
+    resumed would hold the name the next probe asks for), asked again while the broker is
+    busy or restarting during the handshake (BrokerBusy), as `membroker.connect` does."""
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    delay = 0.005
+    while True:
+        try:
+            left = max(0.1, deadline - time.monotonic())
+            return membroker.Session("restart-probe", runtime_dir, timeout=left, resume=0)
+        except membroker.BrokerBusy:
+            if time.monotonic() + delay >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def probe_once(runtime_dir: str, stats: bool = False) -> tuple[str | None, int, float]:
+    """One cheap call on a new session: (None, the answering daemon's pid, its uptime in s
+    when `stats`, else 0) if it worked, else (what it failed on, 0, 0)."""
     try:
-        with membroker.connect("restart-probe", runtime_dir, timeout=PROBE_TIMEOUT) as s:
+        with probe_session(runtime_dir) as s:
+            if stats:
+                return None, s.broker_pid, s.stats().uptime_seconds
             s.list_spaces()
-            return None, s.broker_pid
+            return None, s.broker_pid, 0.0
     except Exception as exc:
-        return describe(exc), 0
+        return describe(exc), 0, 0.0
 
 
 class Probe:
@@ -142,9 +167,15 @@ class Probe:
     set, at the first success that started after that), then runs `readback` until it works."""
 
     def __init__(
-        self, runtime_dir: Path, readback: Callable[[], None] | None, old_pid: int
+        self,
+        runtime_dir: Path,
+        readback: Callable[[], None] | None,
+        old_pid: int,
+        same_pid: bool = False,
     ) -> None:
         self.runtime_dir = str(runtime_dir)
+        # An upgrade: the new process has the old pid; it is told apart by its uptime.
+        self.same_pid = same_pid
         self.readback = readback
         self.old_pid = old_pid
         self.attempts: list[tuple[float, float, str | None]] = []
@@ -163,12 +194,18 @@ class Probe:
             due = time.monotonic()
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                err, pid = probe_once(self.runtime_dir)
+                err, pid, uptime = probe_once(self.runtime_dir, self.same_pid)
                 t1 = time.monotonic()
                 self.attempts.append((t0, t1, err))
                 action, settle = self.action_at, self.settle_after
-                # After a reload: a call begun once it settled; else: another daemon answered.
-                moved_on = (t0 >= settle) if settle is not None else (pid != self.old_pid)
+                # After a reload: a call begun once it settled; after an upgrade: a process
+                # started after the action; else: another daemon answered.
+                if settle is not None:
+                    moved_on = t0 >= settle
+                elif self.same_pid:
+                    moved_on = action is not None and t1 - uptime >= action
+                else:
+                    moved_on = pid != self.old_pid
                 if action is not None and err is None and t1 >= action and moved_on:
                     self.recovered_at = t1
                     break
@@ -202,6 +239,42 @@ class Probe:
         self._thread.join(PROBE_TIMEOUT + 5)
 
 
+class ResumeProbe:
+    """A session opened before the action that keeps calling (list_spaces every
+    PROBE_INTERVAL): it resumes by itself after the action; `back_at` is the end of its first
+    call that succeeded after one failed (BrokerRestarting) -- or None if none failed."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        self.session = membroker.connect("resume-probe", str(runtime_dir), timeout=PROBE_TIMEOUT)
+        self.failed_since: float | None = None
+        self.back_at: float | None = None
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resume-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.back_at is None:
+            try:
+                self.session.list_spaces()
+            except Exception:
+                self.failures += 1
+                if self.session.closed:
+                    return
+            else:
+                if self.failures:
+                    self.back_at = time.monotonic()
+            time.sleep(PROBE_INTERVAL)
+
+    def stop(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.failures and self.back_at is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        self._thread.join(PROBE_TIMEOUT + 5)
+        self.session.close()
+
+
 @dataclass
 class Run:
     action: str
@@ -218,6 +291,8 @@ class Run:
     points: dict[str, float] = field(default_factory=dict)  # s after the action
     restored: int | None = None
     restore_ms: float | None = None
+    # s, action -> a session connected before it answers again (resumed); None: never failed
+    resumed: float | None = None
 
 
 def show(sd: UserManager) -> dict[str, str]:
@@ -248,7 +323,8 @@ def measure(
     kind = action.split(",")[0]
     old_pid = sd.main_pid() if kind != "start" else 0
     log_offset = sd.log.stat().st_size if sd.log.exists() else 0
-    probe = Probe(sd.runtime_dir, readback, old_pid)
+    probe = Probe(sd.runtime_dir, readback, old_pid, same_pid=kind == "upgrade")
+    resumer = ResumeProbe(sd.runtime_dir) if kind != "start" else None
     try:
         time.sleep(0.05)  # the probe is running (succeeding, or failing for a cold start)
         t0 = time.monotonic()
@@ -260,6 +336,8 @@ def measure(
         elif kind == "reload":
             sd.systemctl("reload", SERVICE)
             probe.settle_after = time.monotonic() + 0.05
+        elif kind == "upgrade":
+            os.kill(old_pid, signal.SIGUSR2)
         else:
             raise ValueError(action)
         command = time.monotonic() - t0
@@ -267,6 +345,8 @@ def measure(
             raise RuntimeError(f"{action}: no successful call within {RECOVERY_TIMEOUT} s")
     finally:
         probe.stop()
+        if resumer is not None:
+            resumer.stop(RECOVERY_TIMEOUT)
     if probe.error is not None:
         raise RuntimeError(f"{action}: the probe failed: {probe.error!r}") from probe.error
     assert probe.recovered_at is not None
@@ -274,12 +354,14 @@ def measure(
     def settled() -> bool:
         s = sd.show(SERVICE, "ActiveState", "MainPID")
         return s["ActiveState"] == "active" and (
-            kind == "reload" or s["MainPID"] not in ("0", str(old_pid))
+            kind == "reload"
+            or (kind == "upgrade" and s["MainPID"] == str(old_pid))
+            or s["MainPID"] not in ("0", str(old_pid))
         )
 
     sd.wait_for(f"the unit to be active after {action}", settled, timeout=RECOVERY_TIMEOUT)
     window = [a for a in probe.attempts if a[1] >= t0 and a[0] <= probe.recovered_at]
-    # A call in flight at the action fails with its session (sessions are not resumed): counted
+    # A call in flight at the action fails with its session (or BrokerRestarting): counted
     # apart; the gap is how long calls begun after the action fail.
     in_flight = [a for a in window if a[2] is not None and a[0] < t0]
     failed = [a for a in window if a[2] is not None and a[0] >= t0]
@@ -300,6 +382,8 @@ def measure(
         readable=probe.readable_at - t0 if probe.readable_at is not None else None,
         command=command,
     )
+    if resumer is not None and resumer.back_at is not None:
+        run.resumed = resumer.back_at - t0
     if kind == "reload":
         return run
     props = show(sd)
@@ -455,6 +539,12 @@ def segment_row(runs: list[Run]) -> list[str]:
     return cells
 
 
+def resumed_cell(runs: list[Run]) -> str:
+    if all(r.action == "start" for r in runs):
+        return "—"
+    return ms(p50([r.resumed or 0.0 for r in runs]))
+
+
 def report(
     runs: list[Run],
     baselines: list[tuple[str, list[float]]],
@@ -465,8 +555,8 @@ def report(
         "| action | grant ranges | gap p50 ms | gap max ms | failed calls p50 (max) "
         "| in-flight calls failed (all repeats) "
         "| slowest call p50 ms | new daemon answers p50 ms | space readable again p50 ms "
-        "| max ms | systemctl p50 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max ms | connected session answers again p50 ms | systemctl p50 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     groups: dict[tuple[str, int | None], list[Run]] = {}
     for r in runs:
@@ -483,6 +573,7 @@ def report(
             f"| {'—' if action == 'reload' else ms(p50([r.answered for r in rs]))} "
             f"| {ms(p50(readable)) if readable else '—'} "
             f"| {ms(max(readable)) if readable else '—'} "
+            f"| {resumed_cell(rs)} "
             f"| {ms(p50([r.command for r in rs]))} |"
         )
     lines += [
@@ -492,7 +583,10 @@ def report(
         "fast); in-flight: calls whose session was open at the action. slowest call: the "
         "longest single call in the window (a call that waits in a listen backlog). new daemon "
         "answers: the first call answered by the new pid. readable: the owner reconnects, "
-        "attach_fd, reads the 4 MiB back and compares; for reload only when that check ran.",
+        "attach_fd, reads the 4 MiB back and compares; for reload only when that check ran. "
+        "connected session: a session opened before the action calls list_spaces every ~2 ms; "
+        "its calls fail with BrokerRestarting (retryable) while it resumes by itself: the time "
+        "from the action to its first answer after that (0: no call failed).",
         "",
         "Where the time goes (p50 ms of each segment, from systemd's timestamps of the unit and "
         "the daemon's log; a segment an action has no timestamp for is merged into the next):",
@@ -587,7 +681,7 @@ def main() -> int:
             def readback(guest: Guest = guest) -> None:
                 guest.readback(sd.runtime_dir)
 
-            actions = ["kill -9", "restart", "reload"]
+            actions = ["kill -9", "restart", "reload", "upgrade"]
             if grants == args.grants[0]:
                 actions.append(f"kill -9, {FAST_RESTART}")
             for _ in range(n):

@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +62,7 @@ from membrokerd.journal import (
     SHARE,
     SHARED,
     JournalError,
+    SessionRecord,
     SpaceRecord,
     Writer,
     restore_table,
@@ -70,7 +72,7 @@ from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
 from membrokerd.pushes import OFFLOAD_RANGES, Encoder, collector_paused, without_collector
 from membrokerd.revocation import Ack, Batch, SpaceQueue, Verdict
-from membrokerd.sessions import CLIENT_NAME, Session
+from membrokerd.sessions import CLIENT_NAME, Session, process_start_time, token_hash
 from membrokerd.spaces import (
     Attachment,
     BackingKind,
@@ -97,6 +99,11 @@ ATTACH_INLINE_RANGES = 1024
 MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
+# Seconds after a start during which the sessions of the previous daemon may resume (their
+# resume tokens are in the journal); then they are forgotten, and a process of theirs that
+# still maps a space is dealt with as a fenced one (`_unresumed`). MEMBROKERD_RESUME_WINDOW_S
+# overrides it (the tests shorten it).
+RESUME_WINDOW_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -170,6 +177,8 @@ class Broker:
         self.unverified_total = 0
         # Set by the server: runs `Call` frames (membrokerd.servicer.SessionCalls).
         self.calls: SessionCalls | None = None
+        # Set by the server: starts a live upgrade (the Upgrade call).
+        self.request_upgrade: Callable[[], None] | None = None
         self.faults = FaultServer(self._fault_refused)
         self.metrics = Metrics(self.snapshot)
         self.faults.observe = self.metrics.fault_seconds.observe
@@ -179,12 +188,19 @@ class Broker:
         # to systemd's fd store.
         self.journal: Writer | None = None
         self.fd_store = False
+        # Sessions of the previous daemon that may resume (by token hash), until
+        # RESUME_WINDOW_S after the start; and whether this daemon is stopping (its sessions
+        # then stay resumable).
+        self._resumable: dict[str, SessionRecord] = {}
+        self.stopping = False
+        self.resume_window_s = _resume_window()
         # A fence drops the client's grants in every space (Enforcer._begin): journaled here.
         begin = self.enforcer._begin
 
         def begin_then_journal(session: Session, kind: str, reason: str) -> Any:
             reach = begin(session, kind, reason)
-            self._journal_forget(session.name)
+            # Awaited by the fencing before it reports (Enforcer.fence).
+            session.forgotten = self._journal_forget(session.name)
             return reach
 
         self.enforcer._begin = begin_then_journal  # type: ignore[method-assign]
@@ -350,6 +366,7 @@ class Broker:
                 f"client name {name!r} must be 1-64 characters of "
                 "letters, digits and . _ : @ -, starting with a letter or digit"
             )
+        resumes = self._resume_of(conn, name, hello.resume_token) if hello.resume_token else None
         if name in self._by_name:
             other = self._by_name[name]
             raise ProtocolError(
@@ -380,16 +397,66 @@ class Broker:
         if not is_alive(session):
             session.release()
             raise ProtocolError("the process exited during the handshake")
+        if resumes is not None:
+            del self._resumable[resumes.token_sha256]
+            session.resumed = True
+            self.metrics.resumed_sessions.inc()
+        writes: list[asyncio.Future[None]] = []
         if self.config.client_name_binding == "uid" and name not in self._name_uid:
             self._name_uid[name] = who.uid
             if self.journal is not None:
-                self.journal.submit(self.journal.journal.bind_name, name, who.uid)
+                # Awaited before the Welcome: a binding a session was told about survives.
+                writes.append(
+                    asyncio.wrap_future(
+                        self.journal.submit(self.journal.journal.bind_name, name, who.uid)
+                    )
+                )
         self._stop_waiting(conn)
         self.sessions[conn] = session
         self._by_token[session.token] = session
         self._by_name[session.name] = session
         self._by_id[session.session_id] = session
-        conn.send(
+        if self.journal is not None:
+            session.start_time = process_start_time(conn.cred.pid, conn.pidfd)
+            if session.start_time >= 0:
+                session.issue_resume_token()
+                record = SessionRecord(
+                    session.resume_hash,
+                    session.name,
+                    session.uid,
+                    session.pid,
+                    session.start_time,
+                    time.time(),
+                )
+                replaces = resumes.token_sha256 if resumes is not None else ""
+                writes.append(
+                    asyncio.wrap_future(
+                        self.journal.submit(self.journal.journal.add_session, record, replaces)
+                    )
+                )
+        if writes:
+            self.spawn(self._welcome_when_written(session, writes))
+        else:
+            self._welcome(session)
+
+    async def _welcome_when_written(
+        self, session: Session, writes: list[asyncio.Future[None]]
+    ) -> None:
+        """Welcomes the session once its journal rows are on disk: a resume token a client
+        holds is one a restarted daemon knows. If the journal refuses, the session is not
+        resumable (no token)."""
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        if any(isinstance(r, BaseException) for r in results):
+            log.error(
+                "session %s: the journal could not record it: it cannot be resumed after a restart",
+                session.session_id,
+            )
+            session.resume_token = session.resume_hash = ""
+        if not session.conn.closed:
+            self._welcome(session)
+
+    def _welcome(self, session: Session) -> None:
+        session.conn.send(
             spb.Frame(
                 welcome=spb.Welcome(
                     session_id=session.session_id,
@@ -398,16 +465,120 @@ class Broker:
                     max_frame_bytes=self.config.max_frame_bytes,
                     broker_pid=os.getpid(),
                     page_size=os.sysconf("SC_PAGE_SIZE"),
+                    resume_token=session.resume_token,
+                    resumed=session.resumed,
                 )
             )
         )
         log.info(
-            "session %s: client %r pid %d uid %d",
+            "session %s: client %r pid %d uid %d%s",
             session.session_id,
             session.name,
             session.pid,
             session.uid,
+            " (resumed)" if session.resumed else "",
         )
+
+    def _resume_of(self, conn: Connection, name: str, token: str) -> SessionRecord:
+        """The previous daemon's session a Hello's resume token names, once it is shown to
+        be this very process under the same name; else a ProtocolError (NOT_FOUND or
+        PERMISSION_DENIED) and nothing changes: the record stays for its rightful owner."""
+        record = self._resumable.get(token_hash(token)) if len(token) <= 256 else None
+        if record is None:
+            raise ProtocolError(
+                "resume refused: the resume token is unknown or expired (sessions of the "
+                f"previous daemon may resume for {self.resume_window_s:g} s after a start): open a "
+                "new session",
+                code=5,
+            )
+        cred = conn.cred
+        problem = ""
+        if record.uid != cred.uid:
+            problem = f"it was issued to uid {record.uid}, not {cred.uid}"
+        elif record.client != name:
+            problem = f"it was issued to client name {record.client!r}, not {name!r}"
+        elif record.pid != cred.pid or record.start_time != process_start_time(
+            cred.pid, conn.pidfd
+        ):
+            problem = f"it was issued to another process (pid {record.pid}), not pid {cred.pid}"
+        if problem:
+            log.warning(
+                "resume of session of %r refused for pid %d uid %d: %s",
+                record.client,
+                cred.pid,
+                cred.uid,
+                problem,
+            )
+            raise ProtocolError(f"resume refused: {problem}", code=7)
+        return record
+
+    def _expire_resumable(self) -> None:
+        """RESUME_WINDOW_S after the start: sessions of the previous daemon that did not
+        come back can no longer resume, and their processes are checked (`_unresumed`)."""
+        gone = list(self._resumable.values())
+        self._resumable.clear()
+        if not gone:
+            return
+        log.info("%d session(s) of the previous daemon did not resume in time", len(gone))
+        if self.journal is not None:
+            self.journal.submit(self.journal.journal.end_sessions, *(r.token_sha256 for r in gone))
+        for record in gone:
+            try:
+                self._unresumed(record)
+            except Exception:  # a look at a process never stops the daemon
+                log.exception("checking the process of unresumed session of %r", record.client)
+
+    def _unresumed(self, record: SessionRecord) -> None:
+        """A session that did not resume: if its process still runs (same pid and start
+        time), has no session of its own now, and still maps a space it does not own, nothing
+        checks what it reaches there any more (a sealed mapping's userfaultfd ended with the
+        previous daemon): it is dealt with like a fenced client that still maps
+        (on_fenced_still_mapped: killed through a pidfd, or reported)."""
+        if any(s.pid == record.pid for s in self._by_id.values()):
+            return  # it has a session now: verified and audited through it
+        try:
+            pidfd = sys_sock.pidfd_open(record.pid)
+        except OSError:
+            return  # exited
+        try:
+            if process_start_time(record.pid, pidfd) != record.start_time:
+                return  # the pid is another process's now
+            try:
+                view = ProcessView(record.pid)
+            except OSError:
+                return
+            try:
+                mapped = [
+                    s.space_id
+                    for s in self.spaces.values()
+                    if not (s.owner == record.client and s.owner_uid == record.uid)
+                    and view.mappings_of(s.dev, s.ino)
+                ]
+            finally:
+                view.close()
+            if not mapped:
+                return
+            action = "reported"
+            if self.config.on_fenced_still_mapped == "kill":
+                try:
+                    sys_sock.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    action = "killed"
+                except OSError as exc:
+                    action = f"not killed ({exc})"
+            self.fenced_total += 1
+            self.metrics.fenced.labels("unresumed").inc()
+            log.warning(
+                "client %r (pid %d, uid %d) did not resume its session within %g s and still "
+                "maps %s, which nothing checks any more: %s (on_fenced_still_mapped)",
+                record.client,
+                record.pid,
+                record.uid,
+                self.resume_window_s,
+                ", ".join(mapped),
+                action,
+            )
+        finally:
+            os.close(pidfd)
 
     def _check_name_binding(self, who: Identity, name: str) -> None:
         """A client name is its first user's uid's for the daemon's life (grants are addressed
@@ -518,7 +689,11 @@ class Broker:
         session.conn.send(
             spb.Frame(sealed_result=spb.SealedResult(space_id=space.space_id, error=error or ""))
         )
+        resumed = space.space_id in session.resyncing
+        session.resyncing.discard(space.space_id)
         if error is None:
+            if resumed:
+                self.spawn(self._resync_sealed(session, space))
             return
         if registered:
             # Closing the uffd would hand the client the whole file: keep serving it, inert.
@@ -822,6 +997,10 @@ class Broker:
         self._by_id.pop(session.session_id, None)
         if self._by_name.get(session.name) is session:
             del self._by_name[session.name]
+        if session.resume_hash and not self.stopping and self.journal is not None:
+            # Ended by its client or fenced: never resumable. (A daemon that stops keeps its
+            # sessions resumable for the next one.)
+            self.journal.submit(self.journal.journal.end_sessions, session.resume_hash)
         for fd in session.offered.values():
             os.close(fd)
         session.offered.clear()
@@ -944,19 +1123,22 @@ class Broker:
             return exc
         return None
 
-    def _journal_forget(self, client: str) -> None:
-        """A fenced client's grants are gone from every space (written without waiting: a
-        fence is no call of the owner's)."""
+    def _journal_forget(self, client: str) -> asyncio.Future[None] | None:
+        """A fenced client's grants are gone from every space: written now; the fencing waits
+        for it before it reports (so a revocation that reports a fence reports it durable)."""
         if self.journal is None:
-            return
+            return None
         forget = self.journal.compaction.forget
         changes = [
             forget(space.space_id, space.table, client)
             for space in self.spaces.values()
             if not space.ephemeral
         ]
-        if changes:
-            self.journal.submit(self.journal.journal.apply, *changes)
+        if not changes:
+            return None
+        pending = asyncio.wrap_future(self.journal.submit(self.journal.journal.apply, *changes))
+        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return pending
 
     async def _journal_gone(self, space: Space) -> None:
         if self.journal is None or space.ephemeral:
@@ -987,6 +1169,14 @@ class Broker:
             raise
         if self.config.client_name_binding == "uid":
             self._name_uid.update(contents.names)
+        self._resumable = {r.token_sha256: r for r in contents.sessions}
+        if self._resumable:
+            log.info(
+                "journal: %d session(s) of the previous daemon may resume within %g s",
+                len(self._resumable),
+                self.resume_window_s,
+            )
+            self.loop.call_later(self.resume_window_s, self._expire_resumable)
         restored = 0
         for state in contents.spaces:
             rec = state.record
@@ -1887,6 +2077,128 @@ class Broker:
 
         return await self.change(space, "attach", job)
 
+    async def resume_attach(
+        self,
+        session: Session,
+        space_id: str,
+        kind: Attachment,
+        *,
+        sealed: bool,
+        address: int,
+        writable: bool,
+    ) -> Attached:
+        """Re-binds an attachment a resumed session held before the restart (no fd: it still
+        has its mapping or its fd), and re-synchronises it (`_resync`): pushes its effective
+        access now and a Revoke of everything beyond it, waits for the acknowledgement and
+        verifies the process like any revocation (the report, cause "resume", is in the
+        space's history). A client still mapping more than it holds is fenced.
+
+        A sealed mapping lost its userfaultfd with the previous daemon: it is re-bound as
+        sealed mode is entered (`sealing`), the client sends a new userfaultfd (`Sealed`), the
+        mapping is checked and registered like a new one, and only then re-synchronised."""
+        space = self.space(space_id)
+        if not session.resumed:
+            raise WrongState(
+                "only a resumed session re-binds an attachment (AttachRequest.resume): attach "
+                "without resume"
+            )
+        policy.check_attach(self.config, session.identity)
+        if kind is Attachment.VA and not sealed and self.config.va_mode == "sealed":
+            raise NotAllowed(
+                "this broker requires sealed VA mode (va_mode = sealed): a cooperative "
+                "mapping cannot be resumed; attach again with a sealed one"
+            )
+        if sealed and space.sealed_unsupported():
+            raise WrongState(f"{space_id} cannot offer sealed mode: {space.sealed_unsupported()}")
+        if kind is Attachment.VA and (address == 0 or address % space.page_size):
+            raise BadRequest(f"address {address:#x} is not a page-aligned mapping address")
+
+        async def job() -> Attached:
+            self._check_attach(session, space)
+            seq = space.table.seq
+            owner = self.is_owner(session, space)
+            session.attached[space_id] = kind
+            session.attached_at[space_id] = time.monotonic()
+            space.attachments[session.session_id] = kind
+            if sealed:
+                may_write = owner or space.table.has_rw_grant(session.name)
+                session.sealing[space_id] = may_write
+                session.resyncing.add(space_id)
+                return Attached(space, 0, seq, [], False, may_write, True)
+            if kind is Attachment.VA:
+                session.va_base[space_id] = address
+            writable_now = True
+            if not writable:
+                if owner or space.table.has_rw_grant(session.name):
+                    # Granted rw while it was away: a read-write description first.
+                    session.deliver_fd(space.fd, space.space_id, upgrade=True)
+                else:
+                    session.read_only_fd.add(space_id)
+                    writable_now = False
+            held = await self._resync(session, space)
+            log.info(
+                "session %s (%r): attachment to %s resumed at seq %d (%d held range(s))",
+                session.session_id,
+                session.name,
+                space_id,
+                seq,
+                held,
+            )
+            return Attached(space, 0, seq, [], False, writable_now, False)
+
+        return await self.change(space, "attach", job)
+
+    async def _resync(self, session: Session, space: Space) -> int:
+        """(In the space's queue.) Pushes what a resumed client holds (AccessUpdate) and
+        revokes everything else, then waits for its acknowledgement and the verification;
+        WrongState if it was fenced. Returns the number of held ranges."""
+        readable, writable_set = space.table.allowed_sets(session.name)
+        seq = space.table.seq
+        table, size = space.table, space.size
+
+        def plan() -> tuple[list[AccessRange], list[AccessRange]]:
+            held = list(table.ranges_of(readable, writable_set))
+            return held, _beyond(held, size)
+
+        if len(readable) + len(writable_set) < OFFLOAD_RANGES:
+            held, beyond = plan()
+        else:
+            # Built on a worker (a million range objects): see attach.
+            held, beyond = await self.loop.run_in_executor(None, without_collector(plan))
+        if session.conn.closed or space.space_id not in session.attached:
+            raise WrongState(f"the session of {session.name!r} ended or detached meanwhile")
+        t0 = time.perf_counter()
+        encoder = self._encoder(space.space_id, seq)
+        if held:
+            self._send_all(session, await encoder.update(held))
+        if beyond:
+            batch = Batch(self.loop)
+            frames = await encoder.revoke(beyond, False)
+            self._expect_ack(batch, space, session, seq, beyond)
+            self._send_all(session, frames)
+            result = await self._settle(space, seq, batch, "resume", t0, 0)
+            for outcome in result.clients:
+                if outcome.outcome is Outcome.FENCED:
+                    raise WrongState(
+                        f"{space.space_id} could not be re-synchronised: {outcome.reason}"
+                    )
+        return len(held)
+
+    async def _resync_sealed(self, session: Session, space: Space) -> None:
+        """A resumed sealed mapping was accepted: now re-synchronise it (see resume_attach)."""
+        try:
+            held = await self.change(space, "resume", lambda: self._resync(session, space))
+        except (WrongState, UnknownObject) as exc:
+            log.warning("session %s: resuming %s: %s", session.session_id, space.space_id, exc)
+            return
+        log.info(
+            "session %s (%r): sealed attachment to %s resumed (%d held range(s))",
+            session.session_id,
+            session.name,
+            space.space_id,
+            held,
+        )
+
     def _holds_fd_by_right(self, session: Session, space: Space) -> str:
         """Why the process of `session` may keep an fd of `space` (then a sealed mapping in it
         proves nothing), or ''."""
@@ -1925,6 +2237,7 @@ class Broker:
             # process exits.
             mapping.retire()
         session.sealing.pop(space.space_id, None)
+        session.resyncing.discard(space.space_id)
         session.read_only_fd.discard(space.space_id)
         session.attached.pop(space.space_id, None)
         session.attached_at.pop(space.space_id, None)
@@ -2008,13 +2321,16 @@ class Broker:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def shutdown(self, reason: str) -> None:
-        """Tells every session, closes them, frees every space."""
+    def shutdown(self, reason: str, *, restarting: bool = False) -> None:
+        """Tells every session, closes them, frees every space (this process's fds of them:
+        the fd store or an upgrade keeps them). Sessions stay resumable in the journal;
+        `restarting` tells them so (an upgrade)."""
+        self.stopping = True
         for queue in self.queues.values():
             queue.cancel()
         self.queues.clear()
         for conn in list(self.sessions):
-            conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason)))
+            conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason, restarting=restarting)))
             conn.close(reason)
         for task in list(self._tasks):
             task.cancel()
@@ -2045,6 +2361,22 @@ MAX_WITHDRAWN = 64
 OFFLOAD_FRAGMENTS = 65536
 
 
+def _beyond(held: Sequence[AccessRange], size: int) -> list[AccessRange]:
+    """What a client holding `held` (sorted, coalesced) must not reach: every other byte of
+    the space at NONE, and what it holds read-only at RO."""
+    out: list[AccessRange] = []
+    cursor = 0
+    for r in held:
+        if r.offset > cursor:
+            out.append(AccessRange(cursor, r.offset - cursor, Access.NONE))
+        if r.access is Access.RO:
+            out.append(r)
+        cursor = r.offset + r.length
+    if cursor < size:
+        out.append(AccessRange(cursor, size - cursor, Access.NONE))
+    return out
+
+
 def _lowered_bytes(change: ClientDelta) -> int:
     return change.lowered_bytes
 
@@ -2069,6 +2401,15 @@ def _view_of(pid: int) -> ProcessView | None:
         return ProcessView(pid)
     except OSError:
         return None  # gone meanwhile: write-protections then cover whole spans
+
+
+def _resume_window() -> float:
+    text = os.environ.get("MEMBROKERD_RESUME_WINDOW_S", "")
+    try:
+        value = float(text) if text else RESUME_WINDOW_S
+    except ValueError:
+        value = RESUME_WINDOW_S
+    return value if 0 < value <= 3600 else RESUME_WINDOW_S
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

@@ -10,9 +10,11 @@ size, owner name and uid, imported, regions, dev/ino and seals of its backing, t
 table's seq), its shared pages, and each client's grant sets. Sets are stored as their
 `array('Q')` columns (`tobytes()`), one row per client, never a row per fragment: a change to
 one client rewrites that client's row only (a million fragments: 4 blobs, ~32 MB). Besides,
-the client-name -> uid bindings (client_name_binding = uid). Not kept: sessions, attachments,
-pins, revocation history (all end with the process), and ephemeral spaces (they end with
-their owner's session, which a restart ends).
+the client-name -> uid bindings (client_name_binding = uid), and one row per live session that
+may be resumed after a restart (`SessionRecord`: the SHA-256 of its resume token, never the
+token, with the client name, uid, pid and process start time it is bound to). Not kept:
+attachments and pins (a resumed session re-binds its attachments itself), revocation history,
+and ephemeral spaces (they end with their owner's session, which a restart ends).
 
 The memory itself is not in the journal: its fd travels through systemd's fd store
 (membrokerd.systemd.fd_store_add) and comes back in LISTEN_FDS.
@@ -88,6 +90,14 @@ CREATE TABLE IF NOT EXISTS ops (
 );
 CREATE INDEX IF NOT EXISTS ops_by_set ON ops (space_id, client);
 CREATE TABLE IF NOT EXISTS names (client TEXT PRIMARY KEY, uid INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    token_sha256 TEXT PRIMARY KEY,
+    client TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    created_unix REAL NOT NULL
+);
 """
 
 
@@ -219,6 +229,21 @@ class SpaceState:
 class Contents:
     spaces: list[SpaceState]
     names: dict[str, int]
+    sessions: list[SessionRecord] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session that may be resumed: what its resume token is bound to."""
+
+    token_sha256: str
+    client: str
+    uid: int
+    pid: int
+    # The process's start time (/proc/PID/stat field 22, clock ticks since boot): a pid
+    # reused by another process after the first one exited does not match.
+    start_time: int
+    created_unix: float
 
 
 # -- the access table, in and out --------------------------------------------------------------
@@ -510,6 +535,35 @@ class Journal:
             ).close()
         )
 
+    def add_session(self, record: SessionRecord, replaces: str = "") -> None:
+        """A resumable session (`replaces`: the token hash of the session it resumes, whose
+        row goes in the same transaction)."""
+
+        def body(db: sqlite3.Connection) -> None:
+            if replaces:
+                db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (replaces,))
+            db.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?,?,?,?,?,?)",
+                (
+                    record.token_sha256,
+                    record.client,
+                    record.uid,
+                    record.pid,
+                    record.start_time,
+                    record.created_unix,
+                ),
+            )
+
+        self._write(body)
+
+    def end_sessions(self, *token_sha256: str) -> None:
+        """Sessions that can no longer be resumed (ended by their client, fenced, expired)."""
+        self._write(
+            lambda db: db.executemany(
+                "DELETE FROM sessions WHERE token_sha256 = ?", [(t,) for t in token_sha256]
+            ).close()
+        )
+
     # -- reading --------------------------------------------------------------------------------
 
     def load(self) -> Contents:
@@ -552,9 +606,16 @@ class Journal:
                     if state is not None:
                         state.ops.append(Op(row[1], row[2], Sets(row[3], row[4])))
                 names = {c: u for c, u in db.execute("SELECT client, uid FROM names")}
+                sessions = [
+                    SessionRecord(*row)
+                    for row in db.execute(
+                        "SELECT token_sha256, client, uid, pid, start_time, created_unix "
+                        "FROM sessions"
+                    )
+                ]
             except (sqlite3.Error, ValueError, TypeError) as exc:
                 raise JournalError(f"cannot read the journal {self.path}: {exc}") from exc
-        return Contents(list(spaces.values()), names)
+        return Contents(list(spaces.values()), names, sessions)
 
     def close(self) -> None:
         with self._lock:
@@ -599,6 +660,7 @@ __all__ = [
     "Journal",
     "JournalError",
     "Op",
+    "SessionRecord",
     "Sets",
     "SpaceRecord",
     "SpaceState",

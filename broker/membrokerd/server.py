@@ -5,15 +5,24 @@ signals, graceful shutdown.
 under uvloop. Under systemd (membrokerd.systemd) it also says READY=1 / STATUS= / STOPPING=1,
 feeds the watchdog while its event loop runs, reloads its configuration on SIGHUP, and takes
 over the sockets of membrokerd.socket when started by socket activation.
+
+Live upgrade (SIGUSR2, or the Upgrade call of `membrokerctl upgrade`): the daemon stops as for
+a shutdown, except that it first gathers its listening sockets and its spaces' fds (`Handover`;
+control.sock is replaced by a socket of its own, gRPC's cannot be passed), tells the sessions to
+resume, closes its journal, and re-executes its own program in place (same pid), passing the
+fds in MEMBROKERD_HANDOVER_FDS. The new process takes them like socket activation and the fd
+store, restores the spaces from the journal, and says READY=1 with MAINPID= to systemd.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import time
@@ -247,6 +256,112 @@ def restore(broker: Broker, config: BrokerConfig, stored: dict[str, int]) -> Non
     )
 
 
+def _socket_file(path: Path) -> SocketFile:
+    st = os.lstat(path)
+    return SocketFile(path, st.st_dev, st.st_ino)
+
+
+class Handover:
+    """What a live upgrade passes to the re-executed daemon: inheritable copies of fds."""
+
+    def __init__(self) -> None:
+        self.fds: list[tuple[str, int]] = []
+        self.owned: list[str] = []
+
+    def add(self, name: str, fd: int) -> None:
+        self.fds.append((name, os.dup(fd)))
+
+    def close(self) -> None:
+        for _, fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def execute(self) -> None:
+        """Re-executes this program (same argv, same pid) with the fds; on failure, closes
+        them and raises (the daemon then exits with an error: under systemd it is restarted
+        and takes the spaces back from the fd store)."""
+        env = dict(os.environ)
+        env.update(systemd.handover_env(self.fds, self.owned))
+        for _, fd in self.fds:
+            os.set_inheritable(fd, True)
+        argv = list(sys.orig_argv)
+        log.info("upgrade: executing %s with %d fd(s)", " ".join(argv), len(self.fds))
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError as exc:
+            self.close()
+            raise StartupRefused(f"upgrade: cannot execute {sys.executable}: {exc}") from exc
+
+
+def _hand_over(
+    broker: Broker,
+    config: BrokerConfig,
+    listener: Listener | None,
+    relay: Relay | None,
+    control_file: SocketFile | None,
+) -> Handover:
+    """Gathers the listening sockets and the spaces' fds for the next process, before this
+    one closes anything: connections made from now on wait in the sockets' backlogs. The
+    control socket gRPC listens on cannot be passed (gRPC adopts no socket): a new one is
+    bound and renamed over control.sock first, and the next process relays it to its gRPC
+    server."""
+    passing = Handover()
+    try:
+        if listener is not None:
+            passing.add("session", listener.sock.fileno())
+            if listener.file is not None:
+                passing.owned.append("session")
+        if relay is not None:
+            passing.add("control", relay.sock.fileno())
+            if control_file is not None:
+                passing.owned.append("control")
+        elif control_file is not None:
+            sock = _bind_control_handover(config.control_socket, config.control_socket_mode)
+            try:
+                passing.add("control", sock.fileno())
+            finally:
+                sock.close()
+            passing.owned.append("control")
+        for space in broker.spaces.values():
+            if not space.ephemeral and not space.deleting:
+                passing.add(space.space_id, space.fd)
+    except BaseException:
+        passing.close()
+        raise
+    log.info(
+        "upgrade: handing over %d socket(s) and %d space(s)",
+        sum(1 for n, _ in passing.fds if n in ("control", "session")),
+        sum(1 for n, _ in passing.fds if n not in ("control", "session")),
+    )
+    return passing
+
+
+def _bind_control_handover(path: Path, mode: int) -> socket.socket:
+    """A listening socket renamed over `path` (control.sock): from this moment new control
+    connections queue on it, for the next process."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.handover")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(str(tmp))
+        finally:
+            os.umask(old_umask)
+        os.chmod(tmp, mode)
+        sock.listen(4096)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return sock
+
+
 async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> None:
     """Serves until SIGTERM or SIGINT (or `stop` is set), then shuts down cleanly.
 
@@ -259,33 +374,57 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
     # Workers (large encodings, verifications) hand the GIL back to the event loop within
     # 1 ms instead of Python's default 5 ms: the loop waits less behind them.
     sys.setswitchinterval(LOOP_SWITCH_INTERVAL_S)
-    # Sockets (socket activation) and space fds (systemd's fd store, named by space id).
+    # Sockets (socket activation) and space fds (systemd's fd store, named by space id); or
+    # the same, handed over by the daemon this process re-executes (a live upgrade).
     passed, stored = systemd.split_passed(systemd.passed_fds())
+    handover, owned = systemd.handover_fds()
+    handed, handed_stored = systemd.split_passed(handover)
+    for space_id, fd in handed_stored.items():
+        if space_id in stored:
+            os.close(fd)  # the fd store gave it back too
+        else:
+            stored[space_id] = fd
     try:
         prepare_runtime_dir(config.runtime_dir)
         lock = DaemonLock.acquire(config.lock_file)
     except BaseException:
-        for _, sock in passed:
+        for _, sock in passed + handed:
             sock.close()
         _close_all(stored)
         raise
     control = config.control_socket
+    wanted = {"control": control, "session": config.session_socket}
     try:
         # Socket activation: systemd's sockets are used as they are (and never removed).
-        adopted = systemd.take_sockets(
-            passed, {"control": control, "session": config.session_socket}
-        )
+        adopted = systemd.take_sockets(passed, wanted)
+        for name, sock in systemd.take_sockets(handed, wanted, handed_over=True).items():
+            if name in adopted:
+                sock.close()
+            else:
+                adopted[name] = sock
+        # The handed-over socket files the previous daemon bound are this daemon's now.
+        own_files = {name: _socket_file(wanted[name]) for name in owned if name in adopted}
         # Both before binding either: refuse while nothing of ours exists yet.
-        for path in (control, config.session_socket):
-            if path not in (Path(s.getsockname()) for s in adopted.values()):
+        for name, path in wanted.items():
+            if name not in adopted:
                 check_socket_path(path)
     except BaseException:
-        for _, sock in passed:
+        for _, sock in passed + handed:
             sock.close()
         _close_all(stored)
         lock.release()
         raise
     stop = asyncio.Event()
+    upgrading = False
+
+    def request_upgrade() -> None:
+        """SIGUSR2 or the Upgrade call: stop, handing everything to a new process."""
+        nonlocal upgrading
+        if not upgrading:
+            log.info("upgrade requested: re-executing %s", " ".join(sys.orig_argv))
+            upgrading = True
+            stop.set()
+
     broker: Broker | None = None
     listener: Listener | None = None
     server: aio.Server | None = None
@@ -308,6 +447,9 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             signals.append(sig)
         loop.add_signal_handler(signal.SIGHUP, reload, broker, status)
         signals.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR2, request_upgrade)
+        signals.append(signal.SIGUSR2)
+        broker.request_upgrade = request_upgrade
 
         listener = Listener(
             loop,
@@ -316,6 +458,8 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             broker.accept,
             adopted=adopted.pop("session", None),
         )
+        if "session" in own_files:
+            listener.file = own_files["session"]
         server = aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
         servicer = Servicer(broker)
         broker.calls = SessionCalls(servicer, config.max_frame_bytes)
@@ -352,6 +496,7 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             st = os.lstat(tmp)
             private_control = SocketFile(tmp, st.st_dev, st.st_ino)
             relay = Relay(loop, control_fd, tmp)
+            control_file = own_files.get("control")
         await health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -380,21 +525,43 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
             flush=True,
         )
         status.text = status.compose()
-        systemd.notify("READY=1", f"STATUS={status.text}")
+        if handover:
+            # Re-executed by a live upgrade: same pid, so systemd's main pid stays ours.
+            systemd.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={status.text}")
+            log.info("upgrade: this process took over %d fd(s)", len(handover))
+        else:
+            systemd.notify("READY=1", f"STATUS={status.text}")
         if os.environ.get("NOTIFY_SOCKET"):
             status_task = loop.create_task(status.run())
         if ready is not None:
             ready.set()
         await stop.wait()
     finally:
-        log.info("shutting down")
+        log.info("upgrading" if upgrading else "shutting down")
         if audit is not None:
             audit.cancel()
         if probe is not None:
             probe.cancel()
         if status_task is not None:
             status_task.cancel()
-        if control_file is not None or relay is not None:
+        passing: Handover | None = None
+        if upgrading and broker is not None:
+            systemd.notify(
+                "RELOADING=1",
+                f"MONOTONIC_USEC={systemd.monotonic_usec()}",
+                "STATUS=upgrading: handing over to a new process",
+            )
+            try:
+                passing = _hand_over(broker, config, listener, relay, control_file)
+            except Exception:
+                log.exception("upgrade: cannot hand over; shutting down instead")
+                passing = None
+            else:
+                # Their files are the next process's now: not removed here.
+                if listener is not None:
+                    listener.file = None
+                control_file = None
+        elif control_file is not None or relay is not None:
             systemd.notify("STOPPING=1", "STATUS=shutting down")
         # Accept nothing more first: with systemd's sockets, a connection made from now on
         # waits in their backlog for the next daemon instead of being refused by this one.
@@ -405,7 +572,12 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         if health is not None:
             await health.enter_graceful_shutdown()
         if broker is not None:
-            broker.shutdown("broker shutting down")
+            if passing is not None:
+                broker.shutdown("broker upgrading: reconnect and resume", restarting=True)
+            else:
+                # Under systemd's fd store the state outlives this process (a restart takes it
+                # back): sessions are told to resume.
+                broker.shutdown("broker shutting down", restarting=broker.fd_store)
         if server is not None:
             await server.stop(grace=1.0)
         if broker is not None:
@@ -426,6 +598,8 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         for sig in signals:
             loop.remove_signal_handler(sig)
         lock.release()
+        if passing is not None:
+            passing.execute()  # returns only if the exec failed
         log.info("stopped")
 
 

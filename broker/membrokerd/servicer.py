@@ -347,7 +347,17 @@ class Servicer(pb_grpc.MemBrokerServicer):
         ):
             raise errors.BadRequest(f"va_mode {request.va_mode} is not a known mode")
         sealed = kind is Attachment.VA and request.va_mode == pb.VA_MODE_SEALED
-        attached = await self.broker.attach(session, request.space_id, kind, sealed=sealed)
+        if request.resume:
+            attached = await self.broker.resume_attach(
+                session,
+                request.space_id,
+                kind,
+                sealed=sealed,
+                address=request.address,
+                writable=request.writable,
+            )
+        else:
+            attached = await self.broker.attach(session, request.space_id, kind, sealed=sealed)
         return pb.AttachResponse(
             space=_space_pb(attached.space),
             fd_tag=attached.tag,
@@ -442,6 +452,28 @@ class Servicer(pb_grpc.MemBrokerServicer):
             pid=_pid(),
             uptime_seconds=time.monotonic() - self.broker.started,
         )
+
+    @edge
+    async def Upgrade(self, request: pb.UpgradeRequest, session: Session) -> pb.UpgradeResponse:
+        """Live upgrade (see membrokerd.server): answered first, then the daemon re-executes."""
+        import os
+        import sys
+
+        if session.uid not in (0, os.geteuid()):
+            raise errors.NotAllowed(
+                f"only root or the daemon's uid {os.geteuid()} may upgrade it, not uid "
+                f"{session.uid}"
+            )
+        start = self.broker.request_upgrade
+        if start is None:
+            raise errors.WrongState("this daemon cannot be upgraded (not serving)")
+        # A moment later, so that this answer leaves before the sessions are closed.
+        self.broker.loop.call_later(UPGRADE_DELAY_S, start)
+        return pb.UpgradeResponse(pid=os.getpid(), argv=list(sys.orig_argv))
+
+
+# How long after answering Upgrade the daemon starts handing over.
+UPGRADE_DELAY_S = 0.05
 
 
 def _pid() -> int:

@@ -9,6 +9,7 @@ anything still needs them).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import secrets
@@ -43,6 +44,13 @@ class Session:
         self.identity = identity
         self.session_id = "se-" + secrets.token_hex(4)
         self.token = secrets.token_urlsafe(24)
+        # The resume token (Welcome.resume_token; "" when this session cannot be resumed) and
+        # its hash, the only form the journal keeps; the process start time it is bound to.
+        self.resume_token = ""
+        self.resume_hash = ""
+        self.start_time = -1
+        # Resumed from a session of an earlier connection (Hello.resume_token).
+        self.resumed = False
         self.created = time.monotonic()
         self.attached: dict[str, Attachment] = {}
         self.attached_at: dict[str, float] = {}
@@ -56,12 +64,16 @@ class Session:
         # writable; and the mapping once accepted
         self.sealing: dict[str, bool] = {}
         self.sealed: dict[str, SealedMapping] = {}
+        # space ids of sealed attachments being resumed: re-synchronised once accepted
+        self.resyncing: set[str] = set()
         # space id -> an fd client attached with a read-only description (until upgraded)
         self.read_only_fd: set[str] = set()
         # the control calls in flight on the socket (Call frames), by id
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.pidfd = os.dup(conn.pidfd)
         self.fencing: asyncio.Future[Fenced] | None = None
+        # The journal write of a fence's grant drop (awaited before the fence reports)
+        self.forgotten: asyncio.Future[None] | None = None
         self.killed: str | None = None
         self._refs = 1
         self._next_tag = 1
@@ -101,8 +113,37 @@ class Session:
         )
         return tag
 
+    def issue_resume_token(self) -> None:
+        self.resume_token = secrets.token_urlsafe(32)
+        self.resume_hash = token_hash(self.resume_token)
+
     def __repr__(self) -> str:
         return (
             f"<Session {self.session_id} {self.name!r} pid={self.pid} "
             f"attached={sorted(self.attached)}>"
         )
+
+
+def token_hash(token: str) -> str:
+    """What the journal keeps of a resume token: its SHA-256, so that reading the journal
+    gives no token away."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def process_start_time(pid: int, pidfd: int) -> int:
+    """The start time of process `pid` (/proc/PID/stat field 22, clock ticks since boot), read
+    while `pidfd` shows that process still running (so the pid was not reused meanwhile);
+    -1 when it cannot be had (another PID namespace, exited)."""
+    from membroker._sys import sock as sys_sock
+
+    if pid <= 0:
+        return -1
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start = int(fields[19])
+        if not sys_sock.pidfd_is_alive(pidfd):
+            return -1
+    except (OSError, IndexError, ValueError):
+        return -1
+    return start

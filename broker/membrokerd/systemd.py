@@ -1,6 +1,7 @@
 """The daemon's side of the systemd service protocols, with no library: notifications
 (`READY=1`, `STATUS=`, `RELOADING=1`, `STOPPING=1`), a watchdog fed only while the event loop
-really runs, and sockets passed by socket activation (`LISTEN_FDS`).
+really runs, sockets passed by socket activation (`LISTEN_FDS`), and the fds a daemon hands
+the process it re-executes in a live upgrade (`handover_env`).
 
 Everything here is inert outside systemd: without NOTIFY_SOCKET nothing is sent, without
 WATCHDOG_USEC there is no watchdog, without LISTEN_FDS no socket is taken over.
@@ -326,6 +327,53 @@ def passed_fds(
     return passed
 
 
+# -- live upgrade: what a daemon hands the process it re-executes ----------------------------
+
+# The variables a daemon sets for the program it re-executes (same pid): its fds as
+# "name:fd,..." (sockets named control / session, space fds named by space id), the pid they
+# are meant for, and which socket files the daemon owns (bound itself; else systemd's).
+HANDOVER_FDS = "MEMBROKERD_HANDOVER_FDS"
+HANDOVER_PID = "MEMBROKERD_HANDOVER_PID"
+HANDOVER_OWNED = "MEMBROKERD_HANDOVER_OWNED"
+
+
+def handover_env(fds: Sequence[tuple[str, int]], owned: Sequence[str]) -> dict[str, str]:
+    """The environment entries that pass `fds` (name, fd) to a re-executed daemon."""
+    return {
+        HANDOVER_FDS: ",".join(f"{name}:{fd}" for name, fd in fds),
+        HANDOVER_PID: str(os.getpid()),
+        HANDOVER_OWNED: ",".join(owned),
+    }
+
+
+def handover_fds(
+    env: MutableMapping[str, str] | None = None,
+) -> tuple[list[tuple[str, int]], set[str]]:
+    """The fds a previous daemon of this very pid handed over by re-executing (see
+    `handover_env`), marked close-on-exec, and the names of the sockets whose files it owned;
+    empty when there was no handover. The variables are removed."""
+    env = os.environ if env is None else env
+    spec = env.pop(HANDOVER_FDS, None)
+    pid = env.pop(HANDOVER_PID, "")
+    owned = {n for n in env.pop(HANDOVER_OWNED, "").split(",") if n}
+    if spec is None or pid != str(os.getpid()):
+        return [], set()
+    out: list[tuple[str, int]] = []
+    for item in spec.split(","):
+        name, _, number = item.rpartition(":")
+        if not name or not number.isdigit():
+            log.warning("upgrade: ignoring a malformed handed-over fd %r", item)
+            continue
+        fd = int(number)
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            log.warning("upgrade: handed-over fd %s (%d) is not open: %s", name, fd, exc)
+            continue
+        out.append((name, fd))
+    return out, owned
+
+
 def _bound_path(sock: socket.socket) -> str:
     try:
         name: Any = sock.getsockname()
@@ -335,7 +383,9 @@ def _bound_path(sock: socket.socket) -> str:
 
 
 def take_sockets(
-    passed: list[tuple[str, socket.socket]], wanted: Mapping[str, Path]
+    passed: list[tuple[str, socket.socket]],
+    wanted: Mapping[str, Path],
+    handed_over: bool = False,
 ) -> dict[str, socket.socket]:
     """Matches passed sockets to the daemon's (`wanted`: name -> configured path): by name
     (FileDescriptorName=control / session), else by the path the socket is bound to (one socket
@@ -368,7 +418,8 @@ def take_sockets(
                 )
             if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 raise StartupRefused(f"the {name} socket passed by systemd is not listening")
-            if _bound_path(sock) != expected:
+            if _bound_path(sock) != expected and not handed_over:
+                # (A handed-over socket was bound under a temporary name and renamed there.)
                 raise StartupRefused(
                     f"the {name} socket passed by systemd is bound to "
                     f"{_bound_path(sock) or 'no path'}, but the configuration puts it at "
@@ -388,6 +439,8 @@ __all__ = [
     "fd_store_add",
     "fd_store_enabled",
     "fd_store_remove",
+    "handover_env",
+    "handover_fds",
     "listen_fds",
     "monotonic_usec",
     "notify",

@@ -22,7 +22,7 @@ from membroker import protection
 from membroker._sys import mman
 from membroker._sys import uffd as sys_uffd
 from membroker._sys.libc import KernelFeatureMissing
-from membroker.errors import MembrokerError, SessionClosed, TeardownFailed
+from membroker.errors import BrokerRestarting, MembrokerError, SessionClosed, TeardownFailed
 from membroker.rangeset import RangeSet
 from membroker.session import Session
 from membroker.types import Access, AccessRange, SpaceInfo, access_of
@@ -96,6 +96,11 @@ class _Attachment:
         self._revoking: list[tuple[int, int]] = []
         self._closed = False
         self.seq = 0
+        # Why this attachment was dropped when its session resumed after a broker restart
+        # (None: it was not; see `on_resumed`).
+        self.dropped: str | None = None
+        # Times this attachment was re-bound after its session resumed.
+        self.resumed = 0
         session._expect(space_id)
         attached = False
         try:
@@ -293,6 +298,50 @@ class _Attachment:
         with self._lock:
             self._release()
 
+    # -- resuming (the session's resume thread) ---------------------------------------------
+
+    def _resume_request(self) -> pb.AttachRequest:
+        return pb.AttachRequest(
+            space_id=self.space_id,
+            kind=self.kind,
+            va_mode=self._va_mode(),
+            resume=True,
+            writable=bool(self.writable_fd),
+        )
+
+    def on_resumed(self) -> None:
+        """After the session resumed (the broker restarted or upgraded): re-binds this
+        attachment without attaching again. The broker pushes what this client holds now and
+        revokes the rest (the handler applies both as usual: the mapping or the fd is kept,
+        torn down where the grants no longer stand), verifies, and answers. If the broker
+        cannot re-bind it (the space is gone, a sealed mapping, a policy), this client drops
+        what it maps and `dropped` says why; the application attaches again if it wants."""
+        with self._lock:
+            if self._closed:
+                return
+            self._forget_broker_state()
+        try:
+            resp = self.session.call("Attach", self._resume_request())
+        except BrokerRestarting:
+            raise
+        except MembrokerError as exc:
+            self._drop(f"could not be resumed: {exc}")
+            return
+        with self._lock:
+            self.seq = max(self.seq, resp.seq)
+            self.resumed += 1
+        log.info("%s: attachment resumed at seq %d", self.space_id, resp.seq)
+
+    def _forget_broker_state(self) -> None:
+        """What the broker forgot in its restart (called with the lock held)."""
+
+    def _drop(self, reason: str) -> None:
+        log.warning("%s: attachment dropped: %s", self.space_id, reason)
+        self.session._uninstall(self.space_id)
+        with self._lock:
+            self.dropped = reason
+            self._release()
+
     def _release(self) -> None:
         raise NotImplementedError
 
@@ -430,6 +479,55 @@ class VaClient(_Attachment):
     @property
     def address(self) -> int:
         return self.mapping.address
+
+    def _resume_request(self) -> pb.AttachRequest:
+        req = super()._resume_request()
+        req.va_mode = pb.VA_MODE_SEALED if self.sealed else pb.VA_MODE_COOPERATIVE
+        req.address = self.mapping.address
+        return req
+
+    def on_resumed(self) -> None:
+        """Cooperative: see `_Attachment.on_resumed`. Sealed: the mapping's userfaultfd ended
+        with the previous daemon, so until it has a new one its pages fault in unchecked:
+        every page is zapped first, then a new userfaultfd goes to the broker, which checks
+        and registers the mapping as at the first attach, then re-synchronises it."""
+        if not self.sealed:
+            super().on_resumed()
+            return
+        with self._lock:
+            if self._closed:
+                return
+        try:
+            resp = self.session.call("Attach", self._resume_request())
+            uffd = sys_uffd.Uffd.create()
+            try:
+                with self._lock:
+                    self.mapping.discard(0, self.info.size)
+                self.session._send(
+                    spb.Frame(
+                        sealed=spb.Sealed(
+                            space_id=self.space_id,
+                            address=self.mapping.address,
+                            length=self.info.size,
+                        )
+                    ),
+                    [uffd.fd],
+                )
+            finally:
+                uffd.close()
+            error = self.session._wait_sealed(self.space_id)
+        except BrokerRestarting:
+            raise
+        except (MembrokerError, OSError) as exc:
+            self._drop(f"could not be resumed: {exc}")
+            return
+        if error:
+            self._drop(f"its sealed mapping was refused at the resume: {error}")
+            return
+        with self._lock:
+            self.seq = max(self.seq, resp.seq)
+            self.resumed += 1
+        log.info("%s: sealed attachment resumed at seq %d", self.space_id, resp.seq)
 
     def on_access_update(self, seq: int, ranges: list[AccessRange]) -> None:
         with self._lock:
@@ -715,6 +813,17 @@ class FdClient(_Attachment):
         with self._lock:
             self._pins[pin.pin_id] = pin
         return pin
+
+    def _forget_broker_state(self) -> None:
+        """Pins end with the broker process: the ones held here are released (the
+        application pins again what it still uses)."""
+        if self._pins:
+            log.warning(
+                "%s: %d pin(s) ended with the broker's restart", self.space_id, len(self._pins)
+            )
+        for pin in self._pins.values():
+            pin.released = True
+        self._pins.clear()
 
     def _unpin(self, pin: Pin) -> None:
         with self._lock:

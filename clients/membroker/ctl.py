@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from membroker.errors import MembrokerError
 from membroker.session import Session
 from membroker.types import RevocationReport, SpaceInfo
+from membroker.v1 import broker_pb2 as pb
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -170,7 +172,47 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("offset", type=parse_size)
     rv.add_argument("length", type=parse_size)
     rv.add_argument("--on-pinned", choices=["fail", "fence"], help=ON_PINNED_HELP)
+
+    up = sub.add_parser(
+        "upgrade",
+        help="live upgrade: the daemon re-executes its program (same pid), handing over its "
+        "sockets and spaces; sessions resume (root or the daemon's uid only)",
+        description="Asks membrokerd to re-execute its own program (the code installed now) "
+        "in place, same pid: it hands its listening sockets, space fds and journal to the new "
+        "process; connections made meanwhile wait in the sockets' backlog, connected clients "
+        "reconnect and resume their sessions. Under systemd this is a reload as far as the "
+        "manager is concerned (RELOADING=1, then READY=1 with the same MAINPID). "
+        "Equivalent: SIGUSR2 to the daemon.",
+    )
+    up.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return once the daemon has accepted (default: wait until the new process serves)",
+    )
+    up.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
     return p
+
+
+def _upgrade(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
+    """Upgrade, then (unless --no-wait) wait for this session to end and a new one to be
+    welcomed by the new process: how long the daemon did not answer."""
+    resp = session.call("Upgrade", pb.UpgradeRequest())
+    t0 = time.monotonic()
+    out: dict[str, Any] = {"pid": resp.pid, "argv": list(resp.argv)}
+    if args.no_wait:
+        return f"membrokerd {resp.pid} is upgrading: {' '.join(resp.argv)}", out
+    deadline = t0 + args.timeout
+    while not session.closed and time.monotonic() < deadline:
+        time.sleep(0.005)
+    left = max(0.1, deadline - time.monotonic())
+    with Session(args.name, args.runtime_dir, timeout=left, resume=0) as again:
+        again.stats()
+        out["serving_after_ms"] = round((time.monotonic() - t0) * 1000, 1)
+        out["new_pid"] = again.broker_pid
+    return (
+        f"membrokerd {resp.pid} upgraded in place ({' '.join(resp.argv)}); serving again "
+        f"{out['serving_after_ms']} ms after the request"
+    ), out
 
 
 def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
@@ -262,6 +304,8 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
             f"on {args.space} (seq {seq})"
         )
         return text, {"seq": seq}
+    if cmd == "upgrade":
+        return _upgrade(args, session)
     if cmd == "revoke":
         report = session.space(args.space).revoke(
             args.client, args.offset, args.length, on_pinned=args.on_pinned
@@ -273,7 +317,8 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Session(args.name, args.runtime_dir) as session:
+        # A one-shot command: it does not resume across a restart of the daemon.
+        with Session(args.name, args.runtime_dir, resume=0) as session:
             text, obj = run(args, session)
     except MembrokerError as exc:
         print(f"membrokerctl: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@
         ├── Aborted            stale epoch
         ├── Unimplemented      the kernel or build lacks a feature
         └── Unavailable        the broker went away mid-call
+            └── BrokerRestarting   it restarts or upgrades; the session is resuming: retry
 
 gRPC status codes are turned into these in exactly one place, `from_rpc_error`. A cancelled call
 (`KeyboardInterrupt`, `CancelledError`) is never wrapped.
@@ -131,6 +132,15 @@ class Unimplemented(BrokerError):
 
 class Unavailable(BrokerError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class BrokerRestarting(Unavailable):
+    """The broker restarted, or is upgrading, and this session is resuming: the call was not
+    carried out (or its answer was lost with the connection; a change it started may have
+    been made). Retryable: call again in a moment. The session reconnects by itself, with
+    backoff, for up to its `resume` seconds; if it cannot, it ends (SessionClosed)."""
+
+    retryable = True
 
 
 _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {

@@ -15,6 +15,15 @@ the owner's report lists them. The session is closed, with a reason and every wa
 the broker (EOF, `Goodbye`, `Error`), by `close()`, or by anything that goes wrong in the
 reader; a send that fails first reads the broker's last frame, so a fenced client learns that
 it was fenced and why.
+
+Resuming: a connection that ends without the broker's Error or a fence (the broker crashed,
+restarts or upgrades: EOF, or a Goodbye with `restarting`) is not the end of the session. The
+reader reconnects with backoff for up to `resume` seconds, says Hello with the resume token of
+the last Welcome (bound by the broker to this process, its uid and client name), and once
+welcomed back each attachment re-binds itself (`on_resumed`, on a thread of its own) while the
+reader serves the pushes that re-synchronise it. Meanwhile every call fails at once with
+`BrokerRestarting` (retryable), including those whose connection went while they waited. A
+resume that is refused or times out ends the session like any other end.
 """
 
 from __future__ import annotations
@@ -39,12 +48,14 @@ from membroker._sys import sock as sys_sock
 from membroker.errors import (
     BrokerBusy,
     BrokerError,
+    BrokerRestarting,
     ConnectError,
     MembrokerError,
     ProtocolError,
     ResourceExhausted,
     SessionClosed,
     Unauthenticated,
+    Unavailable,
     Unimplemented,
     from_rpc_error,
     from_status,
@@ -93,6 +104,13 @@ LAST_WORDS_WAIT = 0.5
 MAX_REASON_BYTES = 512
 # Withdrawn ranges carried by one acknowledgement (each costs at most 24 bytes of the frame).
 MAX_WITHDRAWN_RANGES = 32
+# Seconds a session keeps trying to resume after its connection is lost (a broker restart or
+# upgrade), and the backoff between attempts.
+DEFAULT_RESUME = 30.0
+RESUME_FIRST_PAUSE = 0.01
+RESUME_MAX_PAUSE = 0.1
+# Error codes of a refused resume that are worth another try (UNAVAILABLE: the broker is busy).
+_RETRY_CODES = frozenset({14})
 
 
 def default_runtime_dir() -> Path:
@@ -188,6 +206,7 @@ class Session:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         calls: str = "session",
+        resume: float = DEFAULT_RESUME,
     ) -> None:
         if calls not in ("session", "grpc"):
             raise ValueError(f"calls must be 'session' or 'grpc', not {calls!r}")
@@ -197,6 +216,17 @@ class Session:
         # "session": control calls travel on the session socket (a Unix-socket round trip),
         # "grpc": on control.sock. Either way the broker runs the same method.
         self.calls = calls
+        # Seconds to keep trying to resume after the connection is lost (0: never resume).
+        self.resume = resume
+        # Connections lost and resumed so far; the resume token of the current connection.
+        self.resumes = 0
+        self.resume_token = ""
+        # While the session reconnects: calls fail at once with BrokerRestarting. Every lost
+        # connection starts a new generation: a waiter of the old one knows its answer is lost.
+        self._resuming = False
+        self._generation = 0
+        # Why the broker said goodbye (not fenced) before the connection went: resumable.
+        self._gone_reason: str | None = None
         self._call_ids = itertools.count(1)
         # id -> the CallResult, once it came (None while awaited), under _cv
         self._results: dict[int, spb.CallResult | None] = {}
@@ -240,10 +270,22 @@ class Session:
                     raise BrokerBusy(f"broker is busy: {exc.reason}") from exc
                 raise ConnectError(f"broker refused the session: {exc.reason}") from exc
             raise
+        self._adopt_welcome(welcome)
+        # grpc channels connect lazily: nothing reaches control.sock before the first call.
+        self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
+        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"membroker-{name}", daemon=True
+        )
+        self._reader.start()
+
+    def _adopt_welcome(self, welcome: spb.Welcome) -> None:
+        """Takes the identity and limits a Welcome gives (at the start, and at each resume)."""
         self.session_id = welcome.session_id
         self.token = welcome.token
         self.broker_pid = welcome.broker_pid
         self.page_size = welcome.page_size
+        self.resume_token = welcome.resume_token
         max_frame = welcome.max_frame_bytes or wire.DEFAULT_MAX_FRAME
         if max_frame > MAX_FRAME_CEILING:
             log.warning(
@@ -257,13 +299,6 @@ class Session:
         self._decoder.max_frame = max_frame
         self._recv_cap = min(max_frame + wire.HEADER.size, MAX_RECV_BYTES)
         self._metadata = ((TOKEN_KEY, self.token),)
-        # grpc channels connect lazily: nothing reaches control.sock before the first call.
-        self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
-        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
-        self._reader = threading.Thread(
-            target=self._read_loop, name=f"membroker-{name}", daemon=True
-        )
-        self._reader.start()
 
     def _connect(self, timeout: float) -> None:
         """connect() to session.sock. Kernel gotcha: a Unix socket with a timeout is
@@ -324,6 +359,8 @@ class Session:
         with self._cv:
             if self._closed_reason is not None:
                 raise self._closed_error()
+            if self._resuming:
+                raise self._restarting_error()
         failure: OSError | None = None
         with self._send_lock:
             try:
@@ -335,7 +372,19 @@ class Session:
         if failure is not None:
             raise self._broken(failure) from failure
 
-    def _broken(self, failure: OSError) -> SessionClosed:
+    def _restarting_error(self) -> BrokerRestarting:
+        return BrokerRestarting(
+            "the broker is restarting or upgrading and this session is resuming: call again "
+            "(a change the call started may or may not have been made)",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+
+    def _can_resume(self) -> bool:
+        """Whether a lost connection is resumed: a resume token, resuming not turned off, and
+        the session not ended (closed here, fenced, or refused with an Error)."""
+        return bool(self.resume > 0 and self.resume_token and self._closed_reason is None)
+
+    def _broken(self, failure: OSError) -> MembrokerError:
         """What a failed send means: the broker's own reason when it left one.
 
         EPIPE / ECONNRESET mean the broker closed the socket, usually right after a Goodbye
@@ -348,8 +397,12 @@ class Session:
             self._read_last_words()
         elif threading.current_thread() is not reader:
             with self._cv:
-                self._cv.wait_for(lambda: self._closed_reason is not None, LAST_WORDS_WAIT)
+                self._cv.wait_for(
+                    lambda: self._closed_reason is not None or self._resuming, LAST_WORDS_WAIT
+                )
         with self._cv:
+            if self._closed_reason is None and self._can_resume():
+                return self._restarting_error()
             reason = self._closed_reason or f"session socket broken: {failure}"
             return SessionClosed(reason, fenced=self._fenced)
 
@@ -384,6 +437,11 @@ class Session:
         elif kind == "goodbye":
             fenced = frame.goodbye.fenced
             reason = ("fenced: " if fenced else "") + frame.goodbye.reason
+            if frame.goodbye.restarting and not fenced and self._reader and self._can_resume():
+                # A restart or an upgrade (or a stop of a daemon whose state would outlive
+                # it): the connection ends next, and the session tries to resume.
+                self._gone_reason = reason
+                return
         else:
             return
         with self._cv:
@@ -422,10 +480,14 @@ class Session:
         if kind == "welcome":
             return frame.welcome
         if kind == "error":
+            self._last_error_code = frame.error.code
             if frame.error.code == 14:  # UNAVAILABLE: try again
                 raise BrokerBusy(f"broker is busy: {frame.error.message}")
             raise ConnectError(f"broker refused the session: {frame.error.message}")
         if kind == "goodbye":
+            if frame.goodbye.restarting:
+                # It restarts or upgrades right now: worth asking again in a moment.
+                raise BrokerBusy(f"broker is restarting: {frame.goodbye.reason}")
             raise ConnectError(f"broker refused the session: {frame.goodbye.reason}")
         raise ConnectError(f"unexpected {kind} frame during the handshake")
 
@@ -436,9 +498,25 @@ class Session:
     def _read_loop(self) -> None:
         """The reader thread: decodes and dispatches frames until the session ends.
 
-        Whatever ends it -- EOF, a protocol error, a bug -- closes the session with a reason,
-        wakes every waiter and shuts the socket down (so the broker releases at once).
+        A connection that ends while the session may resume (the broker restarted or is
+        upgrading: EOF, or its Goodbye without fencing) is resumed: see `_resume`. Whatever
+        else ends it -- the broker's Error or fencing, a protocol error, a bug, a resume that
+        fails -- closes the session with a reason, wakes every waiter and shuts the socket
+        down (so the broker releases at once).
         """
+        while True:
+            reason = self._read_connection()
+            if not self._can_resume():
+                break
+            failure = self._resume(self._gone_reason or reason)
+            if failure is None:
+                continue
+            reason = failure
+            break
+        self._mark_closed(reason)
+
+    def _read_connection(self) -> str:
+        """Reads one connection to its end; returns why it ended."""
         reason: str | None = None
         broken_at: float | None = None
         try:
@@ -467,15 +545,150 @@ class Session:
             reason = f"session ended: {exc}"
         except BaseException as exc:
             # A bug here, or a handler that raised past its guard (SystemExit, say): the
-            # session cannot serve its pushes any more, so it ends, loudly.
+            # session cannot serve its pushes any more, so it ends, loudly (no resume).
             log.exception("membroker session reader of %s failed", self.name)
             reason = f"session reader failed: {type(exc).__name__}: {exc}"
+            self.resume = 0
         finally:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._mark_closed(reason or "broker closed the session")
+        return reason or "broker closed the session"
+
+    # -- resuming --------------------------------------------------------------------------------
+
+    def _resume(self, lost: str) -> str | None:
+        """Reconnects after the connection ended, with backoff, for up to `resume` seconds,
+        saying Hello with the resume token; None once resumed, else why the session ends.
+
+        Meanwhile calls fail at once with BrokerRestarting, and waiters of the lost connection
+        are woken with it. Once the broker welcomes the session back, each attachment re-binds
+        itself on a thread of its own (`_rebind`) while this reader serves the pushes that
+        re-synchronise it."""
+        with self._cv:
+            self._resuming = True
+            self._generation += 1
+            for push in self._partial.values():
+                self._held_ranges -= len(push.ranges)
+            self._partial.clear()
+            self._withdrawn.clear()
+            self._cv.notify_all()
+        log.warning(
+            "session %s of %r: connection lost (%s): resuming", self.session_id, self.name, lost
+        )
+        deadline = time.monotonic() + self.resume
+        pause = RESUME_FIRST_PAUSE
+        while True:
+            if self._closed_reason is not None:
+                return self._closed_reason  # closed by the application meanwhile
+            failure = self._reconnect(max(0.1, min(2.0, deadline - time.monotonic())))
+            if failure is None:
+                break
+            if failure.startswith("resume refused"):
+                log.error("session of %r: %s", self.name, failure)
+                return f"{lost}; {failure}"
+            if time.monotonic() + pause >= deadline:
+                return f"{lost}; could not resume within {self.resume:g} s ({failure})"
+            time.sleep(pause)
+            pause = min(pause * 2, RESUME_MAX_PAUSE)
+        with self._cv:
+            if self._closed_reason is not None:
+                # Closed by the application while it was welcomed back: end this connection.
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                return self._closed_reason
+            self._resuming = False
+            self._gone_reason = None
+            self.resumes += 1
+            handlers = list(self._handlers.items())
+            self._cv.notify_all()
+        log.info(
+            "session of %r resumed as %s (broker pid %d); re-binding %d attachment(s)",
+            self.name,
+            self.session_id,
+            self.broker_pid,
+            len(handlers),
+        )
+        if handlers:
+            threading.Thread(
+                target=self._rebind,
+                args=(handlers,),
+                name=f"membroker-resume-{self.name}",
+                daemon=True,
+            ).start()
+        return None
+
+    def _reconnect(self, timeout: float) -> str | None:
+        """One attempt: a new connection, Hello with the resume token, its Welcome. None when
+        the session is back; else why not ("resume refused: ..." when the broker refuses the
+        token itself: no use trying again)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.session_socket))
+        except OSError as exc:
+            sock.close()
+            return f"cannot connect: {exc}"
+        hello = wire.encode(
+            spb.Frame(
+                hello=spb.Hello(
+                    protocol_version=wire.PROTOCOL_VERSION,
+                    client_name=self.name,
+                    resume_token=self.resume_token,
+                )
+            )
+        )
+        with self._cv:
+            if self._closed_reason is not None:
+                sock.close()  # closed by the application meanwhile
+                return "resume refused: the session was closed"
+            with self._send_lock:
+                old, self._sock = self._sock, sock
+                old_decoder, self._decoder = self._decoder, wire.FrameDecoder()
+        old.close()
+        old_decoder.close()
+        self._last_error_code = 0
+        try:
+            sock.sendall(hello)
+            welcome = self._read_welcome()
+        except BrokerBusy as exc:
+            sock.close()
+            return str(exc)
+        except (ConnectError, OSError) as exc:
+            sock.close()
+            if self._last_error_code and self._last_error_code not in _RETRY_CODES:
+                return f"resume refused: {exc}"
+            return str(exc)
+        if not welcome.resumed:
+            sock.close()
+            return "resume refused: the broker opened a new session instead"
+        sock.settimeout(None)
+        self._adopt_welcome(welcome)
+        old_channel = self._channel
+        self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
+        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+        old_channel.close()
+        return None
+
+    def _rebind(self, handlers: list[tuple[str, PushHandler]]) -> None:
+        """Each attachment re-binds itself (`on_resumed`: AttachRequest.resume); one that
+        cannot drops what it maps. A connection lost again meanwhile leaves the rest to the
+        next resume."""
+        for space_id, handler in handlers:
+            resumed = getattr(handler, "on_resumed", None)
+            if resumed is None:
+                continue
+            try:
+                resumed()
+            except BrokerRestarting:
+                return
+            except Exception:
+                log.exception("re-binding %s after a resume failed", space_id)
+
+    def _lost(self, generation: int) -> bool:
+        """Whether the connection a waiter started on is gone (call with _cv held)."""
+        return self._resuming or self._generation != generation
 
     def _mark_closed(self, reason: str) -> None:
         with self._cv:
@@ -701,10 +914,13 @@ class Session:
         (AttachResponse.ranges_on_session) and takes it: the client's effective access."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         with self._cv:
+            generation = self._generation
             while True:
                 pending = self._buffered.get(space_id)
                 if self._closed_reason is not None:
                     raise self._closed_error()
+                if self._lost(generation):
+                    raise self._restarting_error()
                 if pending is None:
                     raise ProtocolError(f"{space_id} is not being attached")
                 if pending.snapshot_done and pending.snapshot_seq == seq:
@@ -781,9 +997,12 @@ class Session:
         """Waits for the broker's answer to a sealed mapping: '' when accepted, else why not."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         with self._cv:
+            generation = self._generation
             while space_id not in self._sealed_results:
                 if self._closed_reason is not None:
                     raise self._closed_error()
+                if self._lost(generation):
+                    raise self._restarting_error()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ProtocolError(
@@ -796,9 +1015,12 @@ class Session:
         """Waits for the fd the broker delivers under `tag`; the caller owns it."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         with self._cv:
+            generation = self._generation
             while tag not in self._fds:
                 if self._closed_reason is not None:
                     raise SessionClosed(self._closed_reason, fenced=self._fenced)
+                if self._lost(generation):
+                    raise self._restarting_error()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ProtocolError(f"fd with tag {tag} did not arrive")
@@ -819,6 +1041,8 @@ class Session:
         over gRPC with the session token."""
         if self._closed_reason is not None:
             raise SessionClosed(self._closed_reason, fenced=self._fenced)
+        if self._resuming:
+            raise self._restarting_error()
         if self.calls == "session" and threading.current_thread() is not self._reader:
             body = request.SerializeToString()
             if len(body) <= self.max_frame_bytes - CALL_OVERHEAD:
@@ -836,6 +1060,11 @@ class Session:
             )
         except grpc.RpcError as exc:
             error = from_rpc_error(exc, method, request)
+            if isinstance(error, (Unavailable, Unauthenticated)) and (
+                self._resuming or (isinstance(error, Unavailable) and self._can_resume())
+            ):
+                # The broker is gone for now (a restart, an upgrade): the session resumes.
+                raise self._restarting_error() from exc
             if isinstance(error, Unauthenticated):
                 # The broker ended this session (fenced it, say): its Goodbye says why, and
                 # may be a moment behind the call's failure.
@@ -855,12 +1084,16 @@ class Session:
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         with self._cv:
             self._results[call_id] = None
+            generation = self._generation
         try:
             self._send(spb.Frame(call=spb.Call(id=call_id, method=method, body=body)))
             with self._cv:
                 while (result := self._results[call_id]) is None:
                     if self._closed_reason is not None:
                         raise self._closed_error()
+                    if self._lost(generation):
+                        # Its connection is gone: the answer will never come.
+                        raise self._restarting_error()
                     left = deadline - time.monotonic()
                     if left <= 0:
                         with contextlib.suppress(OSError, MembrokerError):

@@ -326,14 +326,20 @@ class ListGrantsResponse(_message.Message):
     def __init__(self, grants: _Optional[_Iterable[_Union[GrantRecord, _Mapping]]] = ..., more: _Optional[bool] = ..., next_client: _Optional[str] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("space_id", "kind", "va_mode")
+    __slots__ = ("space_id", "kind", "va_mode", "resume", "address", "writable")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VA_MODE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     kind: AttachKind
     va_mode: VaMode
-    def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ..., va_mode: _Optional[_Union[VaMode, str]] = ...) -> None: ...
+    resume: bool
+    address: int
+    writable: bool
+    def __init__(self, space_id: _Optional[str] = ..., kind: _Optional[_Union[AttachKind, str]] = ..., va_mode: _Optional[_Union[VaMode, str]] = ..., resume: _Optional[bool] = ..., address: _Optional[int] = ..., writable: _Optional[bool] = ...) -> None: ...
 
 class AttachResponse(_message.Message):
     __slots__ = ("space", "fd_tag", "seq", "ranges", "ranges_on_session", "va_mode", "writable")
@@ -494,3 +500,15 @@ class Stats(_message.Message):
     uptime_seconds: float
     unverified_total: int
     def __init__(self, sessions: _Optional[int] = ..., spaces: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_shared: _Optional[int] = ..., grants: _Optional[int] = ..., pins: _Optional[int] = ..., revocations_total: _Optional[int] = ..., fenced_total: _Optional[int] = ..., open_fds: _Optional[int] = ..., metrics_url: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., unverified_total: _Optional[int] = ...) -> None: ...
+
+class UpgradeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpgradeResponse(_message.Message):
+    __slots__ = ("pid", "argv")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -119,6 +119,11 @@ class MemBrokerStub:
                 request_serializer=membroker_dot_v1_dot_broker__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=membroker_dot_v1_dot_broker__pb2.Stats.FromString,
                 _registered_method=True)
+        self.Upgrade = channel.unary_unary(
+                '/membroker.v1.MemBroker/Upgrade',
+                request_serializer=membroker_dot_v1_dot_broker__pb2.UpgradeRequest.SerializeToString,
+                response_deserializer=membroker_dot_v1_dot_broker__pb2.UpgradeResponse.FromString,
+                _registered_method=True)
 
 
 class MemBrokerServicer:
@@ -232,6 +237,15 @@ class MemBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upgrade(self, request, context):
+        """Live upgrade: the daemon hands its listening sockets, space fds and journal to a new
+        process of its own executable (re-exec, same pid) and returns before it does. Sessions
+        see their connection end and resume. Only root or the daemon's own uid may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +333,11 @@ def add_MemBrokerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=membroker_dot_v1_dot_broker__pb2.GetStatsRequest.FromString,
                     response_serializer=membroker_dot_v1_dot_broker__pb2.Stats.SerializeToString,
+            ),
+            'Upgrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.Upgrade,
+                    request_deserializer=membroker_dot_v1_dot_broker__pb2.UpgradeRequest.FromString,
+                    response_serializer=membroker_dot_v1_dot_broker__pb2.UpgradeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -780,6 +799,33 @@ class MemBroker:
             '/membroker.v1.MemBroker/GetStats',
             membroker_dot_v1_dot_broker__pb2.GetStatsRequest.SerializeToString,
             membroker_dot_v1_dot_broker__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upgrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/membroker.v1.MemBroker/Upgrade',
+            membroker_dot_v1_dot_broker__pb2.UpgradeRequest.SerializeToString,
+            membroker_dot_v1_dot_broker__pb2.UpgradeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,28 +35,34 @@ class AccessRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., access: _Optional[_Union[Access, str]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "client_name")
+    __slots__ = ("protocol_version", "client_name", "resume_token")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_name: str
-    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("session_id", "token", "protocol_version", "max_frame_bytes", "broker_pid", "page_size")
+    __slots__ = ("session_id", "token", "protocol_version", "max_frame_bytes", "broker_pid", "page_size", "resume_token", "resumed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
     BROKER_PID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token: str
     protocol_version: int
     max_frame_bytes: int
     broker_pid: int
     page_size: int
-    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., broker_pid: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    resume_token: str
+    resumed: bool
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., broker_pid: _Optional[int] = ..., page_size: _Optional[int] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class FdOffer(_message.Message):
     __slots__ = ("tag",)
@@ -145,12 +151,14 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Goodbye(_message.Message):
-    __slots__ = ("reason", "fenced")
+    __slots__ = ("reason", "fenced", "restarting")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FENCED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTING_FIELD_NUMBER: _ClassVar[int]
     reason: str
     fenced: bool
-    def __init__(self, reason: _Optional[str] = ..., fenced: _Optional[bool] = ...) -> None: ...
+    restarting: bool
+    def __init__(self, reason: _Optional[str] = ..., fenced: _Optional[bool] = ..., restarting: _Optional[bool] = ...) -> None: ...
 
 class Mapped(_message.Message):
     __slots__ = ("space_id", "address", "length")

@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, TypeVar
 from membroker._sys import memfd as sys_memfd
 from membroker._sys import mman
 from membroker._sys import sock as sys_sock
-from membroker._sys.libc import MAP_FAILED, PAGE_SIZE, check, libc
-from membroker._sys.proc import ProcessView
+from membroker._sys.libc import MAP_FAILED, PAGE_SIZE, KernelFeatureMissing, check, libc
+from membroker._sys.proc import ProcessView, Vma
 from membroker.errors import MembrokerError
 from membroker.session import Session
 from membroker.types import Access, AccessRange
@@ -540,10 +540,15 @@ class Bridge:
       IOTLB misses are answered from what is exported now, a revocation is first an
       INVALIDATE the backend acknowledges, and only then are regions changed.
     - The backend still mapping a revoked offset, or dropping the connection during the
-      teardown, refuses the revocation (never an ack).
+      teardown, refuses the revocation (never an ack). The acknowledgement reads the
+      backend's whole maps (every mapping of the space's file, wherever it is); that is the
+      one full read a revocation costs.
     - Every exported region is pinned (the file bytes the backend maps): the broker asks the
       bridge to release before it revokes, waits for a request in flight, and applies its
-      on_pinned policy to a backend that cannot let go.
+      on_pinned policy to a backend that cannot let go. Releasing asks the kernel only where
+      the last full read showed the space (PROCMAP_QUERY, while no region message has gone
+      since): a mapping the backend made elsewhere on its own after that read is left to the
+      acknowledgement, which refuses (the broker fences; on_pinned does not apply).
     - A backend hang-up is seen at once (a thread polls the socket): everything is released,
       `gone` set and `on_backend_gone(reason)` called.
     """
@@ -628,6 +633,13 @@ class Bridge:
         self._stranded: list[_Export] = []
         self._park_fd = -1
         self._park: mman.Mapping | None = None
+        # Bumped before every message that changes what the backend maps (regions, tables);
+        # the last full read of its maps, with the count it was made at: while no message has
+        # gone since, it is every mapping of the space the protocol gave the backend.
+        self._table_gen = 0
+        self._seen: tuple[int, list[Vma]] | None = None
+        # Full reads of the backend's maps made by this bridge (a benchmark's accounting).
+        self.full_reads = 0
         self.iommu = iommu
         # IOTLB traffic, newest last: (monotonic time, what, iova, size, outcome).
         self.iotlb_log: collections.deque[tuple[float, str, int, int, str]] = collections.deque(
@@ -699,6 +711,7 @@ class Bridge:
             self._park_fd, PAGE_SIZE, mman.PROT_READ | mman.PROT_WRITE, PAGE_SIZE
         )
         self._park_region = MemRegion(PARK_GPA, PAGE_SIZE, self._park.address, PAGE_SIZE)
+        self._table_gen += 1
         if self.mem_slots:
             self.frontend.add_region(self._park_region, self._park_fd)
         else:
@@ -776,6 +789,7 @@ class Bridge:
             new.append(exp)
         if self.mem_slots:
             for exp in new:
+                self._table_gen += 1
                 self.frontend.add_region(exp.region, self._fd)
         else:
             self._publish_table()
@@ -816,13 +830,22 @@ class Bridge:
     def _publish_table(self) -> None:
         regions = [self._park_region, *(e.region for e in self._exports.values())]
         fds = [self._park_fd] + [self._fd] * (len(regions) - 1)
+        self._table_gen += 1
         self.frontend.set_mem_table(regions, fds)
+
+    def _space_vmas(self) -> list[Vma]:
+        """Every mapping of the space's file in the backend, from one full read of its maps
+        (lock held); remembered with the message count it was made at."""
+        dev, ino = self._dev_ino
+        self.full_reads += 1
+        vmas = self.backend.mappings_of(dev, ino)
+        self._seen = (self._table_gen, vmas)
+        return vmas
 
     def _overmapped(self) -> tuple[int, int] | None:
         """A file range the backend maps outside every export's span, if any."""
-        dev, ino = self._dev_ino
         allowed = _merge([e.span for e in self._exports.values()])
-        for vma in self.backend.mappings_of(dev, ino):
+        for vma in self._space_vmas():
             outside = _subtract([(vma.offset, vma.file_end)], allowed)
             if outside:
                 return outside[0]
@@ -948,7 +971,7 @@ class Bridge:
         the revocation or fences this client, per its on_pinned policy."""
         cut = _merge([(o, o + n) for o, n in ranges])
         try:
-            removed = self._retract(cut)
+            removed = self._retract(cut, full=False)
         except VhostUserError as exc:
             log.error("cannot release %s to the broker: %s", _fmt(cut), exc)
             return
@@ -977,9 +1000,9 @@ class Bridge:
         if lowered:
             self._report_withdrawn(lowered)
 
-    def _retract(self, cut: list[Span]) -> list[_Export]:
+    def _retract(self, cut: list[Span], full: bool = True) -> list[_Export]:
         with self._lock:
-            return self._retract_locked(cut)
+            return self._retract_locked(cut, full=full)
 
     def _ring_addrs(self, q: SplitQueue) -> tuple[int, int, int]:
         return q.iovas() if self.iommu else q.addresses()
@@ -1005,19 +1028,29 @@ class Bridge:
         """Ring `index` is stopped at `base` (the backend's next avail index): a device class
         takes buffers into `cut` off it and says so in `report`."""
 
-    def _retract_locked(self, cut: list[Span], report: bool = True) -> list[_Export]:
+    def _retract_locked(
+        self, cut: list[Span], report: bool = True, full: bool = True
+    ) -> list[_Export]:
         """Takes `cut` away from the backend (lock held); returns the exports removed.
 
         Order: with an IOTLB, the revoked IOVAs are invalidated (acknowledged) first; the
         vrings in a region that goes (or with buffers in flight into `cut`) are stopped and
         parked; every region whose mapping touches `cut` is removed (or one new table sent
-        without them); the kernel must show nothing of `cut` in the backend; only then are
-        the safe pieces added back (at the same frontend addresses) and the rings started
-        again where they were, without the buffers into `cut`.
+        without them); the kernel must show nothing of `cut` where the backend mapped it;
+        only then are the safe pieces added back (at the same frontend addresses) and the
+        rings started again where they were, without the buffers into `cut`.
+
+        `full` (a revocation's acknowledgement): the last check reads the backend's whole
+        maps after the last message, so a mapping of `cut` anywhere in it is seen. Without
+        (a release of pins), where the backend mapped the space before (known from the last
+        full read, when no message has gone since) is asked about: what the protocol gave
+        it is gone. A mapping it made elsewhere on its own is then seen by the revocation's
+        acknowledgement, which refuses.
         """
         if self._window is None or not cut:
             return []
         pid = self.frontend.backend_pid
+        before = self._known_mappings(cut)
         affected = [e for e in self._exports.values() if _overlaps(e.span, cut)]
         moving = {
             i: q
@@ -1048,10 +1081,10 @@ class Bridge:
             log.info("in flight into %s: %s", _fmt(cut), flight)
         if not affected:
             self._restart(moving, bases)
-            still = self._wait_unmapped(cut)
+            still = self._wait_unmapped(cut) if full else self._wait_released(cut, before)
             if still is not None and self.gone is None:
                 raise VhostUserError(still)
-            return []
+            return self._settle_stranded(cut)
         held = self._held(cut)
         keep: list[Span] = []
         withdrawn: list[Span] = []
@@ -1066,6 +1099,7 @@ class Bridge:
                 self._stranded.append(exp)
             if self.mem_slots:
                 for exp in affected:
+                    self._table_gen += 1
                     self.frontend.remove_region(exp.region)
             else:
                 for lo, hi in keep:
@@ -1082,11 +1116,12 @@ class Bridge:
                 f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
                 f"({exc}); not acknowledged",
             ) from exc
-        still = self._wait_unmapped(cut)
+        # Nothing is added after a table (or with no piece to add back): for an
+        # acknowledgement this is the last check, and sees every mapping.
+        last = full and not (self.mem_slots and keep)
+        still = self._wait_unmapped(cut) if last else self._wait_released(cut, before)
         if still is not None:
-            for i in moving:
-                self._stop_queue(i, f"vring {i} was stopped for a teardown that failed: {still}")
-            raise VhostUserError(still)
+            raise self._teardown_still(moving, still)
         if not self.frontend.hung_up():
             self._stranded = [e for e in self._stranded if e not in affected]
         added: list[_Export] = []
@@ -1101,6 +1136,14 @@ class Bridge:
                     raise VhostUserError(still) from exc
         elif keep:
             added = [self._exports[lo] for lo, _ in keep]
+        if full and self.mem_slots and keep:
+            # Regions were added after the check above: an acknowledgement needs a full read
+            # made after them (adding them made one, if it succeeded).
+            seen = self._seen
+            fresh = seen[1] if seen is not None and seen[0] == self._table_gen else None
+            still = self._wait_unmapped(cut, vmas=fresh)
+            if still is not None:
+                raise self._teardown_still(moving, still)
         self._restart(moving, bases)
         if self.frontend.hung_up():
             # It answered, then went away (a libvhost-user backend that panics drops the
@@ -1114,7 +1157,7 @@ class Bridge:
             self._report_withdrawn(_merge(withdrawn))
         if added:
             self._pin_later(added)
-        return affected
+        return affected + self._settle_stranded(cut, added)
 
     def _restart(self, moving: dict[int, SplitQueue], bases: dict[int, int]) -> None:
         """Starts the stopped rings again where they were if their memory is still exported;
@@ -1135,6 +1178,27 @@ class Bridge:
                     f"vring {i} (gpa {q.gpa:#x}+{q.end_off - q.offset:#x}) was stopped: its "
                     "memory is no longer exported (revoked or withdrawn); start_queue() first",
                 )
+
+    def _settle_stranded(self, cut: list[Span], pinning: Sequence[_Export] = ()) -> list[_Export]:
+        """After a teardown of `cut` checked complete (lock held): the exports an earlier
+        teardown took out but could not finish (the backend still mapped them then) that
+        touch `cut` are done with (returned: their pins go), and exported regions left
+        without a pin meanwhile are pinned (but those in `pinning`, being pinned)."""
+        if self.gone is not None or self.frontend.hung_up():
+            return []  # the hang-up releases them
+        done = [e for e in self._stranded if _overlaps(e.span, cut)]
+        self._stranded = [e for e in self._stranded if e not in done]
+        unpinned = [e for e in self._exports.values() if e.pin is None and e not in pinning]
+        if unpinned:
+            self._pin_later(unpinned)
+        return done
+
+    def _teardown_still(self, moving: dict[int, SplitQueue], still: str) -> VhostUserError:
+        """The backend still maps revoked memory after the teardown: the rings stopped for it
+        stay stopped."""
+        for i in moving:
+            self._stop_queue(i, f"vring {i} was stopped for a teardown that failed: {still}")
+        return VhostUserError(still)
 
     def _teardown_failed(self, cut: list[Span], reason: str) -> VhostUserError:
         """Remembers a teardown that failed before the revocation reached this bridge (on a
@@ -1159,31 +1223,78 @@ class Bridge:
         if self._session is not None:
             self._session.report_withdrawn(self.space_id, spans)
 
-    def _still_mapped(self, spans: Sequence[Span]) -> str | None:
-        """What the backend's maps still show of the spans, or None."""
-        dev, ino = self._dev_ino
-        try:
-            vmas = self.backend.mappings_of(dev, ino)
-        except OSError:
-            return None  # the process is gone: it maps nothing
+    @staticmethod
+    def _mapping_of(vmas: Sequence[Vma], spans: Sequence[Span]) -> str | None:
         for v in vmas:
             for lo, hi in spans:
                 if v.offset < hi and lo < v.file_end:
                     return f"the backend still maps offsets {lo:#x}+{hi - lo:#x} ({v})"
         return None
 
-    def _wait_unmapped(self, spans: Sequence[Span], timeout: float = 1.0) -> str | None:
-        """Waits until the backend's maps show none of the spans; else what they still show."""
+    def _still_mapped(self, spans: Sequence[Span]) -> str | None:
+        """What the backend's maps (a full read: every mapping of the space's file) still
+        show of the spans, or None."""
+        try:
+            vmas = self._space_vmas()
+        except OSError:
+            return None  # the process is gone: it maps nothing
+        return self._mapping_of(vmas, spans)
+
+    def _wait_unmapped(
+        self, spans: Sequence[Span], timeout: float = 1.0, vmas: Sequence[Vma] | None = None
+    ) -> str | None:
+        """Waits until the backend's maps show none of the spans; else what they still show.
+        `vmas`: a full read already made after the last message (asked first)."""
         if not spans:
             return None
         deadline = time.monotonic() + timeout
-        while True:
-            still = self._still_mapped(spans)
-            if still is None:
-                return None
+        still = self._mapping_of(vmas, spans) if vmas is not None else self._still_mapped(spans)
+        while still is not None:
             if time.monotonic() > deadline:
                 return f"{still} after removing its regions"
             time.sleep(0.001)
+            still = self._still_mapped(spans)
+        return None
+
+    def _known_mappings(self, spans: Sequence[Span]) -> list[Vma] | None:
+        """The backend's mappings of the space that touch the spans, when the last full
+        read is known to show all it was given (no message since, and the backend
+        acknowledges each message only once it has done it: REPLY_ACK); else None."""
+        seen = self._seen
+        if seen is None or seen[0] != self._table_gen or not self.frontend.reply_ack:
+            return None
+        return [v for v in seen[1] if _overlaps((v.offset, v.file_end), spans)]
+
+    def _still_at(self, before: Sequence[Vma], spans: Sequence[Span]) -> str | None:
+        """What the backend maps of the spans at the addresses of `before` (PROCMAP_QUERY
+        over those address ranges only), or None."""
+        dev, ino = self._dev_ino
+        for old in before:
+            try:
+                vmas = self.backend.file_mappings_in(old.start, old.end)
+            except KernelFeatureMissing:
+                return self._still_mapped(spans)
+            except OSError:
+                return None  # the process is gone: it maps nothing
+            still = self._mapping_of([v for v in vmas if (v.dev, v.inode) == (dev, ino)], spans)
+            if still is not None:
+                return still
+        return None
+
+    def _wait_released(
+        self, spans: Sequence[Span], before: Sequence[Vma] | None, timeout: float = 1.0
+    ) -> str | None:
+        """Waits until the backend maps none of the spans where it mapped them before the
+        regions changed (`before`, from `_known_mappings`; None: not known, so full reads);
+        else what it still maps there."""
+        if before is None:
+            return self._wait_unmapped(spans, timeout)
+        deadline = time.monotonic() + timeout
+        while (still := self._still_at(before, spans)) is not None:
+            if time.monotonic() > deadline:
+                return f"{still} after removing its regions"
+            time.sleep(0.001)
+        return None
 
     def refresh(self) -> list[tuple[int, int]]:
         """Exports what is held but not exported yet (after new grants); returns the held

@@ -4,7 +4,8 @@ test_vhost_user.py, test_vhost_net.py).
 
 Ops: start SPACE SOCKET [device, iommu, mem_slots]; exported; queue GPA; request KIND SECTOR
 GPA LENGTH; net: net_queues GPA, post_rx GPA LENGTH, post_rx_raw (unchecked), send GPA FRAME,
-receive COUNT WAIT, in_flight, revocations, iotlb_log; refresh; watch
+receive COUNT WAIT, in_flight, revocations, iotlb_log; refresh; full_reads (how many
+full reads of the backend's maps the bridge has made); watch
 (returns once the bridge has handled a backend hang-up on its own: when it noticed, and why);
 sabotage (the next REM_MEM_REG names a region the backend does not have: libvhost-user panics
 and drops the connection); close.
@@ -200,6 +201,8 @@ def main() -> None:
                         ],
                     }
                 )
+            elif op == "full_reads":
+                out({"ok": True, "full_reads": bridge.full_reads})
             elif op == "iotlb_log":
                 out({"ok": True, "log": [list(e) for e in bridge.iotlb_log]})
             elif op == "close":

@@ -77,6 +77,16 @@ class World:
         finally:
             view.close()
 
+    def testpmd_maps_at(self) -> list[tuple[int, int, int]]:
+        """testpmd's mappings of the space as (start address, file offset, file end)."""
+        st = os.fstat(self.space.fd)
+        view = ProcessView(self.testpmd.pid)
+        try:
+            vmas = view.mappings_of(st.st_dev, st.st_ino)
+            return [(v.start, v.offset, v.file_end) for v in vmas]
+        finally:
+            view.close()
+
     def close(self) -> None:
         self._stack.close()
 
@@ -392,3 +402,110 @@ def test_a_revoke_during_continuous_traffic_never_lets_the_backend_write_revoked
     assert taken | set(stats["refused"]) == set(high), (taken, stats["refused"])
     assert all(gpa < 2 * MiB for gpa, _ in w.bridge.ok("in_flight")["rx"])
     assert w.mem.read(3 * MiB, 8 * BUF) == b"\xee" * 8 * BUF
+
+
+# -- what a revoke checks, and where -----------------------------------------------------------
+
+
+class SecondMapping:
+    """A second vhost-user connection to the same testpmd, made by the test: a table with one
+    region of the space at file offset `offset` makes testpmd map the space (from file offset
+    0, as DPDK does) at an address of its choosing, which the bridge never asked for. It goes
+    when the connection is closed."""
+
+    def __init__(self, w: World, offset: int, size: int) -> None:
+        self.w = w
+        before = set(w.testpmd_maps_at())
+        self.frontend = vu.Frontend(str(w.testpmd.sock))
+        try:
+            self.frontend.negotiate(vu.VIRTIO_F_VERSION_1, vu.PROTOCOL_F_REPLY_ACK)
+            region = vu.MemRegion(0, size, 0x7F0000000000, offset)
+            self.frontend.set_mem_table([region], w.space.fd)
+        except BaseException:
+            self.frontend.close()
+            raise
+        (self.vma,) = set(w.testpmd_maps_at()) - before
+
+    def close(self) -> None:
+        self.frontend.close()
+        deadline = time.monotonic() + 5
+        while self.vma in self.w.testpmd_maps_at():
+            assert time.monotonic() < deadline, "testpmd kept the second mapping"
+            time.sleep(0.01)
+
+
+def test_a_revoke_reads_the_backends_whole_maps_once(world):
+    """Releasing the pin asks the kernel only where the backend mapped the space (the last
+    full read, no message since); the acknowledgement reads the backend's whole maps, after
+    the revocation arrived. One full read per revoke, and still nothing of the range mapped."""
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start()
+    w.bridge.ok("net_queues", gpa=0)
+    w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+    w.testpmd.start()
+    assert len(round_trip(w, [frame(0)])) == 1
+    w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+    for _ in range(3):
+        reads = w.bridge.ok("full_reads")["full_reads"]
+        report = w.space.revoke("bridge", 2 * MiB, 2 * MiB)
+        assert [(c.outcome, c.withdrawn) for c in report.clients] == [("acked", ())]
+        assert w.bridge.ok("full_reads")["full_reads"] == reads + 1
+        assert w.testpmd_maps() == [(0, 2 * MiB)]
+        got = round_trip(w, [frame(1)])
+        assert got == [(RX_AT, RX_HEADER + frame(1))]
+        w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+        w.space.grant("bridge", 2 * MiB, 2 * MiB)
+        assert w.bridge.ok("refresh")["left_out"] == []
+    assert w.owner.stats().fenced_total == 0
+
+
+def test_the_revoked_range_mapped_at_a_second_address_is_never_acked(world):
+    """testpmd maps the space a second time (another connection's table) after the bridge's
+    last full read of its maps: the pin's release looks only where the bridge's own regions
+    were mapped and lets the pin go, but the acknowledgement reads the whole maps, finds the
+    second mapping and refuses: the broker fences the bridge, never "acked"."""
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start()
+    second = SecondMapping(w, 3 * MiB, MiB)
+    try:
+        assert sorted(w.testpmd_maps()) == [(0, 4 * MiB), (0, 4 * MiB)]
+        report = w.space.revoke("bridge", 2 * MiB, 2 * MiB)
+        ((c,),) = [report.clients]
+        assert c.outcome == "fenced", c
+        assert "refused to tear down" in c.reason
+        assert "the backend still maps offsets 0x200000+0x200000" in c.reason
+        assert f"start={second.vma[0]}" in c.reason
+        assert w.bridge.wait(10) == -signal.SIGKILL
+    finally:
+        second.close()
+
+
+def test_a_known_second_mapping_keeps_the_pin_and_on_pinned_fail_changes_nothing(world):
+    """The second mapping exists before the bridge starts, so its full read at start saw it:
+    the pin's release checks every mapping of the range that read showed, finds the second
+    one still there and keeps the pin; on_pinned="fail" leaves everything as it was. Once
+    the second connection is gone, the same revoke is acknowledged."""
+    from membroker.errors import FailedPrecondition
+
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    second = SecondMapping(w, 3 * MiB, MiB)
+    try:
+        w.start()
+        assert sorted(w.testpmd_maps()) == [(0, 4 * MiB), (0, 4 * MiB)]
+        with pytest.raises(FailedPrecondition) as failed:
+            w.space.revoke("bridge", 2 * MiB, 2 * MiB, on_pinned="fail")
+        assert "pinned by client 'bridge'" in str(failed.value)
+        assert "nothing changed" in str(failed.value)
+        assert [c for c, _ in w.space.grants()] == ["bridge"]
+    finally:
+        second.close()
+    report = w.space.revoke("bridge", 2 * MiB, 2 * MiB)
+    assert [c.outcome for c in report.clients] == ["acked"]
+    assert w.testpmd_maps() == [(0, 2 * MiB)]
+    assert w.owner.stats().fenced_total == 0

@@ -130,3 +130,30 @@ def test_the_mapping_the_view_reports_is_the_one_in_use(world) -> None:
         assert [v.start for v in view.mappings_of(st.st_dev, st.st_ino)] == [address]
     finally:
         view.close()
+
+
+def test_file_mappings_in_a_range_are_found_by_procmap_query() -> None:
+    """The targeted question: file-backed mappings in an address range, and nothing else."""
+    import ctypes
+    import mmap
+
+    fd = os.memfd_create("range-test", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4 * PAGE_SIZE)
+    st = os.fstat(fd)
+    view = ProcessView(os.getpid())
+    anon = mmap.mmap(-1, 4 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mem = mmap.mmap(fd, 4 * PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(anon))
+        assert view.file_mappings_in(address, address + 4 * PAGE_SIZE) == []  # anonymous only
+        start = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+        found = view.file_mappings_in(start + PAGE_SIZE, start + 2 * PAGE_SIZE)
+        assert [(v.start, v.end, v.inode, v.writable) for v in found] == [
+            (start, start + 4 * PAGE_SIZE, st.st_ino, True)
+        ]
+        del found
+    finally:
+        mem.close()
+        anon.close()
+        view.close()
+        os.close(fd)

@@ -325,6 +325,24 @@ class ProcessView:
         """The mapping covering `addr`, or None."""
         return self._ask(addr, 0)
 
+    def file_mappings_in(self, start: int, end: int) -> list[Vma]:
+        """The file-backed mappings that intersect addresses [start, end), lowest first, by
+        PROCMAP_QUERY: one ioctl per mapping found there, plus one, whatever else the process
+        maps (a full maps read costs a line and a path per mapping: ~1.2 ms for a DPDK process
+        with a thousand shared-library mappings). It sees only that range: a check that must
+        see every mapping of a file anywhere in the process uses `mappings_of`. Raises
+        KernelFeatureMissing before 6.11, OSError when the process is gone."""
+        out: list[Vma] = []
+        addr = start
+        flags = PROCMAP_QUERY_COVERING_OR_NEXT_VMA | PROCMAP_QUERY_FILE_BACKED_VMA
+        while addr < end:
+            vma = self._ask(addr, flags)
+            if vma is None or vma.start >= end:
+                break
+            out.append(vma)
+            addr = vma.end
+        return out
+
     def mappings_of(self, dev: int, inode: int) -> list[Vma]:
         """Every mapping of the file (dev, inode), from one read of the maps text.
 

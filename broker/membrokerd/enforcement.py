@@ -115,8 +115,11 @@ def still_reaches(broker: Broker, session: Session, spaces: list[_Reach]) -> str
             allowed, fd_allowed = allowance
         try:
             problem = check_reach(view, r.dev, r.ino, allowed, r.page, None, fd_allowed=fd_allowed)
-        except OSError:
-            return None  # gone meanwhile: it reaches nothing
+        except OSError as exc:
+            if not is_alive(session):
+                return None  # gone meanwhile: it reaches nothing
+            # Alive but unreadable: nothing says it let go, so it is treated as still reaching.
+            return f"{r.space_id}: its mappings could not be read ({exc})"
         if problem is not None:
             return f"{r.space_id}: {problem}"
     return None
@@ -271,8 +274,21 @@ class Enforcer:
                         fd_allowed=fd_allowed,
                     ),
                 )
-            except OSError:
-                continue  # gone: on_closed releases it
+            except OSError as exc:
+                if not is_alive(session):
+                    continue  # gone: on_closed releases it
+                # Alive, and its mappings cannot be read: never "nothing found".
+                problem = f"its mappings could not be read ({exc})"
+                broker.metrics.audit_unverified.inc()
+                if broker.config.on_unverifiable == "report":
+                    log.warning(
+                        "audit of %s: client %r (pid %d): %s (on_unverifiable = report)",
+                        space_id,
+                        session.name,
+                        session.pid,
+                        problem,
+                    )
+                    continue
             finally:
                 session.release()
             if problem is not None and not session.conn.closed:

@@ -248,6 +248,12 @@ class Metrics:
         self.audits = Counter(
             "membroker_audits_total", "Full audits of client mappings.", registry=self.registry
         )
+        self.audit_unverified = Counter(
+            "membroker_audit_unverified_total",
+            "Clients an audit found alive but could not read the mappings of (fenced unless "
+            "on_unverifiable = report).",
+            registry=self.registry,
+        )
         self.audit_seconds = Histogram(
             "membroker_audit_duration_seconds",
             "How long one full audit of every attached client took.",

@@ -22,7 +22,7 @@ from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange
 from membrokerd.broker import Broker, Outcome
 from membrokerd.config import load_config
-from membrokerd.enforcement import FenceResult
+from membrokerd.enforcement import FenceResult, _Reach, still_reaches
 from membrokerd.revocation import Ack, Batch, Verdict
 from membrokerd.sessions import Session
 from membrokerd.spaces import Attachment, BackingKind, Space
@@ -126,3 +126,33 @@ def test_on_unverifiable_decides_what_follows(core, policy):
         assert session.conn.closed
         assert broker.fenced_total == 1
         assert space.table.clients() == []
+
+
+@pytest.mark.parametrize("policy", ["fence", "report"])
+def test_an_audit_that_cannot_read_a_live_process_never_passes_it(core, policy):
+    """The audit used to count a read error as "the process is gone" and move on."""
+    broker, session, space, _ = core
+    broker.config.on_unverifiable = policy
+    assert broker.loop.run_until_complete(broker.enforcer.audit_space(space.space_id)) == []
+    _break_view(session)
+    fenced = broker.loop.run_until_complete(broker.enforcer.audit_space(space.space_id))
+    assert broker.metrics.audit_unverified._value.get() == 1
+    if policy == "report":
+        assert fenced == [] and not session.conn.closed
+    else:
+        ((name, reason),) = fenced
+        assert name == "c"
+        assert reason.startswith(f"audit of {space.space_id}: its mappings could not be read (")
+        broker.loop.run_until_complete(asyncio.sleep(0.05))  # fence_soon's task runs
+        assert session.conn.closed and broker.fenced_total == 1
+
+
+def test_a_fenced_process_whose_mappings_cannot_be_read_is_not_called_gone(core):
+    """The look after a fence: alive and unreadable is "still reaches", never "let go"."""
+    broker, session, space, _ = core
+    spaces = [_Reach(space.space_id, space.dev, space.ino, space.page_size)]
+    space.table.forget_client("c")  # fenced: nothing allowed any more
+    _break_view(session)
+    problem = still_reaches(broker, session, spaces)
+    assert problem is not None
+    assert problem.startswith(f"{space.space_id}: its mappings could not be read (")

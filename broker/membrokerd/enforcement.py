@@ -270,7 +270,7 @@ class Enforcer:
                         allowed,
                         space.page_size,
                         None,
-                        check_present=False,
+                        check_present=True,
                         fd_allowed=fd_allowed,
                     ),
                 )

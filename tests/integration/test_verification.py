@@ -129,3 +129,25 @@ def test_audit_fences_a_client_that_maps_its_fd_beyond_its_grant(strict):
             or "maps offset 0x4000 writable (rws)" in refused["error"]
         )
         assert dma.proc.poll() is None
+
+
+def test_audit_fences_a_cooperative_client_that_reads_never_granted_pages_via_proc_mem(strict):
+    """/proc/self/mem (FOLL_FORCE) reads through PROT_NONE and leaves the page present in the
+    client's page table: the audit finds it, even though no revocation ever examines it. The
+    page lies in a 2 MiB chunk where the client holds nothing (no guard markers there)."""
+    d, start = strict
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(4 * MiB)
+        space.share(0, 4 * MiB)
+        space.grant("nosy", 0, 4 * PAGE)
+        nosy = start("nosy")
+        nosy.ok("attach_va", space=space.space_id, mode="cooperative")
+        time.sleep(0.8)  # several audits of the honest client: nobody fenced
+        assert owner.stats().fenced_total == 0
+        got = nosy.ok("procmem_read", space=space.space_id, offset=3 * MiB)
+        assert "data" in got, got  # the read went through PROT_NONE
+        deadline = time.monotonic() + 10
+        while owner.stats().fenced_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert owner.stats().fenced_total == 1
+        assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()

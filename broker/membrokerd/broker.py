@@ -41,6 +41,7 @@ from membrokerd.access import (
     Pin,
     StaleChange,
     TooFragmented,
+    TooManyPins,
 )
 from membrokerd.config import BrokerConfig
 from membrokerd.enforcement import Enforcer, FenceResult, is_alive
@@ -2260,9 +2261,16 @@ class Broker:
             raise WrongState(
                 f"range {offset:#x}+{length:#x} of {space_id} is being revoked: no new pins"
             )
-        return space.table.pin(
-            session.session_id, session.name, offset, length, write
-        ), space.table.seq
+        limit = self.config.max_pins_per_session
+        try:
+            pin = space.table.pin(
+                session.session_id, session.name, offset, length, write, max_pins=limit
+            )
+        except TooManyPins:
+            raise LimitReached(
+                "max_pins_per_session", limit, f"this session holds {limit} pins on {space_id}"
+            ) from None
+        return pin, space.table.seq
 
     def unpin(self, session: Session, space_id: str, pin_id: int) -> None:
         space = self.space(space_id)

@@ -112,6 +112,12 @@ class BrokerConfig(BaseSettings):
     max_grant_fragments_per_client: int = Field(
         1_000_000, ge=2, description="Grant ranges one client name may hold in one space."
     )
+    max_pins_per_session: int = Field(
+        4096,
+        ge=1,
+        description="Pins one session may hold in one space at once (each revocation looks at "
+        "every pin it overlaps).",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_sessions: int = Field(1024, ge=1)
     max_spaces: int = Field(256, ge=1)

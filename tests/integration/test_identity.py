@@ -108,6 +108,34 @@ def test_policy_by_uid_refuses_names_ownership_and_attachment(tmp_path):
         stop_and_clean(d)
 
 
+def test_pins_per_session_are_limited(tmp_path):
+    """A client that pins without end would make every revocation look at every pin: the
+    pin past max_pins_per_session is refused, naming the limit, and changes nothing."""
+    d = daemon_with(tmp_path, MAX_PINS_PER_SESSION="2")
+    try:
+        with (
+            membroker.connect("vmm", d.runtime_dir) as owner,
+            membroker.connect("dma", d.runtime_dir) as dma_session,
+        ):
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("dma", 0, MiB)
+            dma = dma_session.attach_fd(space.space_id)
+            first = dma.pin(0, 4096)
+            dma.pin(0, 4096)  # the same range again is a pin of its own
+            with pytest.raises(
+                membroker.ResourceExhausted,
+                match=r"this session holds 2 pins on sp-\w+ \(limit max_pins_per_session = 2\)",
+            ):
+                dma.pin(8192, 4096)
+            first.unpin()
+            dma.pin(8192, 4096)  # room again
+            with pytest.raises(membroker.ResourceExhausted, match="max_pins_per_session"):
+                dma.pin(0, 4096)
+    finally:
+        stop_and_clean(d)
+
+
 def test_quotas_refuse_with_resource_exhausted_naming_the_limit(tmp_path):
     d = daemon_with(
         tmp_path,

@@ -643,6 +643,22 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _seal_overdue(self, session: Session, space_id: str, attached_at: float) -> None:
+        """A sealed-mode attachment whose Sealed report has not come: fenced (the process
+        holds a read-write description of the space and nothing else is known of it)."""
+        if (
+            session.conn.closed
+            or space_id not in session.sealing
+            or session.attached_at.get(space_id) != attached_at
+        ):
+            return
+        reason = (
+            f"attached to {space_id} in sealed mode but did not report its sealed mapping "
+            f"within seal_timeout_ms = {self.config.seal_timeout_ms}"
+        )
+        log.warning("session %s (%r): %s", session.session_id, session.name, reason)
+        self.enforcer.fence_soon(session, "sealing", reason)
+
     def _sealed(self, session: Session, sealed: spb.Sealed, fds: list[int]) -> None:
         """A sealed VA client's mapping and userfaultfd: registered by the broker, checked
         against the kernel's view, then served. A client that fails the check is told why and
@@ -2068,6 +2084,15 @@ class Broker:
             space.attachments[session.session_id] = kind
             if sealed:
                 session.sealing[space_id] = rw_fd
+                # The description it gets is read-write (userfaultfd needs one) whatever it
+                # was granted: it must seal, and so give it up, before long.
+                self.loop.call_later(
+                    self.config.seal_timeout_ms / 1000,
+                    self._seal_overdue,
+                    session,
+                    space_id,
+                    session.attached_at[space_id],
+                )
             elif not rw_fd:
                 # An fd client, or a cooperative VA one: upgraded on its first rw grant.
                 session.read_only_fd.add(space_id)

@@ -112,6 +112,13 @@ class BrokerConfig(BaseSettings):
     max_grant_fragments_per_client: int = Field(
         1_000_000, ge=2, description="Grant ranges one client name may hold in one space."
     )
+    seal_timeout_ms: int = Field(
+        2000,
+        ge=100,
+        le=60_000,
+        description="How long a sealed-mode VA client may take from Attach to its Sealed "
+        "report; it holds a read-write description meanwhile, and is fenced after.",
+    )
     max_pins_per_session: int = Field(
         4096,
         ge=1,

@@ -251,3 +251,72 @@ def test_withdrawn_ranges_in_an_ack_must_be_held(daemon: Daemon) -> None:
     from membroker.ctl import _report
 
     assert "0x8000+0x1000" in _report(report)
+
+
+# A raw peer in its own process: attaches in sealed mode, keeps the read-write description the
+# broker hands it, says how it is open, and never reports a sealed mapping.
+LAZY_SEALER = """
+import fcntl, os, socket, sys, time
+from membroker import wire
+from membroker._sys import sock as sys_sock
+from membroker.v1 import broker_pb2 as pb, session_pb2 as spb
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(wire.encode(spb.Frame(hello=spb.Hello(protocol_version=1, client_name="lazy"))))
+request = pb.AttachRequest(
+    space_id=sys.argv[2], kind=pb.ATTACH_KIND_VA, va_mode=pb.VA_MODE_SEALED
+)
+call = spb.Call(id=1, method="Attach", body=request.SerializeToString())
+s.sendall(wire.encode(spb.Frame(call=call)))
+decoder, kept, answered = wire.FrameDecoder(), [], False
+while not answered:
+    data, fds, _ = sys_sock.recv_with_fds(s, 1 << 17)
+    for frame, frame_fds in decoder.feed(data, fds):
+        kept += frame_fds
+        answered = answered or frame.WhichOneof("body") == "call_result"
+modes = ["rw" if fcntl.fcntl(fd, fcntl.F_GETFL) & 3 == os.O_RDWR else "ro" for fd in kept]
+print(modes, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sealed_attach_that_never_seals_is_fenced(tmp_path: Any) -> None:
+    """The read-write description a sealed-mode client holds until it seals is not a way to
+    keep one: past seal_timeout_ms the client is fenced, and killed since it still holds it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import _env
+
+    d = Daemon(tmp_path / "rt", env=dict(_env(), MEMBROKER_SEAL_TIMEOUT_MS="300"))
+    try:
+        with membroker.connect("vmm", str(d.runtime_dir)) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("lazy", 0, PAGE, "ro")  # read-only, yet the description is O_RDWR
+            lazy = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    LAZY_SEALER,
+                    str(d.runtime_dir / "session.sock"),
+                    space.space_id,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                env=_env(),
+            )
+            try:
+                assert lazy.stdout is not None
+                assert lazy.stdout.readline().strip() == "['rw']"
+                assert lazy.wait(10) == -signal.SIGKILL
+            finally:
+                if lazy.poll() is None:
+                    lazy.kill()
+                    lazy.wait(10)
+                lazy.stdout.close()  # type: ignore[union-attr]
+            assert owner.stats().fenced_total == 1
+            assert 'membroker_fenced_total{reason="sealing"} 1.0' in d.scrape()
+        assert "did not report its sealed mapping within seal_timeout_ms = 300" in d.log()
+    finally:
+        assert d.stop() == 0

@@ -29,7 +29,7 @@ from membrokerd.access import (
     NotShared,
     UnknownPin,
 )
-from membrokerd.broker import Broker, Outcome, RevocationResult
+from membrokerd.broker import MAX_CALLS_IN_FLIGHT, Broker, Outcome, RevocationResult
 from membrokerd.enforcement import FenceResult
 from membrokerd.pushes import access_range_pb
 from membrokerd.sessions import Session
@@ -106,7 +106,20 @@ def edge(method: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable
         try:
             token = dict(context.invocation_metadata() or ()).get(TOKEN_KEY)
             session = self.broker.authenticate(token if isinstance(token, str) else None)
-            return await method(self, request, session)
+            if session is None:
+                return await method(self, request, session)
+            # The same bound as on the session socket: a token is not a way around it.
+            if session.grpc_calls >= MAX_CALLS_IN_FLIGHT:
+                raise errors.LimitReached(
+                    "calls in flight per session",
+                    MAX_CALLS_IN_FLIGHT,
+                    f"{session.grpc_calls} gRPC calls of this session are in flight",
+                )
+            session.grpc_calls += 1
+            try:
+                return await method(self, request, session)
+            finally:
+                session.grpc_calls -= 1
         except (errors.BrokerFault, AccessError) as exc:
             code = status_of(exc)
             self.broker.metrics.rpc_errors.labels(code.name).inc()

@@ -70,6 +70,8 @@ class Session:
         self.read_only_fd: set[str] = set()
         # the control calls in flight on the socket (Call frames), by id
         self.calls: dict[int, asyncio.Task[None]] = {}
+        # gRPC calls of this session's token in flight (the session socket's own are `calls`).
+        self.grpc_calls = 0
         self.pidfd = os.dup(conn.pidfd)
         self.fencing: asyncio.Future[Fenced] | None = None
         # The journal write of a fence's grant drop (awaited before the fence reports)

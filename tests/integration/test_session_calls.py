@@ -320,3 +320,39 @@ def test_a_sealed_attach_that_never_seals_is_fenced(tmp_path: Any) -> None:
         assert "did not report its sealed mapping within seal_timeout_ms = 300" in d.log()
     finally:
         assert d.stop() == 0
+
+
+def test_grpc_calls_in_flight_per_session_are_bounded_like_session_calls(tmp_path: Any) -> None:
+    """A session's token over gRPC is no way around the 64-calls-in-flight bound."""
+    import grpc
+
+    from membroker.v1 import broker_pb2_grpc as pb_grpc
+
+    with daemon_and_clients(tmp_path, 1500, 3600) as (d, start):
+        owner = membroker.connect("vmm", str(d.runtime_dir))
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("c", 0, 80 * PAGE)
+        c = start("c")
+        c.ok("attach_va", space=space.space_id)
+        stop_process(c.pid)  # every revoke below now waits for its deadline
+        channel = grpc.insecure_channel(f"unix://{d.runtime_dir / 'control.sock'}")
+        stub = pb_grpc.MemBrokerStub(channel)  # type: ignore[no-untyped-call]
+        metadata = (("membroker-session-token", owner.token),)
+        futures = []
+        for i in range(64):
+            request = pb.RevokeRequest(
+                space_id=space.space_id, client="c", range=spb.Range(offset=i * PAGE, length=PAGE)
+            )
+            futures.append(stub.Revoke.future(request, metadata=metadata, timeout=30))
+        time.sleep(0.5)  # the 64 are in flight (queued behind the first)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetStats(pb.GetStatsRequest(), metadata=metadata, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "(limit calls in flight per session = 64)" in (refused.value.details() or "")
+        for future in futures:
+            future.result()  # the first fenced the frozen client; the rest had nothing to wait for
+        assert stub.GetStats(pb.GetStatsRequest(), metadata=metadata, timeout=10).fenced_total == 1
+        channel.close()
+        owner.close()
+        os.kill(c.pid, signal.SIGCONT)

@@ -100,11 +100,6 @@ ATTACH_INLINE_RANGES = 1024
 MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
-# Seconds after a start during which the sessions of the previous daemon may resume (their
-# resume tokens are in the journal); then they are forgotten, and a process of theirs that
-# still maps a space is dealt with as a fenced one (`_unresumed`). MEMBROKERD_RESUME_WINDOW_S
-# overrides it (the tests shorten it).
-RESUME_WINDOW_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -190,11 +185,14 @@ class Broker:
         self.journal: Writer | None = None
         self.fd_store = False
         # Sessions of the previous daemon that may resume (by token hash), until
-        # RESUME_WINDOW_S after the start; and whether this daemon is stopping (its sessions
+        # resume_window_s after the start; and whether this daemon is stopping (its sessions
         # then stay resumable).
         self._resumable: dict[str, SessionRecord] = {}
         self.stopping = False
-        self.resume_window_s = _resume_window()
+        # Seconds after a start during which the sessions of the previous daemon may resume
+        # (their resume tokens are in the journal); then they are forgotten, and a process of
+        # theirs that still maps a space is dealt with as a fenced one (`_unresumed`).
+        self.resume_window_s = config.resume_window_s
         # A fence drops the client's grants in every space (Enforcer._begin): journaled here.
         begin = self.enforcer._begin
 
@@ -514,7 +512,7 @@ class Broker:
         return record
 
     def _expire_resumable(self) -> None:
-        """RESUME_WINDOW_S after the start: sessions of the previous daemon that did not
+        """resume_window_s after the start: sessions of the previous daemon that did not
         come back can no longer resume, and their processes are checked (`_unresumed`)."""
         gone = list(self._resumable.values())
         self._resumable.clear()
@@ -1600,9 +1598,13 @@ class Broker:
         fence outside the queue), it is computed again, on the loop."""
         table = space.table
         with collector_paused():
-            # Large either way: many ranges, or a client holding so many that copying its
-            # sets (what a grant computes on) takes milliseconds.
-            if len(spans) >= OFFLOAD_RANGES or table.fragment_count(client) >= OFFLOAD_FRAGMENTS:
+            # Large either way: many ranges, or more than a few into a client holding so many
+            # that the batch is merged over its whole sets (milliseconds). A few ranges into
+            # any client cost a few tens of microseconds (its sets are copied on write, chunk by
+            # chunk): done here, without a thread hop.
+            if len(spans) >= OFFLOAD_RANGES or (
+                len(spans) > FEW_RANGES and table.fragment_count(client) >= OFFLOAD_FRAGMENTS
+            ):
                 prepared = await asyncio.to_thread(
                     without_collector(table.prepare_grant), client, spans, access, limit
                 )
@@ -2389,8 +2391,8 @@ def _saved(result: T, unsaved: Exception | None) -> T:
 # Ranges a RevokeAck may list as withdrawn (the SDK sends at most 32).
 MAX_WITHDRAWN = 64
 
-# A client holding this many grant ranges has its grants computed on a worker (see
-# _grant_in_table): copying its sets alone takes a millisecond or more.
+# A client holding this many grant ranges has its grants of more than FEW_RANGES ranges computed
+# on a worker (see _grant_in_table): merging a batch over its sets takes milliseconds.
 OFFLOAD_FRAGMENTS = 65536
 
 
@@ -2434,15 +2436,6 @@ def _view_of(pid: int) -> ProcessView | None:
         return ProcessView(pid)
     except OSError:
         return None  # gone meanwhile: write-protections then cover whole spans
-
-
-def _resume_window() -> float:
-    text = os.environ.get("MEMBROKERD_RESUME_WINDOW_S", "")
-    try:
-        value = float(text) if text else RESUME_WINDOW_S
-    except ValueError:
-        value = RESUME_WINDOW_S
-    return value if 0 < value <= 3600 else RESUME_WINDOW_S
 
 
 def _connection_limits(config: BrokerConfig) -> dict[str, int]:

@@ -112,6 +112,13 @@ class BrokerConfig(BaseSettings):
     max_grant_fragments_per_client: int = Field(
         1_000_000, ge=2, description="Grant ranges one client name may hold in one space."
     )
+    resume_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Seconds after a start during which the previous daemon's sessions may "
+        "resume; then a process of theirs that still maps a space is fenced.",
+    )
     seal_timeout_ms: int = Field(
         2000,
         ge=100,
@@ -330,6 +337,7 @@ RESTART_REQUIRED = frozenset(
         "audit_interval_s",
         "loop_probe_ms",
         "client_name_binding",
+        "resume_window_s",
     }
 )
 

@@ -456,7 +456,7 @@ def test_a_client_that_does_not_resume_but_still_maps_is_killed_at_the_window_en
     the old daemon). A process that does not resume within the window yet still maps a space
     is dealt with as a fenced client still mapping: killed (on_fenced_still_mapped = kill,
     the default). One that resumed is left alone."""
-    env = dict(_env(), MEMBROKERD_RESUME_WINDOW_S="1")
+    env = dict(_env(), MEMBROKER_RESUME_WINDOW_S="1")
     d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "3000", env=env)
     procs: list[PeerProc] = []
     try:

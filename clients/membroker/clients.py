@@ -450,16 +450,7 @@ class VaClient(_Attachment):
             fd = -1
             uffd = sys_uffd.Uffd.create()
             self.mapping.seal()
-            self.session._send(
-                spb.Frame(
-                    sealed=spb.Sealed(
-                        space_id=self.space_id,
-                        address=self.mapping.address,
-                        length=self.info.size,
-                    )
-                ),
-                [uffd.fd],
-            )
+            self._send_sealed(uffd)
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -469,6 +460,13 @@ class VaClient(_Attachment):
         if error:
             raise SealRefused(self.space_id, error)
         self.sealed = True
+
+    def _send_sealed(self, uffd: sys_uffd.Uffd) -> None:
+        """Reports the sealed mapping of the whole space, with the userfaultfd made for it."""
+        sealed = spb.Sealed(
+            space_id=self.space_id, address=self.mapping.address, length=self.info.size
+        )
+        self.session._send(spb.Frame(sealed=sealed), [uffd.fd])
 
     def __repr__(self) -> str:
         return (
@@ -503,16 +501,7 @@ class VaClient(_Attachment):
             try:
                 with self._lock:
                     self.mapping.discard(0, self.info.size)
-                self.session._send(
-                    spb.Frame(
-                        sealed=spb.Sealed(
-                            space_id=self.space_id,
-                            address=self.mapping.address,
-                            length=self.info.size,
-                        )
-                    ),
-                    [uffd.fd],
-                )
+                self._send_sealed(uffd)
             finally:
                 uffd.close()
             error = self.session._wait_sealed(self.space_id)

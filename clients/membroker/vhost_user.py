@@ -1066,14 +1066,7 @@ class Bridge:
                 bases[i] = self.frontend.get_vring_base(i)
                 self.frontend.set_vring_addr(i, *self._park_addrs(i))
         except VhostUserError as exc:
-            what = "dropped the connection" if self.frontend.hung_up() else "failed"
-            for i in list(self._queues):
-                self._stop_queue(i, f"the backend (pid {pid}) {what}: {exc}")
-            raise self._teardown_failed(
-                cut,
-                f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
-                f"({exc}); not acknowledged",
-            ) from exc
+            raise self._backend_failed(cut, pid, exc) from exc
         for i, base in bases.items():
             self._take_off(i, base, cut, flight)
         if flight.taken_off or flight.in_backend:
@@ -1108,14 +1101,7 @@ class Bridge:
                     self._exports[lo] = _Export(lo, hi, region, self._span(lo, hi))
                 self._publish_table()
         except VhostUserError as exc:
-            what = "dropped the connection" if self.frontend.hung_up() else "failed"
-            for i in list(self._queues):
-                self._stop_queue(i, f"the backend (pid {pid}) {what}: {exc}")
-            raise self._teardown_failed(
-                cut,
-                f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
-                f"({exc}); not acknowledged",
-            ) from exc
+            raise self._backend_failed(cut, pid, exc) from exc
         # Nothing is added after a table (or with no piece to add back): for an
         # acknowledgement this is the last check, and sees every mapping.
         last = full and not (self.mem_slots and keep)
@@ -1199,6 +1185,18 @@ class Bridge:
         for i in moving:
             self._stop_queue(i, f"vring {i} was stopped for a teardown that failed: {still}")
         return VhostUserError(still)
+
+    def _backend_failed(self, cut: list[Span], pid: int, exc: VhostUserError) -> VhostUserError:
+        """The backend failed a message of a teardown: its rings stop, and the revocation of
+        `cut` is refused (the error to raise), never acknowledged."""
+        what = "dropped the connection" if self.frontend.hung_up() else "failed"
+        for i in list(self._queues):
+            self._stop_queue(i, f"the backend (pid {pid}) {what}: {exc}")
+        return self._teardown_failed(
+            cut,
+            f"the backend (pid {pid}) {what} while {_fmt(cut)} was being taken from it "
+            f"({exc}); not acknowledged",
+        )
 
     def _teardown_failed(self, cut: list[Span], reason: str) -> VhostUserError:
         """Remembers a teardown that failed before the revocation reached this bridge (on a

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from membroker._sys import hugetlb_free_pages
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_PROC = ROOT / "tests" / "integration" / "client_proc.py"
@@ -247,3 +249,57 @@ def daemon_and_clients(
                 os.kill(p.pid, signal.SIGCONT)
             p.close()
         assert d.stop() == 0, d.log()
+
+
+HUGE_2M = 2 << 20
+
+
+def _nr_hugepages_path_2m() -> Path:
+    """/proc/sys/vm/nr_hugepages when the default huge page size is 2 MiB (it is on x86_64 and
+    4 KiB-page aarch64), else the 2 MiB pool's own sysfs file."""
+    with open("/proc/meminfo") as f:
+        default_kb = next(
+            (int(line.split()[1]) for line in f if line.startswith("Hugepagesize:")), 0
+        )
+    if default_kb == HUGE_2M // 1024:
+        return Path("/proc/sys/vm/nr_hugepages")
+    return Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_2M // 1024}kB/nr_hugepages")
+
+
+@pytest.fixture
+def huge_pages_2m() -> Iterator[Callable[[int], None]]:
+    """reserve(n): makes at least n 2 MiB huge pages free for this test, by raising the
+    pool (root only: writes nr_hugepages); what was added is given back afterwards, even when
+    the test fails.
+
+    The pool is system-wide and other processes may resize it meanwhile, so the teardown
+    subtracts what this test added from the pool's size at that moment rather than writing
+    back the old count.
+    """
+    path = _nr_hugepages_path_2m()
+    added = 0
+
+    def reserve(count: int) -> None:
+        nonlocal added
+        free = hugetlb_free_pages(HUGE_2M)
+        if free >= count:
+            return
+        if not path.exists():
+            pytest.skip("kernel has no 2 MiB hugetlb pool")
+        if os.geteuid() != 0:
+            pytest.skip(f"needs {count} free 2 MiB huge pages ({free} free) and root to reserve")
+        old = int(path.read_text())
+        want = old + (count - free)
+        path.write_text(f"{want}\n")
+        # The kernel allocates what it can at once and reports the count it reached.
+        added += max(0, int(path.read_text()) - old)
+        free = hugetlb_free_pages(HUGE_2M)
+        if free < count:
+            pytest.fail(
+                f"reserved {added} 2 MiB huge pages but only {free} are free (need {count})"
+            )
+
+    yield reserve
+    if added:
+        now = int(path.read_text())
+        path.write_text(f"{max(0, now - added)}\n")

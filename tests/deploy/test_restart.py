@@ -287,23 +287,31 @@ def test_imported_space_survives_kill_9(sd: UserManager) -> None:
         os.close(mine)
 
 
-def test_a_guest_memfd_space_survives_kill_9(sd: UserManager) -> None:
-    """A guest_memfd backing comes back from the fd store too (no seals to compare: its row
-    says so), with its bytes: written through one mapping before the kill, read through a new
-    one after."""
+@pytest.mark.parametrize("backing", ["guest_memfd", "memfd-hugetlb"])
+def test_guest_memfd_and_hugetlb_spaces_survive_kill_9(
+    sd: UserManager, backing: str, huge_pages_2m: Callable[[int], None]
+) -> None:
+    """The other backings come back from the fd store too (a guest_memfd has no seals to
+    compare: its row says so), with their bytes: written through one mapping before the kill,
+    read through a new one after."""
     import mmap
 
     mark = b"guest bytes kept across the kill"
-    if not guest_memfd_support()[0]:
+    if backing == "guest_memfd" and not guest_memfd_support()[0]:
         pytest.skip(f"no mappable guest_memfd here: {guest_memfd_support()[1]}")
+    size = 4 * MiB
+    extra: dict[str, int] = {}
+    if backing == "memfd-hugetlb":
+        huge_pages_2m(size // (2 * MiB))  # reserved for this test, given back after it
+        extra["huge_page_size"] = 2 * MiB
     sd.systemctl("start", SERVICE)
     pid = sd.main_pid()
-    size = 4 * MiB
     with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
-        space = owner.create_space(size, name="gmem", backing="guest_memfd")
+        space = owner.create_space(size, name="other", backing=backing, **extra)
         space.share(0, size)
-        space.grant("backend", 0, MiB, "rw")
+        space.grant("backend", 0, 2 * MiB, "rw")
         info = owner.get_space(space.space_id)
+        assert info.backing == backing
         grants = owner.list_grants(space.space_id)
         client = owner.attach_fd(space.space_id)
         try:

@@ -320,6 +320,7 @@ def test_guest_memfd_and_hugetlb_spaces_survive_kill_9(
                 mem[12345 : 12345 + len(mark)] = mark
         finally:
             client.close()
+        space.close()  # the owner's own fd of it: only the daemon's copies are left
     os.kill(pid, signal.SIGKILL)
     _wait_restarted(sd, pid)
     assert f"space {space.space_id} restored" in sd.log_text()
@@ -334,6 +335,13 @@ def test_guest_memfd_and_hugetlb_spaces_survive_kill_9(
         finally:
             client.close()
         owner.space(space.space_id).delete()
+    # Gone from the daemon and from the fd store: nothing holds the memory (or, for hugetlb,
+    # the huge pages this test reserved and gives back) once the test is over.
+    sd.wait_for(
+        "the fd store to empty",
+        lambda: sd.show(SERVICE, "NFileDescriptorStore")["NFileDescriptorStore"] == "0",
+    )
+    sd.systemctl("stop", SERVICE)
 
 
 _PINNER = r"""

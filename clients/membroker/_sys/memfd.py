@@ -193,13 +193,18 @@ def add_seals(fd: int, seals: int) -> None:
 
 
 def hugetlb_free_pages(page_size: int) -> int:
-    """Free huge pages of `page_size` in the system pool; 0 if the kernel has no such pool."""
-    path = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/free_hugepages"
+    """Huge pages of `page_size` a new mapping can still have: the pool's free pages less
+    those already reserved for mappings made earlier (a free page may be promised to one);
+    0 if the kernel has no such pool."""
+    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB"
     try:
-        with open(path) as f:
-            return int(f.read())
+        with open(f"{base}/free_hugepages") as f:
+            free = int(f.read())
+        with open(f"{base}/resv_hugepages") as f:
+            reserved = int(f.read())
     except FileNotFoundError:
         return 0
+    return max(0, free - reserved)
 
 
 def describe_fd(fd: int) -> FdInfo:

@@ -44,7 +44,7 @@ from membrokerd.access import (
     TooManyPins,
 )
 from membrokerd.config import BrokerConfig
-from membrokerd.enforcement import Enforcer, FenceResult, is_alive
+from membrokerd.enforcement import Enforcer, FenceResult, Reach, is_alive, still_reaches
 from membrokerd.errors import (
     BadRequest,
     LimitReached,
@@ -2256,7 +2256,26 @@ class Broker:
         space = self.space(space_id)
         if space_id not in session.attached:
             raise WrongState(f"client {session.name!r} is not attached to {space_id}")
-        return self._detach(space, session)
+        # A sealed mapping cannot be unmapped: it stays, retired (see README, "What does not
+        # hold"). Any other attachment is let go of by the client before it detaches.
+        sealed = space_id in session.sealed or space_id in session.sealing
+        released = self._detach(space, session)
+        if not sealed:
+            self._check_let_go(session, space)
+        return released
+
+    def _check_let_go(self, session: Session, space: Space) -> None:
+        """After a detach, the process must reach nothing of the space beyond what its other
+        sessions may (a maps and fd read, here on the loop like the look after a fence): a
+        client that says it let go and did not is fenced (and killed if it still maps)."""
+        if session.view is None or session.conn.closed:
+            return
+        reach = [Reach(space.space_id, space.dev, space.ino, space.page_size)]
+        problem = still_reaches(self, session, reach)
+        if problem is None:
+            return
+        reason = f"detached from {space.space_id} but still reaches it ({problem})"
+        self.enforcer.fence_soon(session, "detach", reason, also=reach)
 
     def _detach(self, space: Space, session: Session) -> int:
         mapping = session.sealed.pop(space.space_id, None)

@@ -18,6 +18,7 @@ import logging
 import select
 import signal
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from membroker._sys import sock as sys_sock
@@ -52,7 +53,7 @@ class Fenced:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Reach:
+class Reach:
     """A space the fenced session was attached to: what to look for in the process."""
 
     space_id: str
@@ -99,7 +100,7 @@ def kill(session: Session) -> str | None:
     return None
 
 
-def still_reaches(broker: Broker, session: Session, spaces: list[_Reach]) -> str | None:
+def still_reaches(broker: Broker, session: Session, spaces: list[Reach]) -> str | None:
     """What of `spaces` the (fenced, disconnected) process still maps or holds beyond what its
     other sessions may (an owner's process sharing it keeps the space), if anything."""
     view = session.view
@@ -131,13 +132,17 @@ class Enforcer:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
 
-    async def fence(self, session: Session, kind: str, reason: str) -> Fenced:
-        """Fences `session` (or joins the fencing already under way) and reports the result."""
+    async def fence(
+        self, session: Session, kind: str, reason: str, also: Sequence[Reach] = ()
+    ) -> Fenced:
+        """Fences `session` (or joins the fencing already under way) and reports the result.
+        `also`: spaces to look for afterwards besides those it is attached to (one it just
+        detached from)."""
         if session.fencing is None:
             session.fencing = self.broker.loop.create_future()
             session.retain()
             try:
-                spaces = self._begin(session, kind, reason)
+                spaces = self._begin(session, kind, reason) + list(also)
                 outcome = await self._follow_up(session, reason, spaces)
                 if session.forgotten is not None:
                     # The grants' drop is on disk before the fence is reported (a failed
@@ -150,20 +155,24 @@ class Enforcer:
                 raise
             finally:
                 session.release()
+            # Every result counts, disconnected and exited too (the metric's help lists them).
+            self.broker.metrics.fence_results.labels(outcome.result.value).inc()
             session.fencing.set_result(outcome)
             return outcome
         return await asyncio.shield(session.fencing)
 
-    def fence_soon(self, session: Session, kind: str, reason: str) -> None:
+    def fence_soon(
+        self, session: Session, kind: str, reason: str, also: Sequence[Reach] = ()
+    ) -> None:
         """Fences without waiting for the follow-up (audits, pins): the disconnect and the grant
         drop happen now, the check afterwards runs on its own."""
-        self.broker.spawn(self.fence(session, kind, reason))
+        self.broker.spawn(self.fence(session, kind, reason, also))
 
-    def _begin(self, session: Session, kind: str, reason: str) -> list[_Reach]:
+    def _begin(self, session: Session, kind: str, reason: str) -> list[Reach]:
         """The immediate part: count, kill if configured, say why, close, drop grants."""
         broker = self.broker
         spaces = [
-            _Reach(s.space_id, s.dev, s.ino, s.page_size)
+            Reach(s.space_id, s.dev, s.ino, s.page_size)
             for s in (broker.spaces.get(i) for i in session.attached)
             if s is not None
         ]
@@ -186,7 +195,7 @@ class Enforcer:
             space.table.forget_client(session.name)
         return spaces
 
-    async def _follow_up(self, session: Session, reason: str, spaces: list[_Reach]) -> Fenced:
+    async def _follow_up(self, session: Session, reason: str, spaces: list[Reach]) -> Fenced:
         config = self.broker.config
         if session.killed is not None:
             if session.killed != "killed":
@@ -233,7 +242,6 @@ class Enforcer:
         )
 
     def _report(self, outcome: Fenced) -> Fenced:
-        self.broker.metrics.fence_results.labels(outcome.result.value).inc()
         log.warning("fence result: %s: %s", outcome.result.value, outcome.reason)
         return outcome
 

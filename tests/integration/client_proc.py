@@ -257,6 +257,12 @@ def main() -> None:
 
                 client._teardown = protect_only
                 out({"ok": True})
+            elif op == "detach_keeping":
+                # Detaches at the broker without letting go of anything here (a raw Detach).
+                from membroker.v1 import broker_pb2 as pb
+
+                session.call("Detach", pb.DetachRequest(space_id=req["space"]))
+                out({"ok": True})
             elif op == "map_fd":
                 # A client that maps the fd it was given, beyond what it holds.
                 from membroker._sys import mman

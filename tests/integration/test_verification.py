@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
@@ -151,3 +152,48 @@ def test_audit_fences_a_cooperative_client_that_reads_never_granted_pages_via_pr
             time.sleep(0.05)
         assert owner.stats().fenced_total == 1
         assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()
+
+
+def _eventually(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("kept", ["fd", "mapping"])
+def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
+    """A detach says "I let go": the broker looks, and a client that kept its fd (or a mapping
+    of it) is fenced, and killed since it still reaches the space. An honest detach (the SDK's
+    close) is not."""
+    d, start = strict
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("honest", 0, 4 * PAGE)
+        space.grant("sly", 0, 4 * PAGE)
+        honest = start("honest")
+        honest.ok("attach_fd", space=space.space_id)
+        honest.ok("close", space=space.space_id)
+        sly = start("sly")
+        sly.ok("attach_fd", space=space.space_id)
+        if kept == "mapping":
+            sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
+        sly.ok("detach_keeping", space=space.space_id)
+        deadline = time.monotonic() + 10
+        while owner.stats().fenced_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert owner.stats().fenced_total == 1
+        if kept == "mapping":
+            # A mapping the SDK does not know of outlives the fence's grace: killed.
+            assert sly.wait(10) == -signal.SIGKILL
+        else:
+            # The SDK drops its fd when told it was fenced: disconnected, and alive.
+            assert _eventually(lambda: 'result="disconnected"} 1.0' in d.scrape())
+            assert sly.proc.poll() is None
+        assert 'membroker_fenced_total{reason="detach"} 1.0' in d.scrape()
+        log = d.log()
+        assert f"detached from {space.space_id} but still reaches it" in log
+        assert [s.client for s in owner.list_sessions() if s.client == "honest"] == ["honest"]

@@ -22,7 +22,7 @@ from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange
 from membrokerd.broker import Broker, Outcome
 from membrokerd.config import load_config
-from membrokerd.enforcement import FenceResult, _Reach, still_reaches
+from membrokerd.enforcement import FenceResult, Reach, still_reaches
 from membrokerd.revocation import Ack, Batch, Verdict
 from membrokerd.sessions import Session
 from membrokerd.spaces import Attachment, BackingKind, Space
@@ -150,7 +150,7 @@ def test_an_audit_that_cannot_read_a_live_process_never_passes_it(core, policy):
 def test_a_fenced_process_whose_mappings_cannot_be_read_is_not_called_gone(core):
     """The look after a fence: alive and unreadable is "still reaches", never "let go"."""
     broker, session, space, _ = core
-    spaces = [_Reach(space.space_id, space.dev, space.ino, space.page_size)]
+    spaces = [Reach(space.space_id, space.dev, space.ino, space.page_size)]
     space.table.forget_client("c")  # fenced: nothing allowed any more
     _break_view(session)
     problem = still_reaches(broker, session, spaces)

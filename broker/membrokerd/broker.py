@@ -591,6 +591,17 @@ class Broker:
                 f"client name {name!r} is bound to uid {bound}, which used it first; {who} may "
                 "not use it (client_name_binding = uid; reserve names with client_names)"
             )
+        if bound is None:
+            # Each new name is kept for good (and written to the journal before the Welcome):
+            # a uid that loops fresh names would grow both without end.
+            limit = self.config.max_client_names_per_uid
+            held = sum(1 for uid in self._name_uid.values() if uid == who.uid)
+            if held >= limit:
+                raise LimitReached(
+                    "max_client_names_per_uid",
+                    limit,
+                    f"uid {who.uid} has used {held} client names; {name!r} would be one more",
+                )
 
     def _offer(self, session: Session, tag: int, fds: list[int]) -> None:
         if tag == 0 or tag in session.offered:

@@ -112,6 +112,12 @@ class BrokerConfig(BaseSettings):
     max_grant_fragments_per_client: int = Field(
         1_000_000, ge=2, description="Grant ranges one client name may hold in one space."
     )
+    max_client_names_per_uid: int = Field(
+        4096,
+        ge=1,
+        description="Client names one uid may bind (client_name_binding = uid: a name is its "
+        "first user's for good); a new name past it is refused.",
+    )
     resume_window_s: float = Field(
         60.0,
         gt=0,

@@ -136,6 +136,24 @@ def test_pins_per_session_are_limited(tmp_path):
         stop_and_clean(d)
 
 
+def test_client_names_per_uid_are_limited(tmp_path):
+    """Every new name a uid uses is bound to it for good: a uid looping fresh names is refused
+    past max_client_names_per_uid, and its names already bound still work."""
+    d = daemon_with(tmp_path, MAX_CLIENT_NAMES_PER_UID="3")
+    try:
+        for name in ("a", "b", "c"):
+            membroker.connect(name, d.runtime_dir).close()
+        with pytest.raises(
+            membroker.ConnectError,
+            match=r"uid 0 has used 3 client names; 'd' would be one more "
+            r"\(limit max_client_names_per_uid = 3\)",
+        ):
+            membroker.connect("d", d.runtime_dir)
+        membroker.connect("a", d.runtime_dir).close()  # a name it holds: fine
+    finally:
+        stop_and_clean(d)
+
+
 def test_quotas_refuse_with_resource_exhausted_naming_the_limit(tmp_path):
     d = daemon_with(
         tmp_path,

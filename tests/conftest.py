@@ -31,6 +31,22 @@ def _env() -> dict[str, str]:
     return env
 
 
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `check()` comes true within `timeout` seconds (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """`wait_until`, failing the test (naming `what`) when it does not come true."""
+    if not wait_until(check, timeout):
+        raise AssertionError(f"timed out waiting for {what}")
+
+
 class Daemon:
     """A membrokerd child process with its own runtime directory."""
 

@@ -33,19 +33,11 @@ import membroker
 from membroker._sys.kvm import guest_memfd_support
 from membroker.errors import BrokerRestarting
 from membroker.types import Region
+from tests.conftest import wait_for
 
 MiB = 1 << 20
 PAGE = 4096
 T = TypeVar("T")
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _fds(pid: int) -> int:
@@ -516,7 +508,7 @@ def test_va_clients_resume_across_reload_kill_9_restart_and_upgrade(sd: UserMana
             handle = owner.space(space.space_id) if action == "reload" else None
             handle = handle or _retrying(lambda: owner.space(space.space_id))
             for name, client in clients.items():
-                _wait_for(
+                wait_for(
                     f"{name} to resume after {action}",
                     lambda c=client, n=resumes: c.ok("status")["resumed"] == n,  # type: ignore[misc]
                 )

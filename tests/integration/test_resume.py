@@ -32,22 +32,13 @@ import membroker
 from membroker import wire
 from membroker.errors import BrokerRestarting
 from membroker.v1 import session_pb2 as spb
-from tests.conftest import Daemon, PeerProc, _env, stop_process
+from tests.conftest import Daemon, PeerProc, _env, stop_process, wait_for
 
 MiB = 1 << 20
 PAGE = 4096
 RESUME_CLIENT = Path(__file__).with_name("resume_client.py")
 NOBODY = 65534
 T = TypeVar("T")
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _retrying(call: Callable[[], T], timeout: float = 30) -> tuple[T, int]:
@@ -198,7 +189,7 @@ def test_upgrade_in_place_resumes_a_va_client_that_keeps_reading(guest: Any) -> 
 
     # The client resumes and re-binds its attachment without doing anything; its old
     # mapping never stopped working.
-    _wait("the client to resume", lambda: client.ok("status")["resumed"] == 1)
+    wait_for("the client to resume", lambda: client.ok("status")["resumed"] == 1)
     status = client.ok("status")
     assert status["resumes"] == 1 and status["dropped"] is None and status["closed"] is None
     assert status["ranges"] == [[0, 2 * MiB, "RW"]]
@@ -222,7 +213,7 @@ def test_upgrade_in_place_resumes_a_va_client_that_keeps_reading(guest: Any) -> 
     assert after == before + 1, (before, after)
     done = _ctl(d, "upgrade")
     assert done.returncode == 0, done.stderr + d.log()
-    _wait("the second resume", lambda: client.ok("status")["resumed"] == 2)
+    wait_for("the second resume", lambda: client.ok("status")["resumed"] == 2)
     _retrying(owner.list_spaces)
     assert _settled_fds(d.pid) == after
     assert client.ok("read", offset=2 * MiB, length=16)["data"] == "00" * 16
@@ -241,7 +232,7 @@ def test_a_range_revoked_while_the_client_was_away_is_torn_down_at_its_resume(
     report, _ = _retrying(lambda: space.revoke("backend", 0, MiB))
     assert report.clients == ()  # nobody attached: nobody to wait for
     os.kill(client.pid, signal.SIGCONT)
-    _wait("the client to resume", lambda: client.ok("status")["resumed"] == 1)
+    wait_for("the client to resume", lambda: client.ok("status")["resumed"] == 1)
     assert client.ok("holds", offset=0, length=PAGE)["holds"] is False
     assert client.ok("holds", offset=MiB, length=MiB)["holds"] is True
     refused = client.cmd("read", offset=0, length=16)
@@ -271,7 +262,7 @@ def test_kill_9_owner_calls_fail_retryably_and_an_unreconcilable_client_drops(
 
     waiter = threading.Thread(target=revoke)
     waiter.start()
-    _wait("the revoke to be in flight", lambda: bool(owner._results))
+    wait_for("the revoke to be in flight", lambda: bool(owner._results))
     os.kill(d.pid, signal.SIGKILL)
     d.killed = True  # type: ignore[attr-defined]
     assert d.proc.wait(10) == -signal.SIGKILL
@@ -289,8 +280,8 @@ def test_kill_9_owner_calls_fail_retryably_and_an_unreconcilable_client_drops(
     try:
         spaces, _ = _retrying(owner.list_spaces)
         assert spaces == [] and owner.resumes == 1
-        _wait("the client to resume", lambda: client.ok("status")["resumes"] == 1)
-        _wait("the client to drop", lambda: client.ok("status")["dropped"] is not None)
+        wait_for("the client to resume", lambda: client.ok("status")["resumes"] == 1)
+        wait_for("the client to drop", lambda: client.ok("status")["dropped"] is not None)
         status = client.ok("status")
         assert f"no space {space.space_id!r}" in status["dropped"], status
         assert status["ranges"] == [] and status["closed"] is None
@@ -314,7 +305,7 @@ def test_a_resume_token_works_only_for_its_own_process_name_and_uid() -> None:
         token = victim.resume_token
         assert token
         os.kill(d.pid, signal.SIGUSR2)
-        _wait("the session to end", lambda: victim.closed)
+        wait_for("the session to end", lambda: victim.closed)
         victim.close()
         with membroker.connect("probe", str(d.runtime_dir)):  # the new process serves
             pass
@@ -410,8 +401,8 @@ def test_a_sealed_va_client_resumes_with_a_new_userfaultfd(tmp_path: Path) -> No
         report, _ = _retrying(lambda: space.revoke("backend", 0, MiB))
         assert report.clients == ()
         os.kill(client.pid, signal.SIGCONT)
-        _wait("the client to resume", lambda: client.ok("status")["resumed"] == 1)
-        _wait(
+        wait_for("the client to resume", lambda: client.ok("status")["resumed"] == 1)
+        wait_for(
             "the re-synchronisation",
             lambda: client.ok("holds", offset=0, length=PAGE)["holds"] is False,
         )
@@ -438,7 +429,7 @@ def test_an_fd_client_keeps_its_fd_and_its_pins_end_with_the_old_daemon(guest: A
     try:
         pin = fdc.pin(0, PAGE)
         os.kill(d.pid, signal.SIGUSR2)
-        _wait("the fd client to resume", lambda: fdc.resumed == 1)
+        wait_for("the fd client to resume", lambda: fdc.resumed == 1)
         assert fdc.dropped is None and fdc.pins == [] and pin.released
         pin.unpin()  # nothing to do: the broker that had it is gone
         assert os.pread(fdc.fd, len(data), 0) == data
@@ -473,7 +464,7 @@ def test_a_client_that_does_not_resume_but_still_maps_is_killed_at_the_window_en
             # a VaClient's when its session ended).
             leaver.ok("attach_fd_and_map", space=space.space_id)
             os.kill(d.pid, signal.SIGUSR2)
-            _wait("the stayer to resume", lambda: stayer.ok("status")["resumed"] == 1)
+            wait_for("the stayer to resume", lambda: stayer.ok("status")["resumed"] == 1)
             assert leaver.proc.wait(30) == -signal.SIGKILL
             assert stayer.proc.poll() is None
             log = d.log()

@@ -18,7 +18,7 @@ import pytest
 import membroker
 from membroker._sys.kvm import guest_memfd_support
 from membroker.clients import sealed_mode_available
-from tests.conftest import Daemon, _env, daemon_and_clients, stop_process
+from tests.conftest import Daemon, _env, daemon_and_clients, stop_process, wait_until
 
 PAGE = 4096
 SIZE = 64 * PAGE
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.skipif(
     not sealed_mode_available(),
     reason="the kernel lacks mseal or userfaultfd minor/missing/wp faults on shmem",
 )
-
-
-def _logged(d: Daemon, line: str, timeout: float = 5.0) -> bool:
-    """Whether the daemon's log says `line` within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while line not in d.log():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ def test_sealed_client_reaches_only_what_it_holds(world: Any) -> None:
     assert mem.read(5 * PAGE, 8) == bytes([6]) * 8
     # The refusal is logged by the fault thread after the poison marker went in, so the
     # client may be dead before the line is written.
-    assert _logged(d, "touched offset 0x5000, which it does not hold")
+    assert wait_until(lambda: "touched offset 0x5000, which it does not hold" in d.log())
 
 
 def test_fault_around_stays_inside_the_grant(world: Any) -> None:
@@ -163,7 +153,7 @@ def test_a_child_forked_with_the_mapping_is_killed(world: Any) -> None:
     reaped = c.ok("reap", pid=child)
     # Killed before it could read the page it inherited (it would exit with 101).
     assert reaped["signal"] == signal.SIGKILL, reaped
-    assert _logged(d, "forked with its sealed mapping: the child is killed")
+    assert wait_until(lambda: "forked with its sealed mapping: the child is killed" in d.log())
     # The parent carries on.
     assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import membroker
-from tests.conftest import ClientProc, Daemon, _env, daemon_and_clients
+from tests.conftest import ClientProc, Daemon, _env, daemon_and_clients, wait_until
 
 PAGE = 4096
 MiB = 1 << 20
@@ -154,15 +154,6 @@ def test_audit_fences_a_cooperative_client_that_reads_never_granted_pages_via_pr
         assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()
 
 
-def _eventually(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.mark.parametrize("kept", ["fd", "mapping"])
 def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
     """A detach says "I let go": the broker looks, and a client that kept its fd (or a mapping
@@ -182,16 +173,13 @@ def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
         if kept == "mapping":
             sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
         sly.ok("detach_keeping", space=space.space_id)
-        deadline = time.monotonic() + 10
-        while owner.stats().fenced_total == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert owner.stats().fenced_total == 1
+        assert wait_until(lambda: owner.stats().fenced_total == 1)
         if kept == "mapping":
             # A mapping the SDK does not know of outlives the fence's grace: killed.
             assert sly.wait(10) == -signal.SIGKILL
         else:
             # The SDK drops its fd when told it was fenced: disconnected, and alive.
-            assert _eventually(lambda: 'result="disconnected"} 1.0' in d.scrape())
+            assert wait_until(lambda: 'result="disconnected"} 1.0' in d.scrape())
             assert sly.proc.poll() is None
         assert 'membroker_fenced_total{reason="detach"} 1.0' in d.scrape()
         log = d.log()

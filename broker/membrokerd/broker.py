@@ -663,7 +663,8 @@ class Broker:
             return
         reason = (
             f"attached to {space_id} in sealed mode but did not report its sealed mapping "
-            f"within seal_timeout_ms = {self.config.seal_timeout_ms}"
+            f"in time (seal_timeout_ms = {self.config.seal_timeout_ms}, plus "
+            "revoke_deadline_us_per_range for each range it holds)"
         )
         log.warning("session %s (%r): %s", session.session_id, session.name, reason)
         self.enforcer.fence_soon(session, "sealing", reason)
@@ -2098,9 +2099,15 @@ class Broker:
             if sealed:
                 session.sealing[space_id] = rw_fd
                 # The description it gets is read-write (userfaultfd needs one) whatever it
-                # was granted: it must seal, and so give it up, before long.
+                # was granted: it must seal, and so give it up, before long. A large snapshot
+                # takes the client longer to apply first: the same allowance per range as a
+                # revocation's teardown.
+                held = len(readable) + len(writable)
+                allowed_ms = self.config.seal_timeout_ms + int(
+                    held * self.config.revoke_deadline_us_per_range / 1000
+                )
                 self.loop.call_later(
-                    self.config.seal_timeout_ms / 1000,
+                    allowed_ms / 1000,
                     self._seal_overdue,
                     session,
                     space_id,

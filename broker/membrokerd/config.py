@@ -126,11 +126,12 @@ class BrokerConfig(BaseSettings):
         "resume; then a process of theirs that still maps a space is fenced.",
     )
     seal_timeout_ms: int = Field(
-        2000,
+        10_000,
         ge=100,
         le=60_000,
         description="How long a sealed-mode VA client may take from Attach to its Sealed "
-        "report; it holds a read-write description meanwhile, and is fenced after.",
+        "report (plus revoke_deadline_us_per_range per range it holds); it holds a read-write "
+        "description meanwhile, and is fenced after.",
     )
     max_pins_per_session: int = Field(
         4096,

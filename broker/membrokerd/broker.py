@@ -1121,8 +1121,8 @@ class Broker:
         """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
         the shared attribute), captured now and written by the journal's thread (in the order
         of the changes) while the change is carried out; `_journal_wait` before the call
-        returns, so it is on disk before anyone is told it is done (membrokerd.journal). The
-        fsync overlaps the clients' teardowns instead of adding to them."""
+        returns, so it is in the journal before anyone is told it is done (membrokerd.journal).
+        The write overlaps the clients' teardowns instead of adding to them."""
         if self.journal is None or space.ephemeral:
             return None
         change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)

@@ -335,3 +335,50 @@ def test_logged_operations_replay_to_the_same_table(
             restore_table(again, state)
             same_table(table, again)
     j.close()
+
+
+_SYNCS = r"""
+import os, sys
+sys.path[:0] = [sys.argv[2] + "/clients", sys.argv[2] + "/broker"]
+from pathlib import Path
+from membrokerd.access import Access, AccessTable
+from membrokerd.journal import Journal, SpaceRecord, capture
+
+PAGE = 4096
+table = AccessTable(64 * PAGE)
+j = Journal(Path(sys.argv[1]))
+os.getppid()  # marker: the journal is open
+j.add_space(SpaceRecord("sp-0000abcd", "g", 64 * PAGE, "memfd", PAGE, "vmm", 0, False, (),
+                        1, 2, 15, 0.0))
+table.set_shared(0, 64 * PAGE)
+j.apply(capture("sp-0000abcd", table, (), True))
+for i in range(20):
+    table.grant("c", i * PAGE, PAGE, Access.RW)
+    j.apply(capture("sp-0000abcd", table, ("c",)))
+os.getppid()  # marker: space and grant changes are committed
+j.bind_name("c", 0)
+os.getppid()  # marker: the name binding is committed (closing the journal syncs it all)
+"""
+
+
+def test_only_name_bindings_are_fsynced(tmp_path: Path) -> None:
+    """Space and grant changes are committed without an fsync (they describe memory that a
+    power loss takes with it; a killed daemon finds them, see the test above); a name
+    binding, which outlives that memory, is fsynced at its commit. Counted from the real
+    syscalls (strace), between markers."""
+    trace = tmp_path / "trace"
+    subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,getppid", "-o", str(trace)]
+        + [sys.executable, "-c", _SYNCS, str(tmp_path / "s"), str(ROOT)],
+        check=True,
+    )
+    calls = [
+        name
+        for line in trace.read_text().splitlines()
+        for name in ("fsync", "fdatasync", "getppid")
+        if f" {name}(" in line or line.startswith(f"{name}(")
+    ]
+    phases = " ".join(calls).split("getppid")
+    assert len(phases) == 4, calls  # before the first marker, between them, after the last
+    assert phases[1].split() == [], f"a space or grant change was fsynced: {calls}"
+    assert phases[2].split() != [], f"the name binding was not fsynced: {calls}"

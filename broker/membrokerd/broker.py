@@ -100,6 +100,8 @@ ATTACH_INLINE_RANGES = 1024
 MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
+# How often a process whose session ended is looked at again during its fence grace.
+CLOSE_POLL_S = 0.01
 
 
 class Outcome(enum.Enum):
@@ -288,8 +290,7 @@ class Broker:
         if not conn.closed and self.sessions.get(conn) is None:
             message = f"no Hello within {self.config.hello_timeout_s:g} s (hello_timeout_s)"
             self.on_protocol_error(conn, ProtocolError(message))
-            conn.send(spb.Frame(error=spb.Error(code=4, message=message)))
-            conn.close("hello timeout")
+            conn.close("hello timeout", spb.Frame(error=spb.Error(code=4, message=message)))
 
     def authenticate(self, token: str | None) -> Session:
         session = self._by_token.get(token or "")
@@ -346,8 +347,10 @@ class Broker:
                 raise ProtocolError(f"a client may not send {kind} frames")
         except ProtocolError as exc:
             self.on_protocol_error(conn, exc)
-            conn.send(spb.Frame(error=spb.Error(code=exc.code, message=str(exc))))
-            conn.close(f"protocol error: {exc}")
+            conn.close(
+                f"protocol error: {exc}",
+                spb.Frame(error=spb.Error(code=exc.code, message=str(exc))),
+            )
         finally:
             for fd in fds:
                 os.close(fd)
@@ -1036,6 +1039,7 @@ class Broker:
         for awaited in session.pending_acks.values():
             awaited.settle(Verdict.LOST, f"session ended: {conn.close_reason}")
         session.pending_acks.clear()
+        self._look_after_close(session)
         for space_id in list(session.attached):
             space = self.spaces.get(space_id)
             if space is not None:
@@ -1051,6 +1055,43 @@ class Broker:
             session.pid,
             conn.close_reason,
         )
+
+    def _look_after_close(self, session: Session) -> None:
+        """A session that ended otherwise than by a fence or the daemon's stop said "I let go"
+        of every space it was attached to, like a detach: its process, if it lives on, must
+        reach none of them beyond what its other sessions may. It gets fence_grace_ms to let
+        go (a client the broker cut off learns it from the end of its stream), then it is
+        fenced (`fenced_total{reason="closed"}`) and, still reaching, killed. A space it owns
+        is its own to map; one being deleted is no longer guest memory."""
+        if self.stopping or session.fencing is not None or session.view is None:
+            return
+        reach = [
+            Reach(space.space_id, space.dev, space.ino, space.page_size)
+            for space in (self.spaces.get(i) for i in session.attached)
+            if space is not None and not space.deleting and not self.is_owner(session, space)
+        ]
+        if not reach:
+            return
+        session.retain()  # the view and pidfd outlive the session until the look is done
+        self.spawn(self._check_closed(session, reach))
+
+    async def _check_closed(self, session: Session, reach: list[Reach]) -> None:
+        try:
+            deadline = time.monotonic() + self.config.fence_grace_ms / 1000
+            while True:
+                if not is_alive(session):
+                    return
+                live = [r for r in reach if r.space_id in self.spaces]
+                problem = still_reaches(self, session, live)
+                if problem is None:
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(CLOSE_POLL_S)
+            reason = f"ended its session but still reaches {problem}"
+            await self.enforcer.fence(session, "closed", reason, also=live)
+        finally:
+            session.release()
 
     async def _queue_delete(self, space: Space, why: str) -> None:
         try:
@@ -2274,12 +2315,10 @@ class Broker:
         space = self.space(space_id)
         if space_id not in session.attached:
             raise WrongState(f"client {session.name!r} is not attached to {space_id}")
-        # A sealed mapping cannot be unmapped: it stays, retired (see README, "What does not
-        # hold"). Any other attachment is let go of by the client before it detaches.
-        sealed = space_id in session.sealed or space_id in session.sealing
+        # The client lets go before it detaches: it unmaps, or zaps a sealed mapping (which
+        # cannot be unmapped: it stays, retired, and must keep no page present).
         released = self._detach(space, session)
-        if not sealed:
-            self._check_let_go(session, space)
+        self._check_let_go(session, space)
         return released
 
     def _check_let_go(self, session: Session, space: Space) -> None:
@@ -2402,8 +2441,7 @@ class Broker:
             queue.cancel()
         self.queues.clear()
         for conn in list(self.sessions):
-            conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason, restarting=restarting)))
-            conn.close(reason)
+            conn.close(reason, spb.Frame(goodbye=spb.Goodbye(reason=reason, restarting=restarting)))
         for task in list(self._tasks):
             task.cancel()
         self.faults.close()

@@ -188,8 +188,11 @@ class Enforcer:
             session.pid,
             reason,
         )
-        session.conn.send(spb.Frame(goodbye=spb.Goodbye(reason=reason, fenced=True)))
-        session.conn.close(f"fenced: {reason}")
+        # The Goodbye goes after what the client's socket already holds, ahead of anything
+        # still queued here: a client behind in reading learns it was fenced, and why.
+        session.conn.close(
+            f"fenced: {reason}", spb.Frame(goodbye=spb.Goodbye(reason=reason, fenced=True))
+        )
         for space in broker.spaces.values():
             # A lowering of a client with no session left: nobody to tell, nothing to wait for.
             space.table.forget_client(session.name)

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import socket
@@ -49,6 +50,9 @@ DEFAULT_OUTBOUND_PAUSE_BYTES = 256 * 1024
 # Frames smaller than this are copied into a shared buffer of at most this size; bigger ones are
 # queued as they are.
 COALESCE_BYTES = 16 * 1024
+# How long a closed connection's socket stays open to deliver its last words (a Goodbye or an
+# Error) to a peer that is behind in reading: then it is closed whatever is left.
+LINGER_S = 2.0
 
 
 class _Chunk:
@@ -249,8 +253,10 @@ class Connection:
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.host.on_protocol_error(self, exc)
-        self.send(spb.Frame(error=spb.Error(code=exc.code, message=str(exc))))
-        self.close(f"protocol error: {exc}")
+        self.close(
+            f"protocol error: {exc}",
+            last_words=spb.Frame(error=spb.Error(code=exc.code, message=str(exc))),
+        )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -303,14 +309,24 @@ class Connection:
         )
         log.warning("session of pid %d: %s", self.cred.pid, reason)
         self._overflowed = True
-        # Free the memory now. The head frame may be half sent: nothing more can follow it.
-        self._out.clear()
-        self.queued_bytes = 0
+        # Free the memory now, but for the rest of a half-sent head frame (one frame at
+        # most): the close's Error has to follow whole frames.
+        self._keep_half_sent_head()
         self._update_reading()
         if self._writing:
             self._writing = False
             self.loop.remove_writer(self.sock.fileno())
-        self.loop.call_soon(self.close, reason)
+        last_words = spb.Frame(error=spb.Error(code=8, message=reason))
+        self.loop.call_soon(functools.partial(self.close, reason, last_words=last_words))
+
+    def _keep_half_sent_head(self) -> None:
+        """Drops every queued frame but the rest of one already partly sent."""
+        head = self._out[0] if self._out and self._out[0].offset else None
+        self._out.clear()
+        self.queued_bytes = 0
+        if head is not None:
+            self._out.append(head)
+            self.queued_bytes = head.pending
 
     def _flush(self) -> None:
         while self._out and not self.closed:
@@ -344,8 +360,15 @@ class Connection:
 
     # -- closing -----------------------------------------------------------------------------
 
-    def close(self, reason: str) -> None:
-        """Closes the socket, the pidfd and every fd not yet taken; tells the host once."""
+    def close(self, reason: str, last_words: spb.Frame | None = None) -> None:
+        """Closes the connection: the pidfd and every fd not yet taken now, and the host is
+        told once. Frames still queued are dropped (the session is over), but for the rest of
+        one already partly sent.
+
+        `last_words` (a Goodbye or an Error: why the session ends) go after that: a peer
+        that is behind in reading (a long snapshot, a SIGSTOP) still finds them once it reads
+        what is already in its socket, instead of a bare end of stream. Until they are
+        delivered, for at most LINGER_S, the socket stays open for writing only."""
         if self.closed:
             return
         self.closed = True
@@ -357,24 +380,58 @@ class Connection:
         if self._writing:
             self._writing = False
             self.loop.remove_writer(fileno)
-        # Last words (an Error or Goodbye frame) go out if the socket has room; never wait.
-        for chunk in self._out:
-            try:
-                chunk.send(self.sock)
-            except OSError:
-                break
-            if chunk.pending:
-                break
-        self._out.clear()
+        self._keep_half_sent_head()
+        if last_words is not None:
+            self._out.append(_Chunk(wire.encode(last_words), ()))
+        lingering = bool(self._out) and self._linger()
+        if not lingering:
+            self._out.clear()
         self.queued_bytes = 0
         # Frames decoded but never handed on still own their fds.
         while self._ready:
             _close_fds(self._ready.popleft()[1])
         self._decoder.close()
-        self.sock.close()
+        if not lingering:
+            self.sock.close()
         os.close(self.pidfd)
         log.debug("session of pid %d closed: %s", self.cred.pid, reason)
         self.host.on_closed(self)
+
+    def _linger(self) -> bool:
+        """Sends what is left of `_out` (a closed connection's last words); True when some of
+        it waits for the peer to read (the socket then closes when it is out, or after
+        LINGER_S)."""
+        if self._send_left():
+            return False
+        timer = self.loop.call_later(LINGER_S, self._end_linger)
+        self.loop.add_writer(self.sock.fileno(), self._linger_step, timer)
+        return True
+
+    def _send_left(self) -> bool:
+        """One round of sends; True when nothing is left to send or nothing more can be."""
+        while self._out:
+            try:
+                self._out[0].send(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return True  # the peer is gone: nobody to tell
+            if self._out[0].pending:
+                return False
+            self._out.popleft()
+        return True
+
+    def _linger_step(self, timer: asyncio.TimerHandle) -> None:
+        if self._send_left():
+            timer.cancel()
+            self._end_linger()
+
+    def _end_linger(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        self.loop.remove_writer(self.sock.fileno())
+        self._out.clear()
+        self.sock.close()
 
 
 class Listener:

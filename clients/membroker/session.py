@@ -1271,11 +1271,20 @@ class Session:
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Ends the session: the broker releases everything it held for it."""
+        """Ends the session: every attachment lets go of its space first (a VaClient's mapping
+        is unmapped, or zapped if sealed; an FdClient's fd is closed), then the broker
+        releases everything it held for it. The broker looks at the process once the session
+        has ended, and fences one that still reaches a space it was attached to."""
         with self._cv:
             if self._closed_reason is None:
                 self._closed_reason = "closed by the client"
             self._cv.notify_all()
+            handlers = list(self._handlers.values())
+        for handler in handlers:
+            try:
+                handler.on_session_closed(self._closed_reason or "closed by the client")
+            except Exception:
+                log.exception("letting go of an attachment at the session's close failed")
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -6,7 +6,8 @@ hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 access_enter / access_read / access_exit (an access() block held open across commands),
 pin, unpin, ranges, truncate, pread, close, exit, exec_liar (become exec_liar.py, which keeps
-the session and lies); own_create / own (this process as an
+the session and lies), close_session / end_session_keeping (end the session honestly, or at the
+socket keeping everything), session_state; own_create / own (this process as an
 owner: create a space, then share, unshare, grant, revoke, delete, revocations, seq on it).
 """
 
@@ -263,6 +264,38 @@ def main() -> None:
 
                 session.call("Detach", pb.DetachRequest(space_id=req["space"]))
                 out({"ok": True})
+            elif op == "close_session":
+                # Ends the session with its attachments still open (the SDK lets go of them
+                # first). The process stays, with no session: later ops that need one fail.
+                session.close()
+                out({"ok": True})
+            elif op == "end_session_keeping":
+                # Ends the session at the socket, keeping every attachment's fd and mapping
+                # here (a raw client's close, or an SDK whose teardown is broken).
+                import socket as socket_mod
+
+                for client in attached.values():
+                    client._release = lambda: None
+                session._sock.shutdown(socket_mod.SHUT_RDWR)
+                out({"ok": True})
+            elif op == "session_state":
+                # Whether the session has ended, why, and whether it was fenced; `call`: make
+                # one control call first and report how it failed.
+                error = ""
+                if req.get("call"):
+                    try:
+                        session.list_spaces()
+                    except Exception as exc:
+                        error = f"{type(exc).__name__}: {exc}"
+                out(
+                    {
+                        "ok": True,
+                        "closed": session.closed,
+                        "reason": session.closed_reason,
+                        "fenced": session.fenced,
+                        "error": error,
+                    }
+                )
             elif op == "map_fd":
                 # A client that maps the fd it was given, beyond what it holds.
                 from membroker._sys import mman

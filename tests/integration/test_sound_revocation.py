@@ -8,6 +8,7 @@ with a real daemon and real client processes; the hostile ones do what the SDK n
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -448,3 +449,37 @@ def test_hello_less_connections_lock_out_only_their_own_uid_and_briefly(tmp_path
         for s in silent:
             s.close()
         stop_and_clean(d)
+
+
+def test_a_fenced_client_behind_in_reading_still_learns_why(tmp_path):
+    """A client frozen while the broker queues more than its socket holds (here 64k grant
+    fragments), then fenced for the revoke it could not acknowledge: once it runs again and
+    reads what its socket already holds, it finds the Goodbye with the fence's reason, not a
+    bare end of stream (which the SDK would take for a restart, and try to resume)."""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0", MEMBROKER_ON_FENCED_STILL_MAPPED="report")
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "300", env=env)
+    slow = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(512 << 20)
+            space.share(0, 512 << 20)
+            space.grant("slow", 0, PAGE)
+            slow = ClientProc(d.runtime_dir, "slow")
+            slow.ok("attach_fd", space=space.space_id)
+            stop_process(slow.pid)
+            space.grant_many("slow", [(2 * i * PAGE, PAGE) for i in range(1, 65536)])
+            report = space.revoke("slow", 0, PAGE)
+            [(outcome, fence, reason)] = [(c.outcome, c.fence, c.reason) for c in report.clients]
+            assert (outcome, fence) == ("fenced", "still_mapped"), reason
+            assert "no acknowledgement of seq" in reason
+            os.kill(slow.pid, signal.SIGCONT)
+            assert _wait_for(lambda: slow.ok("session_state")["closed"])
+            state = slow.ok("session_state", call=True)
+            assert state["fenced"], state
+            assert state["reason"].startswith("fenced: no acknowledgement of seq"), state
+            assert "SessionClosed" in state["error"] and "no acknowledgement" in state["error"]
+    finally:
+        if slow is not None:
+            os.kill(slow.pid, signal.SIGCONT)
+            slow.close()
+        d.stop()

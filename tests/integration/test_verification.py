@@ -154,7 +154,7 @@ def test_audit_fences_a_cooperative_client_that_reads_never_granted_pages_via_pr
         assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()
 
 
-@pytest.mark.parametrize("kept", ["fd", "mapping"])
+@pytest.mark.parametrize("kept", ["fd", "mapping", "va"])
 def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
     """A detach says "I let go": the broker looks, and a client that kept its fd (or a mapping
     of it) is fenced, and killed since it still reaches the space. An honest detach (the SDK's
@@ -169,7 +169,12 @@ def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
         honest.ok("attach_fd", space=space.space_id)
         honest.ok("close", space=space.space_id)
         sly = start("sly")
-        sly.ok("attach_fd", space=space.space_id)
+        if kept == "va":
+            # A VA client with pages present (sealed: the mapping cannot go, its pages must).
+            sly.ok("attach_va", space=space.space_id)
+            sly.ok("touch", space=space.space_id, offset=PAGE)
+        else:
+            sly.ok("attach_fd", space=space.space_id)
         if kept == "mapping":
             sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
         sly.ok("detach_keeping", space=space.space_id)
@@ -178,10 +183,49 @@ def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
             # A mapping the SDK does not know of outlives the fence's grace: killed.
             assert sly.wait(10) == -signal.SIGKILL
         else:
-            # The SDK drops its fd when told it was fenced: disconnected, and alive.
+            # The SDK drops its fd (or mapping) when told it was fenced: disconnected, alive.
             assert wait_until(lambda: 'result="disconnected"} 1.0' in d.scrape())
             assert sly.proc.poll() is None
         assert 'membroker_fenced_total{reason="detach"} 1.0' in d.scrape()
         log = d.log()
         assert f"detached from {space.space_id} but still reaches it" in log
         assert [s.client for s in owner.list_sessions() if s.client == "honest"] == ["honest"]
+
+
+@pytest.mark.parametrize("kept", ["fd", "mapping", "va"])
+def test_a_client_that_ends_its_session_but_keeps_the_space_is_fenced(strict, kept):
+    """Ending a session says "I let go" of every space, like a detach: the broker looks at the
+    process once the session is over. One that kept an fd or a mapping is fenced for it
+    (reason "closed") and, since nothing tells it any more, killed after the fence grace. An
+    SDK session closed with its attachments still open lets go of them first: not fenced."""
+    d, start = strict
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("honest", 0, 4 * PAGE)
+        space.grant("sly", 0, 4 * PAGE)
+        honest = start("honest")
+        honest.ok("attach_va", space=space.space_id)
+        honest.ok("touch", space=space.space_id, offset=PAGE)
+        honest.ok("close_session")
+        sly = start("sly")
+        if kept == "va":
+            sly.ok("attach_va", space=space.space_id)
+            sly.ok("touch", space=space.space_id, offset=PAGE)
+        else:
+            sly.ok("attach_fd", space=space.space_id)
+        if kept == "mapping":
+            sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
+        sly.ok("end_session_keeping")
+        assert sly.wait(10) == -signal.SIGKILL
+        assert wait_until(lambda: owner.stats().fenced_total == 1)
+        metrics = d.scrape()
+        assert 'membroker_fenced_total{reason="closed"} 1.0' in metrics
+        assert wait_until(lambda: 'result="killed"} 1.0' in d.scrape())
+        assert f"ended its session but still reaches {space.space_id}" in d.log()
+        # The honest one let go before its session ended: alive, not fenced, grants intact.
+        assert honest.proc.poll() is None
+        assert honest.ok("session_state")["closed"]
+        assert [(c, r.offset, r.length) for c, r in space.grants("honest")] == [
+            ("honest", 0, 4 * PAGE)
+        ]

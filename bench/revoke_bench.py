@@ -743,8 +743,8 @@ def main() -> int:
         f"Revoke beyond an empty gRPC call: {revoke1[0] - grpc_rt[0]:.0f} µs p50 (the push, "
         f"the client's teardown and its ack; a socket round trip alone is {sock_rt[0]:.0f} µs).",
         f"Verification adds {revoke1[0] - revoke1_off[0]:.0f} µs p50 to a 1-client revoke.",
-        f"The journal (fsync before the call returns, overlapping the clients' teardown) adds "
-        f"{revoke1[0] - now[REVOKE1_NOJOURNAL][0]:.0f} µs p50 to a 1-client revoke (another "
+        "The journal (a WAL commit before the call returns, overlapping the clients' teardown) "
+        f"adds {revoke1[0] - now[REVOKE1_NOJOURNAL][0]:.0f} µs p50 to a 1-client revoke (another "
         "daemon of the same run).",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",

@@ -368,8 +368,10 @@ def test_only_name_bindings_are_fsynced(tmp_path: Path) -> None:
     syscalls (strace), between markers."""
     trace = tmp_path / "trace"
     subprocess.run(
-        ["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,getppid", "-o", str(trace)]
-        + [sys.executable, "-c", _SYNCS, str(tmp_path / "s"), str(ROOT)],
+        [
+            *("strace", "-f", "-qq", "-e", "trace=fsync,fdatasync,getppid", "-o", str(trace)),
+            *(sys.executable, "-c", _SYNCS, str(tmp_path / "s"), str(ROOT)),
+        ],
         check=True,
     )
     calls = [

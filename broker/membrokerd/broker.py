@@ -10,6 +10,7 @@ whoever does not comply (membrokerd.enforcement), and reports.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import enum
 import errno
@@ -123,6 +124,11 @@ class ClientResult:
     fence: FenceResult | None = None
     # (offset, length) ranges the client gave up with its acknowledgement (still granted).
     withdrawn: tuple[tuple[int, int], ...] = ()
+    # (offset, length) byte ranges of buffers in flight into the revoked memory that its
+    # device will never touch now (RevokeAck.in_flight).
+    in_flight: tuple[tuple[int, int], ...] = ()
+    # Why the client's isolation of the space is logical only (its Isolation frame), or "".
+    isolation: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -321,6 +327,7 @@ class Broker:
                     ack.seq,
                     None,
                     tuple((r.offset, r.length) for r in ack.withdrawn),
+                    tuple((r.offset, r.length) for r in ack.in_flight),
                 )
             elif kind == "revoke_refused":
                 msg = frame.revoke_refused
@@ -330,6 +337,8 @@ class Broker:
                 fds = []
             elif kind == "mapped":
                 self._mapped(session, frame.mapped)
+            elif kind == "isolation":
+                self._isolation(session, frame.isolation)
             elif kind == "sealed":
                 self._sealed(session, frame.sealed, fds)
                 fds = []
@@ -628,6 +637,22 @@ class Broker:
             )
         session.va_base[space.space_id] = mapped.address
 
+    def _isolation(self, session: Session, said: spb.Isolation) -> None:
+        """A client's statement that its isolation of an attached space is logical only (or
+        no longer): kept per attachment, shown in listings and reports. Bounded, and only for
+        a space it has attached: it is the client's word about itself, nothing more."""
+        if said.space_id not in session.attached:
+            raise ProtocolError(f"isolation note for {said.space_id!r}, which is not attached")
+        note = said.logical_only
+        if len(note.encode()) > MAX_ISOLATION_NOTE_BYTES:
+            raise ProtocolError(
+                f"isolation note of {len(note.encode())} bytes; at most {MAX_ISOLATION_NOTE_BYTES}"
+            )
+        if note:
+            session.isolation[said.space_id] = note
+        else:
+            session.isolation.pop(said.space_id, None)
+
     def _call(self, session: Session, call: spb.Call) -> None:
         """A control call on the session socket: run like its gRPC twin, answered in turn."""
         if self.calls is None:
@@ -862,9 +887,11 @@ class Broker:
         seq: int,
         refusal: str | None,
         withdrawn: tuple[tuple[int, int], ...] = (),
+        in_flight: tuple[tuple[int, int], ...] = (),
     ) -> None:
         """A RevokeAck (refusal None) or RevokeRefused: judged now, against what the client may
-        hold now. `withdrawn`: what an acknowledging client says it gave up, for the report."""
+        hold now. `withdrawn`: what an acknowledging client says it gave up, `in_flight`: its
+        buffers lost in the revoked memory; both for the report."""
         awaited = session.pending_acks.pop((space_id, seq), None)
         if awaited is None:
             what = "revoke_refused" if refusal is not None else "revoke_ack"
@@ -874,7 +901,10 @@ class Broker:
             )
         if withdrawn:
             self._check_withdrawn(session, space_id, withdrawn)
+        if in_flight:
+            _check_in_flight(in_flight, awaited.ranges)
         awaited.withdrawn = withdrawn
+        awaited.in_flight = in_flight
         now = time.perf_counter()
         if refusal is not None:
             awaited.settle(Verdict.REFUSED, refusal, now)
@@ -2032,7 +2062,16 @@ class Broker:
     ) -> ClientResult:
         s = ack.session
         return ClientResult(
-            s.name, s.session_id, s.pid, outcome, ack.latency, reason, fence, ack.withdrawn
+            s.name,
+            s.session_id,
+            s.pid,
+            outcome,
+            ack.latency,
+            reason,
+            fence,
+            ack.withdrawn,
+            ack.in_flight,
+            s.isolation.get(ack.space_id, ""),
         )
 
     # -- audits --------------------------------------------------------------------------------
@@ -2346,6 +2385,7 @@ class Broker:
         session.attached.pop(space.space_id, None)
         session.attached_at.pop(space.space_id, None)
         session.va_base.pop(space.space_id, None)
+        session.isolation.pop(space.space_id, None)
         space.attachments.pop(session.session_id, None)
         for key in [k for k in session.pending_acks if k[0] == space.space_id]:
             session.pending_acks.pop(key).settle(Verdict.LOST, "detached")
@@ -2465,6 +2505,51 @@ def _saved(result: T, unsaved: Exception | None) -> T:
 
 # Ranges a RevokeAck may list as withdrawn (the SDK sends at most 32).
 MAX_WITHDRAWN = 64
+# Ranges a RevokeAck may list as in flight (the SDK sends at most 32).
+MAX_IN_FLIGHT = 64
+# Bytes of one Isolation note (the SDK cuts at 256).
+MAX_ISOLATION_NOTE_BYTES = 256
+
+
+def _check_in_flight(
+    in_flight: tuple[tuple[int, int], ...], revoked: Sequence[AccessRange]
+) -> None:
+    """What a client says was lost in flight goes into the owner's report, so it must be
+    about this revocation: a few non-empty byte ranges, sorted and disjoint, each inside the
+    ranges this client was asked to give up with this seq (`revoked`, sorted). Otherwise
+    ProtocolError. One forward walk over `revoked`: the cost is bounded by what the
+    revocation itself pushed, whatever the client sends."""
+    if len(in_flight) > MAX_IN_FLIGHT:
+        raise ProtocolError(
+            f"revoke_ack lists {len(in_flight)} in-flight ranges; at most {MAX_IN_FLIGHT}"
+        )
+    at = 0  # index into revoked: never moves back
+    prev_end = -1
+    for offset, length in in_flight:
+        end = offset + length
+        if length <= 0 or offset < prev_end:
+            raise ProtocolError(
+                f"revoke_ack lists in-flight ranges that are empty, unsorted or overlapping "
+                f"(at {offset:#x}+{length:#x})"
+            )
+        prev_end = end
+        at = max(at, bisect.bisect_right(revoked, offset, lo=at, key=_offset_of) - 1)
+        cursor = offset
+        while cursor < end:
+            r = revoked[at] if 0 <= at < len(revoked) else None
+            if r is None or not r.offset <= cursor < r.offset + r.length:
+                raise ProtocolError(
+                    f"revoke_ack lists {offset:#x}+{length:#x} as in flight, which is not in "
+                    "the ranges revoked from this client with that seq"
+                )
+            cursor = r.offset + r.length
+            if cursor < end:
+                at += 1
+
+
+def _offset_of(r: AccessRange) -> int:
+    return r.offset
+
 
 # A client holding this many grant ranges has its grants of more than FEW_RANGES ranges computed
 # on a worker (see _grant_in_table): merging a batch over its sets takes milliseconds.

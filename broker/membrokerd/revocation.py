@@ -66,6 +66,8 @@ class Ack:
     deadline_ms: int = 0
     # (offset, length) ranges the client gave up with its acknowledgement (RevokeAck.withdrawn)
     withdrawn: tuple[tuple[int, int], ...] = ()
+    # (offset, length) byte ranges of buffers lost in flight (RevokeAck.in_flight)
+    in_flight: tuple[tuple[int, int], ...] = ()
 
     @property
     def settled(self) -> bool:

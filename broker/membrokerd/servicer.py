@@ -216,6 +216,9 @@ def _report(result: RevocationResult) -> pb.RevocationReport:
                 fence=FENCE_RESULTS[c.fence],
                 # What the client gave up with its acknowledgement.
                 withdrawn=[spb.Range(offset=o, length=n) for o, n in c.withdrawn],
+                # What its device had been offered there and will never touch now.
+                in_flight=[spb.Range(offset=o, length=n) for o, n in c.in_flight],
+                isolation=c.isolation,
             )
             for c in result.clients
         ],
@@ -442,6 +445,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
                     pins=pins,
                     age_seconds=now - s.created,
                     sealed_spaces=sorted(s.sealed),
+                    isolation=s.isolation,
                 )
             )
         return pb.ListSessionsResponse(sessions=out)

@@ -60,6 +60,8 @@ class Session:
         self.view: ProcessView | None = None
         # space id -> where this (VA) client says it mapped the space (a hint, never trusted)
         self.va_base: dict[str, int] = {}
+        # space id -> why this client's isolation of it is logical only (its own word)
+        self.isolation: dict[str, str] = {}
         # space id -> attached in sealed mode, mapping not yet checked: whether it may map
         # writable; and the mapping once accepted
         self.sealing: dict[str, bool] = {}

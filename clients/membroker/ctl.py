@@ -66,26 +66,32 @@ def _report(report: RevocationReport) -> str:
     )
     if not report.clients:
         return head + " (no attached client affected)"
-    return (
-        head
-        + "\n"
-        + table(
-            ["CLIENT", "SESSION", "PID", "OUTCOME", "FENCE", "LATENCY_US", "WITHDRAWN", "REASON"],
-            [
-                (
-                    c.client,
-                    c.session_id,
-                    c.pid,
-                    c.outcome,
-                    c.fence or "-",
-                    c.latency_us,
-                    ",".join(f"{o:#x}+{n:#x}" for o, n in c.withdrawn) or "-",
-                    c.reason,
-                )
-                for c in report.clients
-            ],
+    notes = [
+        f"{c.client} ({c.session_id}): isolation is logical only: {c.isolation}"
+        for c in report.clients
+        if c.isolation
+    ]
+    headers = ["CLIENT", "SESSION", "PID", "OUTCOME", "FENCE", "LATENCY_US"]
+    headers += ["WITHDRAWN", "IN_FLIGHT", "REASON"]
+    rows = [
+        (
+            c.client,
+            c.session_id,
+            c.pid,
+            c.outcome,
+            c.fence or "-",
+            c.latency_us,
+            _spans(c.withdrawn),
+            _spans(c.in_flight),
+            c.reason,
         )
-    )
+        for c in report.clients
+    ]
+    return "\n".join([head, table(headers, rows), *notes])
+
+
+def _spans(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{o:#x}+{n:#x}" for o, n in ranges) or "-"
 
 
 def _spaces(spaces: list[SpaceInfo]) -> str:
@@ -223,7 +229,12 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
         return _spaces(spaces), [dataclasses.asdict(s) for s in spaces]
     if cmd == "sessions":
         sessions = session.list_sessions()
-        return table(
+        notes = [
+            f"{s.session_id} ({s.client}) {sp}: isolation is logical only: {s.isolation[sp]}"
+            for s in sessions
+            for sp in sorted(s.isolation)
+        ]
+        text = table(
             ["SESSION", "CLIENT", "PID", "UID", "ATTACHED", "OWNS", "PINS", "AGE_S"],
             [
                 (
@@ -232,7 +243,9 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
                     s.pid,
                     s.uid,
                     ",".join(
-                        sp + ("(sealed)" if sp in s.sealed_spaces else "")
+                        sp
+                        + ("(sealed)" if sp in s.sealed_spaces else "")
+                        + ("(logical-only)" if sp in s.isolation else "")
                         for sp in s.attached_spaces
                     )
                     or "-",
@@ -242,7 +255,8 @@ def run(args: argparse.Namespace, session: Session) -> tuple[str, Any]:
                 )
                 for s in sessions
             ],
-        ), [MessageToDict(s) for s in sessions]
+        )
+        return "\n".join([text, *notes]), [MessageToDict(s) for s in sessions]
     if cmd == "stats":
         st = session.stats()
         d = {f.name: getattr(st, f.name) for f in st.DESCRIPTOR.fields}

@@ -11,10 +11,12 @@ tears down and the session acknowledges once). A revocation whose teardown faile
 acknowledged: the handler raises, and the session sends `RevokeRefused` with the reason
 instead. A handler that gave up ranges it still holds (it could not keep using them safely)
 says so with `report_withdrawn`; they travel with the next acknowledgement of that space and
-the owner's report lists them. The session is closed, with a reason and every waiter woken, by
-the broker (EOF, `Goodbye`, `Error`), by `close()`, or by anything that goes wrong in the
-reader; a send that fails first reads the broker's last frame, so a fenced client learns that
-it was fenced and why.
+the owner's report lists them. So do buffers its device had been offered in revoked memory and
+will never touch (`report_in_flight`), and a client whose isolation of a space is logical only
+(a backend it serves keeps fds of the whole space) says so with `declare_isolation`. The
+session is closed, with a reason and every waiter woken, by the broker (EOF, `Goodbye`,
+`Error`), by `close()`, or by anything that goes wrong in the reader; a send that fails
+first reads the broker's last frame, so a fenced client learns that it was fenced and why.
 
 Resuming: a connection that ends without the broker's Error or a fence (the broker crashed,
 restarts or upgrades: EOF, or a Goodbye with `restarting`) is not the end of the session. The
@@ -28,6 +30,7 @@ resume that is refused or times out ends the session like any other end.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -104,6 +107,10 @@ LAST_WORDS_WAIT = 0.5
 MAX_REASON_BYTES = 512
 # Withdrawn ranges carried by one acknowledgement (each costs at most 24 bytes of the frame).
 MAX_WITHDRAWN_RANGES = 32
+# In-flight buffer ranges carried by one acknowledgement (the broker takes at most 64).
+MAX_IN_FLIGHT_RANGES = 32
+# An isolation note is cut to this many UTF-8 bytes (the broker refuses more than 256).
+MAX_ISOLATION_NOTE_BYTES = 256
 # Seconds a session keeps trying to resume after its connection is lost (a broker restart or
 # upgrade), and the backoff between attempts.
 DEFAULT_RESUME = 30.0
@@ -242,6 +249,8 @@ class Session:
         self._partial: dict[tuple[str, str, int], _Push] = {}
         # Ranges a handler gave up (report_withdrawn), per space, until the next RevokeAck.
         self._withdrawn: dict[str, list[tuple[int, int]]] = {}
+        # Buffers lost in flight (report_in_flight), per space, until the next RevokeAck.
+        self._in_flight: dict[str, list[tuple[int, int]]] = {}
         # Ranges in _partial and _buffered (under _cv), bounded by MAX_PENDING_RANGES.
         self._held_ranges = 0
         self._pongs: dict[int, float] = {}
@@ -573,6 +582,7 @@ class Session:
                 self._held_ranges -= len(push.ranges)
             self._partial.clear()
             self._withdrawn.clear()
+            self._in_flight.clear()
             self._cv.notify_all()
         log.warning(
             "session %s of %r: connection lost (%s): resuming", self.session_id, self.name, lost
@@ -869,6 +879,16 @@ class Session:
                 )
         with self._cv:
             withdrawn = self._withdrawn.pop(push.space_id, [])
+            lost = self._in_flight.pop(push.space_id, [])
+        in_flight = _within(lost, push.ranges)
+        if len(in_flight) > MAX_IN_FLIGHT_RANGES:
+            log.warning(
+                "%d in-flight ranges of %s: the acknowledgement of seq %d carries the first %d",
+                len(in_flight),
+                push.space_id,
+                push.seq,
+                MAX_IN_FLIGHT_RANGES,
+            )
         if len(withdrawn) > MAX_WITHDRAWN_RANGES:
             log.warning(
                 "%d withdrawn ranges of %s: the acknowledgement of seq %d carries the first %d",
@@ -887,6 +907,10 @@ class Session:
                         withdrawn=[
                             spb.Range(offset=o, length=n)
                             for o, n in withdrawn[:MAX_WITHDRAWN_RANGES]
+                        ],
+                        in_flight=[
+                            spb.Range(offset=o, length=n)
+                            for o, n in in_flight[:MAX_IN_FLIGHT_RANGES]
                         ],
                     )
                 )
@@ -972,22 +996,32 @@ class Session:
         push handler (`on_revoke`, `on_unpin_request`), whose revocation is acknowledged
         next. Adjacent and overlapping ranges are merged."""
         with self._cv:
-            merged = sorted([*self._withdrawn.get(space_id, []), *((s, e - s) for s, e in spans)])
-            out: list[tuple[int, int]] = []
-            for offset, length in merged:
-                if length <= 0:
-                    continue
-                if out and offset <= out[-1][0] + out[-1][1]:
-                    lo, n = out[-1]
-                    out[-1] = (lo, max(lo + n, offset + length) - lo)
-                else:
-                    out.append((offset, length))
-            self._withdrawn[space_id] = out
+            self._withdrawn[space_id] = _merged(self._withdrawn.get(space_id, []), spans)
+
+    def report_in_flight(self, space_id: str, spans: Sequence[tuple[int, int]]) -> None:
+        """Byte ranges `[start, end)` of a space holding buffers this client's device had been
+        offered (on a ring) that lie in memory being revoked, and that the device will never
+        touch now: they go with the next acknowledgement of a revocation of the space (only
+        the parts inside what that revocation takes; the rest is dropped, as it is not about
+        that revocation), and the owner's report lists them as in flight. Meant for a push
+        handler, like `report_withdrawn`. Adjacent and overlapping ranges are merged."""
+        with self._cv:
+            self._in_flight[space_id] = _merged(self._in_flight.get(space_id, []), spans)
+
+    def declare_isolation(self, space_id: str, logical_only: str) -> None:
+        """Tells the broker how far this client's isolation of an attached space goes:
+        `logical_only` empty when nothing it knows of reaches beyond what it holds, otherwise
+        why only good behaviour keeps a process it serves to its grants (say, a vhost-user
+        backend that keeps fds of the whole space). The broker shows the last statement in
+        ListSessions and in revocation reports; cut to 256 bytes."""
+        note = logical_only.encode()[:MAX_ISOLATION_NOTE_BYTES].decode(errors="ignore")
+        self._send(spb.Frame(isolation=spb.Isolation(space_id=space_id, logical_only=note)))
 
     def _uninstall(self, space_id: str) -> None:
         with self._cv:
             self._handlers.pop(space_id, None)
             self._withdrawn.pop(space_id, None)
+            self._in_flight.pop(space_id, None)
             pending = self._buffered.pop(space_id, None)
             if pending is not None:
                 self._held_ranges -= pending.held_ranges
@@ -1519,3 +1553,46 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
     from membroker.clients import FdClient, VaClient
 
 __all__ = ["OwnedSpace", "PushHandler", "Session", "backing_of", "default_runtime_dir"]
+
+
+def _merged(
+    known: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """(offset, length) ranges `known` plus `[start, end)` spans, sorted, with adjacent and
+    overlapping ones merged and empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for offset, length in sorted([*known, *((s, e - s) for s, e in spans)]):
+        if length <= 0:
+            continue
+        if out and offset <= out[-1][0] + out[-1][1]:
+            lo, n = out[-1]
+            out[-1] = (lo, max(lo + n, offset + length) - lo)
+        else:
+            out.append((offset, length))
+    return out
+
+
+def _within(
+    ranges: Sequence[tuple[int, int]], revoked: Sequence[AccessRange]
+) -> list[tuple[int, int]]:
+    """The parts of sorted, disjoint (offset, length) `ranges` inside the `revoked` ranges
+    (sorted), still sorted and disjoint (a range across two adjacent revoked ranges stays
+    one)."""
+    out: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        end = offset + length
+        # A revocation may push a million ranges: start at the last one beginning at or
+        # before `offset`.
+        at = max(0, bisect.bisect_right(revoked, offset, key=lambda r: r.offset) - 1)
+        for i in range(at, len(revoked)):
+            r = revoked[i]
+            if r.offset >= end:
+                break
+            lo, hi = max(offset, r.offset), min(end, r.end)
+            if lo >= hi:
+                continue
+            if out and out[-1][0] + out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi - out[-1][0])
+            else:
+                out.append((lo, hi - lo))
+    return out

@@ -148,7 +148,9 @@ class ClientOutcome:
     reason says what it still maps) or "exited" -- and "" otherwise. withdrawn: (offset,
     length) ranges the client still holds but gave up with its acknowledgement (it could not
     keep using them safely, say a vhost-user bridge whose backend maps regions from file
-    offset 0); they stay granted.
+    offset 0); they stay granted. in_flight: (offset, length) byte ranges of buffers its
+    device had been offered in the revoked memory and will never touch now. isolation:
+    non-empty when the client said its isolation of the space is logical only, and why.
     """
 
     client: str
@@ -159,6 +161,8 @@ class ClientOutcome:
     reason: str
     fence: str = ""
     withdrawn: tuple[tuple[int, int], ...] = ()
+    in_flight: tuple[tuple[int, int], ...] = ()
+    isolation: str = ""
 
     @classmethod
     def from_pb(cls, c: pb.ClientOutcome) -> ClientOutcome:
@@ -171,6 +175,8 @@ class ClientOutcome:
             c.reason,
             _FENCE_RESULTS.get(c.fence, "unknown"),
             tuple((r.offset, r.length) for r in c.withdrawn),
+            tuple((r.offset, r.length) for r in c.in_flight),
+            c.isolation,
         )
 
 

@@ -6,7 +6,9 @@ transmit ring (vring 1) in broker memory. Every buffer is one descriptor holding
 ring only when all of it lies in memory the bridge exports to the backend; on a revocation,
 buffers into the revoked memory still on a ring (not yet taken by the backend) are taken off
 it while the ring is stopped, so the backend never receives into (or sends from) memory it
-no longer has, and `revocations` says what was in flight.
+no longer has; `revocations` says what was in flight, and so does the acknowledgement (the
+owner's report lists the buffers as in flight). A receive buffer must be held read-write; a
+transmit buffer the driver wrote itself (`post_tx`) need only be readable by the device.
 """
 
 from __future__ import annotations
@@ -101,11 +103,16 @@ class NetBridge(Bridge):
             raise VhostUserError(self._queue_why.get(index) or "start_queues() first")
         return q
 
-    def _buffer(self, gpa: int, length: int) -> Buffer:
+    def _buffer(self, gpa: int, length: int, write: bool) -> Buffer:
         if self.gone is not None:
             raise VhostUserError(self.gone)
-        offset = self._locate(gpa, length)
+        offset = self._locate(gpa, length, write)
         if offset is None:
+            if write and self._locate(gpa, length) is not None:
+                raise VhostUserError(
+                    f"buffer {gpa:#x}+{length:#x} is held read-only: the device may not "
+                    "write it (not put on the ring)"
+                )
             raise VhostUserError(
                 f"buffer {gpa:#x}+{length:#x} is not in memory exported to the backend "
                 "(not granted, revoked or withdrawn): not put on the ring"
@@ -130,13 +137,24 @@ class NetBridge(Bridge):
         with self._lock:
             if length <= HDR_LEN:
                 raise VhostUserError(f"a receive buffer needs more than {HDR_LEN} bytes")
-            return self._put(RX, self._buffer(gpa, length), _DESC_WRITE)
+            return self._put(RX, self._buffer(gpa, length, write=True), _DESC_WRITE)
+
+    def post_tx(self, gpa: int, length: int) -> int:
+        """Puts a buffer the driver wrote itself (a 12-byte header, then the frame) on the
+        transmit ring: the device only reads it, so read-only memory will do. Returns its
+        descriptor id."""
+        with self._lock:
+            if length <= HDR_LEN:
+                raise VhostUserError(f"a transmit buffer needs more than {HDR_LEN} bytes")
+            head = self._put(TX, self._buffer(gpa, length, write=False), 0)
+            self.sent += 1
+            return head
 
     def send(self, gpa: int, frame: bytes) -> int:
         """Writes a zero header (no offloads) and `frame` at gpa (exported memory) and puts
         it on the transmit ring. Returns its descriptor id."""
         with self._lock:
-            buf = self._buffer(gpa, HDR_LEN + len(frame))
+            buf = self._buffer(gpa, HDR_LEN + len(frame), write=True)
             self._queue(TX)
             assert self._window is not None
             self._window.mem.write(buf.offset, bytes(HDR_LEN) + frame)
@@ -218,6 +236,7 @@ class NetBridge(Bridge):
                 del self._posted[index][head]
                 self._free[index].append(head)
                 report.taken_off.append((index, buf.gpa, buf.length))
+                report.lose(buf.offset, buf.length)
             else:
                 keep.append(head)
         if len(keep) != len(heads):
@@ -225,6 +244,7 @@ class NetBridge(Bridge):
         for head, buf in self._posted[index].items():
             if head not in heads and _overlaps((buf.offset, buf.offset + buf.length), cut):
                 report.in_backend.append((index, buf.gpa, buf.length))
+                report.lose(buf.offset, buf.length)
 
     def _queue_stopped(self, index: int) -> None:
         self._posted[index] = {}

@@ -369,9 +369,25 @@ class _Export:
     hi: int
     region: MemRegion
     # The file bytes the backend's mapping of it covers: [lo, hi), or [0, hi) for a backend
-    # that maps regions from file offset 0. Pinned while exported.
+    # that maps regions from file offset 0. Pinned while exported (for writing where held
+    # read-write, for reading where read-only).
     span: Span
-    pin: Pin | None = None
+    # The parts of `span` held read-only (exported with an IOTLB only): mapped read-only
+    # here, and given to the device's IOTLB as read-only entries.
+    ro: list[Span] = dataclasses.field(default_factory=list)
+    pins: list[Pin] = dataclasses.field(default_factory=list)
+
+    def run_at(self, offset: int) -> tuple[Span, bool]:
+        """The run of one access level of [lo, hi) holding `offset`, and whether it is
+        read-only."""
+        ro = _intersect([(self.lo, self.hi)], self.ro)
+        for run in ro:
+            if run[0] <= offset < run[1]:
+                return run, True
+        for run in _subtract([(self.lo, self.hi)], ro):
+            if run[0] <= offset < run[1]:
+                return run, False
+        raise ValueError(f"offset {offset:#x} is not in {self.lo:#x}-{self.hi:#x}")
 
 
 def _merge(spans: Sequence[Span]) -> list[Span]:
@@ -539,6 +555,19 @@ class Bridge:
       device sees I/O virtual addresses (= the guest-physical addresses of the grants): its
       IOTLB misses are answered from what is exported now, a revocation is first an
       INVALIDATE the backend acknowledges, and only then are regions changed.
+    - IOTLB permissions follow the grant: a read-only range is exported only with an IOTLB
+      (a backend maps every region read-write: without one it could write it), and its
+      entries are read-only (VHOST_ACCESS_RO); a miss asking to write it is refused. A
+      downgrade (rw -> ro) invalidates the range first, then exports it again read-only, so
+      the device can go on reading it and can no longer write it; without an IOTLB it is
+      withdrawn. (A range raised ro -> rw keeps its read-only entries until it is revoked.)
+    - Buffers a device class had offered the device in revoked memory (taken off a ring, or
+      taken by the device and not returned when the ring stopped) go with the
+      acknowledgement (`Session.report_in_flight`): the owner's report lists them.
+    - A backend that keeps fds of the space (DPDK keeps one per region while a table is
+      loaded; seen in its /proc/PID/fd) could map any offset of it: its isolation is logical
+      only, and the bridge says so to the broker (`Session.declare_isolation`) whenever that
+      changes, so the listing and the reports show it.
     - The backend still mapping a revoked offset, or dropping the connection during the
       teardown, refuses the revocation (never an ack). The acknowledgement reads the
       backend's whole maps (every mapping of the space's file, wherever it is); that is the
@@ -649,6 +678,14 @@ class Bridge:
         self.revocations: collections.deque[InFlight] = collections.deque(maxlen=256)
         self._backend_ch: socket.socket | None = None
         self._iotlb_thread: threading.Thread | None = None
+        # A revocation's new access while its push is handled (the client records it only
+        # after its handler returned): what is held now, as far as exports go.
+        self._lowering: list[AccessRange] = []
+        # Whether the backend keeps fds of its regions' files (found at the probe), and what
+        # the broker was last told about the isolation of the space.
+        self.backend_keeps_fds = False
+        self.isolation = ""
+        self._isolation_gen = -1
         if iommu and not self.IOTLB:
             raise VhostUserError(
                 f"{self.DEVICE.name}: no IOTLB in this device class (a request waits for its "
@@ -718,6 +755,8 @@ class Bridge:
             self.frontend.set_mem_table([self._park_region], self._park_fd)
         st = os.fstat(self._park_fd)
         vmas = self.backend.mappings_of(st.st_dev, st.st_ino)
+        # Whether it keeps the fd it was sent (the file stays reachable beyond the region).
+        self.backend_keeps_fds = bool(self.backend.fds_of(st.st_dev, st.st_ino))
         # A backend that shows no mapping at all is assumed the worst.
         return not vmas or any(v.offset < PAGE_SIZE for v in vmas)
 
@@ -730,11 +769,17 @@ class Bridge:
             self._park_fd = -1
 
     def _open_space(self, fd: int, size: int) -> None:
-        self._fd = fd
+        self._own_fd = fd
         self._size = size
         st = os.fstat(fd)
         self._dev_ino = (st.st_dev, st.st_ino)
         self._window = _Window(size)
+
+    @property
+    def _fd(self) -> int:
+        """The space's fd: the attachment's (a read-write one replaces the read-only one at
+        the first rw grant), or the one given without a broker."""
+        return self.client.fd if self.client is not None else self._own_fd
 
     # -- what may be exported ----------------------------------------------------------------
 
@@ -742,13 +787,37 @@ class Bridge:
         """The file bytes the backend maps for a region of [lo, hi)."""
         return (0 if self.prefix_mapping else lo, hi)
 
-    def _held(self, cut: Sequence[Span] = ()) -> list[Span]:
-        """What the bridge holds now, less `cut` (what a revocation in progress takes)."""
+    def _access(self) -> tuple[list[Span], list[Span]]:
+        """What the bridge holds now: (read-write, read-only) spans, merged; a revocation
+        being handled counts at its new access."""
         if self.client is None:
-            held = [(0, self._size)]
-        else:
-            held = _merge([(r.offset, r.end) for r in self.client.ranges()])
-        return _merge(_subtract(held, cut))
+            return [(0, self._size)], []
+        ranges = self.client.ranges()
+        rw = [(r.offset, r.end) for r in ranges if r.access is Access.RW]
+        ro = [(r.offset, r.end) for r in ranges if r.access is Access.RO]
+        if self._lowering:
+            changed = [(r.offset, r.end) for r in self._lowering]
+            rw, ro = _subtract(rw, changed), _subtract(ro, changed)
+            ro += [(r.offset, r.end) for r in self._lowering if r.access is Access.RO]
+        return _merge(rw), _merge(ro)
+
+    def _exports_read_only(self) -> bool:
+        """Whether read-only ranges may be exported: only with an IOTLB, whose entries then
+        say read-only (a backend maps every region read-write), and only from a read-write
+        fd (a backend's read-write mmap of a read-only description fails)."""
+        return self.iommu and (self.client is None or bool(self.client.writable_fd))
+
+    def _held(self, cut: Sequence[Span] = ()) -> list[Span]:
+        """What the bridge holds now and may export, less `cut` (what a revocation in
+        progress takes): what it holds read-write, and with an IOTLB what it holds read-only
+        too."""
+        rw, ro = self._access()
+        held = rw + ro if self._exports_read_only() else rw
+        return _merge(_subtract(_merge(held), cut))
+
+    def _read_only(self) -> list[Span]:
+        """What is held read-only now (exported read-only, with an IOTLB)."""
+        return self._access()[1] if self._exports_read_only() else []
 
     def _unsafe_message(self, piece: Span) -> str:
         lo, hi = piece
@@ -764,29 +833,41 @@ class Bridge:
         """Exports what is held and safe to export but not exported yet; returns the pieces
         that are held but would expose more than is held (not exported)."""
         with self._lock:
-            if self._window is None or self.gone is not None:
-                return []
-            held = self._held()
-            have = [(e.lo, e.hi) for e in self._exports.values()]
-            pieces = _subtract(held, have)
-            safe = [p for p in pieces if _covered(self._span(*p), held)]
-            unsafe = [p for p in pieces if p not in safe]
-            new = self._add(safe)
+            new, unsafe = self._export_locked()
         self._pin(new)
+        self._declare_isolation()
         return unsafe
+
+    def _export_locked(self) -> tuple[list[_Export], list[Span]]:
+        """`_export_held` with the lock held, without pinning: (new exports, unsafe pieces)."""
+        if self._window is None or self.gone is not None:
+            return [], []
+        held = self._held()
+        have = [(e.lo, e.hi) for e in self._exports.values()]
+        pieces = _subtract(held, have)
+        safe = [p for p in pieces if _covered(self._span(*p), held)]
+        unsafe = [p for p in pieces if p not in safe]
+        return self._add(safe), unsafe
+
+    def _new_export(self, lo: int, hi: int, ro: Sequence[Span]) -> _Export:
+        """Maps [lo, hi) here (read-only where held read-only) and makes its export record
+        (lock held); the backend is told by the caller."""
+        assert self._window is not None
+        span = self._span(lo, hi)
+        region = MemRegion(self._gpa(lo), hi - lo, self._window.address + lo, lo)
+        exp = _Export(lo, hi, region, span, _intersect([span], ro))
+        self._window.map(self._fd, lo, hi, mman.PROT_READ | mman.PROT_WRITE)
+        for a, b in _intersect([(lo, hi)], exp.ro):
+            self._window.map(self._fd, a, b, mman.PROT_READ)
+        self._exports[lo] = exp
+        return exp
 
     def _add(self, pieces: Sequence[Span]) -> list[_Export]:
         """Maps the pieces here and in the backend (lock held); checks the kernel after."""
         if not pieces:
             return []
-        assert self._window is not None
-        new = []
-        for lo, hi in pieces:
-            self._window.map(self._fd, lo, hi, mman.PROT_READ | mman.PROT_WRITE)
-            region = MemRegion(self._gpa(lo), hi - lo, self._window.address + lo, lo)
-            exp = _Export(lo, hi, region, self._span(lo, hi))
-            self._exports[lo] = exp
-            new.append(exp)
+        ro = self._read_only()
+        new = [self._new_export(lo, hi, ro) for lo, hi in pieces]
         if self.mem_slots:
             for exp in new:
                 self._table_gen += 1
@@ -811,21 +892,25 @@ class Bridge:
         if client is None:
             return
         for exp in exports:
-            lo, hi = exp.span
-            try:
-                pin = client.pin(lo, hi - lo, write=True)
-            except MembrokerError as exc:
-                # Being revoked right now: the revocation takes the region away next.
-                log.warning("cannot pin exported %#x+%#x: %s", lo, hi - lo, exc)
-                continue
-            with self._lock:
-                if self._exports.get(exp.lo) is exp and exp.pin is None:
-                    exp.pin = pin
-                    continue
-            try:
-                pin.unpin()
-            except MembrokerError:
-                pass
+            runs = [(p, False) for p in exp.ro] + [(p, True) for p in _subtract([exp.span], exp.ro)]
+            pins: list[Pin] = []
+            for (lo, hi), write in sorted(runs):
+                try:
+                    pins.append(client.pin(lo, hi - lo, write=write))
+                except MembrokerError as exc:
+                    # Being revoked right now: the revocation takes the region away next.
+                    log.warning("cannot pin exported %#x+%#x: %s", lo, hi - lo, exc)
+                    break
+            else:
+                with self._lock:
+                    if self._exports.get(exp.lo) is exp and not exp.pins:
+                        exp.pins = pins
+                        continue
+            for pin in pins:
+                try:
+                    pin.unpin()
+                except MembrokerError:
+                    pass
 
     def _publish_table(self) -> None:
         regions = [self._park_region, *(e.region for e in self._exports.values())]
@@ -930,24 +1015,32 @@ class Bridge:
             if entry is None or self.gone is not None:
                 self._iotlb_note("miss", iova, 0, "refused: not exported")
                 return False
-            lo, size, uaddr = entry
+            lo, size, uaddr, allowed = entry
+            if perm & ~allowed:
+                # A write asked of read-only memory: no entry that would allow it exists.
+                self._iotlb_note("miss", iova, 0, f"refused: perm {perm} of read-only memory")
+                return False
             try:
-                self.frontend.iotlb(IOTLB_UPDATE, lo, size, uaddr, IOTLB_RW)
+                self.frontend.iotlb(IOTLB_UPDATE, lo, size, uaddr, allowed)
             except VhostUserError as exc:
                 self._iotlb_note("miss", iova, 0, f"failed: {exc}")
                 return False
-            self._iotlb_note("miss", iova, size, f"served {lo:#x}+{size:#x} perm {perm}")
+            as_ = "ro" if allowed == IOTLB_RO else "rw"
+            self._iotlb_note("miss", iova, size, f"served {lo:#x}+{size:#x} perm {perm} as {as_}")
             return True
 
-    def _translate(self, iova: int) -> tuple[int, int, int] | None:
-        """(iova, size, frontend address) of the export (or the parking page) holding iova."""
+    def _translate(self, iova: int) -> tuple[int, int, int, int] | None:
+        """(iova, size, frontend address, IOTLB permission) of the run of one access level
+        of the export (or the parking page) holding iova: read-only where the grant is."""
         park = self._park_region
         if park.gpa <= iova < park.gpa + park.size:
-            return park.gpa, park.size, park.uaddr
+            return park.gpa, park.size, park.uaddr, IOTLB_RW
         for exp in self._exports.values():
             r = exp.region
             if r.gpa <= iova < r.gpa + r.size:
-                return r.gpa, r.size, r.uaddr
+                (lo, hi), read_only = exp.run_at(exp.lo + iova - r.gpa)
+                at = lo - exp.lo
+                return r.gpa + at, hi - lo, r.uaddr + at, IOTLB_RO if read_only else IOTLB_RW
         return None
 
     def _invalidate(self, cut: list[Span]) -> None:
@@ -975,12 +1068,9 @@ class Bridge:
         except VhostUserError as exc:
             log.error("cannot release %s to the broker: %s", _fmt(cut), exc)
             return
+        self._declare_isolation()
         for exp in removed:
-            if exp.pin is not None:
-                try:
-                    exp.pin.unpin()
-                except MembrokerError as exc:
-                    log.warning("unpinning %#x+%#x: %s", exp.span[0], exp.span[1], exc)
+            _unpin(exp)
 
     def _on_revoke(self, ranges: list[AccessRange]) -> None:
         """On a revocation (session thread): the regions whose mapping touches the ranges
@@ -993,12 +1083,26 @@ class Bridge:
             self._failed = [f for f in self._failed if f[1] not in failed]
         if failed:
             raise VhostUserError(failed[0])
-        self._retract(cut)
-        # Ranges lowered, not taken (read-only now): a backend maps read-write, so they were
-        # taken from it too, and are held still.
+        # Ranges lowered, not taken (read-only now) are taken from the backend too (its
+        # IOTLB entries and regions gave it write access); with an IOTLB they come back
+        # read-only at once, otherwise they are withdrawn (a backend maps read-write).
         lowered = _merge([(r.offset, r.end) for r in ranges if r.access is not Access.NONE])
-        if lowered:
-            self._report_withdrawn(lowered)
+        back: list[_Export] = []
+        with self._lock:
+            self._lowering = list(ranges)
+            try:
+                self._retract_locked(cut)
+                if lowered and self._exports_read_only():
+                    back = self._export_locked()[0]
+            finally:
+                self._lowering = []
+            exported = [(e.lo, e.hi) for e in self._exports.values()]
+        if back:
+            self._pin_later(back)
+        self._declare_isolation()
+        withdrawn = _subtract(lowered, exported)
+        if withdrawn:
+            self._report_withdrawn(_merge(withdrawn))
 
     def _retract(self, cut: list[Span], full: bool = True) -> list[_Export]:
         with self._lock:
@@ -1072,6 +1176,8 @@ class Bridge:
         if flight.taken_off or flight.in_backend:
             self.revocations.append(flight)
             log.info("in flight into %s: %s", _fmt(cut), flight)
+            if self._session is not None:
+                self._session.report_in_flight(self.space_id, flight.lost)
         if not affected:
             self._restart(moving, bases)
             still = self._wait_unmapped(cut) if full else self._wait_released(cut, before)
@@ -1095,10 +1201,9 @@ class Bridge:
                     self._table_gen += 1
                     self.frontend.remove_region(exp.region)
             else:
+                ro = _subtract(self._read_only(), cut)
                 for lo, hi in keep:
-                    self._window.map(self._fd, lo, hi, mman.PROT_READ | mman.PROT_WRITE)
-                    region = MemRegion(self._gpa(lo), hi - lo, self._window.address + lo, lo)
-                    self._exports[lo] = _Export(lo, hi, region, self._span(lo, hi))
+                    self._new_export(lo, hi, ro)
                 self._publish_table()
         except VhostUserError as exc:
             raise self._backend_failed(cut, pid, exc) from exc
@@ -1151,7 +1256,7 @@ class Bridge:
         for i, q in sorted(moving.items()):
             if i not in bases:
                 continue
-            if any(e.lo <= q.offset and q.end_off <= e.hi for e in self._exports.values()):
+            if self._locate_offset(q.offset, q.end_off, write=True):
                 try:
                     self.frontend.setup_vring(
                         i, q.num, *self._ring_addrs(q), self.kick, self.call, bases[i]
@@ -1174,7 +1279,7 @@ class Bridge:
             return []  # the hang-up releases them
         done = [e for e in self._stranded if _overlaps(e.span, cut)]
         self._stranded = [e for e in self._stranded if e not in done]
-        unpinned = [e for e in self._exports.values() if e.pin is None and e not in pinning]
+        unpinned = [e for e in self._exports.values() if not e.pins and e not in pinning]
         if unpinned:
             self._pin_later(unpinned)
         return done
@@ -1211,6 +1316,35 @@ class Bridge:
             self._pin(exports)
         else:
             threading.Thread(target=self._pin, args=(exports,), daemon=True).start()
+
+    def _declare_isolation(self) -> None:
+        """Tells the broker, when it changed, whether the backend holds fds of the space (so
+        could map any offset of it: its isolation is logical only). Asked of the kernel (the
+        backend's /proc/PID/fd) only for a backend seen keeping fds at the probe."""
+        if self._session is None or not self.backend_keeps_fds or self.gone is not None:
+            return
+        dev, ino = self._dev_ino
+        with self._lock:  # one reader of the backend's /proc at a time
+            if self._isolation_gen == self._table_gen:
+                return  # no message since the last look: nothing it holds has changed
+            self._isolation_gen = self._table_gen
+            try:
+                fds = self.backend.fds_of(dev, ino)
+            except OSError:
+                fds = []  # the process is gone: it holds nothing
+        note = (
+            f"the backend (pid {self.frontend.backend_pid}) holds {len(fds)} fd(s) of the "
+            "whole space: it could map any offset; only its regions and IOTLB keep it to "
+            "what is granted"
+            if fds
+            else ""
+        )
+        if note != self.isolation:
+            self.isolation = note
+            try:
+                self._session.declare_isolation(self.space_id, note)
+            except MembrokerError as exc:
+                log.warning("cannot tell the broker about the backend's isolation: %s", exc)
 
     def _report_withdrawn(self, spans: list[Span]) -> None:
         log.warning(
@@ -1342,11 +1476,7 @@ class Bridge:
                 for exp in exports:
                     self._window.unmap(exp.lo, exp.hi)
         for exp in exports:
-            if exp.pin is not None:
-                try:
-                    exp.pin.unpin()
-                except MembrokerError as exc:
-                    log.warning("unpinning %#x+%#x: %s", exp.span[0], exp.span[1], exc)
+            _unpin(exp)
         self._gone_done.set()
         if self.on_backend_gone is not None:
             try:
@@ -1360,22 +1490,36 @@ class Bridge:
 
     # -- queues --------------------------------------------------------------------------------
 
-    def _locate(self, gpa: int, length: int) -> int | None:
-        """The space offset of guest-physical [gpa, gpa+length) if one export holds it all."""
+    def _locate(self, gpa: int, length: int, write: bool = False) -> int | None:
+        """The space offset of guest-physical [gpa, gpa+length) if one export holds it all
+        (and, with `write`, none of it read-only)."""
         for exp in self._exports.values():
             region = exp.region
             if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
-                return exp.lo + gpa - region.gpa
+                offset = exp.lo + gpa - region.gpa
+                if write and _overlaps((offset, offset + length), exp.ro):
+                    return None
+                return offset
         return None
+
+    def _locate_offset(self, lo: int, hi: int, write: bool = False) -> bool:
+        """Whether space bytes [lo, hi) lie in one export (and, with `write`, none of them
+        read-only)."""
+        return any(
+            e.lo <= lo and hi <= e.hi and not (write and _overlaps((lo, hi), e.ro))
+            for e in self._exports.values()
+        )
 
     def _start_ring(self, index: int, gpa: int, num: int) -> SplitQueue:
         """Lays vring `index` out at gpa (inside an exported region) and starts it (lock
         held). Ring addresses are frontend addresses, or IOVAs with an IOTLB."""
         if self.gone is not None:
             raise VhostUserError(self.gone)
-        off = self._locate(gpa, ring_bytes(num))
+        off = self._locate(gpa, ring_bytes(num), write=True)
         if off is None or self._window is None:
-            raise VhostUserError(f"vring {index} at {gpa:#x} is not in an exported region")
+            raise VhostUserError(
+                f"vring {index} at {gpa:#x} is not in an exported region held read-write"
+            )
         q = SplitQueue(self._window.mem, off, gpa, num)
         self._queues[index] = q
         self._queue_why.pop(index, None)
@@ -1431,6 +1575,21 @@ class InFlight:
     cut: list[Span]
     taken_off: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     in_backend: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    # The space bytes of those buffers inside `cut`, [start, end) merged: what the owner's
+    # report lists as in flight.
+    lost: list[Span] = dataclasses.field(default_factory=list)
+
+    def lose(self, offset: int, length: int) -> None:
+        self.lost = _merge([*self.lost, *_intersect([(offset, offset + length)], self.cut)])
+
+
+def _unpin(exp: _Export) -> None:
+    for pin in exp.pins:
+        try:
+            pin.unpin()
+        except MembrokerError as exc:
+            log.warning("unpinning %#x+%#x: %s", pin.offset, pin.length, exc)
+    exp.pins = []
 
 
 class BlkBridge(Bridge):
@@ -1474,10 +1633,10 @@ class BlkBridge(Bridge):
                 raise VhostUserError(self.queue_stopped or "start_queue() first")
             assert self._window is not None
             mem = self._window.mem
-            if length and self._locate(gpa, length) is None:
+            if length and self._locate(gpa, length, write=kind == VIRTIO_BLK_T_IN) is None:
                 return VIRTIO_BLK_S_IOERR
             hdr, status = self._hdr, self._hdr + 16
-            hoff = self._locate(hdr, 17)
+            hoff = self._locate(hdr, 17, write=True)
             if hoff is None:
                 return VIRTIO_BLK_S_IOERR
             mem.write(hoff, struct.pack("<IIQ", kind, 0, sector) + b"\xff")

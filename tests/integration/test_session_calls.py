@@ -253,6 +253,100 @@ def test_withdrawn_ranges_in_an_ack_must_be_held(daemon: Daemon) -> None:
     assert "0x8000+0x1000" in _report(report)
 
 
+def test_in_flight_ranges_in_an_ack_must_lie_in_what_that_revoke_took(daemon: Daemon) -> None:
+    """Buffers a client says were lost in flight go into the owner's report: a raw peer that
+    lists too many, unsorted, empty or overlapping ones, or bytes outside the ranges revoked
+    from it with that seq (even ones it holds), is refused (protocol error) and its ack
+    not counted; byte ranges inside them (not page aligned) are reported as sent."""
+    import threading
+
+    with membroker.connect("vmm", str(daemon.runtime_dir)) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        sid = space.space_id
+
+        def revoke_with(in_flight: list[tuple[int, int]]) -> tuple[Raw, Any]:
+            space.grant("raw", 0, 16 * PAGE)
+            raw = Raw(daemon.runtime_dir, "raw")
+            raw.call(1, "Attach", pb.AttachRequest(space_id=sid, kind=pb.ATTACH_KIND_FD))
+            assert raw.result().code == 0
+            reports: list[Any] = []
+            t = threading.Thread(
+                target=lambda: reports.append(
+                    space.revoke_many("raw", [(0, 2 * PAGE), (2 * PAGE, PAGE), (8 * PAGE, PAGE)])
+                )
+            )
+            t.start()
+            while (frame := raw.next()).WhichOneof("body") != "revoke":
+                pass
+            ack = spb.RevokeAck(space_id=sid, seq=frame.revoke.seq)
+            for offset, length in in_flight:
+                ack.in_flight.add(offset=offset, length=length)
+            raw.send(spb.Frame(revoke_ack=ack))
+            t.join(30)
+            return raw, reports[0][0]
+
+        refused = [
+            ([(12 * PAGE, 64)], "not in the ranges revoked"),  # held, not revoked
+            ([(PAGE, 4 * PAGE)], "not in the ranges revoked"),  # runs past page 3
+            ([(7 * PAGE + 2048, PAGE)], "not in the ranges revoked"),  # starts before page 8
+            ([(1 << 62, 1 << 62)], "not in the ranges revoked"),  # far outside the space
+            ([(PAGE, 0)], "empty, unsorted or overlapping"),
+            ([(2 * PAGE, 64), (PAGE, 64)], "empty, unsorted or overlapping"),
+            ([(PAGE, 128), (PAGE + 64, 128)], "empty, unsorted or overlapping"),
+            ([(i * 64, 32) for i in range(65)], "at most 64"),
+        ]
+        for in_flight, why in refused:
+            raw, report = revoke_with(in_flight)
+            error = raw.closed_after_error()
+            assert why in error.message, (in_flight, error)
+            assert report.clients[0].in_flight == (), report
+            assert report.clients[0].outcome != "acked", report
+        # Byte ranges inside what was revoked, across two adjacent revoked ranges too.
+        good = [(100, 2048), (PAGE + 4000, PAGE + 96), (8 * PAGE + 2048, 2048)]
+        raw, report = revoke_with(good)
+        (outcome,) = report.clients
+        assert outcome.outcome == "acked" and outcome.in_flight == tuple(good), report
+        raw.sock.close()
+    from membroker.ctl import _report
+
+    assert "0x64+0x800" in _report(report)
+
+
+def test_an_isolation_note_is_bounded_and_only_for_an_attached_space(daemon: Daemon) -> None:
+    """A client's isolation note is shown as it said it; a note of a space it did not
+    attach, or one longer than 256 bytes, is refused (protocol error) and changes nothing."""
+    with membroker.connect("vmm", str(daemon.runtime_dir)) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("raw", 0, MiB)
+        sid = space.space_id
+
+        def sessions() -> dict[str, dict[str, str]]:
+            return {s.client: dict(s.isolation) for s in owner.list_sessions()}
+
+        for note, why in [("x" * 257, "at most 256"), ("ok", "not attached")]:
+            raw = Raw(daemon.runtime_dir, "raw")
+            if why != "not attached":
+                raw.call(1, "Attach", pb.AttachRequest(space_id=sid, kind=pb.ATTACH_KIND_FD))
+                assert raw.result().code == 0
+            raw.send(spb.Frame(isolation=spb.Isolation(space_id=sid, logical_only=note)))
+            assert why in raw.closed_after_error().message
+            assert sessions().get("raw", {}) == {}
+        raw = Raw(daemon.runtime_dir, "raw")
+        raw.call(1, "Attach", pb.AttachRequest(space_id=sid, kind=pb.ATTACH_KIND_FD))
+        assert raw.result().code == 0
+        raw.send(spb.Frame(isolation=spb.Isolation(space_id=sid, logical_only="é" * 128)))
+        raw.call(2, "GetStats", pb.GetStatsRequest())
+        assert raw.result().code == 0  # frames are handled in order: the note is in
+        assert sessions()["raw"] == {sid: "é" * 128}
+        raw.send(spb.Frame(isolation=spb.Isolation(space_id=sid, logical_only="")))
+        raw.call(3, "GetStats", pb.GetStatsRequest())
+        assert raw.result().code == 0
+        assert sessions()["raw"] == {}
+        raw.sock.close()
+
+
 # A raw peer in its own process: attaches in sealed mode, keeps the read-write description the
 # broker hands it, says how it is open, and never reports a sealed mapping.
 LAZY_SEALER = """

@@ -4,7 +4,8 @@ test_vhost_user.py, test_vhost_net.py).
 
 Ops: start SPACE SOCKET [device, iommu, mem_slots]; exported; queue GPA; request KIND SECTOR
 GPA LENGTH; net: net_queues GPA, post_rx GPA LENGTH, post_rx_raw (unchecked), send GPA FRAME,
-receive COUNT WAIT, in_flight, revocations, iotlb_log; refresh; full_reads (how many
+post_tx GPA LENGTH (a buffer written by the owner), receive COUNT WAIT, in_flight, revocations,
+iotlb_log; isolation (what the bridge found and told the broker); refresh; full_reads (how many
 full reads of the backend's maps the bridge has made); watch
 (returns once the bridge has handled a backend hang-up on its own: when it noticed, and why);
 sabotage (the next REM_MEM_REG names a region the backend does not have: libvhost-user panics
@@ -166,6 +167,16 @@ def main() -> None:
                     q.publish(head)
                     os.eventfd_write(bridge.kick, 1)
                 out({"ok": True, "head": head})
+            elif op == "post_tx":
+                out({"ok": True, "head": bridge.post_tx(req["gpa"], req["length"])})
+            elif op == "isolation":
+                out(
+                    {
+                        "ok": True,
+                        "backend_keeps_fds": bridge.backend_keeps_fds,
+                        "isolation": bridge.isolation,
+                    }
+                )
             elif op == "send":
                 out({"ok": True, "head": bridge.send(req["gpa"], bytes.fromhex(req["frame"]))})
             elif op == "receive":
@@ -196,6 +207,7 @@ def main() -> None:
                                 "cut": r.cut,
                                 "taken_off": r.taken_off,
                                 "in_backend": r.in_backend,
+                                "lost": r.lost,
                             }
                             for r in bridge.revocations
                         ],

@@ -509,3 +509,189 @@ def test_a_known_second_mapping_keeps_the_pin_and_on_pinned_fail_changes_nothing
     assert [c.outcome for c in report.clients] == ["acked"]
     assert w.testpmd_maps() == [(0, 2 * MiB)]
     assert w.owner.stats().fenced_total == 0
+
+
+# -- what the owner's report says ----------------------------------------------------------------
+
+
+def space_fds(pid: int, space_fd: int) -> list[int]:
+    """The fds through which process `pid` holds the space's file (its /proc/PID/fd)."""
+    st = os.fstat(space_fd)
+    view = ProcessView(pid)
+    try:
+        return view.fds_of(st.st_dev, st.st_ino)
+    finally:
+        view.close()
+
+
+def test_the_owners_report_lists_the_buffers_that_were_in_flight(world):
+    """Receive buffers above 2 MiB (not adjacent: one range each) are on the ring when
+    [2 MiB, 4 MiB) is revoked under traffic: the owner's report (the revoke call's, the
+    listing's and membrokerctl's) lists exactly their bytes as in flight, nothing withdrawn."""
+    from membroker.ctl import _report
+
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start()
+    w.bridge.ok("net_queues", gpa=0)
+    low = [RX_AT + i * BUF for i in range(4)]
+    high = [3 * MiB + 2 * i * BUF for i in range(3)]
+    for gpa in low[:2] + high + low[2:]:
+        w.bridge.ok("post_rx", gpa=gpa, length=BUF)
+    w.testpmd.start()
+    assert [gpa for gpa, _ in round_trip(w, [frame(0), frame(1)])] == low[:2]
+    report = w.space.revoke("bridge", 2 * MiB, 2 * MiB)
+    (outcome,) = report.clients
+    assert outcome.outcome == "acked" and outcome.withdrawn == ()
+    # The space has no layout: guest-physical address = offset.
+    assert outcome.in_flight == tuple((gpa, BUF) for gpa in high), report
+    (listed,) = [r for r in w.space.revocations() if r.seq == report.seq]
+    assert listed.clients[0].in_flight == outcome.in_flight
+    (rev,) = w.bridge.ok("revocations")["revocations"]
+    assert rev["lost"] == [[gpa, gpa + BUF] for gpa in high]
+    text = _report(report)
+    assert "IN_FLIGHT" in text and "0x300000+0x800,0x301000+0x800,0x302000+0x800" in text
+    # Traffic goes on into what is still granted; a later revoke with nothing in flight in
+    # its range says so.
+    assert round_trip(w, [frame(2)]) == [(low[2], RX_HEADER + frame(2))]
+    report = w.space.revoke("bridge", MiB + 512 * 1024, 512 * 1024)
+    assert [(c.outcome, c.in_flight) for c in report.clients] == [("acked", ())]
+
+
+def test_testpmd_keeps_fds_of_the_space_so_its_isolation_is_labelled_logical_only(world):
+    """DPDK keeps one fd per region of the loaded table (it could map any offset of the
+    space through them): the bridge sees it in testpmd's /proc/PID/fd and says so; the
+    listing and the owner's report show the label, with the count the kernel shows. Once
+    nothing of the space is exported, testpmd holds no fd of it and the label goes."""
+    from membroker.ctl import _report, build_parser, run
+
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start()
+    held = space_fds(w.testpmd.pid, w.space.fd)
+    assert held, "testpmd was expected to keep its region fds"
+    found = w.bridge.ok("isolation")
+    assert found["backend_keeps_fds"] is True
+    expect = f"the backend (pid {w.testpmd.pid}) holds {len(held)} fd(s) of the whole space"
+    assert found["isolation"].startswith(expect), found
+
+    def listed() -> dict[str, str]:
+        (bridge,) = [s for s in w.owner.list_sessions() if s.client == "bridge"]
+        return dict(bridge.isolation)
+
+    assert listed() == {w.space.space_id: found["isolation"]}
+    text, _ = run(build_parser().parse_args(["sessions"]), w.owner)
+    assert f"{w.space.space_id}(logical-only)" in text and expect in text, text
+    # A revocation's report carries it (two regions are left: still logical only).
+    report = w.space.revoke("bridge", 3 * MiB, MiB)
+    (outcome,) = report.clients
+    assert outcome.outcome == "acked"
+    assert outcome.isolation.startswith(f"the backend (pid {w.testpmd.pid}) holds"), outcome
+    assert "isolation is logical only" in _report(report)
+    # Everything revoked: the table holds only the bridge's parking page.
+    report = w.space.revoke("bridge", 0, 3 * MiB)
+    assert [c.outcome for c in report.clients] == ["acked"]
+    assert space_fds(w.testpmd.pid, w.space.fd) == []
+    assert report.clients[0].isolation == ""
+    assert listed() == {}
+
+
+# -- IOTLB permissions follow the grant --------------------------------------------------------
+
+
+def tx_buffer(w: World, gpa: int, f: bytes) -> int:
+    """Writes a transmit buffer (zero header, frame) as the owner; returns its length."""
+    w.mem.write(gpa, bytes(vn.HDR_LEN) + f)
+    return vn.HDR_LEN + len(f)
+
+
+def misses(log: list, lo: int, hi: int) -> list[tuple[int, str]]:
+    return [
+        (iova, outcome) for _, what, iova, _, outcome in log if what == "miss" and lo <= iova < hi
+    ]
+
+
+def test_a_read_only_grant_gives_read_only_iotlb_entries(iommu_world):
+    """[2 MiB, 4 MiB) is granted read-only. testpmd reads a frame the owner wrote there
+    (its miss is served with a read-only entry) and sends it back into read-write memory;
+    a receive buffer there is refused by the bridge, and one put on the ring anyway makes
+    testpmd ask to write: refused, nothing delivered, the memory untouched."""
+    w = iommu_world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 2 * MiB)
+    w.space.grant("bridge", 2 * MiB, 2 * MiB, "ro")
+    w.start(iommu=True)
+    assert w.bridge.ok("exported")["regions"] == [[0, 4 * MiB, 0]]
+    w.bridge.ok("net_queues", gpa=0)
+    w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+    w.testpmd.start()
+    ro_tx, ro_rx = 3 * MiB, 3 * MiB + 64 * 1024
+    w.bridge.ok("post_tx", gpa=ro_tx, length=tx_buffer(w, ro_tx, frame(3)))
+    got = w.bridge.ok("receive", count=1, wait=5)["packets"]
+    assert [(gpa, bytes.fromhex(d)) for gpa, d in got] == [(RX_AT, RX_HEADER + frame(3))]
+    log = w.bridge.ok("iotlb_log")["log"]
+    served = misses(log, 2 * MiB, 4 * MiB)
+    assert served and all(o.endswith(" as ro") for _, o in served), served
+    assert all(o.startswith("served 0x200000+0x200000 perm 1") for _, o in served), served
+    refused = w.bridge.cmd("post_rx", gpa=ro_rx, length=BUF)
+    assert not refused["ok"] and "held read-only" in refused["error"], refused
+    w.mem.write(ro_rx, b"\xee" * BUF)
+    seen = len(log)
+    w.bridge.ok("post_rx_raw", gpa=ro_rx, length=BUF)
+    w.bridge.ok("send", gpa=TX_AT, frame=frame(4).hex())
+    assert w.bridge.ok("receive", count=1, wait=1.0)["packets"] == []
+    after = w.bridge.ok("iotlb_log")["log"][seen:]
+    asked = misses(after, 2 * MiB, 4 * MiB)
+    assert asked and all(o == "refused: perm 3 of read-only memory" for _, o in asked), after
+    assert w.mem.read(ro_rx, BUF) == b"\xee" * BUF
+    assert w.owner.stats().fenced_total == 0
+
+
+def test_a_downgrade_invalidates_then_gives_read_only_entries(iommu_world):
+    """testpmd writes a packet into [2 MiB, 4 MiB) through a read-write entry; the owner then
+    lowers the range to read-only. The backend acknowledges an INVALIDATE of it before the
+    broker is acknowledged, the range is not withdrawn: testpmd still reads a frame there
+    (a read-only entry), and can no longer write there (its write miss is refused, the
+    packet not delivered, the memory untouched)."""
+    w = iommu_world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start(iommu=True)
+    w.bridge.ok("net_queues", gpa=0)
+    high = 3 * MiB
+    w.bridge.ok("post_rx", gpa=high, length=BUF)
+    w.testpmd.start()
+    assert round_trip(w, [frame(0)]) == [(high, RX_HEADER + frame(0))]
+    before = w.bridge.ok("iotlb_log")["log"]
+    # One read-write entry for the whole export.
+    rw = misses(before, 0, 4 * MiB)
+    assert rw and all(o.startswith("served 0x0+0x400000 perm") for _, o in rw), rw
+    assert all(o.endswith(" as rw") for _, o in rw), rw
+    w.space.grant("bridge", 2 * MiB, 2 * MiB, "ro")
+    t_lowered = time.monotonic()
+    (report,) = [r for r in w.space.revocations() if r.cause == "downgrade"]
+    assert [(c.outcome, c.withdrawn) for c in report.clients] == [("acked", ())], report
+    log = w.bridge.ok("iotlb_log")["log"]
+    inval = [
+        (t, iova, size) for t, what, iova, size, _ in log[len(before) :] if what == "invalidate"
+    ]
+    assert (2 * MiB, 2 * MiB) in [(i, n) for _, i, n in inval] and inval[0][0] < t_lowered
+    assert w.bridge.ok("exported")["regions"] == [[0, 2 * MiB, 0], [2 * MiB, 2 * MiB, 2 * MiB]]
+    # Reading goes on.
+    w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+    w.bridge.ok("post_tx", gpa=high + BUF, length=tx_buffer(w, high + BUF, frame(5)))
+    got = w.bridge.ok("receive", count=1, wait=5)["packets"]
+    assert [(gpa, bytes.fromhex(d)) for gpa, d in got] == [(RX_AT, RX_HEADER + frame(5))]
+    # Writing does not.
+    w.mem.write(high, b"\xee" * BUF)
+    seen = len(w.bridge.ok("iotlb_log")["log"])
+    w.bridge.ok("post_rx_raw", gpa=high, length=BUF)
+    w.bridge.ok("send", gpa=TX_AT, frame=frame(6).hex())
+    assert w.bridge.ok("receive", count=1, wait=1.0)["packets"] == []
+    after = w.bridge.ok("iotlb_log")["log"][seen:]
+    asked = misses(after, 2 * MiB, 4 * MiB)
+    assert asked and all(o == "refused: perm 3 of read-only memory" for _, o in asked), after
+    assert w.mem.read(high, BUF) == b"\xee" * BUF
+    assert w.owner.stats().fenced_total == 0

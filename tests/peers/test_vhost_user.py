@@ -457,3 +457,25 @@ def test_closing_the_bridge_leaves_nothing_mapped_in_the_backend(world):
     assert qsd.maps_of(space.fd) == []
     assert owner.get_space(space.space_id).attachments == 0
     assert owner.list_pins(space.space_id) == []
+
+
+def test_qemu_storage_daemon_keeps_no_fd_of_the_space_so_no_isolation_label(world):
+    """qemu-storage-daemon closes each region's fd once it has mapped it (its /proc/PID/fd
+    shows none of the space): the bridge finds that at the probe, says nothing, and neither
+    the listing nor a revocation's report labels its isolation logical only."""
+    qsd, owner, space, _, bridge = world
+    space.share(0, 2 * MiB)
+    space.grant("bridge", 0, 2 * MiB)
+    bridge.ok("start", space=space.space_id, socket=str(qsd.sock))
+    assert qsd.maps_of(space.fd) == [(0, 2 * MiB)]
+    st = os.fstat(space.fd)
+    view = ProcessView(qsd.proc.pid)
+    try:
+        assert view.fds_of(st.st_dev, st.st_ino) == []
+    finally:
+        view.close()
+    assert bridge.ok("isolation") == {"ok": True, "backend_keeps_fds": False, "isolation": ""}
+    (listed,) = [s for s in owner.list_sessions() if s.client == "bridge"]
+    assert space.space_id in listed.attached_spaces and dict(listed.isolation) == {}
+    report = space.revoke("bridge", MiB, MiB)
+    assert [(c.outcome, c.isolation) for c in report.clients] == [("acked", "")]

@@ -240,7 +240,7 @@ class RevokeRequest(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., client: _Optional[str] = ..., range: _Optional[_Union[_session_pb2.Range, _Mapping]] = ..., on_pinned: _Optional[_Union[OnPinned, str]] = ..., ranges: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
 
 class ClientOutcome(_message.Message):
-    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence", "withdrawn")
+    __slots__ = ("client", "session_id", "pid", "outcome", "latency_us", "reason", "fence", "withdrawn", "in_flight", "isolation")
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,8 @@ class ClientOutcome(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     client: str
     session_id: str
     pid: int
@@ -257,7 +259,9 @@ class ClientOutcome(_message.Message):
     reason: str
     fence: FenceResult
     withdrawn: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
-    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ..., fence: _Optional[_Union[FenceResult, str]] = ..., withdrawn: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ...) -> None: ...
+    in_flight: _containers.RepeatedCompositeFieldContainer[_session_pb2.Range]
+    isolation: str
+    def __init__(self, client: _Optional[str] = ..., session_id: _Optional[str] = ..., pid: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., latency_us: _Optional[int] = ..., reason: _Optional[str] = ..., fence: _Optional[_Union[FenceResult, str]] = ..., withdrawn: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ..., in_flight: _Optional[_Iterable[_Union[_session_pb2.Range, _Mapping]]] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class RevocationReport(_message.Message):
     __slots__ = ("space_id", "seq", "clients", "duration_us", "revoked_bytes", "cause", "caller_gone")
@@ -432,7 +436,14 @@ class ListPinsResponse(_message.Message):
     def __init__(self, pins: _Optional[_Iterable[_Union[PinRecord, _Mapping]]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "client", "pid", "uid", "gid", "attached_spaces", "owned_spaces", "pins", "age_seconds", "sealed_spaces")
+    __slots__ = ("session_id", "client", "pid", "uid", "gid", "attached_spaces", "owned_spaces", "pins", "age_seconds", "sealed_spaces", "isolation")
+    class IsolationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -443,6 +454,7 @@ class SessionInfo(_message.Message):
     PINS_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEALED_SPACES_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     client: str
     pid: int
@@ -453,7 +465,8 @@ class SessionInfo(_message.Message):
     pins: int
     age_seconds: float
     sealed_spaces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., client: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., attached_spaces: _Optional[_Iterable[str]] = ..., owned_spaces: _Optional[_Iterable[str]] = ..., pins: _Optional[int] = ..., age_seconds: _Optional[float] = ..., sealed_spaces: _Optional[_Iterable[str]] = ...) -> None: ...
+    isolation: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., client: _Optional[str] = ..., pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., attached_spaces: _Optional[_Iterable[str]] = ..., owned_spaces: _Optional[_Iterable[str]] = ..., pins: _Optional[int] = ..., age_seconds: _Optional[float] = ..., sealed_spaces: _Optional[_Iterable[str]] = ..., isolation: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()

@@ -111,14 +111,16 @@ class Revoke(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[AccessRange, _Mapping]]] = ..., space_deleted: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class RevokeAck(_message.Message):
-    __slots__ = ("space_id", "seq", "withdrawn")
+    __slots__ = ("space_id", "seq", "withdrawn", "in_flight")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     space_id: str
     seq: int
     withdrawn: _containers.RepeatedCompositeFieldContainer[Range]
-    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., withdrawn: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
+    in_flight: _containers.RepeatedCompositeFieldContainer[Range]
+    def __init__(self, space_id: _Optional[str] = ..., seq: _Optional[int] = ..., withdrawn: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., in_flight: _Optional[_Iterable[_Union[Range, _Mapping]]] = ...) -> None: ...
 
 class RevokeRefused(_message.Message):
     __slots__ = ("space_id", "seq", "reason")
@@ -216,6 +218,14 @@ class CallCancelled(_message.Message):
     id: int
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
+class Isolation(_message.Message):
+    __slots__ = ("space_id", "logical_only")
+    SPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    space_id: str
+    logical_only: str
+    def __init__(self, space_id: _Optional[str] = ..., logical_only: _Optional[str] = ...) -> None: ...
+
 class ReleasePins(_message.Message):
     __slots__ = ("space_id", "ranges", "deadline_ms")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -227,7 +237,7 @@ class ReleasePins(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result", "call", "call_result", "call_cancelled")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result", "call", "call_result", "call_cancelled", "isolation")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +257,7 @@ class Frame(_message.Message):
     CALL_FIELD_NUMBER: _ClassVar[int]
     CALL_RESULT_FIELD_NUMBER: _ClassVar[int]
     CALL_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -266,4 +277,5 @@ class Frame(_message.Message):
     call: Call
     call_result: CallResult
     call_cancelled: CallCancelled
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., call_result: _Optional[_Union[CallResult, _Mapping]] = ..., call_cancelled: _Optional[_Union[CallCancelled, _Mapping]] = ...) -> None: ...
+    isolation: Isolation
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., call_result: _Optional[_Union[CallResult, _Mapping]] = ..., call_cancelled: _Optional[_Union[CallCancelled, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ...) -> None: ...

@@ -3,7 +3,7 @@ measured in the same run: raw madvise+mprotect, a Unix-socket ping-pong between 
 empty gRPC unary call to the same daemon.
 
     .venv/bin/python bench/revoke_bench.py [--iterations N] [--out bench/results/revoke.md]
-        [--compare FILE[:LABEL] ...] [--nice N]
+        [--compare FILE[:LABEL] ...] [--nice N] [--split-cpus]
 
 Prints a table and writes it (machine, kernel, command, date, source revision) to the results
 file. Two daemons run in turn, MEMBROKER_VERIFY=off then always (both with the restart journal,
@@ -235,6 +235,7 @@ class Daemon:
         runtime_dir: Path,
         nice: int = 0,
         verify: str = "always",
+        cpus: str = "",
         *,
         env: dict[str, str] | None = None,
         metrics: bool = False,
@@ -244,6 +245,8 @@ class Daemon:
     ) -> None:
         self.runtime_dir = runtime_dir
         prefix = ["nice", "-n", str(nice)] if nice else []
+        if cpus:
+            prefix = ["taskset", "-c", cpus, *prefix]  # taskset execs too: same pid
         full_env = dict(
             os.environ,
             PYTHONPATH=SRC_PATH,
@@ -631,6 +634,12 @@ def main() -> int:
         default=0,
         help="run membrokerd at this nice value (e.g. -10, as the unit does)",
     )
+    parser.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="run membrokerd on CPU 0 alone and this process and every client on the others "
+        "(does keeping woken clients off the broker's CPU help? issue 9, item 4)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
     parser.add_argument(
         "--compare",
@@ -642,6 +651,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     n = args.iterations
+    daemon_cpus = ""
+    if args.split_cpus:
+        others = set(os.sched_getaffinity(0)) - {0}
+        if not others:
+            parser.error("--split-cpus needs at least two CPUs")
+        os.sched_setaffinity(0, others)  # inherited by every client process started here
+        daemon_cpus = "0"
     previous: list[tuple[str, dict[str, tuple[float, float, float]]]] = []
     for spec in args.compare or [f"{args.out}:the results file before this run"]:
         path, _, label = spec.partition(":")
@@ -658,7 +674,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
         for verify in ("off", "always"):
             rt = Path(tmp) / f"rt-{verify}"
-            daemon = Daemon(rt, args.nice, verify)
+            daemon = Daemon(rt, args.nice, verify, cpus=daemon_cpus)
             try:
                 if verify == "off":
                     rows.append(
@@ -704,7 +720,7 @@ def main() -> int:
                 daemon.stop()
         # The journal's cost (issue 10): the same revoke and grant on a daemon without one.
         rt = Path(tmp) / "rt-nojournal"
-        daemon = Daemon(rt, args.nice, "always", env={"MEMBROKER_STATE_DIR": ""})
+        daemon = Daemon(rt, args.nice, "always", cpus=daemon_cpus, env={"MEMBROKER_STATE_DIR": ""})
         try:
             meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
             single, _ = bench_revoke(rt, 1, n, cpu=meters)

@@ -560,7 +560,8 @@ class Bridge:
       entries are read-only (VHOST_ACCESS_RO); a miss asking to write it is refused. A
       downgrade (rw -> ro) invalidates the range first, then exports it again read-only, so
       the device can go on reading it and can no longer write it; without an IOTLB it is
-      withdrawn. (A range raised ro -> rw keeps its read-only entries until it is revoked.)
+      withdrawn. A range raised ro -> rw is taken back and exported again read-write at the
+      next `refresh()` (its read-only entries invalidated first).
     - Buffers a device class had offered the device in revoked memory (taken off a ring, or
       taken by the device and not returned when the ring stopped) go with the
       acknowledgement (`Session.report_in_flight`): the owner's report lists them.
@@ -833,10 +834,28 @@ class Bridge:
         """Exports what is held and safe to export but not exported yet; returns the pieces
         that are held but would expose more than is held (not exported)."""
         with self._lock:
+            gone = self._reexport_raised_locked()
             new, unsafe = self._export_locked()
+        for exp in gone:
+            _unpin(exp)
         self._pin(new)
         self._declare_isolation()
         return unsafe
+
+    def _reexport_raised_locked(self) -> list[_Export]:
+        """Parts exported read-only that are held read-write now (a grant raised them): the
+        backend's read-only IOTLB entries and this bridge's read-only mapping of them would
+        keep the device from writing where it now may. They are taken back like a release
+        (INVALIDATE acknowledged, regions out, the kernel asked) and `_export_locked` adds
+        them again read-write. Returns the exports removed (their pins go)."""
+        if not self._exports_read_only():
+            return []
+        rw = self._access()[0]
+        raised = _merge([p for e in self._exports.values() for p in _intersect(e.ro, rw)])
+        if not raised:
+            return []
+        log.info("%s raised to read-write: exported again", _fmt(raised))
+        return self._retract_locked(raised, report=False, full=False)
 
     def _export_locked(self) -> tuple[list[_Export], list[Span]]:
         """`_export_held` with the lock held, without pinning: (new exports, unsafe pieces)."""

@@ -101,6 +101,9 @@ class _Attachment:
         self.dropped: str | None = None
         # Times this attachment was re-bound after its session resumed.
         self.resumed = 0
+        # Called (on the resume thread) after each re-bind: what the application told the
+        # broker about this attachment, the new daemon does not know yet.
+        self.on_rebound: Callable[[], None] | None = None
         session._expect(space_id)
         attached = False
         try:
@@ -331,6 +334,13 @@ class _Attachment:
             self.seq = max(self.seq, resp.seq)
             self.resumed += 1
         log.info("%s: attachment resumed at seq %d", self.space_id, resp.seq)
+        if self.on_rebound is not None:
+            try:
+                self.on_rebound()
+            except BrokerRestarting:
+                raise
+            except Exception:
+                log.exception("%s: the re-bind callback failed", self.space_id)
 
     def _forget_broker_state(self) -> None:
         """What the broker forgot in its restart (called with the lock held)."""

@@ -610,6 +610,7 @@ class Bridge:
             client = session.attach_fd(
                 space_id, on_revoke=self._on_revoke, on_unpin_request=self._on_release
             )
+            client.on_rebound = self._rebound
             self.client = client
             self.space_id = space_id
             info = client.info
@@ -687,6 +688,9 @@ class Bridge:
         self.backend_keeps_fds = False
         self.isolation = ""
         self._isolation_gen = -1
+        # Whether the broker of the current connection was told (a resumed session meets a
+        # daemon that was not).
+        self._isolation_told = False
         if iommu and not self.IOTLB:
             raise VhostUserError(
                 f"{self.DEVICE.name}: no IOTLB in this device class (a request waits for its "
@@ -1358,12 +1362,22 @@ class Bridge:
             if fds
             else ""
         )
-        if note != self.isolation:
+        if note != self.isolation or (note and not self._isolation_told):
             self.isolation = note
             try:
                 self._session.declare_isolation(self.space_id, note)
+                self._isolation_told = True
             except MembrokerError as exc:
+                self._isolation_told = False
                 log.warning("cannot tell the broker about the backend's isolation: %s", exc)
+
+    def _rebound(self) -> None:
+        """The session resumed with a new daemon, which knows nothing of the isolation note:
+        the backend's fds are looked at again and the note told again."""
+        with self._lock:
+            self._isolation_gen = -1
+            self._isolation_told = False
+        self._declare_isolation()
 
     def _report_withdrawn(self, spans: list[Span]) -> None:
         log.warning(

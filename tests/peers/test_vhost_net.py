@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import membroker
 from membroker import vhost_net as vn
 from membroker import vhost_user as vu
 from membroker._sys.proc import ProcessView
-from tests.conftest import PeerProc
+from tests.conftest import PeerProc, _env, wait_until
 from tests.peers.testpmd import TESTPMD, DpdkTestpmd
 
 pytestmark = [
@@ -729,3 +731,45 @@ def test_a_raise_to_read_write_gives_read_write_entries_at_the_next_refresh(iomm
     served = misses(after, 2 * MiB, 4 * MiB)
     assert served and all(o.endswith(" as rw") for _, o in served), after
     assert w.owner.stats().fenced_total == 0
+
+
+def test_the_isolation_label_is_told_again_after_a_live_upgrade(daemon, world):
+    """The broker does not keep the label across a restart: a daemon upgraded in place meets
+    the bridge's resumed session without it, and the bridge, re-bound, tells it again."""
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 4 * MiB)
+    w.start()
+    note = w.bridge.ok("isolation")["isolation"]
+    assert note.startswith(f"the backend (pid {w.testpmd.pid}) holds"), note
+
+    def listed() -> dict[str, str] | None:
+        try:
+            sessions = w.owner.list_sessions()
+        except membroker.BrokerRestarting:
+            return None
+        bridge = [s for s in sessions if s.client == "bridge"]
+        return dict(bridge[0].isolation) if bridge else None
+
+    assert listed() == {w.space.space_id: note}
+    upgrade = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "membroker.ctl",
+            "--runtime-dir",
+            str(daemon.runtime_dir),
+            "upgrade",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert wait_until(lambda: listed() == {w.space.space_id: note}, 15), listed()
+    # The net path still works through the re-bound bridge.
+    w.bridge.ok("net_queues", gpa=0)
+    w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
+    w.testpmd.start()
+    assert round_trip(w, [frame(9)]) == [(RX_AT, RX_HEADER + frame(9))]

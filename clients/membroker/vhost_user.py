@@ -1463,8 +1463,13 @@ class Bridge:
 
     def refresh(self) -> list[tuple[int, int]]:
         """Exports what is held but not exported yet (after new grants); returns the held
-        (offset, length) pieces left out because they would expose more than is held."""
-        return [(lo, hi - lo) for lo, hi in self._export_held()]
+        (offset, length) pieces left out: those that would expose more than is held, and,
+        without an IOTLB (or with a read-only fd), what is held read-only (a backend maps
+        every region read-write)."""
+        left = self._export_held()
+        if not self._exports_read_only():
+            left = _merge(left + self._access()[1])
+        return [(lo, hi - lo) for lo, hi in left]
 
     def exported(self) -> list[MemRegion]:
         with self._lock:

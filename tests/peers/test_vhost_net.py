@@ -773,3 +773,16 @@ def test_the_isolation_label_is_told_again_after_a_live_upgrade(daemon, world):
     w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
     w.testpmd.start()
     assert round_trip(w, [frame(9)]) == [(RX_AT, RX_HEADER + frame(9))]
+
+
+def test_without_an_iotlb_read_only_ranges_are_left_out_and_refresh_says_so(world):
+    """A backend maps every region read-write: without an IOTLB to narrow it, a range held
+    read-only is not exported, and `refresh()` lists it among what it left out."""
+    w = world
+    w.space.share(0, 4 * MiB)
+    w.space.grant("bridge", 0, 2 * MiB)
+    w.space.grant("bridge", 2 * MiB, 2 * MiB, "ro")
+    w.start()
+    assert w.bridge.ok("exported")["regions"] == [[0, 2 * MiB, 0]]
+    assert w.bridge.ok("refresh")["left_out"] == [[2 * MiB, 2 * MiB]]
+    assert w.testpmd_maps() == [(0, 2 * MiB)]

@@ -1461,11 +1461,25 @@ class Bridge:
             time.sleep(0.001)
         return None
 
-    def refresh(self) -> list[tuple[int, int]]:
+    def refresh(self, seq: int = 0, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Exports what is held but not exported yet (after new grants); returns the held
         (offset, length) pieces left out: those that would expose more than is held, and,
         without an IOTLB (or with a read-only fd), what is held read-only (a backend maps
-        every region read-write)."""
+        every region read-write).
+
+        `seq`: first wait (up to `timeout` seconds, then VhostUserError) until this bridge
+        has applied the broker's changes up to that seq (the owner's grant returns it): the
+        grant reaches the bridge as a push, after the owner's call returned."""
+        client = self.client
+        if seq and client is not None:
+            deadline = time.monotonic() + timeout
+            while client.seq < seq:
+                if time.monotonic() > deadline:
+                    raise VhostUserError(
+                        f"the grants up to seq {seq} did not reach this bridge within "
+                        f"{timeout:g} s (it has seq {client.seq})"
+                    )
+                time.sleep(0.001)
         left = self._export_held()
         if not self._exports_read_only():
             left = _merge(left + self._access()[1])

@@ -123,7 +123,7 @@ def main() -> None:
                 status = bridge.request(req["kind"], req["sector"], req["gpa"], req["length"])
                 out({"ok": True, "status": status})
             elif op == "refresh":
-                out({"ok": True, "left_out": bridge.refresh()})
+                out({"ok": True, "left_out": bridge.refresh(req.get("seq", 0))})
             elif op == "queue_state":
                 out({"ok": True, "running": bridge.queue is not None, "why": bridge.queue_stopped})
             elif op == "watch":

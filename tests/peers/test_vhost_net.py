@@ -249,8 +249,8 @@ def test_revoking_the_rings_memory_stops_both_rings_and_the_connection_lives(wor
     assert not failed["ok"] and "vring 0 (gpa 0x0+" in failed["error"]
     assert w.testpmd.proc.poll() is None
     # Same connection, memory granted again, new rings.
-    w.space.grant("bridge", 0, 4 * MiB)
-    assert w.bridge.ok("refresh")["left_out"] == []
+    seq = w.space.grant("bridge", 0, 4 * MiB)
+    assert w.bridge.ok("refresh", seq=seq)["left_out"] == []
     w.bridge.ok("net_queues", gpa=0x10000)
     w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
     got = round_trip(w, [frame(2)])
@@ -458,8 +458,8 @@ def test_a_revoke_reads_the_backends_whole_maps_once(world):
         got = round_trip(w, [frame(1)])
         assert got == [(RX_AT, RX_HEADER + frame(1))]
         w.bridge.ok("post_rx", gpa=RX_AT, length=BUF)
-        w.space.grant("bridge", 2 * MiB, 2 * MiB)
-        assert w.bridge.ok("refresh")["left_out"] == []
+        seq = w.space.grant("bridge", 2 * MiB, 2 * MiB)
+        assert w.bridge.ok("refresh", seq=seq)["left_out"] == []
     assert w.owner.stats().fenced_total == 0
 
 
@@ -714,9 +714,9 @@ def test_a_raise_to_read_write_gives_read_write_entries_at_the_next_refresh(iomm
     refused = w.bridge.cmd("post_rx", gpa=high, length=BUF)
     assert not refused["ok"] and "held read-only" in refused["error"], refused
     w.testpmd.start()
-    w.space.grant("bridge", 2 * MiB, 2 * MiB, "rw")
+    seq = w.space.grant("bridge", 2 * MiB, 2 * MiB, "rw")
     seen = len(w.bridge.ok("iotlb_log")["log"])
-    assert w.bridge.ok("refresh")
+    assert w.bridge.ok("refresh", seq=seq)["left_out"] == []
     log = w.bridge.ok("iotlb_log")["log"][seen:]
     assert (2 * MiB, 2 * MiB) in [(iova, n) for _, what, iova, n, _ in log if what == "invalidate"]
     w.bridge.ok("post_rx", gpa=high, length=BUF)

@@ -388,8 +388,8 @@ def test_revoking_the_rings_memory_stops_the_ring_cleanly_and_the_connection_liv
     assert state["running"] is False
     assert qsd.proc.poll() is None
     # Same connection, new memory, new queue.
-    space.grant("bridge", 0, MiB)
-    assert bridge.ok("refresh")["left_out"] == []
+    seq = space.grant("bridge", 0, MiB)
+    assert bridge.ok("refresh", seq=seq)["left_out"] == []
     assert qsd.maps_of(space.fd) == [(0, MiB)]
     bridge.ok("queue", gpa=0x80000)
     assert (

@@ -154,6 +154,20 @@ def test_audit_fences_a_cooperative_client_that_reads_never_granted_pages_via_pr
         assert 'membroker_fenced_total{reason="audit"} 1.0' in d.scrape()
 
 
+def _attached_keeping(sly: ClientProc, space_id: str, kept: str) -> ClientProc:
+    """`sly` attached and holding what it will keep: an fd ("fd"), an fd and a mapping of it
+    the SDK does not know of ("mapping"), or a VA mapping with a page present ("va"; sealed,
+    the mapping cannot go, so its pages must)."""
+    if kept == "va":
+        sly.ok("attach_va", space=space_id)
+        sly.ok("touch", space=space_id, offset=PAGE)
+    else:
+        sly.ok("attach_fd", space=space_id)
+    if kept == "mapping":
+        sly.ok("map_fd", space=space_id, offset=0, length=4 * PAGE)
+    return sly
+
+
 @pytest.mark.parametrize("kept", ["fd", "mapping", "va"])
 def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
     """A detach says "I let go": the broker looks, and a client that kept its fd (or a mapping
@@ -168,15 +182,7 @@ def test_a_client_that_detaches_but_keeps_the_space_is_fenced(strict, kept):
         honest = start("honest")
         honest.ok("attach_fd", space=space.space_id)
         honest.ok("close", space=space.space_id)
-        sly = start("sly")
-        if kept == "va":
-            # A VA client with pages present (sealed: the mapping cannot go, its pages must).
-            sly.ok("attach_va", space=space.space_id)
-            sly.ok("touch", space=space.space_id, offset=PAGE)
-        else:
-            sly.ok("attach_fd", space=space.space_id)
-        if kept == "mapping":
-            sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
+        sly = _attached_keeping(start("sly"), space.space_id, kept)
         sly.ok("detach_keeping", space=space.space_id)
         assert wait_until(lambda: owner.stats().fenced_total == 1)
         if kept == "mapping":
@@ -208,14 +214,7 @@ def test_a_client_that_ends_its_session_but_keeps_the_space_is_fenced(strict, ke
         honest.ok("attach_va", space=space.space_id)
         honest.ok("touch", space=space.space_id, offset=PAGE)
         honest.ok("close_session")
-        sly = start("sly")
-        if kept == "va":
-            sly.ok("attach_va", space=space.space_id)
-            sly.ok("touch", space=space.space_id, offset=PAGE)
-        else:
-            sly.ok("attach_fd", space=space.space_id)
-        if kept == "mapping":
-            sly.ok("map_fd", space=space.space_id, offset=0, length=4 * PAGE)
+        sly = _attached_keeping(start("sly"), space.space_id, kept)
         sly.ok("end_session_keeping")
         assert sly.wait(10) == -signal.SIGKILL
         assert wait_until(lambda: owner.stats().fenced_total == 1)

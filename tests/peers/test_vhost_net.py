@@ -615,6 +615,21 @@ def misses(log: list, lo: int, hi: int) -> list[tuple[int, str]]:
     ]
 
 
+def assert_device_cannot_write(w: World, gpa: int, f: bytes) -> None:
+    """A receive buffer at `gpa` (read-only memory, in [2 MiB, 4 MiB)) put on the ring anyway:
+    testpmd's write miss there is refused, the frame `f` is not delivered, the memory stays."""
+    w.mem.write(gpa, b"\xee" * BUF)
+    seen = len(w.bridge.ok("iotlb_log")["log"])
+    w.bridge.ok("post_rx_raw", gpa=gpa, length=BUF)
+    w.bridge.ok("send", gpa=TX_AT, frame=f.hex())
+    assert w.bridge.ok("receive", count=1, wait=1.0)["packets"] == []
+    after = w.bridge.ok("iotlb_log")["log"][seen:]
+    asked = misses(after, 2 * MiB, 4 * MiB)
+    assert asked and all(o == "refused: perm 3 of read-only memory" for _, o in asked), after
+    assert w.mem.read(gpa, BUF) == b"\xee" * BUF
+    assert w.owner.stats().fenced_total == 0
+
+
 def test_a_read_only_grant_gives_read_only_iotlb_entries(iommu_world):
     """[2 MiB, 4 MiB) is granted read-only. testpmd reads a frame the owner wrote there
     (its miss is served with a read-only entry) and sends it back into read-write memory;
@@ -639,16 +654,7 @@ def test_a_read_only_grant_gives_read_only_iotlb_entries(iommu_world):
     assert all(o.startswith("served 0x200000+0x200000 perm 1") for _, o in served), served
     refused = w.bridge.cmd("post_rx", gpa=ro_rx, length=BUF)
     assert not refused["ok"] and "held read-only" in refused["error"], refused
-    w.mem.write(ro_rx, b"\xee" * BUF)
-    seen = len(log)
-    w.bridge.ok("post_rx_raw", gpa=ro_rx, length=BUF)
-    w.bridge.ok("send", gpa=TX_AT, frame=frame(4).hex())
-    assert w.bridge.ok("receive", count=1, wait=1.0)["packets"] == []
-    after = w.bridge.ok("iotlb_log")["log"][seen:]
-    asked = misses(after, 2 * MiB, 4 * MiB)
-    assert asked and all(o == "refused: perm 3 of read-only memory" for _, o in asked), after
-    assert w.mem.read(ro_rx, BUF) == b"\xee" * BUF
-    assert w.owner.stats().fenced_total == 0
+    assert_device_cannot_write(w, ro_rx, frame(4))
 
 
 def test_a_downgrade_invalidates_then_gives_read_only_entries(iommu_world):
@@ -687,16 +693,7 @@ def test_a_downgrade_invalidates_then_gives_read_only_entries(iommu_world):
     got = w.bridge.ok("receive", count=1, wait=5)["packets"]
     assert [(gpa, bytes.fromhex(d)) for gpa, d in got] == [(RX_AT, RX_HEADER + frame(5))]
     # Writing does not.
-    w.mem.write(high, b"\xee" * BUF)
-    seen = len(w.bridge.ok("iotlb_log")["log"])
-    w.bridge.ok("post_rx_raw", gpa=high, length=BUF)
-    w.bridge.ok("send", gpa=TX_AT, frame=frame(6).hex())
-    assert w.bridge.ok("receive", count=1, wait=1.0)["packets"] == []
-    after = w.bridge.ok("iotlb_log")["log"][seen:]
-    asked = misses(after, 2 * MiB, 4 * MiB)
-    assert asked and all(o == "refused: perm 3 of read-only memory" for _, o in asked), after
-    assert w.mem.read(high, BUF) == b"\xee" * BUF
-    assert w.owner.stats().fenced_total == 0
+    assert_device_cannot_write(w, high, frame(6))
 
 
 def test_a_raise_to_read_write_gives_read_write_entries_at_the_next_refresh(iommu_world):

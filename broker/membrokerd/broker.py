@@ -101,6 +101,9 @@ ATTACH_INLINE_RANGES = 1024
 MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
+# A single small revocation is judged on the loop (no thread hop) only when the client's last
+# maps text was at most this long (~0.5 ms to read: a Python process has ~25 KB).
+INLINE_MAPS_BYTES = 64 * 1024
 # How often a process whose session ended is looked at again during its fence grace.
 CLOSE_POLL_S = 0.01
 
@@ -534,12 +537,9 @@ class Broker:
         if self.journal is not None:
             self.journal.submit(self.journal.journal.end_sessions, *(r.token_sha256 for r in gone))
         for record in gone:
-            try:
-                self._unresumed(record)
-            except Exception:  # a look at a process never stops the daemon
-                log.exception("checking the process of unresumed session of %r", record.client)
+            self.spawn(self._unresumed(record))  # failures are logged, never lost
 
-    def _unresumed(self, record: SessionRecord) -> None:
+    async def _unresumed(self, record: SessionRecord) -> None:
         """A session that did not resume: if its process still runs (same pid and start
         time), has no session of its own now, and still maps a space it does not own, nothing
         checks what it reaches there any more (a sealed mapping's userfaultfd ended with the
@@ -558,13 +558,20 @@ class Broker:
                 view = ProcessView(record.pid)
             except OSError:
                 return
+            spaces = [
+                (s.space_id, s.dev, s.ino)
+                for s in self.spaces.values()
+                if not (s.owner == record.client and s.owner_uid == record.uid)
+            ]
+
+            def look() -> list[str]:
+                # On a worker: a process with many mappings takes long to read.
+                return [i for i, dev, ino in spaces if view.mappings_of(dev, ino)]
+
             try:
-                mapped = [
-                    s.space_id
-                    for s in self.spaces.values()
-                    if not (s.owner == record.client and s.owner_uid == record.uid)
-                    and view.mappings_of(s.dev, s.ino)
-                ]
+                mapped = await self.loop.run_in_executor(None, look)
+            except OSError:
+                return  # gone meanwhile
             finally:
                 view.close()
             if not mapped:
@@ -914,11 +921,19 @@ class Broker:
             # It says it zapped: from now on a touch of those pages is refused, so whatever
             # verification finds present now stays what it was. (A large one: in _judge_later.)
             sealed.set_access(awaited.ranges)
-        if len(awaited.ranges) >= OFFLOAD_RANGES or len(awaited.batch.acks) > 1:
-            # A large revocation, or one of a fan-out: the kernel's view is read and compared
-            # on a worker thread (the reads release the GIL: several clients are verified at
-            # once, and the loop keeps taking acks). The ack counts from its arrival; the
-            # verdict follows, and the revocation waits for it.
+        view = session.view
+        if (
+            len(awaited.ranges) >= OFFLOAD_RANGES
+            or len(awaited.batch.acks) > 1
+            or view is None
+            or not 0 <= view.last_maps_bytes <= INLINE_MAPS_BYTES
+        ):
+            # A large revocation, one of a fan-out, or a process whose maps text is long (or
+            # not read yet: a hostile client with tens of thousands of mappings costs tens of
+            # milliseconds to read): the kernel's view is read and compared on a worker thread
+            # (the reads release the GIL: several clients are verified at once, and the loop
+            # keeps taking acks). The ack counts from its arrival; the verdict follows, and
+            # the revocation waits for it.
             awaited.acked_at = now
             self.spawn(self._judge_later(session, awaited))
             return
@@ -1112,7 +1127,7 @@ class Broker:
                 if not is_alive(session):
                     return
                 live = [r for r in reach if r.space_id in self.spaces]
-                problem = still_reaches(self, session, live)
+                problem = await still_reaches(self, session, live)
                 if problem is None:
                     return
                 if time.monotonic() >= deadline:
@@ -2362,16 +2377,20 @@ class Broker:
 
     def _check_let_go(self, session: Session, space: Space) -> None:
         """After a detach, the process must reach nothing of the space beyond what its other
-        sessions may (a maps and fd read, here on the loop like the look after a fence): a
-        client that says it let go and did not is fenced (and killed if it still maps)."""
+        sessions may (a maps and fd read on a worker, like the look after a fence): a client
+        that says it let go and did not is fenced (and killed if it still maps)."""
         if session.view is None or session.conn.closed:
             return
         reach = [Reach(space.space_id, space.dev, space.ino, space.page_size)]
-        problem = still_reaches(self, session, reach)
-        if problem is None:
-            return
-        reason = f"detached from {space.space_id} but still reaches it ({problem})"
-        self.enforcer.fence_soon(session, "detach", reason, also=reach)
+
+        async def look() -> None:
+            problem = await still_reaches(self, session, reach)
+            if problem is None or session.fencing is not None:
+                return
+            reason = f"detached from {space.space_id} but still reaches it ({problem})"
+            await self.enforcer.fence(session, "detach", reason, also=reach)
+
+        self.spawn(look())
 
     def _detach(self, space: Space, session: Session) -> int:
         mapping = session.sealed.pop(space.space_id, None)

@@ -100,30 +100,49 @@ def kill(session: Session) -> str | None:
     return None
 
 
-def still_reaches(broker: Broker, session: Session, spaces: list[Reach]) -> str | None:
-    """What of `spaces` the (fenced, disconnected) process still maps or holds beyond what its
-    other sessions may (an owner's process sharing it keeps the space), if anything."""
+async def still_reaches(broker: Broker, session: Session, spaces: list[Reach]) -> str | None:
+    """What of `spaces` the (fenced, disconnected, detached) process still maps or holds
+    beyond what its other sessions may (an owner's process sharing it keeps the space), if
+    anything.
+
+    What it may hold is read on the loop; the kernel's view on a worker thread: the maps text
+    of a process with tens of thousands of mappings takes tens of milliseconds to read, and
+    a hostile client must not stall the loop with it (once per poll of a fence's grace)."""
     view = session.view
     if view is None:
         return None
-    for r in spaces:
-        allowed, fd_allowed = Allowed.nothing(), False
-        space = broker.spaces.get(r.space_id)
-        if space is not None:
-            allowance = broker.allowance(session, space, None)
-            if allowance is None:
-                continue
-            allowed, fd_allowed = allowance
-        try:
-            problem = check_reach(view, r.dev, r.ino, allowed, r.page, None, fd_allowed=fd_allowed)
-        except OSError as exc:
-            if not is_alive(session):
-                return None  # gone meanwhile: it reaches nothing
-            # Alive but unreadable: nothing says it let go, so it is treated as still reaching.
-            return f"{r.space_id}: its mappings could not be read ({exc})"
-        if problem is not None:
-            return f"{r.space_id}: {problem}"
-    return None
+    session.retain()  # the view stays open while a worker reads it
+    try:
+        for r in spaces:
+            allowed, fd_allowed = Allowed.nothing(), False
+            space = broker.spaces.get(r.space_id)
+            if space is not None:
+                allowance = broker.allowance(session, space, None)
+                if allowance is None:
+                    continue
+                allowed, fd_allowed = allowance
+            look = functools.partial(
+                without_collector(check_reach),
+                view,
+                r.dev,
+                r.ino,
+                allowed,
+                r.page,
+                None,
+                fd_allowed=fd_allowed,
+            )
+            try:
+                problem = await broker.loop.run_in_executor(None, look)
+            except OSError as exc:
+                if not is_alive(session):
+                    return None  # gone meanwhile: it reaches nothing
+                # Alive but unreadable: nothing says it let go, so it still reaches.
+                return f"{r.space_id}: its mappings could not be read ({exc})"
+            if problem is not None:
+                return f"{r.space_id}: {problem}"
+        return None
+    finally:
+        session.release()
 
 
 class Enforcer:
@@ -224,7 +243,7 @@ class Enforcer:
         while True:
             if not is_alive(session):
                 return Fenced(FenceResult.EXITED, f"{reason}; the process has exited")
-            problem = still_reaches(self.broker, session, spaces)
+            problem = await still_reaches(self.broker, session, spaces)
             if problem is None:
                 return Fenced(FenceResult.DISCONNECTED, f"{reason}; disconnected")
             if time.monotonic() >= deadline:

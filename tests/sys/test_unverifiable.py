@@ -153,6 +153,6 @@ def test_a_fenced_process_whose_mappings_cannot_be_read_is_not_called_gone(core)
     spaces = [Reach(space.space_id, space.dev, space.ino, space.page_size)]
     space.table.forget_client("c")  # fenced: nothing allowed any more
     _break_view(session)
-    problem = still_reaches(broker, session, spaces)
+    problem = broker.loop.run_until_complete(still_reaches(broker, session, spaces))
     assert problem is not None
     assert problem.startswith(f"{space.space_id}: its mappings could not be read (")

@@ -219,6 +219,9 @@ class ProcessView:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.renewals = 0
+        # Bytes of the last maps text read (-1: none yet): what the next read may cost, for a
+        # caller deciding whether it may block its thread for it (~30 us per 4 KiB).
+        self.last_maps_bytes = -1
         self._files: tuple[int, int, int] = (-1, -1, -1)  # maps, pagemap, fd directory
         self._retired: list[int] = []
         self._lock = threading.Lock()
@@ -356,6 +359,7 @@ class ProcessView:
         text = self._maps_text(files[0])
         if not text and self._renew(files):  # never empty for a live image: an execve
             text = self._maps_text(self._files[0])
+        self.last_maps_bytes = len(text)
         # Only the lines naming the inode are parsed (bytes.find runs in C): a Python process
         # has a few hundred lines, one or two of which matter.
         wanted = b" %d " % inode

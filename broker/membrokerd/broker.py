@@ -28,7 +28,7 @@ from membroker._sys import kvm as sys_kvm
 from membroker._sys import memfd as sys_memfd
 from membroker._sys import sock as sys_sock
 from membroker._sys import uffd as sys_uffd
-from membroker._sys.proc import ProcessView
+from membroker._sys.proc import ProcessView, Vma
 from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
@@ -742,8 +742,19 @@ class Broker:
                 if view is None or not view.userfaultfds():
                     break
                 await asyncio.sleep(0.002)
+            facts = None
+            if view is not None:
+                # Its mappings, fds and userfaultfds, read on a worker: a process with many
+                # mappings takes long to read, and the loop serves everyone.
+                session.retain()
+                try:
+                    facts = await self.loop.run_in_executor(
+                        None, functools.partial(_sealed_facts, view, space.dev, space.ino)
+                    )
+                finally:
+                    session.release()
             error, registered = self._accept_sealed(
-                session, space, sealed.address, sealed.length, uffd, may_write
+                session, space, sealed.address, sealed.length, uffd, may_write, facts
             )
         except Exception as exc:  # a client's mistake never kills the daemon
             log.exception("checking the sealed mapping of %r", session.name)
@@ -796,21 +807,23 @@ class Broker:
         length: int,
         uffd: sys_uffd.Uffd,
         may_write: bool,
+        facts: tuple[list[Vma], list[int], list[int]] | None,
     ) -> tuple[str | None, bool]:
-        """(why the sealed mapping is refused or None, whether the range got registered)."""
+        """(why the sealed mapping is refused or None, whether the range got registered).
+        `facts`: the process's mappings of the space, fds of it and userfaultfds (None: its
+        view cannot be read)."""
         if length != space.size or address == 0 or address % space.page_size:
             return (
                 f"a sealed mapping is the whole space ({space.size} bytes) at a page-aligned "
                 f"address, not {length} bytes at {address:#x}",
                 False,
             )
-        view = session.view
-        if view is None:
+        if facts is None:
             return "the broker cannot read its mappings (sealed mode needs /proc)", False
+        vmas, held, own = facts
         target = os.readlink(f"/proc/self/fd/{uffd.fd}")
         if target != "anon_inode:[userfaultfd]":
             return f"the fd it sent is {target}, not a userfaultfd", False
-        vmas = view.mappings_of(space.dev, space.ino)
         whole = [
             v for v in vmas if v.start == address and v.end == address + length and v.offset == 0
         ]
@@ -823,10 +836,8 @@ class Broker:
             )
         if whole[0].writable and not may_write:
             return "it mapped the space writable, but holds no read-write grant", False
-        held = view.fds_of(space.dev, space.ino)
         if held:
             return f"it still holds fd {held[0]} of the space", False
-        own = view.userfaultfds()
         if own:
             return (
                 f"it holds a userfaultfd of its own (fd {own[0]}): one could map in pages "
@@ -2528,6 +2539,11 @@ MAX_WITHDRAWN = 64
 MAX_IN_FLIGHT = 64
 # Bytes of one Isolation note (the SDK cuts at 256).
 MAX_ISOLATION_NOTE_BYTES = 256
+
+
+def _sealed_facts(view: ProcessView, dev: int, ino: int) -> tuple[list[Vma], list[int], list[int]]:
+    """What a sealed mapping's check needs of the kernel's view of the process (on a worker)."""
+    return view.mappings_of(dev, ino), view.fds_of(dev, ino), view.userfaultfds()
 
 
 def _check_in_flight(

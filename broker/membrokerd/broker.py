@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import errno
 import functools
+import json
 import logging
 import os
 import signal
@@ -73,7 +74,7 @@ from membrokerd.listener import Connection
 from membrokerd.metrics import Metrics, Snapshot
 from membrokerd.policy import Identity
 from membrokerd.pushes import OFFLOAD_RANGES, Encoder, collector_paused, without_collector
-from membrokerd.revocation import Ack, Batch, SpaceQueue, Verdict
+from membrokerd.revocation import HISTORY, Ack, Batch, SpaceQueue, Verdict
 from membrokerd.sessions import CLIENT_NAME, Session, process_start_time, token_hash
 from membrokerd.spaces import (
     Attachment,
@@ -1339,6 +1340,7 @@ class Broker:
                 systemd.fd_store_remove(rec.space_id)
                 continue
             self.spaces[space.space_id] = space
+            self._restore_history(space, contents.revocations.get(space.space_id, []))
             logged = writer.compaction.logged
             for op in state.ops:
                 logged[(space.space_id, op.client)] = logged.get((space.space_id, op.client), 0) + 1
@@ -1367,6 +1369,16 @@ class Broker:
             systemd.fd_store_remove(space_id)
         stored.clear()
         return restored
+
+    def _restore_history(self, space: Space, reports: list[str]) -> None:
+        """The space's revocation reports of before the restart, for ListRevocations (one
+        that cannot be read is logged and left out)."""
+        history = self.queue(space).history
+        for text in reports:
+            try:
+                history.append(report_from_json(text))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                log.warning("journal: a revocation report of %s is unreadable: %s", space, exc)
 
     @staticmethod
     def _restored_space(rec: SpaceRecord, fd: int) -> Space:
@@ -1438,16 +1450,16 @@ class Broker:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(self._orphaned)
+            future.add_done_callback(functools.partial(self._orphaned, space))
             raise
 
-    @staticmethod
-    def _orphaned(future: asyncio.Future[Any]) -> None:
+    def _orphaned(self, space: Space, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         result = future.result()
         if isinstance(result, RevocationResult):
             result.caller_gone = True
+            self._journal_report(space, result, update=True)  # the row written without it
             log.warning(
                 "revocation seq %d of %s finished after its caller left: %s",
                 result.seq,
@@ -2026,7 +2038,26 @@ class Broker:
         self.metrics.revoked(cause, duration, [r.outcome.value for r in results])
         result = RevocationResult(space.space_id, seq, tuple(results), duration, revoked, cause)
         self.queue(space).history.append(result)
+        self._journal_report(space, result)
         return result
+
+    def _journal_report(
+        self, space: Space, result: RevocationResult, *, update: bool = False
+    ) -> None:
+        """The report goes to the journal too (not waited for): ListRevocations answers with
+        it after a restart. The newest HISTORY of each space are kept, as in memory."""
+        if self.journal is not None and not space.ephemeral:
+            self.journal.submit(
+                functools.partial(
+                    self.journal.journal.add_revocation,
+                    space.space_id,
+                    result.seq,
+                    result.cause,
+                    report_to_json(result),
+                    HISTORY,
+                    update=update,
+                )
+            )
 
     async def _conclude(self, space: Space, ack: Ack) -> ClientResult:
         session = ack.session
@@ -2539,6 +2570,64 @@ MAX_WITHDRAWN = 64
 MAX_IN_FLIGHT = 64
 # Bytes of one Isolation note (the SDK cuts at 256).
 MAX_ISOLATION_NOTE_BYTES = 256
+
+
+def report_to_json(r: RevocationResult) -> str:
+    """A revocation report as the journal keeps it (`report_from_json` reads it back)."""
+    return json.dumps(
+        {
+            "space_id": r.space_id,
+            "seq": r.seq,
+            "duration_s": r.duration_s,
+            "revoked_bytes": r.revoked_bytes,
+            "cause": r.cause,
+            "caller_gone": r.caller_gone,
+            "clients": [
+                [
+                    c.client,
+                    c.session_id,
+                    c.pid,
+                    c.outcome.value,
+                    c.latency_s,
+                    c.reason,
+                    c.fence.value if c.fence is not None else None,
+                    c.withdrawn,
+                    c.in_flight,
+                    c.isolation,
+                ]
+                for c in r.clients
+            ],
+        }
+    )
+
+
+def report_from_json(text: str) -> RevocationResult:
+    """ValueError, KeyError or TypeError when `text` is not a report `report_to_json` wrote."""
+    d = json.loads(text)
+    clients = tuple(
+        ClientResult(
+            str(c[0]),
+            str(c[1]),
+            int(c[2]),
+            Outcome(c[3]),
+            float(c[4]),
+            str(c[5]),
+            FenceResult(c[6]) if c[6] is not None else None,
+            tuple((int(o), int(n)) for o, n in c[7]),
+            tuple((int(o), int(n)) for o, n in c[8]),
+            str(c[9]),
+        )
+        for c in d["clients"]
+    )
+    return RevocationResult(
+        str(d["space_id"]),
+        int(d["seq"]),
+        clients,
+        float(d["duration_s"]),
+        int(d["revoked_bytes"]),
+        str(d["cause"]),
+        bool(d["caller_gone"]),
+    )
 
 
 def _sealed_facts(view: ProcessView, dev: int, ino: int) -> tuple[list[Vma], list[int], list[int]]:

@@ -20,9 +20,11 @@ table's seq), its shared pages, and each client's grant sets. Sets are stored as
 one client rewrites that client's row only (a million fragments: 4 blobs, ~32 MB). Besides,
 the client-name -> uid bindings (client_name_binding = uid), and one row per live session that
 may be resumed after a restart (`SessionRecord`: the SHA-256 of its resume token, never the
-token, with the client name, uid, pid and process start time it is bound to). Not kept:
-attachments and pins (a resumed session re-binds its attachments itself), revocation history,
-and ephemeral spaces (they end with their owner's session, which a restart ends).
+token, with the client name, uid, pid and process start time it is bound to), and each space's
+newest revocation reports (JSON; written after the revocation ended, not waited for: a crash
+can lose the last few). Not kept: attachments and pins (a resumed session re-binds its
+attachments itself), and ephemeral spaces (they end with their owner's session, which a
+restart ends).
 
 The memory itself is not in the journal: its fd travels through systemd's fd store
 (membrokerd.systemd.fd_store_add) and comes back in LISTEN_FDS.
@@ -98,6 +100,14 @@ CREATE TABLE IF NOT EXISTS ops (
 );
 CREATE INDEX IF NOT EXISTS ops_by_set ON ops (space_id, client);
 CREATE TABLE IF NOT EXISTS names (client TEXT PRIMARY KEY, uid INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL REFERENCES spaces(space_id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    cause TEXT NOT NULL,
+    report TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revocations_by_space ON revocations (space_id, id);
 CREATE TABLE IF NOT EXISTS sessions (
     token_sha256 TEXT PRIMARY KEY,
     client TEXT NOT NULL,
@@ -238,6 +248,8 @@ class Contents:
     spaces: list[SpaceState]
     names: dict[str, int]
     sessions: list[SessionRecord] = dataclasses.field(default_factory=list)
+    # space id -> its newest revocation reports (JSON, as the broker wrote them), oldest first
+    revocations: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -575,6 +587,36 @@ class Journal:
 
         self._write(body)
 
+    def add_revocation(
+        self, space_id: str, seq: int, cause: str, report: str, keep: int, *, update: bool = False
+    ) -> None:
+        """A revocation's report (JSON), kept with the `keep` newest of its space (several may
+        share a seq: a resume's or a fence's with the change before it). `update`: it replaces
+        the newest report of that seq and cause instead (marked afterwards). A report of a
+        space no longer in the journal (deleted meanwhile) is dropped."""
+
+        def body(db: sqlite3.Connection) -> None:
+            if not db.execute("SELECT 1 FROM spaces WHERE space_id = ?", (space_id,)).fetchone():
+                return
+            if update:
+                db.execute(
+                    "UPDATE revocations SET report = ? WHERE id = (SELECT max(id) FROM "
+                    "revocations WHERE space_id = ? AND seq = ? AND cause = ?)",
+                    (report, space_id, seq, cause),
+                )
+                return
+            db.execute(
+                "INSERT INTO revocations (space_id, seq, cause, report) VALUES (?, ?, ?, ?)",
+                (space_id, seq, cause, report),
+            )
+            db.execute(
+                "DELETE FROM revocations WHERE space_id = ? AND id NOT IN (SELECT id FROM "
+                "revocations WHERE space_id = ? ORDER BY id DESC LIMIT ?)",
+                (space_id, space_id, keep),
+            )
+
+        self._write(body)
+
     def end_sessions(self, *token_sha256: str) -> None:
         """Sessions that can no longer be resumed (ended by their client, fenced, expired)."""
         self._write(
@@ -632,9 +674,14 @@ class Journal:
                         "FROM sessions"
                     )
                 ]
+                revocations: dict[str, list[str]] = {}
+                for space_id, report in db.execute(
+                    "SELECT space_id, report FROM revocations ORDER BY space_id, id"
+                ):
+                    revocations.setdefault(space_id, []).append(report)
             except (sqlite3.Error, ValueError, TypeError) as exc:
                 raise JournalError(f"cannot read the journal {self.path}: {exc}") from exc
-        return Contents(list(spaces.values()), names, sessions)
+        return Contents(list(spaces.values()), names, sessions, revocations)
 
     def close(self) -> None:
         with self._lock:

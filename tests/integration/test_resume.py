@@ -219,6 +219,37 @@ def test_upgrade_in_place_resumes_a_va_client_that_keeps_reading(guest: Any) -> 
     assert client.ok("read", offset=2 * MiB, length=16)["data"] == "00" * 16
 
 
+def test_revocation_reports_survive_an_upgrade(guest: Any) -> None:
+    """The journal keeps each space's newest revocation reports: after an upgrade in place,
+    ListRevocations still answers with the ones of before, as they were."""
+    d, owner, client, _ = guest
+    space = _space_of(owner)
+    report = space.revoke("backend", 0, 64 * 1024)
+    assert [(c.client, c.outcome) for c in report.clients] == [("backend", "acked")]
+
+    def summary(reports: list[Any]) -> list[tuple[Any, ...]]:
+        return [
+            (
+                r.seq,
+                r.cause,
+                r.revoked_bytes,
+                r.caller_gone,
+                [(c.client, c.session_id, c.pid, c.outcome, c.fence, c.reason) for c in r.clients],
+            )
+            for r in reports
+        ]
+
+    before = summary(space.revocations())
+    assert before and before[-1][0] == report.seq
+    done = _ctl(d, "upgrade")
+    assert done.returncode == 0, done.stderr + d.log()
+    wait_for("the client to resume", lambda: client.ok("status")["resumed"] == 1)
+    after, _ = _retrying(space.revocations)
+    assert summary(after[: len(before)]) == before
+    # The resume's own re-synchronisation follows them (at the same seq: nothing changed).
+    assert [(r.seq, r.cause) for r in after[len(before) :]] == [(report.seq, "resume")]
+
+
 def test_a_range_revoked_while_the_client_was_away_is_torn_down_at_its_resume(
     guest: Any,
 ) -> None:

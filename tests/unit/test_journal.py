@@ -384,3 +384,44 @@ def test_only_name_bindings_are_fsynced(tmp_path: Path) -> None:
     assert len(phases) == 4, calls  # before the first marker, between them, after the last
     assert phases[1].split() == [], f"a space or grant change was fsynced: {calls}"
     assert phases[2].split() != [], f"the name binding was not fsynced: {calls}"
+
+
+def test_revocation_reports_keep_the_newest_and_go_with_their_space(tmp_path: Path) -> None:
+    from membrokerd.broker import (
+        ClientResult,
+        Outcome,
+        RevocationResult,
+        report_from_json,
+        report_to_json,
+    )
+    from membrokerd.enforcement import FenceResult
+
+    j = Journal(tmp_path / "s")
+    j.add_space(record("sp-0000abcd"))
+    j.add_space(record("sp-0000beef"))
+    fenced = ClientResult(
+        "c", "se-1", 42, Outcome.FENCED, 0.25, "no ack", FenceResult.KILLED, ((0, 4096),)
+    )
+    reports = [
+        RevocationResult("sp-0000abcd", seq, (fenced,), 0.5, 4096 * seq, "revoke")
+        for seq in range(1, 6)
+    ]
+    for r in reports:
+        j.add_revocation(r.space_id, r.seq, r.cause, report_to_json(r), keep=3)
+    # Same seq, another cause: both kept; a later mark updates the newest of that seq and cause.
+    resync = RevocationResult("sp-0000abcd", 5, (), 0.1, 0, "resume")
+    j.add_revocation("sp-0000abcd", 5, "resume", report_to_json(resync), keep=3)
+    reports[-1].caller_gone = True
+    j.add_revocation("sp-0000abcd", 5, "revoke", report_to_json(reports[-1]), 3, update=True)
+    j.add_revocation("sp-0000beef", 1, "delete", report_to_json(resync), keep=3)
+    j.add_revocation("sp-00000000", 1, "revoke", report_to_json(resync), keep=3)  # no space
+    loaded = {k: [report_from_json(t) for t in v] for k, v in j.load().revocations.items()}
+    assert loaded["sp-0000abcd"] == [reports[3], reports[4], resync]
+    assert loaded["sp-0000abcd"][1].caller_gone
+    assert loaded["sp-0000abcd"][0].clients[0] == fenced
+    assert set(loaded) == {"sp-0000abcd", "sp-0000beef"}
+    j.delete_space("sp-0000abcd")
+    assert set(j.load().revocations) == {"sp-0000beef"}
+    with pytest.raises((ValueError, KeyError)):
+        report_from_json('{"seq": 1}')
+    j.close()

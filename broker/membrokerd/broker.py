@@ -2047,17 +2047,18 @@ class Broker:
         """The report goes to the journal too (not waited for): ListRevocations answers with
         it after a restart. The newest HISTORY of each space are kept, as in memory."""
         if self.journal is not None and not space.ephemeral:
-            self.journal.submit(
-                functools.partial(
-                    self.journal.journal.add_revocation,
-                    space.space_id,
-                    result.seq,
-                    result.cause,
-                    report_to_json(result),
-                    HISTORY,
-                    update=update,
+            journal = self.journal.journal
+            text = report_to_json(result) if update else None
+
+            def write() -> None:
+                # Encoded on the journal's thread (the report does not change after this,
+                # but for its caller_gone mark, which comes as an update of its own).
+                report = text if text is not None else report_to_json(result)
+                journal.add_revocation(
+                    space.space_id, result.seq, result.cause, report, HISTORY, update=update
                 )
-            )
+
+            self.journal.submit(write)
 
     async def _conclude(self, space: Space, ack: Ack) -> ClientResult:
         session = ack.session

@@ -105,6 +105,8 @@ FEW_RANGES = 64
 # A single small revocation is judged on the loop (no thread hop) only when the client's last
 # maps text was at most this long (~0.5 ms to read: a Python process has ~25 KB).
 INLINE_MAPS_BYTES = 64 * 1024
+# Revocation reports are written to the journal together, at most this often.
+REPORTS_FLUSH_S = 0.2
 # How often a process whose session ended is looked at again during its fence grace.
 CLOSE_POLL_S = 0.01
 
@@ -196,6 +198,10 @@ class Broker:
         # to systemd's fd store.
         self.journal: Writer | None = None
         self.fd_store = False
+        # Revocation reports not yet in the journal (space id, report, whether it updates one
+        # written before), and the timer that writes them (`_journal_report`).
+        self._unjournaled: list[tuple[str, RevocationResult, bool]] = []
+        self._reports_flush: asyncio.TimerHandle | None = None
         # Sessions of the previous daemon that may resume (by token hash), until
         # resume_window_s after the start; and whether this daemon is stopping (its sessions
         # then stay resumable).
@@ -1425,6 +1431,9 @@ class Broker:
 
     def close_journal(self) -> None:
         if self.journal is not None:
+            if self._reports_flush is not None:
+                self._reports_flush.cancel()
+            self._flush_reports()
             self.journal.close()
             self.journal = None
 
@@ -2044,21 +2053,31 @@ class Broker:
     def _journal_report(
         self, space: Space, result: RevocationResult, *, update: bool = False
     ) -> None:
-        """The report goes to the journal too (not waited for): ListRevocations answers with
-        it after a restart. The newest HISTORY of each space are kept, as in memory."""
-        if self.journal is not None and not space.ephemeral:
-            journal = self.journal.journal
-            text = report_to_json(result) if update else None
+        """The report goes to the journal too, so that ListRevocations answers with it after
+        a restart (the newest HISTORY of each space are kept, as in memory). Not on the
+        revocation's path: reports are gathered and written together, one transaction at
+        most every REPORTS_FLUSH_S (and at the journal's close), so a crash may lose the
+        last few; a report's caller_gone mark, set after it was gathered, goes with it."""
+        if self.journal is None or space.ephemeral:
+            return
+        self._unjournaled.append((space.space_id, result, update))
+        if self._reports_flush is None:
+            self._reports_flush = self.loop.call_later(REPORTS_FLUSH_S, self._flush_reports)
 
-            def write() -> None:
-                # Encoded on the journal's thread (the report does not change after this,
-                # but for its caller_gone mark, which comes as an update of its own).
-                report = text if text is not None else report_to_json(result)
-                journal.add_revocation(
-                    space.space_id, result.seq, result.cause, report, HISTORY, update=update
-                )
+    def _flush_reports(self) -> None:
+        self._reports_flush = None
+        pending, self._unjournaled = self._unjournaled, []
+        if not pending or self.journal is None:
+            return
+        journal = self.journal.journal
 
-            self.journal.submit(write)
+        def write() -> None:
+            # Encoded on the journal's thread: the loop serves clients meanwhile.
+            journal.add_revocations(
+                [(i, r.seq, r.cause, report_to_json(r), u) for i, r, u in pending], HISTORY
+            )
+
+        self.journal.submit(write)
 
     async def _conclude(self, space: Space, ack: Ack) -> ClientResult:
         session = ack.session

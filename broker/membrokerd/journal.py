@@ -21,10 +21,10 @@ one client rewrites that client's row only (a million fragments: 4 blobs, ~32 MB
 the client-name -> uid bindings (client_name_binding = uid), and one row per live session that
 may be resumed after a restart (`SessionRecord`: the SHA-256 of its resume token, never the
 token, with the client name, uid, pid and process start time it is bound to), and each space's
-newest revocation reports (JSON; written after the revocation ended, not waited for: a crash
-can lose the last few). Not kept: attachments and pins (a resumed session re-binds its
-attachments itself), and ephemeral spaces (they end with their owner's session, which a
-restart ends).
+newest revocation reports (JSON; gathered and written together after the revocations ended,
+not waited for: a crash can lose the last few). Not kept: attachments and pins (a resumed
+session re-binds its attachments itself), and ephemeral spaces (they end with their owner's
+session, which a restart ends).
 
 The memory itself is not in the journal: its fd travels through systemd's fd store
 (membrokerd.systemd.fd_store_add) and comes back in LISTEN_FDS.
@@ -587,33 +587,40 @@ class Journal:
 
         self._write(body)
 
-    def add_revocation(
-        self, space_id: str, seq: int, cause: str, report: str, keep: int, *, update: bool = False
+    def add_revocations(
+        self, reports: Iterable[tuple[str, int, str, str, bool]], keep: int
     ) -> None:
-        """A revocation's report (JSON), kept with the `keep` newest of its space (several may
-        share a seq: a resume's or a fence's with the change before it). `update`: it replaces
-        the newest report of that seq and cause instead (marked afterwards). A report of a
-        space no longer in the journal (deleted meanwhile) is dropped."""
+        """Revocation reports (space id, seq, cause, JSON, update), in one transaction; each
+        space keeps its `keep` newest (several may share a seq: a resume's or a fence's with
+        the change before it). `update`: the report replaces the newest one of that space, seq
+        and cause (marked after it was written). A report of a space no longer in the journal
+        (deleted meanwhile) is dropped."""
 
         def body(db: sqlite3.Connection) -> None:
-            if not db.execute("SELECT 1 FROM spaces WHERE space_id = ?", (space_id,)).fetchone():
-                return
-            if update:
+            touched = set()
+            for space_id, seq, cause, report, update in reports:
+                if not db.execute(
+                    "SELECT 1 FROM spaces WHERE space_id = ?", (space_id,)
+                ).fetchone():
+                    continue
+                if update:
+                    db.execute(
+                        "UPDATE revocations SET report = ? WHERE id = (SELECT max(id) FROM "
+                        "revocations WHERE space_id = ? AND seq = ? AND cause = ?)",
+                        (report, space_id, seq, cause),
+                    )
+                    continue
                 db.execute(
-                    "UPDATE revocations SET report = ? WHERE id = (SELECT max(id) FROM "
-                    "revocations WHERE space_id = ? AND seq = ? AND cause = ?)",
-                    (report, space_id, seq, cause),
+                    "INSERT INTO revocations (space_id, seq, cause, report) VALUES (?, ?, ?, ?)",
+                    (space_id, seq, cause, report),
                 )
-                return
-            db.execute(
-                "INSERT INTO revocations (space_id, seq, cause, report) VALUES (?, ?, ?, ?)",
-                (space_id, seq, cause, report),
-            )
-            db.execute(
-                "DELETE FROM revocations WHERE space_id = ? AND id NOT IN (SELECT id FROM "
-                "revocations WHERE space_id = ? ORDER BY id DESC LIMIT ?)",
-                (space_id, space_id, keep),
-            )
+                touched.add(space_id)
+            for space_id in touched:
+                db.execute(
+                    "DELETE FROM revocations WHERE space_id = ? AND id NOT IN (SELECT id FROM "
+                    "revocations WHERE space_id = ? ORDER BY id DESC LIMIT ?)",
+                    (space_id, space_id, keep),
+                )
 
         self._write(body)
 

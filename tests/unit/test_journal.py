@@ -406,15 +406,19 @@ def test_revocation_reports_keep_the_newest_and_go_with_their_space(tmp_path: Pa
         RevocationResult("sp-0000abcd", seq, (fenced,), 0.5, 4096 * seq, "revoke")
         for seq in range(1, 6)
     ]
-    for r in reports:
-        j.add_revocation(r.space_id, r.seq, r.cause, report_to_json(r), keep=3)
+    j.add_revocations([(r.space_id, r.seq, r.cause, report_to_json(r), False) for r in reports], 3)
     # Same seq, another cause: both kept; a later mark updates the newest of that seq and cause.
     resync = RevocationResult("sp-0000abcd", 5, (), 0.1, 0, "resume")
-    j.add_revocation("sp-0000abcd", 5, "resume", report_to_json(resync), keep=3)
     reports[-1].caller_gone = True
-    j.add_revocation("sp-0000abcd", 5, "revoke", report_to_json(reports[-1]), 3, update=True)
-    j.add_revocation("sp-0000beef", 1, "delete", report_to_json(resync), keep=3)
-    j.add_revocation("sp-00000000", 1, "revoke", report_to_json(resync), keep=3)  # no space
+    j.add_revocations(
+        [
+            ("sp-0000abcd", 5, "resume", report_to_json(resync), False),
+            ("sp-0000abcd", 5, "revoke", report_to_json(reports[-1]), True),
+            ("sp-0000beef", 1, "delete", report_to_json(resync), False),
+            ("sp-00000000", 1, "revoke", report_to_json(resync), False),  # no such space
+        ],
+        keep=3,
+    )
     loaded = {k: [report_from_json(t) for t in v] for k, v in j.load().revocations.items()}
     assert loaded["sp-0000abcd"] == [reports[3], reports[4], resync]
     assert loaded["sp-0000abcd"][1].caller_gone

@@ -46,7 +46,14 @@ from membrokerd.access import (
     TooManyPins,
 )
 from membrokerd.config import BrokerConfig
-from membrokerd.enforcement import Enforcer, FenceResult, Reach, is_alive, still_reaches
+from membrokerd.enforcement import (
+    Enforcer,
+    FenceResult,
+    Reach,
+    gone_soon,
+    is_alive,
+    still_reaches,
+)
 from membrokerd.errors import (
     BadRequest,
     LimitReached,
@@ -956,7 +963,20 @@ class Broker:
             self.spawn(self._judge_later(session, awaited))
             return
         verdict, reason = self.judge(session, awaited.space_id, awaited.ranges)
+        if verdict is Verdict.UNVERIFIED:
+            awaited.acked_at = now
+            self.spawn(self._settle_unverified(session, awaited, reason))
+            return
         awaited.settle(verdict, reason, now)
+
+    async def _settle_unverified(self, session: Session, awaited: Ack, reason: str) -> None:
+        """A verdict of `unverified` (a live process that could not be read) stands only if
+        the process does not exit right after: an exiting one loses its memory before its
+        pidfd says it exited, and is `lost`, not a client to fence."""
+        if await gone_soon(session):
+            awaited.settle(Verdict.LOST, "the process exited", awaited.acked_at)
+        else:
+            awaited.settle(Verdict.UNVERIFIED, reason, awaited.acked_at)
 
     def _check_withdrawn(
         self, session: Session, space_id: str, withdrawn: tuple[tuple[int, int], ...]
@@ -991,6 +1011,9 @@ class Broker:
             verdict, reason = await self.loop.run_in_executor(None, without_collector(judge))
         except Exception as exc:  # never leave a revocation waiting on a lost verdict
             verdict, reason = Verdict.UNVERIFIED, f"its verification failed ({exc})"
+        if verdict is Verdict.UNVERIFIED:
+            await self._settle_unverified(session, awaited, reason)
+            return
         awaited.settle(verdict, reason, awaited.acked_at)
 
     def judge(

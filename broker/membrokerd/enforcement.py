@@ -35,6 +35,8 @@ log = logging.getLogger("membrokerd.enforcement")
 # How long a killed process may take to be gone before the report says so anyway.
 KILL_WAIT_S = 2.0
 POLL_S = 0.01
+# How long a process whose memory is gone may take to be seen exited (`gone_soon`).
+EXITING_S = 0.2
 
 
 class FenceResult(enum.Enum):
@@ -70,6 +72,18 @@ def is_alive(session: Session) -> bool:
         return sys_sock.pidfd_is_alive(session.pidfd)
     except OSError:
         return False
+
+
+async def gone_soon(session: Session) -> bool:
+    """Whether the process is gone, or exits within EXITING_S: one that is exiting has no
+    memory any more (/proc reads of it fail with ESRCH) a moment before its pidfd says it
+    exited. A look that failed is put down to dying rather than to hiding only after this."""
+    deadline = time.monotonic() + EXITING_S
+    while is_alive(session):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(POLL_S)
+    return True
 
 
 def wait_exit(pidfd: int, timeout: float) -> bool:
@@ -134,7 +148,7 @@ async def still_reaches(broker: Broker, session: Session, spaces: list[Reach]) -
             try:
                 problem = await broker.loop.run_in_executor(None, look)
             except OSError as exc:
-                if not is_alive(session):
+                if await gone_soon(session):
                     return None  # gone meanwhile: it reaches nothing
                 # Alive but unreadable: nothing says it let go, so it still reaches.
                 return f"{r.space_id}: its mappings could not be read ({exc})"
@@ -305,7 +319,7 @@ class Enforcer:
                     ),
                 )
             except OSError as exc:
-                if not is_alive(session):
+                if await gone_soon(session):
                     continue  # gone: on_closed releases it
                 # Alive, and its mappings cannot be read: never "nothing found".
                 problem = f"its mappings could not be read ({exc})"

@@ -264,6 +264,12 @@ def main() -> None:
 
                 session.call("Detach", pb.DetachRequest(space_id=req["space"]))
                 out({"ok": True})
+            elif op == "ballast":
+                # Touches this many MiB of anonymous memory: its exit then takes a while to
+                # free it, and meanwhile /proc/PID reads of it fail (its mm is gone) while its
+                # pidfd does not yet say it exited.
+                kept.append(bytearray(req["mib"] << 20))
+                out({"ok": True})
             elif op == "close_session":
                 # Ends the session with its attachments still open (the SDK lets go of them
                 # first). The process stays, with no session: later ops that need one fail.

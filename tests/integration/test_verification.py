@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -12,6 +13,10 @@ from tests.conftest import ClientProc, Daemon, _env, daemon_and_clients, wait_un
 
 PAGE = 4096
 MiB = 1 << 20
+
+
+def _attachments(owner: membroker.Session, space: membroker.OwnedSpace) -> int:
+    return owner.get_space(space.space_id).attachments
 
 
 @pytest.fixture
@@ -228,3 +233,27 @@ def test_a_client_that_ends_its_session_but_keeps_the_space_is_fenced(strict, ke
         assert [(c, r.offset, r.length) for c, r in space.grants("honest")] == [
             ("honest", 0, 4 * PAGE)
         ]
+
+
+def test_a_client_that_dies_during_an_audit_is_gone_not_fenced(tmp_path):
+    """A dying process drops its memory (/proc reads of it fail with ESRCH) tens of
+    milliseconds before its pidfd says it exited (here ~75 ms, freeing 1 GiB). Audits every
+    10 ms look at it in that window: it is gone, not a live process hiding its mappings."""
+    with (
+        daemon_and_clients(tmp_path, 2000, 0.01) as (d, start),
+        membroker.connect("vmm", d.runtime_dir) as owner,
+    ):
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("big", 0, 4 * PAGE)
+        big = start("big")
+        big.ok("ballast", mib=1024)
+        big.ok("attach_va", space=space.space_id)
+        big.ok("touch", space=space.space_id, offset=PAGE)
+        time.sleep(0.1)  # a few audits of the live client: nothing to find
+        os.kill(big.pid, signal.SIGKILL)
+        assert big.wait(10) == -signal.SIGKILL
+        assert wait_until(lambda: _attachments(owner, space) == 0)
+        time.sleep(0.3)  # audits and their follow-ups settle
+        assert owner.stats().fenced_total == 0, d.log()[-2000:]
+        assert "membroker_audit_unverified_total 0.0" in d.scrape()

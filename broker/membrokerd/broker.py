@@ -838,6 +838,14 @@ class Broker:
         target = os.readlink(f"/proc/self/fd/{uffd.fd}")
         if target != "anon_inode:[userfaultfd]":
             return f"the fd it sent is {target}, not a userfaultfd", False
+        # A sealed mapping of an earlier attachment of this process stays (it cannot be
+        # unmapped), retired: served by the broker, every touch refused. It is not this one.
+        retired = {
+            m.base
+            for m in self.faults.of_process(session.pid, space.space_id)
+            if m.inert and m.base != address
+        }
+        vmas = [v for v in vmas if v.start not in retired]
         whole = [
             v for v in vmas if v.start == address and v.end == address + length and v.offset == 0
         ]
@@ -2214,6 +2222,11 @@ class Broker:
 
         Runs as a job of the space's queue, so the access it reports is exactly the access at
         its seq (no change is half done); a large snapshot is built off the event loop."""
+        looking = session.letting_go.get(space_id)
+        if looking is not None:
+            # The look after its last detach of this space comes first: it must not see the
+            # fd this attach hands out.
+            await asyncio.wait([looking])
         space = self.space(space_id)
         policy.check_attach(self.config, session.identity)
         if kind is Attachment.VA and not sealed and self.config.va_mode == "sealed":
@@ -2469,13 +2482,21 @@ class Broker:
         reach = [Reach(space.space_id, space.dev, space.ino, space.page_size)]
 
         async def look() -> None:
-            problem = await still_reaches(self, session, reach)
+            try:
+                problem = await still_reaches(self, session, reach)
+            finally:
+                if session.letting_go.get(space.space_id) is task:
+                    del session.letting_go[space.space_id]
             if problem is None or session.fencing is not None:
                 return
             reason = f"detached from {space.space_id} but still reaches it ({problem})"
             await self.enforcer.fence(session, "detach", reason, also=reach)
 
-        self.spawn(look())
+        task = self.loop.create_task(look())
+        session.letting_go[space.space_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_task_failure)
 
     def _detach(self, space: Space, session: Session) -> int:
         mapping = session.sealed.pop(space.space_id, None)
@@ -2613,6 +2634,11 @@ MAX_WITHDRAWN = 64
 MAX_IN_FLIGHT = 64
 # Bytes of one Isolation note (the SDK cuts at 256).
 MAX_ISOLATION_NOTE_BYTES = 256
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background work failed", exc_info=task.exception())
 
 
 def report_to_json(r: RevocationResult) -> str:

@@ -62,6 +62,9 @@ class Session:
         self.va_base: dict[str, int] = {}
         # space id -> why this client's isolation of it is logical only (its own word)
         self.isolation: dict[str, str] = {}
+        # space id -> the look at this process after it detached from the space, while it
+        # runs (an attach to the space waits for it)
+        self.letting_go: dict[str, asyncio.Task[None]] = {}
         # space id -> attached in sealed mode, mapping not yet checked: whether it may map
         # writable; and the mapping once accepted
         self.sealing: dict[str, bool] = {}

@@ -79,6 +79,27 @@ def test_sealed_client_reaches_only_what_it_holds(world: Any) -> None:
     assert wait_until(lambda: "touched offset 0x5000, which it does not hold" in d.log())
 
 
+def test_a_process_attaches_again_after_a_detach(world: Any) -> None:
+    """A sealed mapping cannot be unmapped: after a detach it stays, zapped and retired. The
+    same process attaching again maps the space a second time; that new mapping is the one
+    checked, sealed and served, and the old one stays refused (found by the stateful model
+    with a seed: the second attach used to be refused and fenced)."""
+    d, start, space, _ = world
+    space.grant("c", 0, 2 * PAGE, "rw")
+    c = start("c")
+    first = c.ok("attach_va", space=space.space_id)
+    assert first["mode"] == "sealed"
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=8)["data"] == "02" * 8
+    c.ok("close", space=space.space_id)
+    second = c.ok("attach_va", space=space.space_id)
+    assert second["mode"] == "sealed" and second["address"] != first["address"]
+    assert c.ok("read", space=space.space_id, offset=PAGE, length=8)["data"] == "02" * 8
+    report = space.revoke("c", PAGE, PAGE)
+    assert [(r.client, r.outcome) for r in report.clients] == [("c", "acked")]
+    assert membroker.connect("ops", str(d.runtime_dir)).stats().fenced_total == 0
+    assert _sigbus(c.cmd("touch", space=space.space_id, offset=PAGE))
+
+
 def test_fault_around_stays_inside_the_grant(world: Any) -> None:
     _d, start, space, _mem = world
     space.grant("c", 0, 16 * PAGE, "ro")

@@ -14,13 +14,17 @@ owner: create a space, then share, unshare, grant, revoke, delete, revocations, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import membroker
+
+# The repository root, for the framing the test peers share (tests/peer_io.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.peer_io import answer, requests
 
 
 def main() -> None:
@@ -36,18 +40,10 @@ def main() -> None:
     kept: list[Any] = []
     blocks: dict[str, Any] = {}
 
-    def out(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    out({"ready": True, "pid": os.getpid(), "session_id": session.session_id})
-    for line in sys.stdin:
-        req = json.loads(line)
+    answer({"ready": True, "pid": os.getpid(), "session_id": session.session_id})
+    for req in requests():
         op = req["op"]
         try:
-            if op == "exit":
-                out({"ok": True})
-                break
             if op == "attach_va":
                 c = session.attach_va(
                     req["space"],
@@ -57,7 +53,7 @@ def main() -> None:
                     mode=req.get("mode", os.environ.get("MEMBROKER_TEST_VA_MODE", "auto")),
                 )
                 attached[req["space"]] = c
-                out({"ok": True, "address": c.address, "ranges": _ranges(c), "mode": c.mode})
+                answer({"ok": True, "address": c.address, "ranges": _ranges(c), "mode": c.mode})
             elif op == "attach_va_rogue":
                 # A sealed client that cheats in one way ("keep_fd", "no_seal", "own_uffd",
                 # "other_uffd") and is expected to be refused.
@@ -99,7 +95,7 @@ def main() -> None:
                 try:
                     c = session.attach_va(req["space"], mode="sealed")
                     attached[req["space"]] = c
-                    out({"ok": True, "mode": c.mode})
+                    answer({"ok": True, "mode": c.mode})
                 finally:
                     mman.Mapping.map_shared = real_map  # type: ignore[method-assign]
                     mman.Mapping.seal = real_seal  # type: ignore[method-assign]
@@ -123,7 +119,7 @@ def main() -> None:
                 results["munmap"] = ctypes.get_errno() if ret == -1 else 0
                 moved = mremap(addr, size, size, 1)  # MREMAP_MAYMOVE
                 results["mremap"] = ctypes.get_errno() if moved in (None, 2**64 - 1) else 0
-                out({"ok": True, "errno": results})
+                answer({"ok": True, "errno": results})
             elif op == "fork_with_mapping":
                 # A compromised backend undoes MADV_DONTFORK and forks: the child sleeps, then
                 # reads the page at `offset` (which the parent had faulted in).
@@ -135,17 +131,17 @@ def main() -> None:
                 client = attached[req["space"]]
                 ret = clib.madvise(client.address, client.size, 11)  # MADV_DOFORK
                 if ret != 0:
-                    out({"ok": False, "errno": ctypes.get_errno()})
+                    answer({"ok": False, "errno": ctypes.get_errno()})
                     continue
                 child = os.fork()
                 if child == 0:
                     _time.sleep(req.get("sleep", 1.0))
                     value = client.view(req["offset"], 1, check=False)[0]
                     os._exit(100 + value % 100)
-                out({"ok": True, "child": child})
+                answer({"ok": True, "child": child})
             elif op == "reap":
                 _, status = os.waitpid(req["pid"], 0)
-                out(
+                answer(
                     {
                         "ok": True,
                         "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
@@ -159,9 +155,9 @@ def main() -> None:
                     with open("/proc/self/mem", "rb", buffering=0) as mem:
                         mem.seek(client.address + req["offset"])
                         data = mem.read(req.get("length", 8))
-                    out({"ok": True, "data": data.hex()})
+                    answer({"ok": True, "data": data.hex()})
                 except OSError as exc:
-                    out({"ok": True, "errno": exc.errno})
+                    answer({"ok": True, "errno": exc.errno})
             elif op == "present_pages":
                 # Pages of the mapping present in this process's page table (pagemap).
                 from membroker._sys.proc import ProcessView
@@ -176,7 +172,7 @@ def main() -> None:
                         )
                 finally:
                     view.close()
-                out({"ok": True, "pages": pages})
+                answer({"ok": True, "pages": pages})
             elif op == "fd_attacks":
                 # What an fd holder tries beyond its grants: pwrite, punch a hole, map it
                 # writable. Each answer is the errno (0: it worked).
@@ -203,7 +199,7 @@ def main() -> None:
                     results["mmap_rw"] = 0
                 except OSError as exc:
                     results["mmap_rw"] = exc.errno
-                out(
+                answer(
                     {
                         "ok": True,
                         "errno": results,
@@ -213,7 +209,7 @@ def main() -> None:
             elif op == "attach_fd":
                 c = session.attach_fd(req["space"], on_revoke=lambda r: revokes.append(len(r)))
                 attached[req["space"]] = c
-                out({"ok": True, "ranges": _ranges(c)})
+                answer({"ok": True, "ranges": _ranges(c)})
             elif op == "exec_liar":
                 # Replace this program image, keeping the session socket (past Hello) and the
                 # FdClient's fd: the new image (exec_liar.py) maps the fd, closes it and acks
@@ -223,29 +219,29 @@ def main() -> None:
                 space_fd = attached[req["space"]].fd
                 os.set_inheritable(sock_fd, True)
                 os.set_inheritable(space_fd, True)
-                out({"ok": True})
+                answer({"ok": True})
                 liar = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exec_liar.py")
                 args = [str(sock_fd), str(space_fd), str(req["length"])]
                 os.execv(sys.executable, [sys.executable, liar, *args])
             elif op == "ranges_of_nothing":
                 # One control call that changes nothing (opens the gRPC channel).
-                out({"ok": True, "spaces": len(session.list_spaces())})
+                answer({"ok": True, "spaces": len(session.list_spaces())})
             elif op == "ranges":
-                out({"ok": True, "ranges": _ranges(attached[req["space"]]), "revokes": revokes})
+                answer({"ok": True, "ranges": _ranges(attached[req["space"]]), "revokes": revokes})
             elif op == "read":
                 data = attached[req["space"]].read(req["offset"], req["length"])
-                out({"ok": True, "data": data.hex()})
+                answer({"ok": True, "data": data.hex()})
             elif op == "write":
                 attached[req["space"]].write(req["offset"], bytes.fromhex(req["data"]))
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "touch":
                 view = attached[req["space"]].view(req["offset"], 1, check=False)
                 value = view[0]
-                out({"ok": True, "value": value})
+                answer({"ok": True, "value": value})
             elif op == "lie":
                 # A client that acknowledges revokes without tearing anything down.
                 attached[req["space"]]._teardown = lambda ranges: None
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "protect_only":
                 # A client that only mprotects on revoke: its pages stay mapped.
                 from membroker._sys import mman
@@ -257,24 +253,24 @@ def main() -> None:
                         client.mapping.protect(r.offset, r.length, mman.PROT_NONE)
 
                 client._teardown = protect_only
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "detach_keeping":
                 # Detaches at the broker without letting go of anything here (a raw Detach).
                 from membroker.v1 import broker_pb2 as pb
 
                 session.call("Detach", pb.DetachRequest(space_id=req["space"]))
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "ballast":
                 # Touches this many MiB of anonymous memory: its exit then takes a while to
                 # free it, and meanwhile /proc/PID reads of it fail (its mm is gone) while its
                 # pidfd does not yet say it exited.
                 kept.append(bytearray(req["mib"] << 20))
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "close_session":
                 # Ends the session with its attachments still open (the SDK lets go of them
                 # first). The process stays, with no session: later ops that need one fail.
                 session.close()
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "end_session_keeping":
                 # Ends the session at the socket, keeping every attachment's fd and mapping
                 # here (a raw client's close, or an SDK whose teardown is broken).
@@ -283,7 +279,7 @@ def main() -> None:
                 for client in attached.values():
                     client._release = lambda: None
                 session._sock.shutdown(socket_mod.SHUT_RDWR)
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "session_state":
                 # Whether the session has ended, why, and whether it was fenced; `call`: make
                 # one control call first and report how it failed.
@@ -293,7 +289,7 @@ def main() -> None:
                         session.list_spaces()
                     except Exception as exc:
                         error = f"{type(exc).__name__}: {exc}"
-                out(
+                answer(
                     {
                         "ok": True,
                         "closed": session.closed,
@@ -311,7 +307,7 @@ def main() -> None:
                     client.fd, req["length"], mman.PROT_READ | mman.PROT_WRITE, req["offset"]
                 )
                 kept.append(extra)
-                out({"ok": True, "address": extra.address})
+                answer({"ok": True, "address": extra.address})
             elif op == "second_map":
                 # A hostile VA client: reopens its own mapping through /proc/self/map_files (a
                 # new fd of the space without the broker) and maps a second, read-write view of
@@ -329,11 +325,11 @@ def main() -> None:
                 else:
                     os.close(fd)
                 kept.append(extra)
-                out({"ok": True, "address": extra.address})
+                answer({"ok": True, "address": extra.address})
             elif op == "second_read":
                 # Reads through the second view (index into the last second_map).
                 extra = [k for k in kept if hasattr(k, "view")][-1]
-                out({"ok": True, "value": extra.view(req["offset"], 1)[0]})
+                answer({"ok": True, "value": extra.view(req["offset"], 1)[0]})
             elif op == "report_mapped":
                 # A false Mapped report: says the space is mapped at an unrelated address.
                 from membroker._sys import mman
@@ -349,24 +345,24 @@ def main() -> None:
                         mapped=spb.Mapped(space_id=req["space"], address=decoy, length=client.size)
                     )
                 )
-                out({"ok": True, "address": decoy})
+                answer({"ok": True, "address": decoy})
             elif op == "refuse_revokes":
                 # An fd client whose teardown (its on_revoke callback) fails.
                 def refuse(ranges: Any) -> None:
                     raise RuntimeError("memslot delete failed: EBUSY")
 
                 attached[req["space"]]._user_on_revoke = refuse
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "access_enter":
                 # Opens a `with va.access(...)` block and keeps it open across commands.
                 cm = attached[req["space"]].access(req["offset"], req["length"])
                 blocks[req["space"]] = (cm, cm.__enter__())
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "access_read":
-                out({"ok": True, "value": blocks[req["space"]][1][req["index"]]})
+                answer({"ok": True, "value": blocks[req["space"]][1][req["index"]]})
             elif op == "access_exit":
                 blocks.pop(req["space"])[0].__exit__(None, None, None)
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "vmas":
                 # VMAs inside this client's mapping of the space.
                 client = attached[req["space"]]
@@ -376,40 +372,40 @@ def main() -> None:
                     for line in maps:
                         start = int(line.split("-", 1)[0], 16)
                         count += lo <= start < hi
-                out({"ok": True, "vmas": count})
+                answer({"ok": True, "vmas": count})
             elif op == "hold":
                 # A pointer the backend keeps across a revocation (a stale descriptor, say).
                 held[req["space"]] = attached[req["space"]].view(req["offset"], 1, check=False)
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "touch_held":
-                out({"ok": True, "value": held[req["space"]][0]})
+                answer({"ok": True, "value": held[req["space"]][0]})
             elif op == "poke":
                 view = attached[req["space"]].view(req["offset"], 1, check=False)
                 view[0] = req["value"]
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "pin":
                 pin = attached[req["space"]].pin(req["offset"], req["length"])
                 pins[pin.pin_id] = pin
-                out({"ok": True, "pin_id": pin.pin_id})
+                answer({"ok": True, "pin_id": pin.pin_id})
             elif op == "unpin":
                 pins.pop(req["pin_id"]).unpin()
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "truncate":
                 os.ftruncate(attached[req["space"]].fd, req["size"])
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "pread":
                 data = os.pread(attached[req["space"]].fd, req["length"], req["offset"])
-                out({"ok": True, "data": data.hex()})
+                answer({"ok": True, "data": data.hex()})
             elif op == "close":
                 attached.pop(req["space"]).close()
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "own_create":
                 # This process as an owner (a second owner in a process of its own): creates a
                 # space and keeps the handle in `attached` under "owned:<space id>".
                 owned = session.create_space(req["size"])
                 attached["owned:" + owned.space_id] = owned
                 st = os.fstat(owned.fd)
-                out({"ok": True, "space": owned.space_id, "dev": st.st_dev, "ino": st.st_ino})
+                answer({"ok": True, "space": owned.space_id, "dev": st.st_dev, "ino": st.st_ino})
             elif op == "own":
                 # One owner call on a space created by own_create: share, unshare, grant, revoke
                 # (with "deadline_s": a raw call given up after that many seconds), delete,
@@ -459,13 +455,13 @@ def main() -> None:
                         result = {"seq": owned.refresh().seq}
                     else:
                         raise ValueError(f"unknown owner call {call}")
-                    out({"ok": True, **result})
+                    answer({"ok": True, **result})
                 except BrokerError as exc:
-                    out({"ok": False, "code": exc.code.name, "error": str(exc)})
+                    answer({"ok": False, "code": exc.code.name, "error": str(exc)})
             else:
-                out({"ok": False, "error": f"unknown op {op}"})
+                answer({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:
-            out(
+            answer(
                 {
                     "ok": False,
                     "error": f"{type(exc).__name__}: {exc}",

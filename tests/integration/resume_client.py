@@ -23,11 +23,16 @@ import os
 import socket
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import membroker
 from membroker import wire
 from membroker.v1 import session_pb2 as spb
+
+# The repository root, for the framing the test peers share (tests/peer_io.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.peer_io import answer, requests
 
 
 def steal(runtime_dir: str, name: str, token: str, uid: int) -> None:
@@ -81,34 +86,26 @@ def main() -> None:
     va: Any = None
     kept: list[mmap.mmap] = []
 
-    def out(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    out({"ready": True, "pid": os.getpid(), "resume_token": session.resume_token})
-    for line in sys.stdin:
-        req = json.loads(line)
+    answer({"ready": True, "pid": os.getpid(), "resume_token": session.resume_token})
+    for req in requests():
         op = req["op"]
         try:
-            if op == "exit":
-                out({"ok": True})
-                break
             if op == "attach_va":
                 va = session.attach_va(req["space"], mode=req.get("mode", "cooperative"))
-                out({"ok": True, "address": va.address, "mode": va.mode})
+                answer({"ok": True, "address": va.address, "mode": va.mode})
             elif op == "attach_fd_and_map":
                 # A client that keeps a mapping of its own, whatever its session does.
                 fdc = session.attach_fd(req["space"])
                 kept.append(mmap.mmap(fdc.fd, fdc.size, mmap.MAP_SHARED, mmap.PROT_READ))
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "read":
-                out({"ok": True, "data": va.read(req["offset"], req["length"]).hex()})
+                answer({"ok": True, "data": va.read(req["offset"], req["length"]).hex()})
             elif op == "raw_read":
-                out({"ok": True, "data": va.mapping.read(req["offset"], req["length"]).hex()})
+                answer({"ok": True, "data": va.mapping.read(req["offset"], req["length"]).hex()})
             elif op == "holds":
-                out({"ok": True, "holds": va.holds(req["offset"], req["length"])})
+                answer({"ok": True, "holds": va.holds(req["offset"], req["length"])})
             elif op == "status":
-                out(
+                answer(
                     {
                         "ok": True,
                         "resumes": session.resumes,
@@ -122,11 +119,11 @@ def main() -> None:
                     }
                 )
             elif op == "perms":
-                out({"ok": True, "perms": _perms(va.address + req["offset"])})
+                answer({"ok": True, "perms": _perms(va.address + req["offset"])})
             else:
-                out({"ok": False, "error": f"unknown op {op}"})
+                answer({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:
-            out(
+            answer(
                 {
                     "ok": False,
                     "error": type(exc).__name__,

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import membroker
 from membroker import vhost_net, vhost_user
+
+# The repository root, for the framing the test peers share (tests/peer_io.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.peer_io import answer, requests
 
 
 class Traffic:
@@ -78,18 +82,10 @@ def main() -> None:
     bridge: Any = None
     traffic: Any = None
 
-    def out(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    out({"ready": True, "pid": os.getpid()})
-    for line in sys.stdin:
-        req = json.loads(line)
+    answer({"ready": True, "pid": os.getpid()})
+    for req in requests():
         op = req["op"]
         try:
-            if op == "exit":
-                out({"ok": True})
-                break
             if op == "start":
                 kind = vhost_net.NetBridge if req.get("device") == "net" else vhost_user.BlkBridge
                 bridge = kind(
@@ -99,7 +95,7 @@ def main() -> None:
                     use_mem_slots=req.get("mem_slots", True),
                     iommu=req.get("iommu", False),
                 )
-                out(
+                answer(
                     {
                         "ok": True,
                         "features": bridge.features,
@@ -110,7 +106,7 @@ def main() -> None:
                     }
                 )
             elif op == "exported":
-                out(
+                answer(
                     {
                         "ok": True,
                         "regions": [[r.gpa, r.size, r.mmap_offset] for r in bridge.exported()],
@@ -118,17 +114,19 @@ def main() -> None:
                 )
             elif op == "queue":
                 bridge.start_queue(req["gpa"])
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "request":
                 status = bridge.request(req["kind"], req["sector"], req["gpa"], req["length"])
-                out({"ok": True, "status": status})
+                answer({"ok": True, "status": status})
             elif op == "refresh":
-                out({"ok": True, "left_out": bridge.refresh(req.get("seq", 0))})
+                answer({"ok": True, "left_out": bridge.refresh(req.get("seq", 0))})
             elif op == "queue_state":
-                out({"ok": True, "running": bridge.queue is not None, "why": bridge.queue_stopped})
+                answer(
+                    {"ok": True, "running": bridge.queue is not None, "why": bridge.queue_stopped}
+                )
             elif op == "watch":
                 gone = bridge.wait_gone(req.get("timeout", 10))
-                out(
+                answer(
                     {
                         "ok": True,
                         "gone": gone,
@@ -148,12 +146,12 @@ def main() -> None:
                     real(dataclasses.replace(region, gpa=region.gpa + (1 << 40)))
 
                 frontend.remove_region = wrong_region
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "net_queues":
                 bridge.start_queues(req["gpa"])
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "post_rx":
-                out({"ok": True, "head": bridge.post_rx(req["gpa"], req["length"])})
+                answer({"ok": True, "head": bridge.post_rx(req["gpa"], req["length"])})
             elif op == "post_rx_raw":
                 # Test only: a receive buffer put on the ring without the bridge's check (a
                 # driver that ignores what is exported), to see what the backend does with it.
@@ -166,11 +164,11 @@ def main() -> None:
                     )
                     q.publish(head)
                     os.eventfd_write(bridge.kick, 1)
-                out({"ok": True, "head": head})
+                answer({"ok": True, "head": head})
             elif op == "post_tx":
-                out({"ok": True, "head": bridge.post_tx(req["gpa"], req["length"])})
+                answer({"ok": True, "head": bridge.post_tx(req["gpa"], req["length"])})
             elif op == "isolation":
-                out(
+                answer(
                     {
                         "ok": True,
                         "backend_keeps_fds": bridge.backend_keeps_fds,
@@ -178,20 +176,20 @@ def main() -> None:
                     }
                 )
             elif op == "send":
-                out({"ok": True, "head": bridge.send(req["gpa"], bytes.fromhex(req["frame"]))})
+                answer({"ok": True, "head": bridge.send(req["gpa"], bytes.fromhex(req["frame"]))})
             elif op == "receive":
                 packets = bridge.receive(req.get("count", 1), req.get("wait", 2.0))
-                out({"ok": True, "packets": [[p.gpa, p.data.hex()] for p in packets]})
+                answer({"ok": True, "packets": [[p.gpa, p.data.hex()] for p in packets]})
             elif op == "traffic":
                 # Traffic from a thread until traffic_stop: a frame sent, what comes back
                 # received and its buffer posted again (refused once it is revoked).
                 traffic = Traffic(bridge, req["tx"], bytes.fromhex(req["frame"]), req["length"])
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "traffic_stop":
-                out({"ok": True, **traffic.stop()})
+                answer({"ok": True, **traffic.stop()})
             elif op == "in_flight":
                 flight = bridge.in_flight()
-                out(
+                answer(
                     {
                         "ok": True,
                         "rx": [[b.gpa, b.length] for b in flight[vhost_net.RX]],
@@ -199,7 +197,7 @@ def main() -> None:
                     }
                 )
             elif op == "revocations":
-                out(
+                answer(
                     {
                         "ok": True,
                         "revocations": [
@@ -214,17 +212,17 @@ def main() -> None:
                     }
                 )
             elif op == "full_reads":
-                out({"ok": True, "full_reads": bridge.full_reads})
+                answer({"ok": True, "full_reads": bridge.full_reads})
             elif op == "iotlb_log":
-                out({"ok": True, "log": [list(e) for e in bridge.iotlb_log]})
+                answer({"ok": True, "log": [list(e) for e in bridge.iotlb_log]})
             elif op == "close":
                 bridge.close()
                 bridge = None
-                out({"ok": True})
+                answer({"ok": True})
             else:
-                out({"ok": False, "error": f"unknown op {op}"})
+                answer({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:
-            out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            answer({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     session.close()
 
 

@@ -9,15 +9,19 @@ before the SDK acknowledges.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import membroker
 from membroker import kvm
 from membroker._sys import memfd, mman
+
+# The repository root, for the framing the test peers share (tests/peer_io.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.peer_io import answer, requests
 
 LOW = 0x8000  # the VMM's own memory for code: GPA [0, 32 KiB)
 CODE = 0x1000
@@ -49,23 +53,15 @@ def main() -> None:
             state.update(mapping=None, pin=None)
             state["released"] += 1
 
-    def out(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    out({"ready": True, "pid": os.getpid()})
-    for line in sys.stdin:
-        req = json.loads(line)
+    answer({"ready": True, "pid": os.getpid()})
+    for req in requests():
         op = req["op"]
         try:
-            if op == "exit":
-                out({"ok": True})
-                break
             if op == "attach":
                 client = session.attach_fd(
                     req["space"], on_revoke=release, on_unpin_request=release
                 )
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "map":
                 with lock:
                     pin = client.pin(req["offset"], req["length"], write=True)
@@ -74,14 +70,14 @@ def main() -> None:
                     )
                     vm.map_slot(1, req["gpa"], req["length"], mapping.address)
                     state.update(mapping=mapping, pin=pin, gpa=req["gpa"])
-                out({"ok": True})
+                answer({"ok": True})
             elif op == "run":
                 low.write(CODE, kvm.load_al(req["gpa"]) + kvm.HLT)
                 ex = vm.run(CODE)
-                out({"ok": True, "reason": ex.reason, "al": ex.al, "mmio_addr": ex.mmio_addr})
+                answer({"ok": True, "reason": ex.reason, "al": ex.al, "mmio_addr": ex.mmio_addr})
             elif op == "state":
                 with lock:
-                    out(
+                    answer(
                         {
                             "ok": True,
                             "slot": state["mapping"] is not None,
@@ -90,9 +86,9 @@ def main() -> None:
                         }
                     )
             else:
-                out({"ok": False, "error": f"unknown op {op}"})
+                answer({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:
-            out({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            answer({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     vm.close()
     session.close()
 

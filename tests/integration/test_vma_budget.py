@@ -100,9 +100,11 @@ def test_a_million_fragments_go_end_to_end_through_real_frames(tmp_path):
     (one revocation, ~440 Revoke frames, one verified ack) without fencing anyone."""
     from tests.conftest import Daemon, PeerProc, _env
 
-    # The default deadline: 2 s, plus 5 us per revoked range (revoke_deadline_us_per_range), so
-    # an honest client tearing down a million ranges is given 7 s and is not fenced.
-    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0")
+    # What is tested is that a million ranges go through real frames without fencing an
+    # honest client, not how fast: the default (2 s plus 5 us per range, 7 s here) was missed
+    # once by a client on a loaded 2-CPU machine during fresh-clone CI, so the deadline per
+    # range is generous (22 s). bench/scale_bench.py measures the speed.
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0", MEMBROKER_REVOKE_DEADLINE_US_PER_RANGE="20")
     d = Daemon(tmp_path / "rt", env=env)
     client = None
     fragments = 1_000_000

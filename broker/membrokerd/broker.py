@@ -29,7 +29,7 @@ from membroker._sys import kvm as sys_kvm
 from membroker._sys import memfd as sys_memfd
 from membroker._sys import sock as sys_sock
 from membroker._sys import uffd as sys_uffd
-from membroker._sys.proc import ProcessView, Vma
+from membroker._sys.proc import ProcessView, TooManyMappings, Vma
 from membroker.errors import ProtocolError
 from membroker.rangeset import RangeSet
 from membroker.v1 import session_pb2 as spb
@@ -109,9 +109,11 @@ ATTACH_INLINE_RANGES = 1024
 MAX_CALLS_IN_FLIGHT = 64
 # Up to this many revoked ranges, what a client may hold is looked up range by range.
 FEW_RANGES = 64
-# A single small revocation is judged on the loop (no thread hop) only when the client's last
-# maps text was at most this long (~0.5 ms to read: a Python process has ~25 KB).
-INLINE_MAPS_BYTES = 64 * 1024
+# A small revocation is judged on the loop (no thread hop, no fight for the GIL with worker
+# threads) by a PROCMAP_QUERY walk of the client's mappings, when its last look saw at most
+# this many (~1 us each: a Python process has ~200). A longer one, or a walk
+# that meets more, is judged on a worker thread from the maps text.
+INLINE_MAPPINGS = 1024
 # Revocation reports are written to the journal together, at most this often.
 REPORTS_FLUSH_S = 0.2
 # How often a process whose session ended is looked at again during its fence grace.
@@ -954,23 +956,19 @@ class Broker:
             # It says it zapped: from now on a touch of those pages is refused, so whatever
             # verification finds present now stays what it was. (A large one: in _judge_later.)
             sealed.set_access(awaited.ranges)
-        view = session.view
-        if (
-            len(awaited.ranges) >= OFFLOAD_RANGES
-            or len(awaited.batch.acks) > 1
-            or view is None
-            or not 0 <= view.last_maps_bytes <= INLINE_MAPS_BYTES
-        ):
-            # A large revocation, one of a fan-out, or a process whose maps text is long (or
-            # not read yet: a hostile client with tens of thousands of mappings costs tens of
-            # milliseconds to read): the kernel's view is read and compared on a worker thread
-            # (the reads release the GIL: several clients are verified at once, and the loop
-            # keeps taking acks). The ack counts from its arrival; the verdict follows, and
-            # the revocation waits for it.
+        try:
+            if len(awaited.ranges) >= OFFLOAD_RANGES:
+                raise TooManyMappings(session.pid, 0)
+            verdict, reason = self.judge_inline(session, awaited.space_id, awaited.ranges)
+        except TooManyMappings:
+            # A large revocation, or a process with many mappings (or not looked at yet: a
+            # hostile client with tens of thousands costs tens of milliseconds to read): the
+            # kernel's view is read and compared on a worker thread, where the reads release
+            # the GIL and the loop keeps taking acks. The ack counts from its arrival; the
+            # verdict follows, and the revocation waits for it.
             awaited.acked_at = now
             self.spawn(self._judge_later(session, awaited))
             return
-        verdict, reason = self.judge(session, awaited.space_id, awaited.ranges)
         if verdict is Verdict.UNVERIFIED:
             awaited.acked_at = now
             self.spawn(self._settle_unverified(session, awaited, reason))
@@ -1024,19 +1022,39 @@ class Broker:
             return
         awaited.settle(verdict, reason, awaited.acked_at)
 
-    def judge(
+    async def judge(
         self, session: Session, space_id: str, ranges: Sequence[AccessRange]
     ) -> tuple[Verdict, str]:
         """Asks the kernel whether the process reaches anything of `ranges` beyond what it may
-        hold now (see `allowance`)."""
-        return self.judge_prepared(session, space_id, ranges)()
+        hold now (see `allowance`): on the loop when that is short (`judge_inline`), else on a
+        worker thread."""
+        try:
+            return self.judge_inline(session, space_id, ranges)
+        except TooManyMappings:
+            judge = self.judge_prepared(session, space_id, ranges)
+            return await self.loop.run_in_executor(None, without_collector(judge))
+
+    def judge_inline(
+        self, session: Session, space_id: str, ranges: Sequence[AccessRange]
+    ) -> tuple[Verdict, str]:
+        """`judge` on the loop, by a walk of at most INLINE_MAPPINGS mappings; raises
+        TooManyMappings for a process with more, or not looked at yet (the caller judges it
+        on a worker thread)."""
+        view = session.view
+        if view is not None and not 0 <= view.last_mappings <= INLINE_MAPPINGS:
+            raise TooManyMappings(session.pid, INLINE_MAPPINGS)
+        return self.judge_prepared(session, space_id, ranges, INLINE_MAPPINGS)()
 
     def judge_prepared(
-        self, session: Session, space_id: str, ranges: Sequence[AccessRange]
+        self,
+        session: Session,
+        space_id: str,
+        ranges: Sequence[AccessRange],
+        walk_limit: int | None = None,
     ) -> Callable[[], tuple[Verdict, str]]:
         """`judge` in two halves: what the client may hold is read now, on the loop; the
         returned function asks the kernel and compares (it touches no broker state, so it may
-        run on a worker thread)."""
+        run on a worker thread, with `walk_limit` None: see `check_reach`)."""
         space = self.spaces.get(space_id)
         view = session.view
         if space is None or view is None or self.config.verify == "off":
@@ -1048,7 +1066,7 @@ class Broker:
         dev, ino, page = space.dev, space.ino, space.page_size
         pidfd = session.pidfd
         return functools.partial(
-            judge_view, view, dev, ino, allowed, page, ranges, fd_allowed, pidfd
+            judge_view, view, dev, ino, allowed, page, ranges, fd_allowed, pidfd, walk_limit
         )
 
     def allowance(
@@ -2008,7 +2026,7 @@ class Broker:
         self, space: Space, session: Session, ranges: Sequence[AccessRange], t0: float
     ) -> ClientResult:
         """The outcome of a write revoke the broker carried out itself on a sealed client."""
-        verdict, why = self.judge(session, space.space_id, ranges)
+        verdict, why = await self.judge(session, space.space_id, ranges)
         latency = time.perf_counter() - t0
         if verdict is Verdict.ACKED:
             return ClientResult(
@@ -2151,7 +2169,7 @@ class Broker:
         # LOST: the session ended or detached first. Gone only if the kernel agrees.
         if not is_alive(session):
             return self._result(ack, Outcome.GONE, f"{why}; the process has exited")
-        again, problem = self.judge(session, space.space_id, ack.ranges)
+        again, problem = await self.judge(session, space.space_id, ack.ranges)
         if again is Verdict.CAUGHT:
             return await self._fenced(ack, "lost", f"{why} without acknowledging, and {problem}")
         if again is Verdict.UNVERIFIED and self.config.on_unverifiable == "fence":

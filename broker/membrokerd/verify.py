@@ -170,14 +170,17 @@ def check_reach(
     *,
     check_present: bool = True,
     fd_allowed: bool = True,
+    walk_limit: int | None = None,
 ) -> str | None:
     """None when the process reaches nothing of the file (dev, ino) beyond `allowed`; else the
     first thing it does reach, in words.
 
     `ranges`: only these byte ranges are examined (a revocation's), or the whole file (None:
     an audit). `check_present`: PROT_NONE mappings must not keep pages present there.
-    `fd_allowed`: False for a VA client, which may hold no fd of the space. Raises OSError when
-    the kernel's view cannot be read (the process exited, or /proc refused).
+    `fd_allowed`: False for a VA client, which may hold no fd of the space. `walk_limit`: the
+    mappings are walked with PROCMAP_QUERY, up to that many (TooManyMappings past it), for a
+    caller on the event loop; None: read from the maps text (a worker thread). Raises OSError
+    when the kernel's view cannot be read (the process exited, or /proc refused).
     """
     if not fd_allowed:
         held = view.fds_of(dev, ino)
@@ -190,7 +193,11 @@ def check_reach(
         examined = RangeSet()
         for r in ranges:
             examined.add(r.offset // page, -(-(r.offset + r.length) // page))
-    for vma in view.mappings_of(dev, ino):
+    if walk_limit is None:
+        mappings = view.mappings_of(dev, ino)
+    else:
+        mappings = view.walk_mappings_of(dev, ino, walk_limit)
+    for vma in mappings:
         if vma.start in allowed.sealed and vma.offset == 0:
             problem = _judge_sealed(view, vma, examined, allowed, page)
         else:
@@ -209,11 +216,15 @@ def judge_view(
     ranges: Sequence[AccessRange],
     fd_allowed: bool,
     pidfd: int,
+    walk_limit: int | None = None,
 ) -> tuple[Verdict, str]:
     """The verdict on one acknowledgement from the kernel's view (no broker state: may run on
-    a worker thread). A view that cannot be read is `unverified` unless the process is gone."""
+    a worker thread, with `walk_limit` None). A view that cannot be read is `unverified`
+    unless the process is gone; TooManyMappings (see `check_reach`) passes through."""
     try:
-        problem = check_reach(view, dev, ino, allowed, page, ranges, fd_allowed=fd_allowed)
+        problem = check_reach(
+            view, dev, ino, allowed, page, ranges, fd_allowed=fd_allowed, walk_limit=walk_limit
+        )
     except OSError as exc:
         try:
             alive = sys_sock.pidfd_is_alive(pidfd)

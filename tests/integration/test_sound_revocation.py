@@ -159,10 +159,13 @@ def test_concurrent_delete_and_revoke_each_get_their_own_seq(quiet):
         assert "not asked to acknowledge" not in d.log()
 
 
+@pytest.mark.parametrize("looked_at", [False, True], ids=["first_look", "walked"])
 @pytest.mark.parametrize("keep_fd", [False, True])
-def test_a_second_mapping_defeats_no_verification(quiet, keep_fd):
+def test_a_second_mapping_defeats_no_verification(quiet, keep_fd, looked_at):
     """Item 4: the client reports a decoy address, keeps a second read-write mapping of its
-    granted pages (made from /proc/self/map_files, no fd from the broker) and acks."""
+    granted pages (made from /proc/self/map_files, no fd from the broker) and acks. Judged on
+    its first revocation (maps text, on a worker thread) and on a later one (after an honest
+    revocation: a PROCMAP_QUERY walk on the loop)."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
         space = owner.create_space(MiB)
@@ -170,6 +173,11 @@ def test_a_second_mapping_defeats_no_verification(quiet, keep_fd):
         space.grant("sly", 0, 4 * PAGE)
         sly = start("sly")
         sly.ok("attach_va", space=space.space_id)
+        seq = 3
+        if looked_at:
+            assert space.revoke("sly", 3 * PAGE, PAGE).all_acked
+            space.grant("sly", 3 * PAGE, PAGE)
+            seq = 5
         sly.ok("second_map", space=space.space_id, offset=0, length=4 * PAGE, keep_fd=keep_fd)
         sly.ok("report_mapped", space=space.space_id)
         assert sly.ok("second_read", offset=PAGE)["value"] == 0
@@ -177,10 +185,12 @@ def test_a_second_mapping_defeats_no_verification(quiet, keep_fd):
         ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
         assert outcome == "fenced"
         if keep_fd:
-            assert reason.startswith("acknowledged seq 3 but holds fd ")
+            assert reason.startswith(f"acknowledged seq {seq} but holds fd ")
             assert "of the space, which it may not" in reason
         else:
-            assert reason.startswith("acknowledged seq 3 but maps offset 0x1000 writable (rws)")
+            assert reason.startswith(
+                f"acknowledged seq {seq} but maps offset 0x1000 writable (rws)"
+            )
         # It kept the second mapping after the disconnect: killed.
         assert fence == "killed"
         assert sly.wait(10) == -signal.SIGKILL

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from membroker._sys.libc import PAGE_SIZE
-from membroker._sys.proc import ProcessView
+from membroker._sys.proc import ProcessView, TooManyMappings
 
 # A program that, at image N > 0, maps the memfd read-write and touches its first page, says
 # where, and on "exec" replaces itself with image N + 1 (the memfd's fd inherited).
@@ -100,6 +100,35 @@ def test_a_view_follows_the_process_through_execve(world) -> None:
         with pytest.raises(ProcessLookupError):
             view.mappings_of(st.st_dev, st.st_ino)
         assert view.renewals == 2
+    finally:
+        view.close()
+
+
+def test_the_walk_follows_the_process_through_execve_and_agrees_with_the_text(world) -> None:
+    """The walk (PROCMAP_QUERY, on the loop) sees what the maps text sees, in the new image
+    too; past its limit it stops with TooManyMappings; a process gone is ProcessLookupError."""
+    child, _, st = world
+    view = ProcessView(child.proc.pid)
+    try:
+        assert view.walk_mappings_of(st.st_dev, st.st_ino, 4096) == []
+        assert view.last_mappings > 0
+        address = child.exec()  # a new image that maps the memfd
+        (vma,) = view.walk_mappings_of(st.st_dev, st.st_ino, 4096)
+        assert (vma.start, vma.writable, vma.shared) == (address, True, True)
+        assert view.renewals == 1
+        walked = view.last_mappings
+        assert view.mappings_of(st.st_dev, st.st_ino) == [vma]
+        # Both count every mapping; the text also shows x86_64's [vsyscall] page, which is in
+        # no process's VMA tree.
+        vsyscall = b"[vsyscall]" in Path(f"/proc/{child.proc.pid}/maps").read_bytes()
+        assert view.last_mappings == walked + vsyscall and walked > 3
+        with pytest.raises(TooManyMappings) as info:
+            view.walk_mappings_of(st.st_dev, st.st_ino, 2)
+        assert info.value.limit == 2 and view.last_mappings == 3
+        child.end()
+        with pytest.raises(ProcessLookupError):
+            view.walk_mappings_of(st.st_dev, st.st_ino, 4096)
+        assert view.renewals == 1
     finally:
         view.close()
 

@@ -87,12 +87,19 @@ def test_a_view_that_cannot_be_read_is_unverified_never_verified(core):
     broker, session, space, _ = core
     gone = (AccessRange(PAGE, PAGE, Access.NONE),)
     space.table.revoke("c", PAGE, PAGE)
-    assert broker.judge(session, space.space_id, gone) == (Verdict.ACKED, "")
+    judge = broker.judge(session, space.space_id, gone)
+    assert broker.loop.run_until_complete(judge) == (Verdict.ACKED, "")
+    assert session.view.last_mappings > 0  # looked at once: later looks walk it on the loop
+    assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
     _break_view(session)
-    verdict, reason = broker.judge(session, space.space_id, gone)
-    assert verdict is Verdict.UNVERIFIED
-    assert reason.startswith("its mappings could not be read (")
-    assert "Bad file descriptor" in reason
+    # Both ways of looking: the walk on the loop and the maps text on a worker thread.
+    for verdict, reason in (
+        broker.judge_inline(session, space.space_id, gone),
+        broker.judge_prepared(session, space.space_id, gone)(),
+    ):
+        assert verdict is Verdict.UNVERIFIED
+        assert reason.startswith("its mappings could not be read (")
+        assert "Bad file descriptor" in reason
 
 
 @pytest.mark.parametrize("policy", ["fence", "report"])
@@ -104,7 +111,7 @@ def test_on_unverifiable_decides_what_follows(core, policy):
     batch = Batch(loop)
     ack: Ack = batch.expect(session, space.space_id, 9, (AccessRange(0, PAGE, Access.NONE),))
     session.retain()
-    verdict, reason = broker.judge(session, space.space_id, ack.ranges)
+    verdict, reason = loop.run_until_complete(broker.judge(session, space.space_id, ack.ranges))
     ack.settle(verdict, reason)
     result = loop.run_until_complete(broker._conclude(space, ack))
     session.release()
@@ -156,3 +163,42 @@ def test_a_fenced_process_whose_mappings_cannot_be_read_is_not_called_gone(core)
     problem = broker.loop.run_until_complete(still_reaches(broker, session, spaces))
     assert problem is not None
     assert problem.startswith(f"{space.space_id}: its mappings could not be read (")
+
+
+def test_a_mapping_kept_past_a_revoke_is_caught_by_the_walk_and_by_the_text(core, monkeypatch):
+    """The two ways a revocation is judged: the walk on the loop (a process looked at before,
+    with few mappings) and the maps text on a worker thread (one with many: here, a walk
+    limit below what this process has). Both find a mapping of the revoked page made anywhere
+    in the process, not only where the client said it mapped."""
+    import membrokerd.broker as broker_module
+    from membroker._sys import mman
+    from membroker._sys.proc import TooManyMappings
+
+    broker, session, space, _ = core
+    gone = (AccessRange(PAGE, PAGE, Access.NONE),)
+    space.table.revoke("c", PAGE, PAGE)
+    loop = broker.loop
+    assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
+        Verdict.ACKED,
+        "",
+    )
+    kept = mman.Mapping.map_shared(space.fd, PAGE, mman.PROT_READ, PAGE)  # the revoked page
+    try:
+        verdict, reason = broker.judge_inline(session, space.space_id, gone)
+        assert verdict is Verdict.CAUGHT
+        assert reason.startswith("maps offset 0x1000 readable (r-s)")
+        assert f"at {kept.address:#x}" in reason
+        monkeypatch.setattr(broker_module, "INLINE_MAPPINGS", 3)
+        with pytest.raises(TooManyMappings):
+            broker.judge_inline(session, space.space_id, gone)
+        assert session.view.last_mappings > 3  # the walk stopped there; the text counts all
+        assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
+            verdict,
+            reason,
+        )
+    finally:
+        kept.close()
+    assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
+        Verdict.ACKED,
+        "",
+    )

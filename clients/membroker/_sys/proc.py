@@ -15,9 +15,16 @@ from collections.abc import Iterator
 from typing import Final
 
 from .kvm import _IOWR
-from .libc import PAGE_SIZE, KernelFeatureMissing
+from .libc import PAGE_SIZE, KernelFeatureMissing, libc_gil
 
-__all__ = ["ProcessView", "Vma", "fd_targets", "open_fd_count", "process_groups"]
+__all__ = [
+    "ProcessView",
+    "TooManyMappings",
+    "Vma",
+    "fd_targets",
+    "open_fd_count",
+    "process_groups",
+]
 
 
 def _fd_numbers(pid: int) -> list[int]:
@@ -106,6 +113,14 @@ PROCMAP_QUERY_VMA_EXECUTABLE: Final = 0x04
 PROCMAP_QUERY_VMA_SHARED: Final = 0x08
 PROCMAP_QUERY_COVERING_OR_NEXT_VMA: Final = 0x10
 PROCMAP_QUERY_FILE_BACKED_VMA: Final = 0x20
+# A walk over every mapping of a process: what the caller fills in (size, query_flags,
+# query_addr at offset 0) and what the kernel answers (vma_start .. dev_minor at offset 24).
+# Not filtered to file-backed ones in the kernel: it would step over anonymous mappings
+# inside one ioctl, uncounted, so a process could make a short walk arbitrarily long.
+_WALK_FLAGS: Final = PROCMAP_QUERY_COVERING_OR_NEXT_VMA
+_QUERY_IN: Final = struct.Struct("=QQQ")
+_QUERY_OUT: Final = struct.Struct("=QQQQQQII")
+_QUERY_OUT_AT: Final = 24
 # /proc/PID/pagemap: one u64 per virtual page; bit 63 present, bit 62 swapped, bit 58 guard
 # marker (MADV_GUARD_INSTALL; since 6.15). Gotcha: a guard marker is a special swap-type entry,
 # so it shows bit 62 as well: "swapped" only counts without bit 58.
@@ -195,6 +210,16 @@ class Vma:
         )
 
 
+class TooManyMappings(Exception):
+    """A walk of a process's mappings stopped at its limit: the process has more mappings
+    than the caller would look at on its thread (`ProcessView.walk_mappings_of`)."""
+
+    def __init__(self, pid: int, limit: int) -> None:
+        super().__init__(f"process {pid} has more than {limit} mappings")
+        self.pid = pid
+        self.limit = limit
+
+
 class ProcessView:
     """The kernel's view of one process's memory: /proc/PID/maps (PROCMAP_QUERY) and pagemap.
 
@@ -219,9 +244,9 @@ class ProcessView:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.renewals = 0
-        # Bytes of the last maps text read (-1: none yet): what the next read may cost, for a
-        # caller deciding whether it may block its thread for it (~30 us per 4 KiB).
-        self.last_maps_bytes = -1
+        # How many mappings the last whole look saw (-1: none yet): what the next may cost,
+        # for a caller deciding whether it may block its thread for it (about 1 us each).
+        self.last_mappings = -1
         self._files: tuple[int, int, int] = (-1, -1, -1)  # maps, pagemap, fd directory
         self._retired: list[int] = []
         self._lock = threading.Lock()
@@ -346,20 +371,85 @@ class ProcessView:
             addr = vma.end
         return out
 
+    def walk_mappings_of(self, dev: int, inode: int, limit: int) -> list[Vma]:
+        """Every mapping of the file (dev, inode), by a PROCMAP_QUERY walk over all the
+        process's mappings: one ioctl each (~1 us), where the maps text costs the kernel a
+        formatted line and a path for each (a Python process: ~200 us walked, ~240 us as
+        text). Raises TooManyMappings past `limit` mappings, and OSError as the maps text
+        does.
+
+        The GIL stays held through every ioctl (they do not block): a walk that released it
+        ~170 times would, while another thread runs Python, wait for it back each time. The
+        walk is for a thread that may block for `limit` microseconds or so: the event loop, for
+        a process whose last look was short; a long one is read as text on a worker thread
+        (`mappings_of`), where the reads release the GIL. Like the text, the walk is not one
+        atomic look (see `mappings_of`)."""
+        files = self._files
+        try:
+            return self._walk(files[0], dev, inode, limit)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH or not self._renew(files):
+                raise
+        return self._walk(self._files[0], dev, inode, limit)  # an execve: the new image
+
+    def _walk(self, maps_fd: int, dev: int, inode: int, limit: int) -> list[Vma]:
+        size = ctypes.sizeof(ProcmapQuery)
+        buf = ctypes.create_string_buffer(size)  # per call: a view may be asked from two threads
+        pointer = ctypes.c_void_p(ctypes.addressof(buf))
+        request = ctypes.c_ulong(PROCMAP_QUERY)
+        maps = ctypes.c_int(maps_fd)
+        found: list[Vma] = []
+        seen = 0
+        addr = 0
+        while True:
+            _QUERY_IN.pack_into(buf, 0, size, _WALK_FLAGS, addr)
+            # SAFETY: buf is a live 104-byte procmap_query owned by this call; its name and
+            # build-id sizes are zero, so the kernel writes nothing but the struct itself.
+            if libc_gil.ioctl(maps, request, pointer) != 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:  # no mapping at or above addr
+                    break
+                if err == errno.ENOTTY:
+                    raise KernelFeatureMissing("PROCMAP_QUERY", "the kernel predates 6.11")
+                raise OSError(err, f"PROCMAP_QUERY of process {self.pid}: {os.strerror(err)}")
+            start, end, flags, _, offset, ino, major, minor = _QUERY_OUT.unpack_from(
+                buf, _QUERY_OUT_AT
+            )
+            seen += 1
+            if seen > limit:
+                self.last_mappings = seen
+                raise TooManyMappings(self.pid, limit)
+            if ino == inode and os.makedev(major, minor) == dev:
+                found.append(
+                    Vma(
+                        start,
+                        end,
+                        offset,
+                        dev,
+                        inode,
+                        bool(flags & PROCMAP_QUERY_VMA_READABLE),
+                        bool(flags & PROCMAP_QUERY_VMA_WRITABLE),
+                        bool(flags & PROCMAP_QUERY_VMA_SHARED),
+                    )
+                )
+            addr = end
+        self.last_mappings = seen
+        return found
+
     def mappings_of(self, dev: int, inode: int) -> list[Vma]:
         """Every mapping of the file (dev, inode), from one read of the maps text.
 
-        Reading the whole text (~0.4 ms for a Python process) beats walking it with
-        PROCMAP_QUERY (~8 us per VMA, ~170 file-backed VMAs): targeted questions use
-        `vma_at`, full scans use this. The kernel builds the text under the mmap lock a page
-        at a time, so a process changing its mappings meanwhile can show a VMA twice or not
-        at all: callers only trust a scan of a process that is not expected to be changing.
+        For a thread that must not hold the GIL long (a worker beside the event loop): the
+        reads release it, a megabyte at a time. The kernel builds the text under the mmap lock
+        a page at a time, so a process changing its mappings meanwhile can show a VMA twice
+        or not at all: callers only trust a scan of a process that is not expected to be
+        changing. `walk_mappings_of` is the cheaper form for a short look.
         """
         files = self._files
         text = self._maps_text(files[0])
         if not text and self._renew(files):  # never empty for a live image: an execve
             text = self._maps_text(self._files[0])
-        self.last_maps_bytes = len(text)
+        self.last_mappings = text.count(b"\n")
         # Only the lines naming the inode are parsed (bytes.find runs in C): a Python process
         # has a few hundred lines, one or two of which matter.
         wanted = b" %d " % inode

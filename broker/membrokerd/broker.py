@@ -1095,11 +1095,7 @@ class Broker:
             kind = s.attached.get(space.space_id)
             if kind is None or space.deleting or s.conn.closed:
                 continue
-            if kind is Attachment.FD or (
-                space.space_id not in s.va_base
-                and time.monotonic() - s.attached_at.get(space.space_id, 0.0)
-                < self.config.revoke_deadline_ms / 1000
-            ):
+            if kind is Attachment.FD or self.still_mapping(s, space.space_id):
                 fd_allowed = True
             if ranges is None or len(ranges) > FEW_RANGES:
                 # The whole space's sets (array slices) beat a lookup per range: what lies
@@ -1123,6 +1119,18 @@ class Broker:
             else frozenset()
         )
         return Allowed(readable, writable, sealed), fd_allowed
+
+    def still_mapping(self, session: Session, space_id: str) -> bool:
+        """A VA client between its attach and its Mapped report (for at most the revoke
+        deadline): it holds the fd and is making its mapping, granted pages first, the rest
+        guarded after."""
+        return (
+            space_id in session.attached
+            and space_id not in session.va_base
+            and session.attached[space_id] is not Attachment.FD
+            and time.monotonic() - session.attached_at.get(space_id, 0.0)
+            < self.config.revoke_deadline_ms / 1000
+        )
 
     def is_owner(self, session: Session, space: Space) -> bool:
         """The owner is an identity (name and uid), never a name alone."""

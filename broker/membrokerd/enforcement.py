@@ -297,6 +297,11 @@ class Enforcer:
             session = broker.session_by_id(session_id)
             if session is None or session.conn.closed or session.view is None:
                 continue
+            if broker.still_mapping(session, space_id):
+                # Mid-attach, a page it does not hold may be accessible for a moment (before
+                # its guard marker goes in); the next audit sees the finished mapping, and one
+                # that never reports Mapped is judged once the deadline has passed.
+                continue
             allowance = broker.allowance(session, space, None)
             if allowance is None:
                 continue  # the owner's own process maps the whole space by right

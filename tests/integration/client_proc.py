@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ def main() -> None:
                 answer({"ok": True, "address": c.address, "ranges": _ranges(c), "mode": c.mode})
             elif op == "attach_va_rogue":
                 # A sealed client that cheats in one way ("keep_fd", "no_seal", "own_uffd",
-                # "other_uffd") and is expected to be refused.
+                # "other_uffd") and is expected to be refused; or "slow_seal": an honest one
+                # that takes `delay` seconds between mapping the space and sealing it.
                 from membroker._sys import mman
                 from membroker._sys import uffd as sys_uffd
 
@@ -82,6 +84,15 @@ def main() -> None:
                     mman.Mapping.seal = lambda self: None  # type: ignore[method-assign]
                 elif how == "own_uffd":
                     kept.append(real_create())
+                elif how == "slow_seal":
+
+                    def slow_seal(
+                        self: Any, real_seal: Any = real_seal, delay: float = req["delay"]
+                    ) -> None:
+                        time.sleep(delay)
+                        real_seal(self)
+
+                    mman.Mapping.seal = slow_seal  # type: ignore[method-assign]
                 elif how == "other_uffd":
                     sys_uffd.Uffd.create = other_uffd  # type: ignore[method-assign]
 

@@ -257,3 +257,30 @@ def test_a_client_that_dies_during_an_audit_is_gone_not_fenced(tmp_path):
         time.sleep(0.3)  # audits and their follow-ups settle
         assert owner.stats().fenced_total == 0, d.log()[-2000:]
         assert "membroker_audit_unverified_total 0.0" in d.scrape()
+
+
+def test_audits_leave_a_sealed_client_alone_while_it_maps_and_judge_it_after(tmp_path):
+    """Between its attach and the broker's check of its sealed mapping, a VA client maps the
+    whole space read-write, before any page of it faults through the broker: an audit (here
+    every 10 ms) that judged it then fenced an honest client. It is judged once its mapping is
+    done, or once the revoke deadline has passed without it."""
+    with (
+        daemon_and_clients(tmp_path, 2000, 0.01) as (d, start),
+        membroker.connect("vmm", d.runtime_dir) as owner,
+    ):
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("slow", 0, 4 * PAGE)
+        slow = start("slow")
+        assert (
+            slow.ok("attach_va_rogue", space=space.space_id, how="slow_seal", delay=0.3)["mode"]
+            == "sealed"
+        )
+        assert slow.ok("touch", space=space.space_id, offset=PAGE)["value"] == 0
+        time.sleep(0.1)  # audits of the finished mapping: nothing to find
+        assert owner.stats().fenced_total == 0, d.log()[-2000:]
+        # Judged again after its mapping is done: it keeps what it holds, and no more.
+        slow.ok("lie", space=space.space_id)
+        report = space.revoke("slow", PAGE, PAGE)
+        ((outcome, reason),) = [(c.outcome, c.reason) for c in report.clients]
+        assert outcome == "fenced", reason

@@ -44,7 +44,8 @@ libc = ctypes.CDLL(None, use_errno=True)
 # The same libc, but calls through this handle keep the GIL (ctypes.PyDLL). Only for calls of
 # a microsecond or so made many times in a row (a PROCMAP_QUERY walk): each release of the GIL
 # lets another thread take it, and the caller may then wait up to the switch interval to get it
-# back -- per call. Never for a call that can block.
+# back -- per call. Never for a call that may block for long: while it runs, no other thread
+# of the process runs Python.
 libc_gil = ctypes.PyDLL(None, use_errno=True)
 
 # mmap() returns (void *)-1 on failure; as a c_void_p result that is the all-ones address.

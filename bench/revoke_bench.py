@@ -68,17 +68,20 @@ PAGE = 4096
 
 class CpuMeter:
     """How busy the machine was while a benchmark ran, and how much of that was not ours:
-    /proc/stat busy time minus the CPU time of this process and its (waited-for) children."""
+    /proc/stat busy time minus the CPU time of this process and its (waited-for) children; and
+    how much the hypervisor took (steal: time a virtual CPU wanted to run and could not -- on a
+    VM this is what makes two runs of the same code differ most)."""
 
     def __init__(self) -> None:
         self._start = self._read()
 
     @staticmethod
-    def _read() -> tuple[float, float, float]:
+    def _read() -> tuple[float, float, float, float]:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
         hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # user..steal minus idle, iowait
+        steal = fields[7] / hz
+        busy = (sum(fields[:7]) - fields[3] - fields[4]) / hz  # user..softirq minus idle, iowait
         mine = sum(
             r.ru_utime + r.ru_stime
             for r in (
@@ -86,16 +89,19 @@ class CpuMeter:
                 resource.getrusage(resource.RUSAGE_CHILDREN),
             )
         )
-        return time.monotonic(), busy, mine
+        return time.monotonic(), busy, mine, steal
 
     def summary(self) -> str:
-        t1, busy1, mine1 = self._read()
-        t0, busy0, mine0 = self._start
+        t1, busy1, mine1, steal1 = self._read()
+        t0, busy0, mine0, steal0 = self._start
         wall = t1 - t0
         busy, mine = (busy1 - busy0) / wall, (mine1 - mine0) / wall
+        steal = (steal1 - steal0) / wall
         return (
             f"CPUs busy {busy:.2f} of {os.cpu_count()} on average over {wall:.0f} s, "
-            f"{max(0.0, busy - mine):.2f} of them by other work than this benchmark"
+            f"{max(0.0, busy - mine):.2f} of them by other work than this benchmark; "
+            f"{steal:.2f} CPUs stolen by the hypervisor (steal time: wall times and CPU times "
+            "both stretch with it)"
         )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -235,18 +238,25 @@ def test_a_client_that_ends_its_session_but_keeps_the_space_is_fenced(strict, ke
         ]
 
 
-def test_a_client_that_dies_during_an_audit_is_gone_not_fenced(tmp_path):
-    """A dying process drops its memory (/proc reads of it fail with ESRCH) tens of
-    milliseconds before its pidfd says it exited (here ~75 ms, freeing 1 GiB). Audits every
-    10 ms look at it in that window: it is gone, not a live process hiding its mappings."""
+@contextlib.contextmanager
+def _one_client_under_audits(tmp_path: Any, name: str) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """A daemon that audits every 10 ms, its owner, a 1 MiB shared space and a client process
+    `name` granted its first four pages (not attached yet)."""
     with (
         daemon_and_clients(tmp_path, 2000, 0.01) as (d, start),
         membroker.connect("vmm", d.runtime_dir) as owner,
     ):
         space = owner.create_space(MiB)
         space.share(0, MiB)
-        space.grant("big", 0, 4 * PAGE)
-        big = start("big")
+        space.grant(name, 0, 4 * PAGE)
+        yield d, owner, space, start(name)
+
+
+def test_a_client_that_dies_during_an_audit_is_gone_not_fenced(tmp_path):
+    """A dying process drops its memory (/proc reads of it fail with ESRCH) tens of
+    milliseconds before its pidfd says it exited (here ~75 ms, freeing 1 GiB). Audits every
+    10 ms look at it in that window: it is gone, not a live process hiding its mappings."""
+    with _one_client_under_audits(tmp_path, "big") as (d, owner, space, big):
         big.ok("ballast", mib=1024)
         big.ok("attach_va", space=space.space_id)
         big.ok("touch", space=space.space_id, offset=PAGE)
@@ -264,14 +274,7 @@ def test_audits_leave_a_sealed_client_alone_while_it_maps_and_judge_it_after(tmp
     whole space read-write, before any page of it faults through the broker: an audit (here
     every 10 ms) that judged it then fenced an honest client. It is judged once its mapping is
     done, or once the revoke deadline has passed without it."""
-    with (
-        daemon_and_clients(tmp_path, 2000, 0.01) as (d, start),
-        membroker.connect("vmm", d.runtime_dir) as owner,
-    ):
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("slow", 0, 4 * PAGE)
-        slow = start("slow")
+    with _one_client_under_audits(tmp_path, "slow") as (d, owner, space, slow):
         assert (
             slow.ok("attach_va_rogue", space=space.space_id, how="slow_seal", delay=0.3)["mode"]
             == "sealed"

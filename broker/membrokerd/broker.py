@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -956,11 +957,11 @@ class Broker:
             # It says it zapped: from now on a touch of those pages is refused, so whatever
             # verification finds present now stays what it was. (A large one: in _judge_later.)
             sealed.set_access(awaited.ranges)
-        try:
-            if len(awaited.ranges) >= OFFLOAD_RANGES:
-                raise TooManyMappings(session.pid, 0)
-            verdict, reason = self.judge_inline(session, awaited.space_id, awaited.ranges)
-        except TooManyMappings:
+        judged = None
+        if len(awaited.ranges) < OFFLOAD_RANGES:
+            with contextlib.suppress(TooManyMappings):
+                judged = self.judge_inline(session, awaited.space_id, awaited.ranges)
+        if judged is None:
             # A large revocation, or a process with many mappings (or not looked at yet: a
             # hostile client with tens of thousands costs tens of milliseconds to read): the
             # kernel's view is read and compared on a worker thread, where the reads release
@@ -969,6 +970,7 @@ class Broker:
             awaited.acked_at = now
             self.spawn(self._judge_later(session, awaited))
             return
+        verdict, reason = judged
         if verdict is Verdict.UNVERIFIED:
             awaited.acked_at = now
             self.spawn(self._settle_unverified(session, awaited, reason))

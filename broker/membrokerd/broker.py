@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import dataclasses
 import enum
 import errno
@@ -959,8 +958,7 @@ class Broker:
             sealed.set_access(awaited.ranges)
         judged = None
         if len(awaited.ranges) < OFFLOAD_RANGES:
-            with contextlib.suppress(TooManyMappings):
-                judged = self.judge_inline(session, awaited.space_id, awaited.ranges)
+            judged = self.judge_inline(session, awaited.space_id, awaited.ranges)
         if judged is None:
             # A large revocation, or a process with many mappings (or not looked at yet: a
             # hostile client with tens of thousands costs tens of milliseconds to read): the
@@ -1028,24 +1026,28 @@ class Broker:
         self, session: Session, space_id: str, ranges: Sequence[AccessRange]
     ) -> tuple[Verdict, str]:
         """Asks the kernel whether the process reaches anything of `ranges` beyond what it may
-        hold now (see `allowance`): on the loop when that is short (`judge_inline`), else on a
+        hold now (see `allowance`): on the loop when that is quick (`judge_inline`), else on a
         worker thread."""
-        try:
-            return self.judge_inline(session, space_id, ranges)
-        except TooManyMappings:
-            judge = self.judge_prepared(session, space_id, ranges)
-            return await self.loop.run_in_executor(None, without_collector(judge))
+        judged = self.judge_inline(session, space_id, ranges)
+        if judged is not None:
+            return judged
+        judge = self.judge_prepared(session, space_id, ranges)
+        return await self.loop.run_in_executor(None, without_collector(judge))
 
     def judge_inline(
         self, session: Session, space_id: str, ranges: Sequence[AccessRange]
-    ) -> tuple[Verdict, str]:
-        """`judge` on the loop, by a walk of at most INLINE_MAPPINGS mappings; raises
-        TooManyMappings for a process with more, or not looked at yet (the caller judges it
-        on a worker thread)."""
+    ) -> tuple[Verdict, str] | None:
+        """`judge` on the loop, by a walk of at most INLINE_MAPPINGS mappings; None when the
+        process is not known to be quick to look at (more mappings, not looked at yet, or a
+        walk of it was slow once; see `ProcessView.quick_to_walk`): the caller judges it on a
+        worker thread."""
         view = session.view
-        if view is not None and not 0 <= view.last_mappings <= INLINE_MAPPINGS:
-            raise TooManyMappings(session.pid, INLINE_MAPPINGS)
-        return self.judge_prepared(session, space_id, ranges, INLINE_MAPPINGS)()
+        if view is not None and not view.quick_to_walk(INLINE_MAPPINGS):
+            return None
+        try:
+            return self.judge_prepared(session, space_id, ranges, INLINE_MAPPINGS)()
+        except TooManyMappings:
+            return None
 
     def judge_prepared(
         self,

@@ -189,9 +189,10 @@ def test_a_mapping_kept_past_a_revoke_is_caught_by_the_walk_and_by_the_text(core
         assert reason.startswith("maps offset 0x1000 readable (r-s)")
         assert f"at {kept.address:#x}" in reason
         monkeypatch.setattr(broker_module, "INLINE_MAPPINGS", 3)
+        assert broker.judge_inline(session, space.space_id, gone) is None  # a worker's, then
         with pytest.raises(TooManyMappings):
-            broker.judge_inline(session, space.space_id, gone)
-        assert session.view.last_mappings > 3  # the walk stopped there; the text counts all
+            session.view.walk_mappings_of(space.dev, space.ino, 3)
+        assert session.view.last_mappings == 4  # the walk stopped there
         assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
             verdict,
             reason,
@@ -202,3 +203,25 @@ def test_a_mapping_kept_past_a_revoke_is_caught_by_the_walk_and_by_the_text(core
         Verdict.ACKED,
         "",
     )
+
+
+def test_a_process_whose_walk_was_slow_is_looked_at_on_a_worker_from_then_on(core, monkeypatch):
+    """PROCMAP_QUERY waits for the process's mmap lock, which a process can hold for
+    milliseconds (a large munmap): once a walk of it was slow, its acks are judged from the
+    maps text on a worker thread, never again on the loop."""
+    from membroker._sys.proc import ProcessView
+
+    broker, session, space, _ = core
+    gone = (AccessRange(PAGE, PAGE, Access.NONE),)
+    space.table.revoke("c", PAGE, PAGE)
+    loop = broker.loop
+    assert loop.run_until_complete(broker.judge(session, space.space_id, gone))[0] is Verdict.ACKED
+    assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
+    assert session.view.slow_walks == 0
+    monkeypatch.setattr(ProcessView, "SLOW_WALK_S", 0.0)  # every walk is "slow" now
+    assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
+    assert session.view.slow_walks == 1
+    monkeypatch.setattr(ProcessView, "SLOW_WALK_S", 1.0)
+    assert broker.judge_inline(session, space.space_id, gone) is None
+    assert loop.run_until_complete(broker.judge(session, space.space_id, gone))[0] is Verdict.ACKED
+    assert session.view.slow_walks == 1  # judged from the text: no walk since

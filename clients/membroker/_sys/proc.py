@@ -11,6 +11,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Final
 
@@ -240,6 +241,7 @@ class ProcessView:
     """
 
     MAX_RENEWALS: Final = 16
+    SLOW_WALK_S: Final = 0.002
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -247,6 +249,9 @@ class ProcessView:
         # How many mappings the last whole look saw (-1: none yet): what the next may cost,
         # for a caller deciding whether it may block its thread for it (about 1 us each).
         self.last_mappings = -1
+        # Walks that took longer than SLOW_WALK_S (PROCMAP_QUERY waits for the process's mmap
+        # lock, which it may hold for milliseconds): see `quick_to_walk`.
+        self.slow_walks = 0
         self._files: tuple[int, int, int] = (-1, -1, -1)  # maps, pagemap, fd directory
         self._retired: list[int] = []
         self._lock = threading.Lock()
@@ -371,6 +376,13 @@ class ProcessView:
             addr = vma.end
         return out
 
+    def quick_to_walk(self, limit: int) -> bool:
+        """Whether a walk of this process is known to be short: its last look saw at most
+        `limit` mappings, and no walk of it ever took longer than SLOW_WALK_S (a process can
+        hold its mmap lock, which every PROCMAP_QUERY waits for, for milliseconds at a time:
+        once it has, it is looked at from the maps text on a worker thread from then on)."""
+        return 0 <= self.last_mappings <= limit and not self.slow_walks
+
     def walk_mappings_of(self, dev: int, inode: int, limit: int) -> list[Vma]:
         """Every mapping of the file (dev, inode), by a PROCMAP_QUERY walk over all the
         process's mappings: one ioctl each (~1 us), where the maps text costs the kernel a
@@ -385,12 +397,17 @@ class ProcessView:
         (`mappings_of`), where the reads release the GIL. Like the text, the walk is not one
         atomic look (see `mappings_of`)."""
         files = self._files
+        started = time.monotonic()
         try:
-            return self._walk(files[0], dev, inode, limit)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH or not self._renew(files):
-                raise
-        return self._walk(self._files[0], dev, inode, limit)  # an execve: the new image
+            try:
+                return self._walk(files[0], dev, inode, limit)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH or not self._renew(files):
+                    raise
+            return self._walk(self._files[0], dev, inode, limit)  # an execve: the new image
+        finally:
+            if time.monotonic() - started > self.SLOW_WALK_S:
+                self.slow_walks += 1
 
     def _walk(self, maps_fd: int, dev: int, inode: int, limit: int) -> list[Vma]:
         size = ctypes.sizeof(ProcmapQuery)

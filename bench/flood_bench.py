@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import select
 import signal
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from revoke_bench import ROOT, SRC_PATH, CpuMeter, Daemon, git_state, percentiles
+from revoke_bench import ROOT, SRC_PATH, CpuMeter, Daemon, percentiles, write_results
 from scale_bench import Client, Scrape, fetch, parse_metrics, window
 
 import membroker
@@ -425,16 +424,12 @@ def main() -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    header = (
-        f"# Floods: an honest client's revoke and the daemon's memory\n\n"
-        f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {git_state()}; {args.seconds:g} s of revokes and "
-        f"{args.connects} new sessions per scenario.\n\n"
+    write_results(
+        args.out,
+        "Floods: an honest client's revoke and the daemon's memory",
+        f"; {args.seconds:g} s of revokes and {args.connects} new sessions per scenario.",
+        text,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + text + "\n")
     return 0
 
 

@@ -618,6 +618,20 @@ def git_state() -> str:
     return f"HEAD {head}" + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
+def write_results(out: Path, title: str, detail: str, body: str) -> None:
+    """Writes a bench's results file (and its directory): `# title`, then the command and where,
+    when and on which source it ran (machine, kernel, CPUs, Python, `git_state`), `detail`
+    right after that (its own separator and full stop), then `body`."""
+    header = (
+        f"# {title}\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, {git_state()}{detail}\n\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + body + "\n")
+
+
 def compare(
     now: dict[str, tuple[float, float, float]], before: dict[str, tuple[float, float, float]]
 ) -> tuple[list[str], list[str]]:
@@ -832,15 +846,12 @@ def main() -> int:
     ]
     table = "\n".join(lines + summary)
     print(table)
-    header = (
-        f"# Revoke round trip\n\n`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {git_state()}, {n} iterations (fan-out rows fewer "
-        "for K>1).\n\n"
+    write_results(
+        args.out,
+        "Revoke round trip",
+        f", {n} iterations (fan-out rows fewer for K>1).",
+        table,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + table + "\n")
     return 0
 
 

@@ -53,7 +53,6 @@ import gc
 import http.client
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -66,7 +65,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from revoke_bench import ROOT, SRC_PATH, CpuMeter, Daemon, git_state
+from revoke_bench import ROOT, SRC_PATH, CpuMeter, Daemon, write_results
 
 import membroker
 
@@ -605,15 +604,12 @@ def main() -> int:
     ]
     text = "\n".join(out)
     print(text)
-    header = (
-        f"# Scale: event-loop lag and table operations at {args.fragments:,} fragments\n\n"
-        f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {git_state()}.\n\n"
+    write_results(
+        args.out,
+        f"Scale: event-loop lag and table operations at {args.fragments:,} fragments",
+        ".",
+        text,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + text + "\n")
     return 0
 
 

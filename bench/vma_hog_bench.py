@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from revoke_bench import SRC_PATH, Daemon, git_state
+from revoke_bench import SRC_PATH, Daemon, write_results
 
 import membroker
 
@@ -138,17 +137,13 @@ def main() -> int:
         ]
     )
     print(table)
-    header = (
-        f"# A client with many mappings against the event loop\n\n"
-        f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}` — "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
-        f"Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, {git_state()}; {args.revokes} revokes each. The lag "
-        "columns are the daemon's largest probe lag since it started (1 ms probe), read after "
-        "each phase.\n\n"
+    write_results(
+        args.out,
+        "A client with many mappings against the event loop",
+        f"; {args.revokes} revokes each. The lag columns are the daemon's largest probe lag "
+        "since it started (1 ms probe), read after each phase.",
+        table,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(header + table + "\n")
     return 0
 
 

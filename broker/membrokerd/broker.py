@@ -111,8 +111,8 @@ MAX_CALLS_IN_FLIGHT = 64
 FEW_RANGES = 64
 # A small revocation is judged on the loop (no thread hop, no fight for the GIL with worker
 # threads) by a PROCMAP_QUERY walk of the client's mappings, when its last look saw at most
-# this many (~1 us each: a Python process has ~200). A longer one, or a walk
-# that meets more, is judged on a worker thread from the maps text.
+# this many (~1 us each: a Python process has ~200) and no walk of it was ever slow. Any other,
+# or a walk that meets more, is judged on a worker thread from the maps text.
 INLINE_MAPPINGS = 1024
 # Revocation reports are written to the journal together, at most this often.
 REPORTS_FLUSH_S = 0.2
@@ -960,11 +960,11 @@ class Broker:
         if len(awaited.ranges) < OFFLOAD_RANGES:
             judged = self.judge_inline(session, awaited.space_id, awaited.ranges)
         if judged is None:
-            # A large revocation, or a process with many mappings (or not looked at yet: a
-            # hostile client with tens of thousands costs tens of milliseconds to read): the
-            # kernel's view is read and compared on a worker thread, where the reads release
-            # the GIL and the loop keeps taking acks. The ack counts from its arrival; the
-            # verdict follows, and the revocation waits for it.
+            # A large revocation, or a process with many mappings, or one whose walk was slow
+            # (or not looked at yet: a hostile client with tens of thousands of mappings costs
+            # tens of milliseconds to read): the kernel's view is read and compared on a worker
+            # thread, where the reads release the GIL and the loop keeps taking acks. The ack
+            # counts from its arrival; the verdict follows, and the revocation waits for it.
             awaited.acked_at = now
             self.spawn(self._judge_later(session, awaited))
             return
@@ -1125,9 +1125,9 @@ class Broker:
         return Allowed(readable, writable, sealed), fd_allowed
 
     def still_mapping(self, session: Session, space_id: str) -> bool:
-        """A VA client between its attach and its Mapped report (for at most the revoke
-        deadline): it holds the fd and is making its mapping, granted pages first, the rest
-        guarded after."""
+        """A VA client between its attach and the broker's check of its mapping (its Mapped
+        report), for at most the revoke deadline: it holds the fd and is making its mapping (a
+        sealed one maps the whole space before the broker serves its faults)."""
         return (
             space_id in session.attached
             and space_id not in session.va_base

@@ -390,12 +390,13 @@ class ProcessView:
         text). Raises TooManyMappings past `limit` mappings, and OSError as the maps text
         does.
 
-        The GIL stays held through every ioctl (they do not block): a walk that released it
-        ~170 times would, while another thread runs Python, wait for it back each time. The
-        walk is for a thread that may block for `limit` microseconds or so: the event loop, for
-        a process whose last look was short; a long one is read as text on a worker thread
-        (`mappings_of`), where the reads release the GIL. Like the text, the walk is not one
-        atomic look (see `mappings_of`)."""
+        The GIL stays held through every ioctl (each is short, though it waits for the
+        process's mmap lock: a walk that takes longer than SLOW_WALK_S is counted in
+        `slow_walks`): a walk that released it ~200 times would, while another thread runs
+        Python, wait for it back each time. The walk is for a thread that may block for
+        `limit` microseconds or so: the event loop, for a process `quick_to_walk`; any other is
+        read as text on a worker thread (`mappings_of`), where the reads release the GIL. Like
+        the text, the walk is not one atomic look (see `mappings_of`)."""
         files = self._files
         started = time.monotonic()
         try:

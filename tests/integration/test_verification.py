@@ -239,11 +239,13 @@ def test_a_client_that_ends_its_session_but_keeps_the_space_is_fenced(strict, ke
 
 
 @contextlib.contextmanager
-def _one_client_under_audits(tmp_path: Any, name: str) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """A daemon that audits every 10 ms, its owner, a 1 MiB shared space and a client process
-    `name` granted its first four pages (not attached yet)."""
+def _one_client_under_audits(
+    tmp_path: Any, name: str, deadline_ms: int = 2000
+) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """A daemon that audits every 10 ms (with this revoke deadline), its owner, a 1 MiB shared
+    space and a client process `name` granted its first four pages (not attached yet)."""
     with (
-        daemon_and_clients(tmp_path, 2000, 0.01) as (d, start),
+        daemon_and_clients(tmp_path, deadline_ms, 0.01) as (d, start),
         membroker.connect("vmm", d.runtime_dir) as owner,
     ):
         space = owner.create_space(MiB)
@@ -287,3 +289,16 @@ def test_audits_leave_a_sealed_client_alone_while_it_maps_and_judge_it_after(tmp
         report = space.revoke("slow", PAGE, PAGE)
         ((outcome, reason),) = [(c.outcome, c.reason) for c in report.clients]
         assert outcome == "fenced", reason
+
+
+def test_a_client_that_stays_unchecked_past_the_deadline_is_audited_and_fenced(tmp_path):
+    """The other side of the window above: a client that holds the whole space mapped
+    read-write and does not get its mapping checked (here: it takes 3 s to seal, against a
+    revoke deadline of 0.3 s) is audited once the deadline has passed, and fenced for the
+    pages it does not hold."""
+    with _one_client_under_audits(tmp_path, "stall", deadline_ms=300) as (d, owner, space, c):
+        out = c.cmd("attach_va_rogue", space=space.space_id, how="slow_seal", delay=3.0)
+        assert not out.get("ok"), out
+        assert wait_until(lambda: owner.stats().fenced_total == 1)
+        assert f"audit of {space.space_id}: maps offset 0x4000 writable (rws)" in d.log()
+        assert [g for g, _ in space.grants()] == []

@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +187,70 @@ def test_file_mappings_in_a_range_are_found_by_procmap_query() -> None:
         anon.close()
         view.close()
         os.close(fd)
+
+
+# A process with N more mappings: every other page of an anonymous run made read-only.
+MANY_MAPPINGS = """
+import ctypes, mmap, sys
+n = int(sys.argv[1])
+m = mmap.mmap(-1, 2 * n * mmap.PAGESIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+start = ctypes.addressof(ctypes.c_char.from_buffer(m))
+libc = ctypes.CDLL(None, use_errno=True)
+for i in range(n):
+    if libc.mprotect(ctypes.c_void_p(start + 2 * i * mmap.PAGESIZE), mmap.PAGESIZE, 1):
+        sys.exit(f"mprotect: errno {ctypes.get_errno()}")
+print(flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_walk_slowed_by_preemption_alone_does_not_mark_the_process_slow() -> None:
+    """Only a walk that slept (waiting for the process's mmap lock) marks the process slow to
+    walk. Here the walking thread runs at nice 19 on one CPU with a spinning process, and the
+    walk is long (4,000 mappings, a few scheduler slices): it takes far longer than
+    SLOW_WALK_S, preempted, and the process is still quick to walk. (On a busy
+    2-CPU machine one preemption would otherwise send every later ack of that client to a
+    worker thread for good.)"""
+    import threading
+
+    n = 4_000
+    child = subprocess.Popen(
+        [sys.executable, "-c", MANY_MAPPINGS, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen(
+        [sys.executable, "-c", "print(flush=True)\nwhile True: pass"], stdout=subprocess.PIPE
+    )
+    view = ProcessView(child.pid)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"
+        os.sched_setaffinity(hog.pid, {cpu})
+        assert hog.stdout is not None and hog.stdout.readline() == b"\n"  # spinning now
+        took: list[float] = []
+        go = threading.Event()
+
+        def walk_at_low_priority() -> None:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            go.wait()  # until the main thread waits in join(): nothing asks for the GIL
+            started = time.monotonic()
+            view.walk_mappings_of(1, 1, 4 * n)
+            took.append(time.monotonic() - started)
+
+        thread = threading.Thread(target=walk_at_low_priority)
+        thread.start()
+        go.set()
+        thread.join()
+        assert view.last_mappings > n
+        assert took[0] > ProcessView.SLOW_WALK_S, took  # it was slow: preempted
+        assert view.slow_walks == 0 and view.quick_to_walk(4 * n)
+    finally:
+        for proc in (hog, child):
+            proc.kill()
+            proc.wait(10)
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+        view.close()

@@ -9,8 +9,11 @@ view's maps fd under a real broker core, with a real session socket and a real m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 
 from membroker import wire
 from membroker._sys import memfd as sys_memfd
+from membroker._sys import mman
 from membroker.v1 import session_pb2 as spb
 from membrokerd.access import Access, AccessRange
 from membrokerd.broker import Broker, Outcome
@@ -205,23 +209,71 @@ def test_a_mapping_kept_past_a_revoke_is_caught_by_the_walk_and_by_the_text(core
     )
 
 
-def test_a_process_whose_walk_was_slow_is_looked_at_on_a_worker_from_then_on(core, monkeypatch):
+@contextlib.contextmanager
+def holding_the_mmap_lock(size: int = 64 << 20) -> Iterator[None]:
+    """A thread of this process that keeps taking its mmap lock for writing: mprotect of a
+    populated shared mapping rewrites every PTE of it with the lock held, so a PROCMAP_QUERY
+    of this process that meets it waits (sleeps) until it is done."""
+    fd = sys_memfd.create_memfd("mmap-lock", size)
+    mapping = mman.Mapping.map_shared(fd, size, mman.PROT_READ | mman.PROT_WRITE)
+    os.close(fd)
+    mapping.view(0, size)[:: mman.PAGE_SIZE] = bytes(size // mman.PAGE_SIZE)  # populate
+    stop = threading.Event()
+
+    def toggle() -> None:
+        while not stop.is_set():
+            mapping.protect(0, size, mman.PROT_READ)
+            mapping.protect(0, size, mman.PROT_READ | mman.PROT_WRITE)
+
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        mapping.close()
+
+
+def test_a_process_whose_walk_slept_is_looked_at_on_a_worker_for_a_while(core, monkeypatch):
     """PROCMAP_QUERY waits for the process's mmap lock, which a process can hold for
-    milliseconds (a large munmap): once a walk of it was slow, its acks are judged from the
-    maps text on a worker thread, never again on the loop."""
+    milliseconds (an mprotect of a large populated mapping): after a walk of it slept past
+    SLOW_WALK_S, its acks are judged from the maps text on a worker thread for a pause that
+    doubles with each such walk; then it is walked on the loop again. (Here SLOW_WALK_S is 0,
+    so any walk that sleeps at all counts.)"""
     from membroker._sys.proc import ProcessView
 
     broker, session, space, _ = core
+    view = session.view
     gone = (AccessRange(PAGE, PAGE, Access.NONE),)
     space.table.revoke("c", PAGE, PAGE)
     loop = broker.loop
     assert loop.run_until_complete(broker.judge(session, space.space_id, gone))[0] is Verdict.ACKED
-    assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
-    assert session.view.slow_walks == 0
-    monkeypatch.setattr(ProcessView, "SLOW_WALK_S", 0.0)  # every walk is "slow" now
-    assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
-    assert session.view.slow_walks == 1
-    monkeypatch.setattr(ProcessView, "SLOW_WALK_S", 1.0)
-    assert broker.judge_inline(session, space.space_id, gone) is None
-    assert loop.run_until_complete(broker.judge(session, space.space_id, gone))[0] is Verdict.ACKED
-    assert session.view.slow_walks == 1  # judged from the text: no walk since
+    monkeypatch.setattr(ProcessView, "SLOW_WALK_S", 0.0)
+    monkeypatch.setattr(ProcessView, "SLOW_WALK_PAUSE_S", 0.2)
+    for _ in range(3):  # without a lock to wait for, no walk sleeps, however long it takes
+        assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
+    assert view.slow_walks == 0
+
+    def walk_until_one_sleeps() -> float:
+        with holding_the_mmap_lock():
+            deadline = time.monotonic() + 10
+            before = view.slow_walks
+            while view.slow_walks == before and time.monotonic() < deadline:
+                assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
+            assert view.slow_walks == before + 1
+            return time.monotonic()
+
+    for pause in (0.2, 0.4):
+        slept_at = walk_until_one_sleeps()
+        assert broker.judge_inline(session, space.space_id, gone) is None  # a worker's now
+        assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
+            Verdict.ACKED,
+            "",
+        )
+        walks = view.slow_walks
+        time.sleep(max(0.0, slept_at + pause * 0.5 - time.monotonic()))
+        assert broker.judge_inline(session, space.space_id, gone) is None  # still paused
+        time.sleep(max(0.0, slept_at + pause + 0.05 - time.monotonic()))
+        assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
+        assert view.slow_walks == walks  # walked again, and this walk did not sleep

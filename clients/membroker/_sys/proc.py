@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import fcntl
 import os
+import resource
 import select
 import struct
 import threading
@@ -221,6 +222,12 @@ class TooManyMappings(Exception):
         self.limit = limit
 
 
+def _voluntary_switches() -> int:
+    """How often the calling thread has slept so far (waiting for a lock, for I/O): one
+    getrusage, ~0.5 us."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
 class ProcessView:
     """The kernel's view of one process's memory: /proc/PID/maps (PROCMAP_QUERY) and pagemap.
 
@@ -242,6 +249,10 @@ class ProcessView:
 
     MAX_RENEWALS: Final = 16
     SLOW_WALK_S: Final = 0.002
+    # After a slow walk the process is not walked for this long, doubled with each slow walk
+    # of it, up to SLOW_WALK_PAUSE_MAX_S.
+    SLOW_WALK_PAUSE_S: Final = 1.0
+    SLOW_WALK_PAUSE_MAX_S: Final = 600.0
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -249,9 +260,10 @@ class ProcessView:
         # How many mappings the last whole look saw (-1: none yet): what the next may cost,
         # for a caller deciding whether it may block its thread for it (about 1 us each).
         self.last_mappings = -1
-        # Walks that took longer than SLOW_WALK_S (PROCMAP_QUERY waits for the process's mmap
-        # lock, which it may hold for milliseconds): see `quick_to_walk`.
+        # Walks that took longer than SLOW_WALK_S and slept (PROCMAP_QUERY waits for the
+        # process's mmap lock, which it may hold for milliseconds): see `quick_to_walk`.
         self.slow_walks = 0
+        self._walk_again_at = 0.0  # time.monotonic(): no walk before then (see quick_to_walk)
         self._files: tuple[int, int, int] = (-1, -1, -1)  # maps, pagemap, fd directory
         self._retired: list[int] = []
         self._lock = threading.Lock()
@@ -378,10 +390,20 @@ class ProcessView:
 
     def quick_to_walk(self, limit: int) -> bool:
         """Whether a walk of this process is known to be short: its last look saw at most
-        `limit` mappings, and no walk of it ever took longer than SLOW_WALK_S (a process can
-        hold its mmap lock, which every PROCMAP_QUERY waits for, for milliseconds at a time:
-        once it has, it is looked at from the maps text on a worker thread from then on)."""
-        return 0 <= self.last_mappings <= limit and not self.slow_walks
+        `limit` mappings, and no recent walk of it took longer than SLOW_WALK_S while sleeping.
+
+        A process can hold its mmap lock, which every PROCMAP_QUERY waits for, for milliseconds
+        at a time. After a walk that slept that long, the process is looked at from the maps
+        text on a worker thread for SLOW_WALK_PAUSE_S, a pause that doubles with each slow walk
+        of it (up to SLOW_WALK_PAUSE_MAX_S): a process that keeps doing it stalls the caller's
+        thread once in ten minutes at most, and one that did it once (or a sleep that was not
+        its doing: a wait for the GIL) is walked again a second later. A walk that was only
+        slow because its thread was preempted (a busy machine, a hypervisor's steal) says
+        nothing of the process and counts for nothing: the thread's voluntary context switches
+        tell the two apart, as a wait for a lock is one."""
+        return 0 <= self.last_mappings <= limit and not (
+            self.slow_walks and time.monotonic() < self._walk_again_at
+        )
 
     def walk_mappings_of(self, dev: int, inode: int, limit: int) -> list[Vma]:
         """Every mapping of the file (dev, inode), by a PROCMAP_QUERY walk over all the
@@ -391,7 +413,7 @@ class ProcessView:
         does.
 
         The GIL stays held through every ioctl (each is short, though it waits for the
-        process's mmap lock: a walk that takes longer than SLOW_WALK_S is counted in
+        process's mmap lock: a walk that takes longer than SLOW_WALK_S and slept is counted in
         `slow_walks`): a walk that released it ~200 times would, while another thread runs
         Python, wait for it back each time. The walk is for a thread that may block for
         `limit` microseconds or so: the event loop, for a process `quick_to_walk`; any other is
@@ -399,6 +421,7 @@ class ProcessView:
         the text, the walk is not one atomic look (see `mappings_of`)."""
         files = self._files
         started = time.monotonic()
+        slept = _voluntary_switches()
         try:
             try:
                 return self._walk(files[0], dev, inode, limit)
@@ -407,8 +430,11 @@ class ProcessView:
                     raise
             return self._walk(self._files[0], dev, inode, limit)  # an execve: the new image
         finally:
-            if time.monotonic() - started > self.SLOW_WALK_S:
+            ended = time.monotonic()
+            if ended - started > self.SLOW_WALK_S and _voluntary_switches() > slept:
                 self.slow_walks += 1
+                pause = self.SLOW_WALK_PAUSE_S * 2 ** min(self.slow_walks - 1, 30)
+                self._walk_again_at = ended + min(pause, self.SLOW_WALK_PAUSE_MAX_S)
 
     def _walk(self, maps_fd: int, dev: int, inode: int, limit: int) -> list[Vma]:
         size = ctypes.sizeof(ProcmapQuery)

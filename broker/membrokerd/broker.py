@@ -1014,7 +1014,9 @@ class Broker:
             sealed = session.sealed.get(awaited.space_id)
             if sealed is not None and len(awaited.ranges) >= OFFLOAD_RANGES:
                 judge = _after(functools.partial(sealed.set_access, awaited.ranges), judge)
-            verdict, reason = await self.loop.run_in_executor(None, without_collector(judge))
+            verdict, reason = await self.loop.run_in_executor(
+                None, without_collector(self._timed(judge))
+            )
         except Exception as exc:  # never leave a revocation waiting on a lost verdict
             verdict, reason = Verdict.UNVERIFIED, f"its verification failed ({exc})"
         if verdict is Verdict.UNVERIFIED:
@@ -1032,7 +1034,19 @@ class Broker:
         if judged is not None:
             return judged
         judge = self.judge_prepared(session, space_id, ranges)
-        return await self.loop.run_in_executor(None, without_collector(judge))
+        return await self.loop.run_in_executor(None, without_collector(self._timed(judge)))
+
+    def _timed(self, judge: Callable[[], tuple[Verdict, str]]) -> Callable[[], tuple[Verdict, str]]:
+        """`judge`, its duration observed as verification on a worker thread."""
+
+        def timed() -> tuple[Verdict, str]:
+            started = time.perf_counter()
+            try:
+                return judge()
+            finally:
+                self.metrics.verify_on_worker.observe(time.perf_counter() - started)
+
+        return timed
 
     def judge_inline(
         self, session: Session, space_id: str, ranges: Sequence[AccessRange]
@@ -1044,10 +1058,17 @@ class Broker:
         view = session.view
         if view is not None and not view.quick_to_walk(INLINE_MAPPINGS):
             return None
+        slow = view.slow_walks if view is not None else 0
+        started = time.perf_counter()
         try:
-            return self.judge_prepared(session, space_id, ranges, INLINE_MAPPINGS)()
+            judged = self.judge_prepared(session, space_id, ranges, INLINE_MAPPINGS)()
         except TooManyMappings:
             return None
+        finally:
+            if view is not None and view.slow_walks != slow:
+                self.metrics.slow_walks.inc()
+        self.metrics.verify_on_loop.observe(time.perf_counter() - started)
+        return judged
 
     def judge_prepared(
         self,

@@ -254,6 +254,24 @@ class Metrics:
             "on_unverifiable = report).",
             registry=self.registry,
         )
+        self.verify_seconds = Histogram(
+            "membroker_verify_seconds",
+            "How long judging one acknowledgement against the kernel's view of the client "
+            "took, by where: on the event loop (a PROCMAP_QUERY walk of its mappings) or on a "
+            "worker thread (its maps text: a large process, or one whose walk slept).",
+            ["where"],
+            buckets=(50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 0.01, 0.05, 0.1, 0.5),
+            registry=self.registry,
+        )
+        self.verify_on_loop = self.verify_seconds.labels("loop")
+        self.verify_on_worker = self.verify_seconds.labels("worker")
+        self.slow_walks = Counter(
+            "membroker_slow_walks_total",
+            "Walks of a client's mappings that slept over 2 ms (waiting for its mmap lock): "
+            "each sends that client's acknowledgements to a worker thread for a while "
+            "(1 s, doubling with each, up to 10 min).",
+            registry=self.registry,
+        )
         self.audit_seconds = Histogram(
             "membroker_audit_duration_seconds",
             "How long one full audit of every attached client took.",

@@ -264,8 +264,18 @@ def test_a_process_whose_walk_slept_is_looked_at_on_a_worker_for_a_while(core, m
             assert view.slow_walks == before + 1
             return time.monotonic()
 
+    def metric(name: str, **labels: str) -> float:
+        value = broker.metrics.registry.get_sample_value(name, labels)
+        assert value is not None, name
+        return value
+
+    on_loop = metric("membroker_verify_seconds_count", where="loop")
+    on_worker = metric("membroker_verify_seconds_count", where="worker")
+    assert on_loop >= 3 and on_worker >= 1  # the walks above; the first look, from the text
+    assert metric("membroker_slow_walks_total") == 0
     for pause in (0.2, 0.4):
         slept_at = walk_until_one_sleeps()
+        assert metric("membroker_slow_walks_total") == view.slow_walks
         assert broker.judge_inline(session, space.space_id, gone) is None  # a worker's now
         assert loop.run_until_complete(broker.judge(session, space.space_id, gone)) == (
             Verdict.ACKED,
@@ -277,3 +287,5 @@ def test_a_process_whose_walk_slept_is_looked_at_on_a_worker_for_a_while(core, m
         time.sleep(max(0.0, slept_at + pause + 0.05 - time.monotonic()))
         assert broker.judge_inline(session, space.space_id, gone) == (Verdict.ACKED, "")
         assert view.slow_walks == walks  # walked again, and this walk did not sleep
+    assert metric("membroker_verify_seconds_count", where="worker") == on_worker + 2
+    assert metric("membroker_verify_seconds_count", where="loop") > on_loop

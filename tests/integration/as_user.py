@@ -1,7 +1,8 @@
 """Runs one membroker scenario as another user: imports as root, then drops to --uid/--gid
 (the interpreter lives under /root, which other users cannot read) and prints a JSON result.
 
-Scenarios: connect (open a session), create (create a space), attach SPACE (attach as VA).
+Scenarios: connect (open a session), create (create a space), attach SPACE (attach as VA),
+hold (open a session, print the result, and keep the session until stdin closes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def main() -> int:
     p.add_argument("--uid", type=int, required=True)
     p.add_argument("--gid", type=int, required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("scenario", choices=["connect", "create", "attach"])
+    p.add_argument("scenario", choices=["connect", "create", "attach", "hold"])
     p.add_argument("space", nargs="?")
     args = p.parse_args()
     os.setgroups([])
@@ -37,6 +38,10 @@ def main() -> int:
                 result["space"] = session.create_space(1 << 20).space_id
             elif args.scenario == "attach":
                 result["ranges"] = len(session.attach_va(args.space).ranges())
+            elif args.scenario == "hold":
+                print(json.dumps(dict(result, ok=True)), flush=True)
+                sys.stdin.read()
+                return 0
         result["ok"] = True
     except membroker.errors.MembrokerError as exc:
         result.update(ok=False, error=type(exc).__name__, message=str(exc))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -196,4 +197,92 @@ def test_quotas_refuse_with_resource_exhausted_naming_the_limit(tmp_path):
                 membroker.connect("s4", d.runtime_dir)
             a.close()
     finally:
+        stop_and_clean(d)
+
+
+class Holder:
+    """A session held open by a process of another uid, until `end()` (by its pid)."""
+
+    def __init__(self, d: Daemon, uid: int, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(AS_USER),
+                "--runtime-dir",
+                str(d.runtime_dir),
+                "--uid",
+                str(uid),
+                "--gid",
+                str(uid),
+                "--name",
+                name,
+                "hold",
+            ],
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.result: dict[str, object] = json.loads(self.proc.stdout.readline())
+        assert self.result["uid"] == uid
+
+    def end(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc.stdout.close()
+
+
+def test_many_uids_at_their_own_limits_fill_max_sessions_and_are_refused_by_name(tmp_path):
+    """README, "Many uids together": each uid stops at max_sessions_per_uid, but two uids at
+    their limit fill a max_sessions of 4; then every new session (root's too) is refused naming
+    max_sessions, and once one ends a new one is let in."""
+    d = daemon_with(
+        tmp_path,
+        SESSION_SOCKET_MODE="0666",
+        CONTROL_SOCKET_MODE="0666",
+        MAX_SESSIONS="4",
+        MAX_SESSIONS_PER_UID="2",
+    )
+    holders: list[Holder] = []
+    try:
+        for uid in (NOBODY, NOBODY - 1):
+            for i in range(2):
+                holder = Holder(d, uid, f"u{uid}-{i}")
+                holders.append(holder)
+                assert holder.result["ok"] is True, holder.result
+            if uid == NOBODY:
+                # A third session of a uid at its limit is refused by its own limit...
+                over = as_nobody(d, "u-third", "connect")
+                assert over["error"] == "ConnectError"
+                assert f"too many sessions of uid {NOBODY} (limit max_sessions_per_uid = 2)" in str(
+                    over["message"]
+                ), over
+        assert len({h.result["session"] for h in holders}) == 4
+        # ... and anyone else's, root's included, by the global one, which the uids filled.
+        with pytest.raises(
+            membroker.ConnectError, match=r"too many sessions \(limit max_sessions = 4\)"
+        ):
+            membroker.connect("root-late", d.runtime_dir, timeout=10)
+        holders.pop().end()  # one ends: room for one, once the broker has seen it go
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                late = membroker.connect("root-late", d.runtime_dir, timeout=10)
+                break
+            except membroker.ConnectError as exc:
+                if "limit max_sessions = 4" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with late:
+            assert late.session_id not in {h.result["session"] for h in holders}
+    finally:
+        for holder in holders:
+            holder.end()
         stop_and_clean(d)

@@ -5,7 +5,8 @@ read, write, touch (read one byte through the raw mapping, unchecked: may die of
 hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 access_enter / access_read / access_exit (an access() block held open across commands),
-pin, unpin, ranges, truncate, pread, close, exit, exec_liar (become exec_liar.py, which keeps
+pin, unpin, ranges, truncate, pread, close, exit, hold_mmap_lock / release_mmap_lock (a thread
+that keeps the process's mmap lock busy), exec_liar (become exec_liar.py, which keeps
 the session and lies), close_session / end_session_keeping (end the session honestly, or at the
 socket keeping everything), session_state; own_create / own (this process as an
 owner: create a space, then share, unshare, grant, revoke, delete, revocations, seq on it).
@@ -384,6 +385,16 @@ def main() -> None:
                         start = int(line.split("-", 1)[0], 16)
                         count += lo <= start < hi
                 answer({"ok": True, "vmas": count})
+            elif op == "hold_mmap_lock":
+                # A thread that keeps this process's mmap lock taken for writing, milliseconds
+                # at a time: it dirties every page of an anonymous mapping of `mib` MiB
+                # (MADV_POPULATE_WRITE) and write-protects it (mprotect rewrites every PTE,
+                # with the lock held), over and over, until "release_mmap_lock".
+                blocks["mmap_lock"] = _MmapLockHolder(req["mib"] << 20)
+                answer({"ok": True})
+            elif op == "release_mmap_lock":
+                blocks.pop("mmap_lock").stop()
+                answer({"ok": True})
             elif op == "hold":
                 # A pointer the backend keeps across a revocation (a stale descriptor, say).
                 held[req["space"]] = attached[req["space"]].view(req["offset"], 1, check=False)
@@ -481,6 +492,39 @@ def main() -> None:
                 }
             )
     session.close()
+
+
+class _MmapLockHolder:
+    def __init__(self, size: int) -> None:
+        import ctypes
+        import mmap
+        import threading
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.size = size
+        self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _call(self, name: str, *args: int) -> None:
+        import ctypes
+
+        fn = getattr(self.libc, name)
+        if fn(ctypes.c_void_p(args[0]), ctypes.c_size_t(args[1]), *args[2:]) != 0:
+            raise OSError(ctypes.get_errno(), f"{name} failed")
+
+    def _run(self) -> None:
+        populate_write, read, read_write = 23, 1, 3  # MADV_POPULATE_WRITE, PROT_*
+        while not self.stop_event.is_set():
+            self._call("madvise", self.address, self.size, populate_write)
+            self._call("mprotect", self.address, self.size, read)
+            self._call("mprotect", self.address, self.size, read_write)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
 
 
 def _ranges(client: Any) -> list[list[Any]]:

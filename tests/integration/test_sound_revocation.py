@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -493,3 +494,53 @@ def test_a_fenced_client_behind_in_reading_still_learns_why(tmp_path):
             os.kill(slow.pid, signal.SIGCONT)
             slow.close()
         d.stop()
+
+
+def _metric(d: Any, name: str) -> float:
+    """One sample of the daemon's /metrics (0 when absent)."""
+    for line in d.scrape().splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_busy_with_its_mmap_lock_is_judged_on_a_worker_and_still_verified(quiet):
+    """README, "A stall of the event loop now and then": a client that keeps its mmap lock
+    taken (mprotect of a populated 512 MiB mapping, in a loop) makes a walk of its mappings
+    sleep. The first such walk is counted (membroker_slow_walks_total); its acknowledgements
+    are then judged from the maps text on a worker thread, and verified all the same. Once it
+    lets go and the pause has passed, they are walked on the loop again."""
+    d, start = quiet
+    loop = 'membroker_verify_seconds_count{where="loop"}'
+    worker = 'membroker_verify_seconds_count{where="worker"}'
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("busy", 0, 4 * PAGE)
+        busy = start("busy")
+        busy.ok("attach_va", space=space.space_id)
+        assert space.revoke("busy", PAGE, PAGE).all_acked  # its first look: the maps text
+        space.grant("busy", PAGE, PAGE)
+        walked = _metric(d, loop)
+        assert space.revoke("busy", PAGE, PAGE).all_acked
+        space.grant("busy", PAGE, PAGE)
+        assert _metric(d, loop) == walked + 1  # looked at before: walked on the loop
+        assert _metric(d, "membroker_slow_walks_total") == 0
+        busy.ok("hold_mmap_lock", mib=512)
+        deadline = time.monotonic() + 20
+        while _metric(d, "membroker_slow_walks_total") == 0:
+            assert time.monotonic() < deadline, "no walk of the busy client ever slept"
+            report = space.revoke("busy", PAGE, PAGE)
+            assert [(c.client, c.outcome) for c in report.clients] == [("busy", "acked")]
+            space.grant("busy", PAGE, PAGE)
+        read = _metric(d, worker)
+        walked = _metric(d, loop)
+        report = space.revoke("busy", PAGE, PAGE)  # within the 1 s pause: from the text
+        assert [(c.client, c.outcome) for c in report.clients] == [("busy", "acked")]
+        space.grant("busy", PAGE, PAGE)
+        assert (_metric(d, worker), _metric(d, loop)) == (read + 1, walked)
+        busy.ok("release_mmap_lock")
+        time.sleep(1.1)  # the first pause is 1 s
+        assert space.revoke("busy", PAGE, PAGE).all_acked
+        assert _metric(d, loop) == walked + 1
+        assert owner.stats().fenced_total == 0

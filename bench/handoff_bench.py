@@ -1,0 +1,135 @@
+"""What the SDK's reader thread costs a caller that waits for an answer (issue 9, item 1): a
+session Ping answered by the daemon, waited for the SDK's way (the reader thread takes the
+Pong and wakes the calling thread) and read on the calling thread itself (a second session,
+framed by hand, no reader thread), in alternating rounds on one daemon, beside a Unix-socket
+ping-pong between two processes.
+
+    .venv/bin/python bench/handoff_bench.py [--rounds 6] [--iterations 1000]
+        [--out bench/results/handoff.md]
+
+Both sessions are served by the same daemon, whose loop decodes each Ping and answers it the
+same way; what differs is only who reads the answer. The daemon is ended by its pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from revoke_bench import ROOT, Daemon, bench_socket_pingpong, percentiles, write_results
+
+import membroker
+from membroker import wire
+from membroker.v1 import session_pb2 as spb
+
+SDK = "session ping, the SDK's: the reader thread takes the Pong, wakes the caller"
+RAW = "session ping read on the calling thread (a raw session, no reader thread)"
+SOCKET = "baseline: Unix-socket ping-pong between processes"
+
+
+class RawSession:
+    """A session whose frames are read on the thread that sends (Hello, then Pings)."""
+
+    def __init__(self, runtime_dir: Path, name: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(runtime_dir / "session.sock"))
+        self.decoder = wire.FrameDecoder()
+        hello = spb.Hello(protocol_version=wire.PROTOCOL_VERSION, client_name=name)
+        self.sock.sendall(wire.encode(spb.Frame(hello=hello)))
+        (welcome,) = self._frames()
+        if welcome.WhichOneof("body") != "welcome":
+            raise RuntimeError(f"no Welcome: {welcome}")
+        self.nonce = 0
+
+    def _frames(self) -> list[spb.Frame]:
+        while True:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise RuntimeError("the daemon closed the raw session")
+            frames = [frame for frame, _ in self.decoder.feed(data, [])]
+            if frames:
+                return frames
+
+    def ping(self) -> None:
+        self.nonce += 1
+        self.sock.sendall(wire.encode(spb.Frame(ping=spb.Ping(nonce=self.nonce))))
+        while True:
+            for frame in self._frames():
+                if frame.WhichOneof("body") == "pong" and frame.pong.nonce == self.nonce:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+        self.decoder.close()
+
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "handoff.md")
+    args = parser.parse_args()
+    samples: dict[str, list[float]] = {SDK: [], RAW: []}
+    per_round: list[tuple[float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
+        daemon = Daemon(Path(tmp) / "rt", verify="off")
+        try:
+            with membroker.connect("handoff-sdk", daemon.runtime_dir) as session:
+                raw = RawSession(daemon.runtime_dir, "handoff-raw")
+                try:
+                    timed(session.ping, 200)  # warm-up, both ways
+                    timed(raw.ping, 200)
+                    for i in range(args.rounds):
+                        print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
+                        sdk = timed(session.ping, args.iterations)
+                        mine = timed(raw.ping, args.iterations)
+                        samples[SDK] += sdk
+                        samples[RAW] += mine
+                        per_round.append((percentiles(sdk)[0], percentiles(mine)[0]))
+                finally:
+                    raw.close()
+        finally:
+            daemon.stop()
+    rows = [
+        (SOCKET, percentiles(bench_socket_pingpong(args.iterations))),
+        (SDK, percentiles(samples[SDK])),
+        (RAW, percentiles(samples[RAW])),
+    ]
+    lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
+    lines += [
+        "",
+        "p50 of each round, µs (SDK / calling thread): "
+        + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in per_round),
+        "",
+        f"The reader thread's hand-off: {rows[1][1][0] - rows[2][1][0]:+.0f} µs p50 "
+        "(SDK minus calling thread; a round trip on the session socket, not a revoke).",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    write_results(
+        args.out,
+        "Hand-off through the SDK's reader thread",
+        f", {args.rounds} rounds of {args.iterations} pings each way, alternating.",
+        body,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

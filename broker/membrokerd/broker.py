@@ -362,11 +362,14 @@ class Broker:
                 self._sealed(session, frame.sealed, fds)
                 fds = []
             elif kind == "call":
-                self._call(session, frame.call)
+                self._call(session, frame.call, conn)
             elif kind == "call_cancelled":
                 task = session.calls.get(frame.call_cancelled.id)
                 if task is not None:
                     task.cancel()  # as a gRPC cancellation: its change goes on, caller_gone
+            elif kind == "call_channel":
+                self._call_channel(session, fds)
+                fds = []
             elif kind == "ping":
                 conn.send(spb.Frame(pong=spb.Pong(nonce=frame.ping.nonce)))
             elif kind == "goodbye":
@@ -497,6 +500,7 @@ class Broker:
                     page_size=os.sysconf("SC_PAGE_SIZE"),
                     resume_token=session.resume_token,
                     resumed=session.resumed,
+                    call_channels=self.calls is not None,
                 )
             )
         )
@@ -676,8 +680,55 @@ class Broker:
         else:
             session.isolation.pop(said.space_id, None)
 
-    def _call(self, session: Session, call: spb.Call) -> None:
-        """A control call on the session socket: run like its gRPC twin, answered in turn."""
+    def _call_channel(self, session: Session, fds: list[int]) -> None:
+        """A CallChannel frame: its one fd, a Unix stream socket whose other end this
+        session's process holds, becomes a connection on which the session's calls come and
+        are answered (`CallChannelHost`). Anything else is a protocol error (the fds closed)."""
+        try:
+            if self.calls is None:
+                raise ProtocolError("this broker takes no calls on the session socket", code=12)
+            if len(fds) != 1:
+                raise ProtocolError(f"call_channel carries exactly one fd, not {len(fds)}")
+            if session.channel is not None:
+                raise ProtocolError("this session has a call channel already")
+            try:
+                sock = sys_sock.adopt_unix_stream(fds[0])
+            except ValueError as exc:
+                raise ProtocolError(f"call_channel: {exc}") from None
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        fds.clear()  # the socket owns it now
+        try:
+            cred = sys_sock.peer_credentials(sock)
+            if cred.pid != session.pid:
+                raise ProtocolError(
+                    f"the call channel's other end was made by pid {cred.pid}, not by this "
+                    f"session's process (pid {session.pid})",
+                    code=7,
+                )
+            pidfd = sys_sock.peer_pidfd(sock)
+        except OSError as exc:
+            sock.close()
+            raise ProtocolError(f"call channel: cannot identify its other end: {exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        session.channel = Connection(
+            self.loop,
+            sock,
+            CallChannelHost(self, session),
+            self.config.max_frame_bytes,
+            cred,
+            pidfd,
+            **_connection_limits(self.config),
+        )
+
+    def _call(self, session: Session, call: spb.Call, reply: Connection) -> None:
+        """A control call on the session socket or its call channel (`reply`): run like its
+        gRPC twin, answered in turn on the connection it came on."""
         if self.calls is None:
             raise ProtocolError("this broker takes no calls on the session socket", code=12)
         if call.id == 0 or call.id in session.calls:
@@ -694,14 +745,22 @@ class Broker:
             except asyncio.CancelledError:
                 return  # the caller gave up or left: nothing to answer
             finally:
-                session.calls.pop(call.id, None)
-            if not session.conn.closed:
-                session.conn.send(spb.Frame(call_result=result))
+                forget()
+            if not reply.closed:
+                reply.send(spb.Frame(call_result=result))
+
+        def forget() -> None:
+            if session.calls.get(call.id) is task:
+                del session.calls[call.id]
+
+        def done(task: asyncio.Task[None]) -> None:
+            forget()  # again: a task cancelled before its first step never runs its body
+            self._tasks.discard(task)
 
         task = self.loop.create_task(run())
         session.calls[call.id] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(done)
 
     def _seal_overdue(self, session: Session, space_id: str, attached_at: float) -> None:
         """A sealed-mode attachment whose Sealed report has not come: fenced (the process
@@ -1181,6 +1240,8 @@ class Broker:
         session.offered.clear()
         for task in list(session.calls.values()):
             task.cancel()  # its caller is gone: changes go on, reports say caller_gone
+        if session.channel is not None:
+            session.channel.close(f"session ended: {conn.close_reason}")
         for awaited in session.pending_acks.values():
             awaited.settle(Verdict.LOST, f"session ended: {conn.close_reason}")
         session.pending_acks.clear()
@@ -2838,6 +2899,67 @@ def _beyond(held: Sequence[AccessRange], size: int) -> list[AccessRange]:
 
 def _lowered_bytes(change: ClientDelta) -> int:
     return change.lowered_bytes
+
+
+class CallChannelHost:
+    """The frames of a session's call channel: Call and CallCancelled, run and answered as on
+    the session socket. Anything else (or an fd) is a protocol error that closes the channel,
+    with an Error frame, and leaves the session as it was."""
+
+    def __init__(self, broker: Broker, session: Session) -> None:
+        self.broker = broker
+        self.session = session
+        # The calls that came on this channel, in flight: cancelled when it closes (their
+        # caller is gone, as with a session that ends: changes go on, caller_gone).
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    def on_frame(self, conn: Connection, frame: spb.Frame, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        kind = frame.WhichOneof("body")
+        session = self.session
+        try:
+            if fds:
+                raise ProtocolError(f"a call channel carries no fds ({kind} came with some)")
+            if session.conn.closed:
+                raise ProtocolError("the session has ended")
+            if kind == "call":
+                self.broker._call(session, frame.call, conn)
+                call_id = frame.call.id
+                task = self.tasks[call_id] = session.calls[call_id]
+                task.add_done_callback(functools.partial(self._done, call_id))
+            elif kind == "call_cancelled":
+                cancelled = session.calls.get(frame.call_cancelled.id)
+                if cancelled is not None:
+                    cancelled.cancel()
+            else:
+                raise ProtocolError(
+                    f"only call and call_cancelled travel on a call channel, not {kind}"
+                )
+        except ProtocolError as exc:
+            self.on_protocol_error(conn, exc)
+            conn.close(
+                f"protocol error: {exc}",
+                spb.Frame(error=spb.Error(code=exc.code, message=str(exc))),
+            )
+
+    def _done(self, call_id: int, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(call_id) is task:
+            del self.tasks[call_id]
+
+    def on_closed(self, conn: Connection) -> None:
+        if self.session.channel is conn:
+            self.session.channel = None
+        for call_id, task in list(self.tasks.items()):
+            task.cancel()
+            if self.session.calls.get(call_id) is task:
+                del self.session.calls[call_id]  # now: its slot is free at once
+
+    def on_protocol_error(self, conn: Connection, error: ProtocolError) -> None:
+        self.broker.metrics.protocol_errors.inc()
+        log.warning(
+            "call channel of session %s (pid %d): %s", self.session.session_id, conn.cred.pid, error
+        )
 
 
 def _sealed_update(

@@ -73,8 +73,10 @@ class Session:
         self.resyncing: set[str] = set()
         # space id -> an fd client attached with a read-only description (until upgraded)
         self.read_only_fd: set[str] = set()
-        # the control calls in flight on the socket (Call frames), by id
+        # the control calls in flight on the socket or its call channel (Call frames), by id
         self.calls: dict[int, asyncio.Task[None]] = {}
+        # The session's call channel (a CallChannel frame's socket), while it is open.
+        self.channel: Connection | None = None
         # gRPC calls of this session's token in flight (the session socket's own are `calls`).
         self.grpc_calls = 0
         self.pidfd = os.dup(conn.pidfd)

@@ -262,6 +262,15 @@ class Session:
         self._fenced = False
         self._reader: threading.Thread | None = None
         self._decoder = wire.FrameDecoder()
+        # The call channel (`_call_on_channel`): a socketpair end whose other end the broker
+        # holds, the connection generation it was made on, its decoder; one caller at a time.
+        self._call_chan: socket.socket | None = None
+        self._channel_generation = -1
+        self._channel_decoder = wire.FrameDecoder()
+        self._channel_lock = threading.Lock()
+        self._call_channels = False  # the broker takes them (Welcome.call_channels)
+        # Calls answered on the calling thread's own channel so far.
+        self.calls_on_channel = 0
         self._recv_cap = SMALL_RECV_BYTES
         try:
             self._sock.settimeout(timeout)
@@ -307,6 +316,7 @@ class Session:
         self.max_frame_bytes = max_frame
         self._decoder.max_frame = max_frame
         self._recv_cap = min(max_frame + wire.HEADER.size, MAX_RECV_BYTES)
+        self._call_channels = welcome.call_channels
         self._metadata = ((TOKEN_KEY, self.token),)
 
     def _connect(self, timeout: float) -> None:
@@ -1081,6 +1091,13 @@ class Session:
             body = request.SerializeToString()
             if len(body) <= self.max_frame_bytes - CALL_OVERHEAD:
                 try:
+                    # On the call channel, read by this thread; while another thread uses it,
+                    # on the session socket, handed over by the reader thread.
+                    if self._call_channels and self._channel_lock.acquire(blocking=False):
+                        try:
+                            return self._call_on_channel(method, request, body, timeout)
+                        finally:
+                            self._channel_lock.release()
                     return self._call_on_session(method, request, body, timeout)
                 except ResourceExhausted as exc:
                     if "does not fit a session frame" not in exc.details:
@@ -1147,6 +1164,122 @@ class Session:
             code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
             raise from_status(code, result.message, method, request)
         return response_class.FromString(result.body)
+
+    def _call_on_channel(
+        self, method: str, request: Any, body: bytes, timeout: float | None
+    ) -> Any:
+        """`_call_on_session`, but sent on the call channel and its answer read here, by the
+        calling thread: no hand-off through the reader thread (bench/handoff_bench.py). Call
+        with `_channel_lock` held. The channel is made at the first call on each connection
+        of the session (a CallChannel frame carrying one end of a socketpair)."""
+        response_class = _RESPONSES.get(method)
+        if response_class is None:
+            raise Unimplemented(f"no method {method!r}", method=method, request=request)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        chan, generation = self._open_channel()
+        call_id = next(self._call_ids)
+        with self._cv:
+            self._results[call_id] = None  # in flight, as on the session socket
+        try:
+            chan.settimeout(max(deadline - time.monotonic(), 0.001))
+            chan.sendall(
+                wire.encode(spb.Frame(call=spb.Call(id=call_id, method=method, body=body)))
+            )
+            result = self._channel_result(chan, call_id, deadline)
+        except TimeoutError:
+            try:
+                chan.settimeout(0.1)
+                chan.sendall(wire.encode(spb.Frame(call_cancelled=spb.CallCancelled(id=call_id))))
+            except OSError:
+                self._drop_channel()  # half a frame may be in it: never used again
+            raise BrokerError(
+                "deadline exceeded waiting for the broker's answer "
+                "(a change it started runs to its end in the broker)",
+                method=method,
+                request=request,
+                code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+        except (OSError, ProtocolError) as exc:
+            self._drop_channel()
+            raise self._channel_lost(generation, method, request, str(exc)) from exc
+        finally:
+            with self._cv:
+                self._results.pop(call_id, None)
+        self.calls_on_channel += 1
+        if result.code:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            raise from_status(code, result.message, method, request)
+        return response_class.FromString(result.body)
+
+    def _open_channel(self) -> tuple[socket.socket, int]:
+        """The call channel of the current connection, made now if it has none yet."""
+        with self._cv:
+            generation = self._generation
+        if self._call_chan is not None and self._channel_generation == generation:
+            return self._call_chan, generation
+        self._drop_channel()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # Every byte must carry its sender's credentials, including those sent before the
+            # broker sets SO_PASSCRED on its end: it refuses bytes of another process (or none).
+            sys_sock.pass_credentials(ours)
+            self._send(spb.Frame(call_channel=spb.CallChannel()), [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._call_chan, self._channel_generation = ours, generation
+        self._channel_decoder = wire.FrameDecoder(self.max_frame_bytes)
+        return ours, generation
+
+    def _channel_result(self, chan: socket.socket, call_id: int, deadline: float) -> spb.CallResult:
+        """Reads the channel until call `call_id`'s answer (answers of calls given up before
+        are dropped). TimeoutError past `deadline`; OSError when the channel ends."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            chan.settimeout(left)
+            missing = self._channel_decoder.missing_bytes
+            data = chan.recv(min(max(missing, SMALL_RECV_BYTES), self._recv_cap))
+            if not data:
+                raise ConnectionResetError("the broker closed the call channel")
+            for frame, _ in self._channel_decoder.feed(data, []):
+                kind = frame.WhichOneof("body")
+                if kind == "call_result" and frame.call_result.id == call_id:
+                    return frame.call_result
+                if kind == "error":
+                    raise ConnectionResetError(
+                        f"the broker closed the call channel: {frame.error.message}"
+                    )
+                log.debug("dropped a %s frame on the call channel", kind)
+
+    def _channel_lost(self, generation: int, method: str, request: Any, why: str) -> MembrokerError:
+        """What a call whose channel ended says: the session's end or its resume if that is
+        why (the reader learns of it within moments), else that the answer is lost."""
+        with self._cv:
+            self._cv.wait_for(
+                lambda: self._closed_reason is not None or self._lost(generation),
+                LAST_WORDS_WAIT,
+            )
+            if self._closed_reason is not None:
+                return self._closed_error()
+            if self._lost(generation):
+                return self._restarting_error()
+        return BrokerError(
+            f"the call channel ended while the call was in flight ({why}): a change it "
+            "started may or may not have been made",
+            method=method,
+            request=request,
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
+
+    def _drop_channel(self) -> None:
+        chan, self._call_chan = self._call_chan, None
+        if chan is not None:
+            chan.close()
+        self._channel_decoder.close()
 
     def ping(self, timeout: float = 5.0) -> float:
         """Round trip on the session socket, in seconds."""
@@ -1326,6 +1459,15 @@ class Session:
         reader = self._reader
         if reader is not None and reader.is_alive() and threading.current_thread() is not reader:
             reader.join(5)
+        chan = self._call_chan
+        if chan is not None:
+            with contextlib.suppress(OSError):
+                chan.shutdown(socket.SHUT_RDWR)  # a caller reading it gets its end now
+        if self._channel_lock.acquire(timeout=5):
+            try:
+                self._drop_channel()
+            finally:
+                self._channel_lock.release()
         self._sock.close()
         self._channel.close()
         with self._cv:

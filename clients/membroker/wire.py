@@ -26,7 +26,7 @@ DEFAULT_MAX_FRAME = 64 * 1024
 # No frame carries more than one fd; a few may be in flight while a frame's bytes are partial.
 MAX_PENDING_FDS = 4
 # Frame kinds that carry exactly this many fds; every other kind carries none.
-EXPECTED_FDS = {"fd_offer": 1, "fd_delivery": 1, "sealed": 1}
+EXPECTED_FDS = {"fd_offer": 1, "fd_delivery": 1, "sealed": 1, "call_channel": 1}
 
 
 def encode(frame: pb.Frame) -> bytes:

@@ -211,6 +211,9 @@ def main() -> None:
                         ],
                     }
                 )
+            elif op == "stats":
+                # A control call of this session (its first one opens its call channel).
+                answer({"ok": True, "sessions": session.stats().sessions})
             elif op == "full_reads":
                 answer({"ok": True, "full_reads": bridge.full_reads})
             elif op == "iotlb_log":

@@ -264,6 +264,7 @@ def test_iotlb_misses_on_granted_memory_are_served(iommu_world):
     w = iommu_world
     w.space.share(0, 4 * MiB)
     w.space.grant("bridge", 0, 2 * MiB)
+    w.bridge.ok("stats")  # the session's call channel, open for its life, is open before
     fds_before = sorted(os.listdir(f"/proc/{w.bridge.pid}/fd"))
     started = w.start(iommu=True)
     assert started["features"] & vu.VIRTIO_F_ACCESS_PLATFORM

@@ -22,6 +22,7 @@ __all__ = [
     "SO_PEERPIDFD",
     "PeerCred",
     "UCred",
+    "adopt_unix_stream",
     "pass_credentials",
     "peer_credentials",
     "peer_groups",
@@ -191,6 +192,20 @@ def _recv(
             sender = UCred.from_buffer_copy(payload[: ctypes.sizeof(UCred)]).pid
     truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
     return data, fds, truncated, sender
+
+
+def adopt_unix_stream(fd: int) -> socket.socket:
+    """A socket object owning `fd`, which must be a Unix stream socket; else ValueError (and
+    `fd` is still the caller's). Its family and type are the kernel's (SO_DOMAIN, SO_TYPE)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ValueError(f"fd is not a socket ({exc.strerror})") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        what = f"{sock.family.name} {sock.type.name}"
+        sock.detach()  # the fd stays the caller's
+        raise ValueError(f"fd is a {what} socket, not a Unix stream socket")
+    return sock
 
 
 def peer_credentials(sock: socket.socket) -> PeerCred:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amembroker/v1/session.proto\x12\x0cmembroker.v1\"\'\n\x05Range\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"S\n\x0b\x41\x63\x63\x65ssRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12$\n\x06\x61\x63\x63\x65ss\x18\x03 \x01(\x0e\x32\x14.membroker.v1.Access\"L\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\"\xad\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x04 \x01(\r\x12\x12\n\nbroker_pid\x18\x05 \x01(\r\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\"\x16\n\x07\x46\x64Offer\x12\x0b\n\x03tag\x18\x01 \x01(\x04\"<\n\nFdDelivery\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x10\n\x08space_id\x18\x02 \x01(\t\x12\x0f\n\x07upgrade\x18\x03 \x01(\x08\"x\n\x0c\x41\x63\x63\x65ssUpdate\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.membroker.v1.AccessRange\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\"\x8c\x01\n\x06Revoke\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.membroker.v1.AccessRange\x12\x15\n\rspace_deleted\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x0c\n\x04more\x18\x06 \x01(\x08\"z\n\tRevokeAck\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\twithdrawn\x18\x03 \x03(\x0b\x32\x13.membroker.v1.Range\x12&\n\tin_flight\x18\x04 \x03(\x0b\x32\x13.membroker.v1.Range\">\n\rRevokeRefused\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"=\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x65nced\x18\x02 \x01(\x08\x12\x12\n\nrestarting\x18\x03 \x01(\x08\";\n\x06Mapped\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\";\n\x06Sealed\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"/\n\x0cSealedResult\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"0\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\"E\n\nCallResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x1b\n\rCallCancelled\x12\n\n\x02id\x18\x01 \x01(\x04\"3\n\tIsolation\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x14\n\x0clogical_only\x18\x02 \x01(\t\"Y\n\x0bReleasePins\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.membroker.v1.Range\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\r\"\x88\x07\n\x05\x46rame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.membroker.v1.HelloH\x00\x12(\n\x07welcome\x18\x02 \x01(\x0b\x32\x15.membroker.v1.WelcomeH\x00\x12)\n\x08\x66\x64_offer\x18\x03 \x01(\x0b\x32\x15.membroker.v1.FdOfferH\x00\x12/\n\x0b\x66\x64_delivery\x18\x04 \x01(\x0b\x32\x18.membroker.v1.FdDeliveryH\x00\x12\x33\n\raccess_update\x18\x05 \x01(\x0b\x32\x1a.membroker.v1.AccessUpdateH\x00\x12&\n\x06revoke\x18\x06 \x01(\x0b\x32\x14.membroker.v1.RevokeH\x00\x12-\n\nrevoke_ack\x18\x07 \x01(\x0b\x32\x17.membroker.v1.RevokeAckH\x00\x12\"\n\x04ping\x18\x08 \x01(\x0b\x32\x12.membroker.v1.PingH\x00\x12\"\n\x04pong\x18\t \x01(\x0b\x32\x12.membroker.v1.PongH\x00\x12$\n\x05\x65rror\x18\n \x01(\x0b\x32\x13.membroker.v1.ErrorH\x00\x12(\n\x07goodbye\x18\x0b \x01(\x0b\x32\x15.membroker.v1.GoodbyeH\x00\x12&\n\x06mapped\x18\x0c \x01(\x0b\x32\x14.membroker.v1.MappedH\x00\x12\x31\n\x0crelease_pins\x18\r \x01(\x0b\x32\x19.membroker.v1.ReleasePinsH\x00\x12\x35\n\x0erevoke_refused\x18\x0e \x01(\x0b\x32\x1b.membroker.v1.RevokeRefusedH\x00\x12&\n\x06sealed\x18\x0f \x01(\x0b\x32\x14.membroker.v1.SealedH\x00\x12\x33\n\rsealed_result\x18\x10 \x01(\x0b\x32\x1a.membroker.v1.SealedResultH\x00\x12\"\n\x04\x63\x61ll\x18\x11 \x01(\x0b\x32\x12.membroker.v1.CallH\x00\x12/\n\x0b\x63\x61ll_result\x18\x12 \x01(\x0b\x32\x18.membroker.v1.CallResultH\x00\x12\x35\n\x0e\x63\x61ll_cancelled\x18\x13 \x01(\x0b\x32\x1b.membroker.v1.CallCancelledH\x00\x12,\n\tisolation\x18\x14 \x01(\x0b\x32\x17.membroker.v1.IsolationH\x00\x42\x06\n\x04\x62ody*7\n\x06\x41\x63\x63\x65ss\x12\x0f\n\x0b\x41\x43\x43\x45SS_NONE\x10\x00\x12\r\n\tACCESS_RO\x10\x01\x12\r\n\tACCESS_RW\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amembroker/v1/session.proto\x12\x0cmembroker.v1\"\'\n\x05Range\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"S\n\x0b\x41\x63\x63\x65ssRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12$\n\x06\x61\x63\x63\x65ss\x18\x03 \x01(\x0e\x32\x14.membroker.v1.Access\"L\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\"\xc4\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x17\n\x0fmax_frame_bytes\x18\x04 \x01(\r\x12\x12\n\nbroker_pid\x18\x05 \x01(\r\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12\x0f\n\x07resumed\x18\x08 \x01(\x08\x12\x15\n\rcall_channels\x18\t \x01(\x08\"\x16\n\x07\x46\x64Offer\x12\x0b\n\x03tag\x18\x01 \x01(\x04\"<\n\nFdDelivery\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x10\n\x08space_id\x18\x02 \x01(\t\x12\x0f\n\x07upgrade\x18\x03 \x01(\x08\"x\n\x0c\x41\x63\x63\x65ssUpdate\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.membroker.v1.AccessRange\x12\x0c\n\x04more\x18\x04 \x01(\x08\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\"\x8c\x01\n\x06Revoke\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.membroker.v1.AccessRange\x12\x15\n\rspace_deleted\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x0c\n\x04more\x18\x06 \x01(\x08\"z\n\tRevokeAck\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\twithdrawn\x18\x03 \x03(\x0b\x32\x13.membroker.v1.Range\x12&\n\tin_flight\x18\x04 \x03(\x0b\x32\x13.membroker.v1.Range\">\n\rRevokeRefused\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"=\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x65nced\x18\x02 \x01(\x08\x12\x12\n\nrestarting\x18\x03 \x01(\x08\";\n\x06Mapped\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\";\n\x06Sealed\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"/\n\x0cSealedResult\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"0\n\x04\x43\x61ll\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\"E\n\nCallResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\x0c\n\x04\x63ode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x1b\n\rCallCancelled\x12\n\n\x02id\x18\x01 \x01(\x04\"\r\n\x0b\x43\x61llChannel\"3\n\tIsolation\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x14\n\x0clogical_only\x18\x02 \x01(\t\"Y\n\x0bReleasePins\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12#\n\x06ranges\x18\x02 \x03(\x0b\x32\x13.membroker.v1.Range\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\r\"\xbb\x07\n\x05\x46rame\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.membroker.v1.HelloH\x00\x12(\n\x07welcome\x18\x02 \x01(\x0b\x32\x15.membroker.v1.WelcomeH\x00\x12)\n\x08\x66\x64_offer\x18\x03 \x01(\x0b\x32\x15.membroker.v1.FdOfferH\x00\x12/\n\x0b\x66\x64_delivery\x18\x04 \x01(\x0b\x32\x18.membroker.v1.FdDeliveryH\x00\x12\x33\n\raccess_update\x18\x05 \x01(\x0b\x32\x1a.membroker.v1.AccessUpdateH\x00\x12&\n\x06revoke\x18\x06 \x01(\x0b\x32\x14.membroker.v1.RevokeH\x00\x12-\n\nrevoke_ack\x18\x07 \x01(\x0b\x32\x17.membroker.v1.RevokeAckH\x00\x12\"\n\x04ping\x18\x08 \x01(\x0b\x32\x12.membroker.v1.PingH\x00\x12\"\n\x04pong\x18\t \x01(\x0b\x32\x12.membroker.v1.PongH\x00\x12$\n\x05\x65rror\x18\n \x01(\x0b\x32\x13.membroker.v1.ErrorH\x00\x12(\n\x07goodbye\x18\x0b \x01(\x0b\x32\x15.membroker.v1.GoodbyeH\x00\x12&\n\x06mapped\x18\x0c \x01(\x0b\x32\x14.membroker.v1.MappedH\x00\x12\x31\n\x0crelease_pins\x18\r \x01(\x0b\x32\x19.membroker.v1.ReleasePinsH\x00\x12\x35\n\x0erevoke_refused\x18\x0e \x01(\x0b\x32\x1b.membroker.v1.RevokeRefusedH\x00\x12&\n\x06sealed\x18\x0f \x01(\x0b\x32\x14.membroker.v1.SealedH\x00\x12\x33\n\rsealed_result\x18\x10 \x01(\x0b\x32\x1a.membroker.v1.SealedResultH\x00\x12\"\n\x04\x63\x61ll\x18\x11 \x01(\x0b\x32\x12.membroker.v1.CallH\x00\x12/\n\x0b\x63\x61ll_result\x18\x12 \x01(\x0b\x32\x18.membroker.v1.CallResultH\x00\x12\x35\n\x0e\x63\x61ll_cancelled\x18\x13 \x01(\x0b\x32\x1b.membroker.v1.CallCancelledH\x00\x12,\n\tisolation\x18\x14 \x01(\x0b\x32\x17.membroker.v1.IsolationH\x00\x12\x31\n\x0c\x63\x61ll_channel\x18\x15 \x01(\x0b\x32\x19.membroker.v1.CallChannelH\x00\x42\x06\n\x04\x62ody*7\n\x06\x41\x63\x63\x65ss\x12\x0f\n\x0b\x41\x43\x43\x45SS_NONE\x10\x00\x12\r\n\tACCESS_RO\x10\x01\x12\r\n\tACCESS_RW\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'membroker.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=2484
-  _globals['_ACCESS']._serialized_end=2539
+  _globals['_ACCESS']._serialized_start=2573
+  _globals['_ACCESS']._serialized_end=2628
   _globals['_RANGE']._serialized_start=44
   _globals['_RANGE']._serialized_end=83
   _globals['_ACCESSRANGE']._serialized_start=85
@@ -40,43 +40,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO']._serialized_start=170
   _globals['_HELLO']._serialized_end=246
   _globals['_WELCOME']._serialized_start=249
-  _globals['_WELCOME']._serialized_end=422
-  _globals['_FDOFFER']._serialized_start=424
-  _globals['_FDOFFER']._serialized_end=446
-  _globals['_FDDELIVERY']._serialized_start=448
-  _globals['_FDDELIVERY']._serialized_end=508
-  _globals['_ACCESSUPDATE']._serialized_start=510
-  _globals['_ACCESSUPDATE']._serialized_end=630
-  _globals['_REVOKE']._serialized_start=633
-  _globals['_REVOKE']._serialized_end=773
-  _globals['_REVOKEACK']._serialized_start=775
-  _globals['_REVOKEACK']._serialized_end=897
-  _globals['_REVOKEREFUSED']._serialized_start=899
-  _globals['_REVOKEREFUSED']._serialized_end=961
-  _globals['_PING']._serialized_start=963
-  _globals['_PING']._serialized_end=984
-  _globals['_PONG']._serialized_start=986
-  _globals['_PONG']._serialized_end=1007
-  _globals['_ERROR']._serialized_start=1009
-  _globals['_ERROR']._serialized_end=1047
-  _globals['_GOODBYE']._serialized_start=1049
-  _globals['_GOODBYE']._serialized_end=1110
-  _globals['_MAPPED']._serialized_start=1112
-  _globals['_MAPPED']._serialized_end=1171
-  _globals['_SEALED']._serialized_start=1173
-  _globals['_SEALED']._serialized_end=1232
-  _globals['_SEALEDRESULT']._serialized_start=1234
-  _globals['_SEALEDRESULT']._serialized_end=1281
-  _globals['_CALL']._serialized_start=1283
-  _globals['_CALL']._serialized_end=1331
-  _globals['_CALLRESULT']._serialized_start=1333
-  _globals['_CALLRESULT']._serialized_end=1402
-  _globals['_CALLCANCELLED']._serialized_start=1404
-  _globals['_CALLCANCELLED']._serialized_end=1431
-  _globals['_ISOLATION']._serialized_start=1433
-  _globals['_ISOLATION']._serialized_end=1484
-  _globals['_RELEASEPINS']._serialized_start=1486
-  _globals['_RELEASEPINS']._serialized_end=1575
-  _globals['_FRAME']._serialized_start=1578
-  _globals['_FRAME']._serialized_end=2482
+  _globals['_WELCOME']._serialized_end=445
+  _globals['_FDOFFER']._serialized_start=447
+  _globals['_FDOFFER']._serialized_end=469
+  _globals['_FDDELIVERY']._serialized_start=471
+  _globals['_FDDELIVERY']._serialized_end=531
+  _globals['_ACCESSUPDATE']._serialized_start=533
+  _globals['_ACCESSUPDATE']._serialized_end=653
+  _globals['_REVOKE']._serialized_start=656
+  _globals['_REVOKE']._serialized_end=796
+  _globals['_REVOKEACK']._serialized_start=798
+  _globals['_REVOKEACK']._serialized_end=920
+  _globals['_REVOKEREFUSED']._serialized_start=922
+  _globals['_REVOKEREFUSED']._serialized_end=984
+  _globals['_PING']._serialized_start=986
+  _globals['_PING']._serialized_end=1007
+  _globals['_PONG']._serialized_start=1009
+  _globals['_PONG']._serialized_end=1030
+  _globals['_ERROR']._serialized_start=1032
+  _globals['_ERROR']._serialized_end=1070
+  _globals['_GOODBYE']._serialized_start=1072
+  _globals['_GOODBYE']._serialized_end=1133
+  _globals['_MAPPED']._serialized_start=1135
+  _globals['_MAPPED']._serialized_end=1194
+  _globals['_SEALED']._serialized_start=1196
+  _globals['_SEALED']._serialized_end=1255
+  _globals['_SEALEDRESULT']._serialized_start=1257
+  _globals['_SEALEDRESULT']._serialized_end=1304
+  _globals['_CALL']._serialized_start=1306
+  _globals['_CALL']._serialized_end=1354
+  _globals['_CALLRESULT']._serialized_start=1356
+  _globals['_CALLRESULT']._serialized_end=1425
+  _globals['_CALLCANCELLED']._serialized_start=1427
+  _globals['_CALLCANCELLED']._serialized_end=1454
+  _globals['_CALLCHANNEL']._serialized_start=1456
+  _globals['_CALLCHANNEL']._serialized_end=1469
+  _globals['_ISOLATION']._serialized_start=1471
+  _globals['_ISOLATION']._serialized_end=1522
+  _globals['_RELEASEPINS']._serialized_start=1524
+  _globals['_RELEASEPINS']._serialized_end=1613
+  _globals['_FRAME']._serialized_start=1616
+  _globals['_FRAME']._serialized_end=2571
 # @@protoc_insertion_point(module_scope)

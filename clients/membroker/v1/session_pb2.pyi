@@ -45,7 +45,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("session_id", "token", "protocol_version", "max_frame_bytes", "broker_pid", "page_size", "resume_token", "resumed")
+    __slots__ = ("session_id", "token", "protocol_version", "max_frame_bytes", "broker_pid", "page_size", "resume_token", "resumed", "call_channels")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Welcome(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    CALL_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token: str
     protocol_version: int
@@ -62,7 +63,8 @@ class Welcome(_message.Message):
     page_size: int
     resume_token: str
     resumed: bool
-    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., broker_pid: _Optional[int] = ..., page_size: _Optional[int] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    call_channels: bool
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., protocol_version: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., broker_pid: _Optional[int] = ..., page_size: _Optional[int] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ..., call_channels: _Optional[bool] = ...) -> None: ...
 
 class FdOffer(_message.Message):
     __slots__ = ("tag",)
@@ -218,6 +220,10 @@ class CallCancelled(_message.Message):
     id: int
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
+class CallChannel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class Isolation(_message.Message):
     __slots__ = ("space_id", "logical_only")
     SPACE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -237,7 +243,7 @@ class ReleasePins(_message.Message):
     def __init__(self, space_id: _Optional[str] = ..., ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result", "call", "call_result", "call_cancelled", "isolation")
+    __slots__ = ("hello", "welcome", "fd_offer", "fd_delivery", "access_update", "revoke", "revoke_ack", "ping", "pong", "error", "goodbye", "mapped", "release_pins", "revoke_refused", "sealed", "sealed_result", "call", "call_result", "call_cancelled", "isolation", "call_channel")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     FD_OFFER_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +264,7 @@ class Frame(_message.Message):
     CALL_RESULT_FIELD_NUMBER: _ClassVar[int]
     CALL_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_FIELD_NUMBER: _ClassVar[int]
+    CALL_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     welcome: Welcome
     fd_offer: FdOffer
@@ -278,4 +285,5 @@ class Frame(_message.Message):
     call_result: CallResult
     call_cancelled: CallCancelled
     isolation: Isolation
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., call_result: _Optional[_Union[CallResult, _Mapping]] = ..., call_cancelled: _Optional[_Union[CallCancelled, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ...) -> None: ...
+    call_channel: CallChannel
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., fd_offer: _Optional[_Union[FdOffer, _Mapping]] = ..., fd_delivery: _Optional[_Union[FdDelivery, _Mapping]] = ..., access_update: _Optional[_Union[AccessUpdate, _Mapping]] = ..., revoke: _Optional[_Union[Revoke, _Mapping]] = ..., revoke_ack: _Optional[_Union[RevokeAck, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., mapped: _Optional[_Union[Mapped, _Mapping]] = ..., release_pins: _Optional[_Union[ReleasePins, _Mapping]] = ..., revoke_refused: _Optional[_Union[RevokeRefused, _Mapping]] = ..., sealed: _Optional[_Union[Sealed, _Mapping]] = ..., sealed_result: _Optional[_Union[SealedResult, _Mapping]] = ..., call: _Optional[_Union[Call, _Mapping]] = ..., call_result: _Optional[_Union[CallResult, _Mapping]] = ..., call_cancelled: _Optional[_Union[CallCancelled, _Mapping]] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., call_channel: _Optional[_Union[CallChannel, _Mapping]] = ...) -> None: ...

@@ -1,8 +1,10 @@
 """What the SDK's reader thread costs a caller that waits for an answer (issue 9, item 1): a
 session Ping answered by the daemon, waited for the SDK's way (the reader thread takes the
 Pong and wakes the calling thread) and read on the calling thread itself (a second session,
-framed by hand, no reader thread), in alternating rounds on one daemon, beside a Unix-socket
-ping-pong between two processes.
+framed by hand, no reader thread); and a control call (GetStats) on the SDK's call channel
+(read by the calling thread) and on the session socket (the reader thread hands the answer
+over: the path of a call made while another thread uses the channel). Alternating rounds on
+one daemon, beside a Unix-socket ping-pong between two processes.
 
     .venv/bin/python bench/handoff_bench.py [--rounds 6] [--iterations 1000]
         [--out bench/results/handoff.md]
@@ -31,6 +33,8 @@ from membroker.v1 import session_pb2 as spb
 SDK = "session ping, the SDK's: the reader thread takes the Pong, wakes the caller"
 RAW = "session ping read on the calling thread (a raw session, no reader thread)"
 SOCKET = "baseline: Unix-socket ping-pong between processes"
+CALL_CHANNEL = "SDK call (GetStats) on its call channel, read by the calling thread"
+CALL_READER = "SDK call (GetStats) on the session socket, handed over by the reader thread"
 
 
 class RawSession:
@@ -84,41 +88,53 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "handoff.md")
     args = parser.parse_args()
-    samples: dict[str, list[float]] = {SDK: [], RAW: []}
-    per_round: list[tuple[float, float]] = []
+    samples: dict[str, list[float]] = {SDK: [], RAW: [], CALL_CHANNEL: [], CALL_READER: []}
+    per_round: list[tuple[float, float, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="membroker-bench-") as tmp:
         daemon = Daemon(Path(tmp) / "rt", verify="off")
         try:
-            with membroker.connect("handoff-sdk", daemon.runtime_dir) as session:
+            with (
+                membroker.connect("handoff-sdk", daemon.runtime_dir) as session,
+                membroker.connect("handoff-reader", daemon.runtime_dir) as reader,
+            ):
+                # This session's calls never use a call channel: each answer comes through
+                # its reader thread.
+                reader._call_channels = False
                 raw = RawSession(daemon.runtime_dir, "handoff-raw")
                 try:
-                    timed(session.ping, 200)  # warm-up, both ways
+                    timed(session.ping, 200)  # warm-up, every way
                     timed(raw.ping, 200)
+                    timed(session.stats, 200)
+                    timed(reader.stats, 200)
                     for i in range(args.rounds):
                         print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
-                        sdk = timed(session.ping, args.iterations)
-                        mine = timed(raw.ping, args.iterations)
-                        samples[SDK] += sdk
-                        samples[RAW] += mine
-                        per_round.append((percentiles(sdk)[0], percentiles(mine)[0]))
+                        got = {
+                            SDK: timed(session.ping, args.iterations),
+                            RAW: timed(raw.ping, args.iterations),
+                            CALL_CHANNEL: timed(session.stats, args.iterations),
+                            CALL_READER: timed(reader.stats, args.iterations),
+                        }
+                        for name, times in got.items():
+                            samples[name] += times
+                        sdk, mine, chan, handed = (percentiles(got[k])[0] for k in samples)
+                        per_round.append((sdk, mine, chan, handed))
+                    assert session.calls_on_channel > 0 and reader.calls_on_channel == 0
                 finally:
                     raw.close()
         finally:
             daemon.stop()
-    rows = [
-        (SOCKET, percentiles(bench_socket_pingpong(args.iterations))),
-        (SDK, percentiles(samples[SDK])),
-        (RAW, percentiles(samples[RAW])),
-    ]
+    rows = [(SOCKET, percentiles(bench_socket_pingpong(args.iterations)))]
+    rows += [(name, percentiles(times)) for name, times in samples.items()]
     lines = ["| what | p50 µs | p99 µs | mean µs |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p50:.0f} | {p99:.0f} | {mean:.0f} |" for name, (p50, p99, mean) in rows]
     lines += [
         "",
-        "p50 of each round, µs (SDK / calling thread): "
-        + ", ".join(f"{a:.0f} / {b:.0f}" for a, b in per_round),
+        "p50 of each round, µs (ping: SDK / calling thread; call: channel / reader thread): "
+        + ", ".join(f"{a:.0f} / {b:.0f}; {c:.0f} / {d:.0f}" for a, b, c, d in per_round),
         "",
-        f"The reader thread's hand-off: {rows[1][1][0] - rows[2][1][0]:+.0f} µs p50 "
-        "(SDK minus calling thread; a round trip on the session socket, not a revoke).",
+        f"The reader thread's hand-off: {rows[1][1][0] - rows[2][1][0]:+.0f} µs p50 for a "
+        f"ping (SDK minus calling thread), {rows[4][1][0] - rows[3][1][0]:+.0f} µs p50 for a "
+        "call (reader thread minus call channel).",
     ]
     body = "\n".join(lines)
     print(body)

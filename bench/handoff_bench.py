@@ -19,12 +19,10 @@ import argparse
 import socket
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from revoke_bench import ROOT, Daemon, bench_socket_pingpong, percentiles, write_results
+from revoke_bench import ROOT, Daemon, bench_socket_pingpong, percentiles, timeit, write_results
 
 import membroker
 from membroker import wire
@@ -73,15 +71,6 @@ class RawSession:
         self.decoder.close()
 
 
-def timed(fn: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -102,17 +91,17 @@ def main() -> int:
                 reader._call_channels = False
                 raw = RawSession(daemon.runtime_dir, "handoff-raw")
                 try:
-                    timed(session.ping, 200)  # warm-up, every way
-                    timed(raw.ping, 200)
-                    timed(session.stats, 200)
-                    timed(reader.stats, 200)
+                    timeit(session.ping, 200)  # warm-up, every way
+                    timeit(raw.ping, 200)
+                    timeit(session.stats, 200)
+                    timeit(reader.stats, 200)
                     for i in range(args.rounds):
                         print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
                         got = {
-                            SDK: timed(session.ping, args.iterations),
-                            RAW: timed(raw.ping, args.iterations),
-                            CALL_CHANNEL: timed(session.stats, args.iterations),
-                            CALL_READER: timed(reader.stats, args.iterations),
+                            SDK: timeit(session.ping, args.iterations),
+                            RAW: timeit(raw.ping, args.iterations),
+                            CALL_CHANNEL: timeit(session.stats, args.iterations),
+                            CALL_READER: timeit(reader.stats, args.iterations),
                         }
                         for name, times in got.items():
                             samples[name] += times

@@ -181,6 +181,16 @@ class _Pending:
         return sum(len(p.ranges) for p in self.pushes) + len(self.snapshot)
 
 
+def _deadline_exceeded(method: str, request: Any) -> BrokerError:
+    return BrokerError(
+        "deadline exceeded waiting for the broker's answer "
+        "(a change it started runs to its end in the broker)",
+        method=method,
+        request=request,
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
+
+
 def _replace_fd(old: int, new: int) -> int:
     if old >= 0:
         os.close(old)
@@ -1149,13 +1159,7 @@ class Session:
                     if left <= 0:
                         with contextlib.suppress(OSError, MembrokerError):
                             self._send(spb.Frame(call_cancelled=spb.CallCancelled(id=call_id)))
-                        raise BrokerError(
-                            "deadline exceeded waiting for the broker's answer "
-                            "(a change it started runs to its end in the broker)",
-                            method=method,
-                            request=request,
-                            code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                        )
+                        raise _deadline_exceeded(method, request)
                     self._cv.wait(left)
         finally:
             with self._cv:
@@ -1192,13 +1196,7 @@ class Session:
                 chan.sendall(wire.encode(spb.Frame(call_cancelled=spb.CallCancelled(id=call_id))))
             except OSError:
                 self._drop_channel()  # half a frame may be in it: never used again
-            raise BrokerError(
-                "deadline exceeded waiting for the broker's answer "
-                "(a change it started runs to its end in the broker)",
-                method=method,
-                request=request,
-                code=grpc.StatusCode.DEADLINE_EXCEEDED,
-            ) from None
+            raise _deadline_exceeded(method, request) from None
         except (OSError, ProtocolError) as exc:
             self._drop_channel()
             raise self._channel_lost(generation, method, request, str(exc)) from exc

@@ -3,7 +3,7 @@ measured in the same run: raw madvise+mprotect, a Unix-socket ping-pong between 
 empty gRPC unary call to the same daemon.
 
     .venv/bin/python bench/revoke_bench.py [--iterations N] [--out bench/results/revoke.md]
-        [--compare FILE[:LABEL] ...] [--nice N] [--split-cpus]
+        [--compare FILE[:LABEL] ...] [--nice N] [--split-cpus | --one-cpu]
 
 Prints a table and writes it (machine, kernel, command, date, source revision) to the results
 file. Two daemons run in turn, MEMBROKER_VERIFY=off then always (both with the restart journal,
@@ -688,6 +688,12 @@ def main() -> int:
         help="run membrokerd on CPU 0 alone and this process and every client on the others "
         "(does keeping woken clients off the broker's CPU help? issue 9, item 4)",
     )
+    parser.add_argument(
+        "--one-cpu",
+        action="store_true",
+        help="run membrokerd, this process and every client on one CPU (the lowest this "
+        "process may use): every wakeup stays on that CPU (issue 9, item 4)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
     parser.add_argument(
         "--compare",
@@ -700,6 +706,10 @@ def main() -> int:
     args = parser.parse_args()
     n = args.iterations
     daemon_cpus = ""
+    if args.split_cpus and args.one_cpu:
+        parser.error("--split-cpus and --one-cpu do not combine")
+    if args.one_cpu:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # the daemon and clients too
     if args.split_cpus:
         others = set(os.sched_getaffinity(0)) - {0}
         if not others:

@@ -2,8 +2,11 @@
 
 `Session` opens session.sock, says Hello, and keeps a background thread that serves the broker's
 pushes (fd deliveries, access updates, revocations) promptly even while the application's own
-threads are busy. Control calls go over gRPC with the session token as metadata. Owner
-operations live here; attaching returns a `VaClient` or `FdClient` (membroker.clients).
+threads are busy. Control calls (`call`) travel as Call frames on the session's call channel (a
+socketpair handed to the broker at the first call, whose answers the calling thread reads
+itself), on the session socket while another thread uses the channel, or over gRPC with the
+session token as metadata (calls="grpc"). Owner operations live here; attaching returns a
+`VaClient` or `FdClient` (membroker.clients).
 
 Pushes too large for one frame come in parts (`more`): the reader collects the parts of an
 AccessUpdate or a Revoke so that the handler sees the whole change once (and, for a Revoke,
@@ -1090,9 +1093,11 @@ class Session:
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """One control call; broker errors become typed exceptions.
 
-        On the session socket (calls="session", the default) when the request fits a frame and
-        the caller is not the session's own reader thread (a push handler calling back), else
-        over gRPC with the session token."""
+        As Call frames (calls="session", the default) when the request fits a frame and the
+        caller is not the session's own reader thread (a push handler calling back): on the
+        call channel, answered to this thread, or on the session socket while another thread
+        uses the channel (the reader thread hands the answer over). Else over gRPC with the
+        session token."""
         if self._closed_reason is not None:
             raise SessionClosed(self._closed_reason, fenced=self._fenced)
         if self._resuming:

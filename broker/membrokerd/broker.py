@@ -364,9 +364,7 @@ class Broker:
             elif kind == "call":
                 self._call(session, frame.call, conn)
             elif kind == "call_cancelled":
-                task = session.calls.get(frame.call_cancelled.id)
-                if task is not None:
-                    task.cancel()  # as a gRPC cancellation: its change goes on, caller_gone
+                _cancel_call(session, frame.call_cancelled.id)
             elif kind == "call_channel":
                 self._call_channel(session, fds)
                 fds = []
@@ -377,11 +375,7 @@ class Broker:
             else:
                 raise ProtocolError(f"a client may not send {kind} frames")
         except ProtocolError as exc:
-            self.on_protocol_error(conn, exc)
-            conn.close(
-                f"protocol error: {exc}",
-                spb.Frame(error=spb.Error(code=exc.code, message=str(exc))),
-            )
+            conn.protocol_error(exc)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -726,9 +720,9 @@ class Broker:
             **_connection_limits(self.config),
         )
 
-    def _call(self, session: Session, call: spb.Call, reply: Connection) -> None:
+    def _call(self, session: Session, call: spb.Call, reply: Connection) -> asyncio.Task[None]:
         """A control call on the session socket or its call channel (`reply`): run like its
-        gRPC twin, answered in turn on the connection it came on."""
+        gRPC twin, answered in turn on the connection it came on. Returns its task."""
         if self.calls is None:
             raise ProtocolError("this broker takes no calls on the session socket", code=12)
         if call.id == 0 or call.id in session.calls:
@@ -761,6 +755,7 @@ class Broker:
         session.calls[call.id] = task
         self._tasks.add(task)
         task.add_done_callback(done)
+        return task
 
     def _seal_overdue(self, session: Session, space_id: str, attached_at: float) -> None:
         """A sealed-mode attachment whose Sealed report has not come: fenced (the process
@@ -2901,6 +2896,13 @@ def _lowered_bytes(change: ClientDelta) -> int:
     return change.lowered_bytes
 
 
+def _cancel_call(session: Session, call_id: int) -> None:
+    """A CallCancelled: as a gRPC cancellation, the call's change goes on (caller_gone)."""
+    task = session.calls.get(call_id)
+    if task is not None:
+        task.cancel()
+
+
 class CallChannelHost:
     """The frames of a session's call channel: Call and CallCancelled, run and answered as on
     the session socket. Anything else (or an fd) is a protocol error that closes the channel,
@@ -2924,24 +2926,17 @@ class CallChannelHost:
             if session.conn.closed:
                 raise ProtocolError("the session has ended")
             if kind == "call":
-                self.broker._call(session, frame.call, conn)
                 call_id = frame.call.id
-                task = self.tasks[call_id] = session.calls[call_id]
+                task = self.tasks[call_id] = self.broker._call(session, frame.call, conn)
                 task.add_done_callback(functools.partial(self._done, call_id))
             elif kind == "call_cancelled":
-                cancelled = session.calls.get(frame.call_cancelled.id)
-                if cancelled is not None:
-                    cancelled.cancel()
+                _cancel_call(session, frame.call_cancelled.id)
             else:
                 raise ProtocolError(
                     f"only call and call_cancelled travel on a call channel, not {kind}"
                 )
         except ProtocolError as exc:
-            self.on_protocol_error(conn, exc)
-            conn.close(
-                f"protocol error: {exc}",
-                spb.Frame(error=spb.Error(code=exc.code, message=str(exc))),
-            )
+            conn.protocol_error(exc)
 
     def _done(self, call_id: int, task: asyncio.Task[None]) -> None:
         if self.tasks.get(call_id) is task:

@@ -198,7 +198,7 @@ class Connection:
             return
         if sender is not None and sender != self.cred.pid and data:
             _close_fds(fds)
-            self._protocol_error(
+            self.protocol_error(
                 ProtocolError(
                     f"bytes sent by pid {sender} on the session of pid {self.cred.pid}: a "
                     "session belongs to the process that connected, and is not handed on",
@@ -208,7 +208,7 @@ class Connection:
             return
         if truncated:
             _close_fds(fds)
-            self._protocol_error(ProtocolError("control data truncated (too many fds)"))
+            self.protocol_error(ProtocolError("control data truncated (too many fds)"))
             return
         if not data:
             _close_fds(fds)
@@ -220,7 +220,7 @@ class Connection:
         try:
             frames = self._decoder.feed(data, fds)
         except ProtocolError as exc:
-            self._protocol_error(exc)
+            self.protocol_error(exc)
             return
         self._ready.extend(frames)
         self._dispatch()
@@ -242,7 +242,7 @@ class Connection:
             except Exception:
                 # A bug of ours must cost this connection at most, never the daemon.
                 log.exception("session of pid %d: frame handling failed", self.cred.pid)
-                self._protocol_error(ProtocolError("internal error handling a frame", code=13))
+                self.protocol_error(ProtocolError("internal error handling a frame", code=13))
                 return
         self._update_reading()
 
@@ -251,7 +251,9 @@ class Connection:
             self._dispatch_scheduled = True
             self.loop.call_soon(self._dispatch)
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def protocol_error(self, exc: ProtocolError) -> None:
+        """Counts and logs it (the host's `on_protocol_error`), then closes the connection with
+        an Error frame saying why."""
         self.host.on_protocol_error(self, exc)
         self.close(
             f"protocol error: {exc}",

@@ -184,6 +184,14 @@ class _Pending:
         return sum(len(p.ranges) for p in self.pushes) + len(self.snapshot)
 
 
+def _answer(result: spb.CallResult, response_class: Any, method: str, request: Any) -> Any:
+    """A CallResult as the method's response, or its typed error."""
+    if result.code:
+        code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+        raise from_status(code, result.message, method, request)
+    return response_class.FromString(result.body)
+
+
 def _deadline_exceeded(method: str, request: Any) -> BrokerError:
     return BrokerError(
         "deadline exceeded waiting for the broker's answer "
@@ -1169,10 +1177,7 @@ class Session:
         finally:
             with self._cv:
                 self._results.pop(call_id, None)
-        if result.code:
-            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-            raise from_status(code, result.message, method, request)
-        return response_class.FromString(result.body)
+        return _answer(result, response_class, method, request)
 
     def _call_on_channel(
         self, method: str, request: Any, body: bytes, timeout: float | None
@@ -1209,10 +1214,7 @@ class Session:
             with self._cv:
                 self._results.pop(call_id, None)
         self.calls_on_channel += 1
-        if result.code:
-            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-            raise from_status(code, result.message, method, request)
-        return response_class.FromString(result.body)
+        return _answer(result, response_class, method, request)
 
     def _open_channel(self) -> tuple[socket.socket, int]:
         """The call channel of the current connection, made now if it has none yet."""

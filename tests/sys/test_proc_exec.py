@@ -254,3 +254,56 @@ def test_a_walk_slowed_by_preemption_alone_does_not_mark_the_process_slow() -> N
                 if pipe is not None:
                     pipe.close()
         view.close()
+
+
+def test_a_walk_keeps_the_gil_through_its_ioctls() -> None:
+    """The walk runs on the event loop: were each of its ~200 ioctls to release the GIL, a
+    worker thread running Python meanwhile would take it, and the walk would wait for it back
+    each time (up to the switch interval, per ioctl). Here a thread spins in Python with a
+    switch interval of 0.5 s: it runs only while the walking thread gives the GIL up, and its
+    counter does not move during a walk of a process of ~60 mappings (a walk that gave the
+    GIL up would take ~30 s)."""
+    import threading
+
+    n = 16
+    child = subprocess.Popen(
+        [sys.executable, "-c", MANY_MAPPINGS, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    view = ProcessView(child.pid)
+    interval = sys.getswitchinterval()
+    spins = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            spins[0] += 1
+
+    spinner = threading.Thread(target=spin)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"\n"
+        view.walk_mappings_of(1, 1, 1000)  # files opened, code warm
+        sys.setswitchinterval(0.5)
+        spinner.start()
+        while spins[0] == 0:  # the spinner runs (this thread waits for the GIL meanwhile)
+            time.sleep(0)
+        before = spins[0]
+        view.walk_mappings_of(1, 1, 1000)
+        during = spins[0] - before
+        seen = view.last_mappings
+        time.sleep(0.01)  # gives the GIL up: the spinner counts on
+        assert spins[0] > before + during
+        assert seen > n
+        assert during == 0, f"the spinner ran {during} times during the walk"
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        if spinner.is_alive():
+            spinner.join()
+        child.kill()
+        child.wait(10)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
+        view.close()

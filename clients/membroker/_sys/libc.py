@@ -30,7 +30,6 @@ __all__ = [
     "SYS_userfaultfd",
     "check",
     "libc",
-    "libc_gil",
 ]
 
 PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
@@ -40,13 +39,6 @@ PAGE_SIZE: int = os.sysconf("SC_PAGE_SIZE")
 # use_errno=True makes ctypes save errno right after each foreign call, so ctypes.get_errno()
 # in check() reads the errno of *that* call and not one clobbered by the interpreter meanwhile.
 libc = ctypes.CDLL(None, use_errno=True)
-
-# The same libc, but calls through this handle keep the GIL (ctypes.PyDLL). Only for calls of
-# a microsecond or so made many times in a row (a PROCMAP_QUERY walk): each release of the GIL
-# lets another thread take it, and the caller may then wait up to the switch interval to get it
-# back -- per call. Never for a call that may block for long: while it runs, no other thread
-# of the process runs Python.
-libc_gil = ctypes.PyDLL(None, use_errno=True)
 
 # mmap() returns (void *)-1 on failure; as a c_void_p result that is the all-ones address.
 MAP_FAILED: int = ctypes.c_void_p(-1).value or 0
@@ -81,8 +73,6 @@ _declare("madvise", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 # integer as the variadic argument; both travel in a general-purpose register on x86_64 and
 # aarch64, so declaring it as a void * is exact for both uses.
 _declare("ioctl", ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-libc_gil.ioctl.restype = ctypes.c_int
-libc_gil.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 # int fstatfs(int fd, struct statfs *buf);
 _declare("fstatfs", ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
 

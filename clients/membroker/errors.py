@@ -18,15 +18,45 @@
         └── Unavailable        the broker went away mid-call
             └── BrokerRestarting   it restarts or upgrades; the session is resuming: retry
 
-gRPC status codes are turned into these in exactly one place, `from_rpc_error`. A cancelled call
-(`KeyboardInterrupt`, `CancelledError`) is never wrapped.
+gRPC status codes are turned into these in exactly one place, `from_status` (`from_rpc_error`
+for a failed gRPC call). A cancelled call (`KeyboardInterrupt`, `CancelledError`) is never
+wrapped.
+
+This module does not import grpc, nor does the SDK until a call travels over gRPC or someone
+reads a `BrokerError.code`: a client that only uses its session socket never loads it. That
+keeps ~60 mappings (grpc's extension and the libssl, libcrypto and asyncio it brings) out of
+the client process, and the broker walks every mapping of a client each time it verifies a
+revocation of it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
+
+# gRPC's status codes by number (the numbers are the protocol's; grpc.StatusCode has the same
+# names, tests/unit/test_errors.py checks them): session frames carry the number.
+CODE_NAMES: dict[int, str] = {
+    0: "OK",
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    6: "ALREADY_EXISTS",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION",
+    10: "ABORTED",
+    11: "OUT_OF_RANGE",
+    12: "UNIMPLEMENTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    15: "DATA_LOSS",
+    16: "UNAUTHENTICATED",
+}
 
 
 class MembrokerError(Exception):
@@ -74,9 +104,10 @@ class BrokerBusy(ConnectError):
 
 
 class BrokerError(MembrokerError):
-    """A control call failed; `code` is the gRPC status, `details` the broker's message."""
+    """A control call failed; `code` is the gRPC status (`code_name` its name, which needs no
+    grpc import), `details` the broker's message."""
 
-    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    code_name: str = "UNKNOWN"
 
     def __init__(
         self,
@@ -84,54 +115,60 @@ class BrokerError(MembrokerError):
         *,
         method: str = "",
         request: Any = None,
-        code: grpc.StatusCode | None = None,
+        code: grpc.StatusCode | str | None = None,
     ) -> None:
         super().__init__(f"{method}: {details}" if method else details)
         self.details = details
         self.method = method
         self.request = request
         if code is not None:
-            self.code = code
+            self.code_name = code if isinstance(code, str) else code.name
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[self.code_name]
 
 
 class InvalidArgument(BrokerError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code_name = "INVALID_ARGUMENT"
 
 
 class NotFound(BrokerError):
-    code = grpc.StatusCode.NOT_FOUND
+    code_name = "NOT_FOUND"
 
 
 class AlreadyExists(BrokerError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code_name = "ALREADY_EXISTS"
 
 
 class PermissionDenied(BrokerError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code_name = "PERMISSION_DENIED"
 
 
 class Unauthenticated(BrokerError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code_name = "UNAUTHENTICATED"
 
 
 class ResourceExhausted(BrokerError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code_name = "RESOURCE_EXHAUSTED"
 
 
 class FailedPrecondition(BrokerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code_name = "FAILED_PRECONDITION"
 
 
 class Aborted(BrokerError):
-    code = grpc.StatusCode.ABORTED
+    code_name = "ABORTED"
 
 
 class Unimplemented(BrokerError):
-    code = grpc.StatusCode.UNIMPLEMENTED
+    code_name = "UNIMPLEMENTED"
 
 
 class Unavailable(BrokerError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code_name = "UNAVAILABLE"
 
 
 class BrokerRestarting(Unavailable):
@@ -143,8 +180,8 @@ class BrokerRestarting(Unavailable):
     retryable = True
 
 
-_BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
-    cls.code: cls
+_BY_CODE: dict[str, type[BrokerError]] = {
+    cls.code_name: cls
     for cls in (
         InvalidArgument,
         NotFound,
@@ -161,13 +198,17 @@ _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
 
 
 def from_rpc_error(err: grpc.RpcError, method: str, request: Any) -> BrokerError:
-    """The typed exception for a failed call (the caller raises it `from err`)."""
+    """The typed exception for a failed gRPC call (the caller raises it `from err`)."""
+    import grpc
+
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
-    return from_status(code, details, method, request)
+    return from_status(code.name, details, method, request)
 
 
-def from_status(code: grpc.StatusCode, details: str, method: str, request: Any) -> BrokerError:
-    """The typed exception for a status code and its details (gRPC or session answers)."""
-    cls = _BY_CODE.get(code, BrokerError)
-    return cls(details, method=method, request=request, code=code)
+def from_status(code: int | str, details: str, method: str, request: Any) -> BrokerError:
+    """The typed exception for a status code (its number, as a session frame carries it, or
+    its name) and its details."""
+    name = CODE_NAMES.get(code, "UNKNOWN") if isinstance(code, int) else code
+    cls = _BY_CODE.get(name, BrokerError)
+    return cls(details, method=method, request=request, code=name)

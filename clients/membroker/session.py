@@ -47,8 +47,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
-
 from membroker import wire
 from membroker._sys import sock as sys_sock
 from membroker.errors import (
@@ -76,7 +74,6 @@ from membroker.types import (
     on_pinned_pb,
 )
 from membroker.v1 import broker_pb2 as pb
-from membroker.v1 import broker_pb2_grpc as pb_grpc
 from membroker.v1 import session_pb2 as spb
 
 log = logging.getLogger("membroker")
@@ -90,7 +87,6 @@ _RESPONSES: dict[str, Any] = {
     m.name: getattr(pb, m.output_type.name)
     for m in pb.DESCRIPTOR.services_by_name["MemBroker"].methods
 }
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # The largest frame the SDK accepts whatever the broker announces (the daemon's own ceiling).
 MAX_FRAME_CEILING = 16 * 1024 * 1024
 # The reader's recvmsg buffer. Python allocates the full size on every recvmsg: 64 KiB costs
@@ -187,8 +183,7 @@ class _Pending:
 def _answer(result: spb.CallResult, response_class: Any, method: str, request: Any) -> Any:
     """A CallResult as the method's response, or its typed error."""
     if result.code:
-        code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
-        raise from_status(code, result.message, method, request)
+        raise from_status(result.code, result.message, method, request)
     return response_class.FromString(result.body)
 
 
@@ -198,7 +193,7 @@ def _deadline_exceeded(method: str, request: Any) -> BrokerError:
         "(a change it started runs to its end in the broker)",
         method=method,
         request=request,
-        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        code="DEADLINE_EXCEEDED",
     )
 
 
@@ -310,9 +305,10 @@ class Session:
                 raise ConnectError(f"broker refused the session: {exc.reason}") from exc
             raise
         self._adopt_welcome(welcome)
-        # grpc channels connect lazily: nothing reaches control.sock before the first call.
-        self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
-        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+        # The gRPC channel and its stub: made at the first call over gRPC (`_grpc_stub`).
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._grpc_lock = threading.Lock()
         self._reader = threading.Thread(
             target=self._read_loop, name=f"membroker-{name}", daemon=True
         )
@@ -416,7 +412,7 @@ class Session:
         return BrokerRestarting(
             "the broker is restarting or upgrading and this session is resuming: call again "
             "(a change the call started may or may not have been made)",
-            code=grpc.StatusCode.UNAVAILABLE,
+            code="UNAVAILABLE",
         )
 
     def _can_resume(self) -> bool:
@@ -706,10 +702,7 @@ class Session:
             return "resume refused: the broker opened a new session instead"
         sock.settimeout(None)
         self._adopt_welcome(welcome)
-        old_channel = self._channel
-        self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
-        self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
-        old_channel.close()
+        self._close_grpc()  # the next call over gRPC connects to the new broker
         return None
 
     def _rebind(self, handlers: list[tuple[str, PushHandler]]) -> None:
@@ -1126,8 +1119,10 @@ class Session:
                     if "does not fit a session frame" not in exc.details:
                         raise
                     # The answer is too large for a frame: ask again over gRPC.
+        import grpc
+
         try:
-            return getattr(self._stub, method)(
+            return getattr(self._grpc_stub(), method)(
                 request,
                 metadata=self._metadata,
                 timeout=timeout if timeout is not None else self.timeout,
@@ -1178,6 +1173,25 @@ class Session:
             with self._cv:
                 self._results.pop(call_id, None)
         return _answer(result, response_class, method, request)
+
+    def _grpc_stub(self) -> Any:
+        """The stub for calls over gRPC, made with its channel at the first such call: the SDK
+        imports grpc only then (membroker.errors says why). The channel connects lazily."""
+        with self._grpc_lock:
+            if self._stub is None:
+                import grpc
+
+                from membroker.v1 import broker_pb2_grpc as pb_grpc
+
+                self._channel = grpc.insecure_channel(f"unix:{self.control_socket}")
+                self._stub = pb_grpc.MemBrokerStub(self._channel)  # type: ignore[no-untyped-call]
+            return self._stub
+
+    def _close_grpc(self) -> None:
+        with self._grpc_lock:
+            channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            channel.close()
 
     def _call_on_channel(
         self, method: str, request: Any, body: bytes, timeout: float | None
@@ -1277,7 +1291,7 @@ class Session:
             "started may or may not have been made",
             method=method,
             request=request,
-            code=grpc.StatusCode.UNAVAILABLE,
+            code="UNAVAILABLE",
         )
 
     def _drop_channel(self) -> None:
@@ -1474,7 +1488,7 @@ class Session:
             finally:
                 self._channel_lock.release()
         self._sock.close()
-        self._channel.close()
+        self._close_grpc()
         with self._cv:
             for fd in self._fds.values():
                 os.close(fd)
@@ -1695,7 +1709,9 @@ class OwnedSpace:
             self.fd = None
 
 
-if TYPE_CHECKING:  # annotations only: these modules import this one
+if TYPE_CHECKING:  # annotations only: these modules import this one (grpc: see _grpc_stub)
+    import grpc
+
     from membroker._sys.mman import Mapping
     from membroker.clients import FdClient, VaClient
 

@@ -5,7 +5,8 @@ read, write, touch (read one byte through the raw mapping, unchecked: may die of
 hold / touch_held (keep a view across a revocation, touch it later), poke,
 lie (ack revokes without tearing down), map_fd (map the FdClient's fd directly), vmas,
 access_enter / access_read / access_exit (an access() block held open across commands),
-pin, unpin, ranges, truncate, pread, close, exit, hold_mmap_lock / release_mmap_lock (a thread
+pin, unpin, ranges, truncate, pread, close, exit, loaded (which heavy modules and files this
+process has loaded), hold_mmap_lock / release_mmap_lock (a thread
 that keeps the process's mmap lock busy), exec_liar (become exec_liar.py, which keeps
 the session and lies), close_session / end_session_keeping (end the session honestly, or at the
 socket keeping everything), session_state; own_create / own (this process as an
@@ -385,6 +386,19 @@ def main() -> None:
                         start = int(line.split("-", 1)[0], 16)
                         count += lo <= start < hi
                 answer({"ok": True, "vmas": count})
+            elif op == "loaded":
+                heavy = ("grpc", "asyncio", "ssl")
+                with open("/proc/self/maps") as maps:
+                    lines = maps.read().splitlines()
+                files = {line.split(None, 5)[5] for line in lines if len(line.split(None, 5)) > 5}
+                answer(
+                    {
+                        "ok": True,
+                        "modules": [m for m in heavy if m in sys.modules],
+                        "files": sorted(os.path.basename(f) for f in files),
+                        "mappings": len(lines),
+                    }
+                )
             elif op == "hold_mmap_lock":
                 # A thread that keeps this process's mmap lock taken for writing, milliseconds
                 # at a time: it dirties every page of an anonymous mapping of `mib` MiB
@@ -479,7 +493,7 @@ def main() -> None:
                         raise ValueError(f"unknown owner call {call}")
                     answer({"ok": True, **result})
                 except BrokerError as exc:
-                    answer({"ok": False, "code": exc.code.name, "error": str(exc)})
+                    answer({"ok": False, "code": exc.code_name, "error": str(exc)})
             else:
                 answer({"ok": False, "error": f"unknown op {op}"})
         except Exception as exc:

@@ -340,3 +340,23 @@ def test_stopped_client_is_fenced_at_the_deadline_and_others_ack(tmp_path, actio
                 os.kill(proc.pid, signal.SIGCONT)
             proc.close()
         assert fast.stop() == 0
+
+
+def test_a_client_on_its_session_socket_never_loads_grpc(owner, clients, daemon):
+    """A VA client that attaches, is revoked, granted and fails a call loads neither grpc nor
+    what it brings (asyncio, ssl): the broker walks each of a client's mappings whenever it
+    verifies a revocation of it, and those are ~60 of ~200 (membroker.errors). Its errors
+    still carry grpc's status codes."""
+    space = owner.create_space(MiB)
+    space.share(0, MiB)
+    space.grant("backend", 0, 2 * PAGE)
+    backend = clients("backend")
+    backend.ok("attach_va", space=space.space_id)
+    assert space.revoke("backend", 0, PAGE).all_acked
+    space.grant("backend", 0, PAGE)
+    backend.ok("write", space=space.space_id, offset=0, data="01")
+    failed = backend.cmd("attach_va", space="no-such-space")
+    assert failed["error"].startswith("NotFound: "), failed
+    loaded = backend.ok("loaded")
+    assert loaded["modules"] == [], loaded
+    assert not [f for f in loaded["files"] if "grpc" in f or "libssl" in f], loaded["files"]

@@ -703,3 +703,16 @@ def test_va_client_whose_teardown_fails_refuses(broker: RawBroker, control: Fake
         assert not va.holds(0, PAGE)
     finally:
         va.close()
+
+
+def test_status_code_names_are_grpcs() -> None:
+    """The SDK names status codes without importing grpc (membroker.errors): the same numbers
+    and names as grpc.StatusCode, and an error's `code` is grpc's."""
+    import grpc
+
+    from membroker.errors import CODE_NAMES, NotFound, from_status
+
+    assert {code.value[0]: code.name for code in grpc.StatusCode} == CODE_NAMES
+    error = from_status(5, "no such space", "GetSpace", None)
+    assert isinstance(error, NotFound) and error.code is grpc.StatusCode.NOT_FOUND
+    assert from_status(99, "?", "GetSpace", None).code is grpc.StatusCode.UNKNOWN

@@ -10,10 +10,7 @@ file. Two daemons run in turn, MEMBROKER_VERIFY=off then always (both with the r
 the default), and a third without the journal for the 1-client revoke. With verification on it also
 times, against a real client process, what judging an acknowledgement costs: `check_reach` over
 one revoked page, both ways the daemon looks, and its full-space form (the periodic audit of one
-client), with their parts. The issue-9 floor (`Floor`: the same fan-out, zap, ack and check
-between bare Python processes) is measured alternately with the verified daemon's revokes, one
-floor iteration after each timed one, so that both see the same moments of a machine whose
-speed drifts. Verification looks at every mapping of the space's inode, by design,
+client), with their parts. Verification looks at every mapping of the space's inode, by design,
 not only the one the client reports: on the event loop by a PROCMAP_QUERY walk of the process's
 mappings (a process looked at before, with at most 1,024 of them), else from the
 whole /proc/PID/maps text on a worker thread.
@@ -53,7 +50,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -178,81 +174,59 @@ while sock.recv(16):
 """
 
 
-class Floor:
+def bench_floor(k: int, n: int, sound: bool) -> list[float]:
     """What Python itself allows for a verified revoke to K clients, with no broker: push a
     16-byte frame to K client processes (Python, with the SDK's libraries loaded), each zaps
     its page (MADV_DONTNEED) and acks with 8 bytes, and each ack is checked in the kernel's
     view of that client -- `sound`: every mapping of the inode (a PROCMAP_QUERY walk of every
     mapping, as membrokerd does on its loop), else one PROCMAP_QUERY at the address
-    the client gave plus one pagemap read (the targeted check, which misses a second mapping).
+    the client gave plus one pagemap read (the targeted check, which misses a second mapping)."""
+    from membroker._sys.proc import ProcessView
 
-    `step()` times one of each (`times[sound]`); `bench_revoke` takes one step after each
-    operation it times, so the broker and its floor are measured alternately, in the same
-    moments of the machine (whose speed drifts by 2x over minutes here)."""
+    fd = sys_memfd.create_memfd("floor", 1 << 20)
+    st = os.fstat(fd)
+    children = []
+    try:
+        for _ in range(k):
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
+                pass_fds=(fd, child_end.fileno()),
+                env=dict(os.environ, PYTHONPATH=SRC_PATH),
+            )
+            child_end.close()
+            address = int.from_bytes(parent_end.recv(8), "little")
+            children.append((proc, parent_end, address, ProcessView(proc.pid)))
+    finally:
+        os.close(fd)
+    by_fd = {sock.fileno(): (sock, address, view) for _, sock, address, view in children}
+    poller = select.poll()
+    for fileno in by_fd:
+        poller.register(fileno, select.POLLIN)
 
-    def __init__(self, k: int) -> None:
-        from membroker._sys.proc import ProcessView
-
-        self.times: dict[bool, list[float]] = {False: [], True: []}
-        fd = sys_memfd.create_memfd("floor", 1 << 20)
-        st = os.fstat(fd)
-        self.inode = (st.st_dev, st.st_ino)
-        self.children: list[tuple[subprocess.Popen[bytes], socket.socket, int, Any]] = []
-        try:
-            for _ in range(k):
-                parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
-                    pass_fds=(fd, child_end.fileno()),
-                    env=dict(os.environ, PYTHONPATH=SRC_PATH),
-                )
-                child_end.close()
-                address = int.from_bytes(parent_end.recv(8), "little")
-                self.children.append((proc, parent_end, address, ProcessView(proc.pid)))
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            os.close(fd)
-        self.by_fd = {
-            sock.fileno(): (sock, address, view) for _, sock, address, view in self.children
-        }
-        self.poller = select.poll()
-        for fileno in self.by_fd:
-            self.poller.register(fileno, select.POLLIN)
-        for _ in range(20):  # warm up
-            self.once(False)
-            self.once(True)
-
-    def once(self, sound: bool) -> None:
-        for _, sock, _, _ in self.children:
+    def once() -> None:
+        for _, sock, _, _ in children:
             sock.sendall(b"revoke-seq-00001")
-        left = len(self.children)
-        dev, ino = self.inode
+        left = len(children)
         while left:
-            for fileno, _ in self.poller.poll():
-                sock, address, view = self.by_fd[fileno]
+            for fileno, _ in poller.poll():
+                sock, address, view = by_fd[fileno]
                 sock.recv(8)
                 if sound:
-                    for vma in view.walk_mappings_of(dev, ino, 1 << 20):
+                    for vma in view.walk_mappings_of(st.st_dev, st.st_ino, 1 << 20):
                         next(view.present_regions(vma.start, 1), None)
                 else:
                     view.vma_at(address)
                     view._entries(address, 1)
                 left -= 1
 
-    def step(self) -> None:
-        for sound in (False, True):
-            t0 = time.perf_counter()
-            self.once(sound)
-            self.times[sound].append(time.perf_counter() - t0)
-
-    def close(self) -> None:
-        for proc, sock, _, view in self.children:
+    try:
+        return timeit(once, n)
+    finally:
+        for proc, sock, _, view in children:
             sock.close()
             view.close()
             proc.wait(10)
-        self.children = []
 
 
 class Daemon:
@@ -443,14 +417,12 @@ def bench_revoke(
     calls: str = "session",
     mode: str = "auto",
     cpu: tuple[CpuPerOp, CpuPerOp] | None = None,
-    floor: Floor | None = None,
 ) -> tuple[list[float], list[float]]:
     """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold).
 
     calls: how the owner's calls travel ("session" socket, the SDK's default, or "grpc");
     mode: the VA clients' mode ("auto": sealed where the kernel offers it); cpu: where to
-    count the CPU time of each (single, fan-out) operation; floor: a floor of K clients to
-    step after each timed revoke of one client (K = 1) or each timed fan-out (K > 1)."""
+    count the CPU time of each (single, fan-out) operation."""
     with membroker.connect("bench-owner", runtime_dir, calls=calls) as owner:
         space = owner.create_space(1 << 20)
         space.share(0, 1 << 20)
@@ -469,18 +441,15 @@ def bench_revoke(
                     single.append(time.perf_counter() - t0)
                 assert report.all_acked and len(report.clients) == 1, report
                 space.grant("c0", 0, PAGE)
-                if floor is not None and k == 1 and it >= 10:
-                    floor.step()
+                del it
             fan = []
-            for it in range(n + 10):
+            for _ in range(n + 10):
                 with fan_cpu if cpu else contextlib.nullcontext():
                     t0 = time.perf_counter()
                     report = space.unshare(0, PAGE)
                     fan.append(time.perf_counter() - t0)
                 assert report.all_acked and len(report.clients) == k, report
                 space.share(0, PAGE)
-                if floor is not None and k > 1 and it >= 10:
-                    floor.step()
         finally:
             stop_clients(procs)
         space.delete()
@@ -786,21 +755,18 @@ def main() -> int:
                 for k in (1, 8, 32):
                     iters = n if k == 1 else max(50, n // (k // 4 + 1))
                     meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
-                    floor = Floor(k) if verify == "always" else None
-                    try:
-                        single, fan = bench_revoke(rt, k, iters, cpu=meters, floor=floor)
-                    finally:
-                        if floor is not None:
-                            floor.close()
+                    single, fan = bench_revoke(rt, k, iters, cpu=meters)
                     if k == 1:
                         cpu_rows.append((f"Revoke, 1 VA client, verify {verify}", meters[0]))
                     cpu_rows.append((fan_name(k, verify), meters[1]))
                     if k == 1:
                         rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
                     rows.append((fan_name(k, verify), percentiles(fan)))
-                    if floor is not None:
+                    if verify == "always":
                         for sound in (False, True):
-                            rows.append((floor_name(k, sound), percentiles(floor.times[sound])))
+                            rows.append(
+                                (floor_name(k, sound), percentiles(bench_floor(k, iters, sound)))
+                            )
                     if k == 1 and verify == "always":
                         # The owner's call over gRPC (the path before session calls), and a
                         # cooperative client (the mode before sealed mode), one change each.

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import grpc
 
 # gRPC's status codes by number (the numbers are the protocol's; grpc.StatusCode has the same
-# names, tests/unit/test_errors.py checks them): session frames carry the number.
+# names: tests/unit/test_sdk_protocol.py checks them): session frames carry the number.
 CODE_NAMES: dict[int, str] = {
     0: "OK",
     1: "CANCELLED",

@@ -204,6 +204,16 @@ sys.stdin.read()
 """
 
 
+def _end(*procs: subprocess.Popen[bytes]) -> None:
+    """Kills the processes a test started (by pid) and closes their pipes."""
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 def test_a_walk_slowed_by_preemption_alone_does_not_mark_the_process_slow() -> None:
     """Only a walk that slept (waiting for the process's mmap lock) marks the process slow to
     walk. Here the walking thread runs at nice 19 on one CPU with a spinning process, and the
@@ -247,12 +257,7 @@ def test_a_walk_slowed_by_preemption_alone_does_not_mark_the_process_slow() -> N
         assert took[0] > ProcessView.SLOW_WALK_S, took  # it was slow: preempted
         assert view.slow_walks == 0 and view.quick_to_walk(4 * n)
     finally:
-        for proc in (hog, child):
-            proc.kill()
-            proc.wait(10)
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None:
-                    pipe.close()
+        _end(hog, child)
         view.close()
 
 
@@ -301,9 +306,5 @@ def test_a_walk_keeps_the_gil_through_its_ioctls() -> None:
         sys.setswitchinterval(interval)
         if spinner.is_alive():
             spinner.join()
-        child.kill()
-        child.wait(10)
-        for pipe in (child.stdin, child.stdout):
-            if pipe is not None:
-                pipe.close()
+        _end(child)
         view.close()

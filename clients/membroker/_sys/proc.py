@@ -130,10 +130,10 @@ _QUERY_ADDR: Final = struct.Struct("=Q")
 _QUERY_ADDR_AT: Final = 16
 _QUERY_SPAN_INODE: Final = struct.Struct("=QQ24xQ")
 assert ProcmapQuery.query_addr.offset == _QUERY_ADDR_AT
-# The walk's buffer: longer than the 1024 bytes CPython's fcntl.ioctl would copy (see _walk).
-_WALK_BUFFER: Final = 1025
 assert ProcmapQuery.vma_start.offset == _QUERY_OUT_AT
 assert ProcmapQuery.inode.offset == _QUERY_OUT_AT + _QUERY_SPAN_INODE.size - 8
+# The walk's buffer: longer than the 1024 bytes CPython's fcntl.ioctl would copy (see _walk).
+_WALK_BUFFER: Final = 1025
 # /proc/PID/pagemap: one u64 per virtual page; bit 63 present, bit 62 swapped, bit 58 guard
 # marker (MADV_GUARD_INSTALL; since 6.15). Gotcha: a guard marker is a special swap-type entry,
 # so it shows bit 62 as well: "swapped" only counts without bit 58.

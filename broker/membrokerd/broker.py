@@ -1375,16 +1375,21 @@ class Broker:
         return pending
 
     async def _journal_wait(
-        self, space: Space, key: str, pending: asyncio.Future[None] | None
+        self, space: Space, key: str, kind: str, pending: asyncio.Future[None] | None
     ) -> Exception | None:
-        """Waits for a `_journal_change` write. A failed write is returned, not raised: the
-        change is in force in the table, so it was carried out (clients told, revocations
-        verified) all the same, and only now does the call fail, saying it will not survive
-        a restart (see `_saved`)."""
+        """Waits for a `_journal_change` write of a change of `kind`; how long, once the change
+        was carried out, is what the journal added to its call (membroker_journal_wait_seconds).
+        A failed write is returned, not raised: the change is in force in the table, so it was
+        carried out (clients told, revocations verified) all the same, and only now does the
+        call fail, saying it will not survive a restart (see `_saved`)."""
         if pending is None or self.journal is None:
             return None
+        started = time.perf_counter()
         try:
-            await asyncio.shield(pending)
+            try:
+                await asyncio.shield(pending)
+            finally:
+                self.metrics.journal_wait.labels(kind).observe(time.perf_counter() - started)
         except Exception as exc:
             # The next change of this set must write it whole: its logged operations may miss
             # this one.
@@ -1796,13 +1801,13 @@ class Broker:
                     delta = space.table.set_shared_many(spans)
                 pending = self._journal_change(space, SHARED, SHARE, spans)
                 result = await self.carry_out(space, delta, "shared", t0)
-                return _saved(result, await self._journal_wait(space, SHARED, pending))
+                return _saved(result, await self._journal_wait(space, SHARED, SHARE, pending))
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
             with collector_paused():
                 delta = space.table.set_private_many(spans)
             pending = self._journal_change(space, SHARED, PRIVATE, spans)
             result = await self.carry_out(space, delta, "private", t0, fenced)
-            return _saved(result, await self._journal_wait(space, SHARED, pending))
+            return _saved(result, await self._journal_wait(space, SHARED, PRIVATE, pending))
 
         return await self.change(space, "shared" if shared else "private", job)
 
@@ -1847,7 +1852,7 @@ class Broker:
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
             return _saved(
-                (delta.seq, int(notified)), await self._journal_wait(space, client, pending)
+                (delta.seq, int(notified)), await self._journal_wait(space, client, kind, pending)
             )
 
         return await self.change(space, "grant", job)
@@ -1900,7 +1905,7 @@ class Broker:
                 delta = space.table.revoke_many(client, spans)
             pending = self._journal_change(space, client, REVOKE, spans)
             result = await self.carry_out(space, delta, "revoke", t0, fenced)
-            return _saved(result, await self._journal_wait(space, client, pending))
+            return _saved(result, await self._journal_wait(space, client, REVOKE, pending))
 
         return await self.change(space, "revoke", job)
 

@@ -544,3 +544,38 @@ def test_a_client_busy_with_its_mmap_lock_is_judged_on_a_worker_and_still_verifi
         assert space.revoke("busy", PAGE, PAGE).all_acked
         assert _metric(d, loop) == walked + 1
         assert owner.stats().fenced_total == 0
+
+
+def test_what_the_journal_adds_to_each_change_is_measured(quiet):
+    """membroker_journal_wait_seconds{change}: one observation for each change that wrote the
+    journal, by its kind, of how long its call waited for the commit once the change itself
+    was carried out (the owner's revoke reads its own cost there: issue 9's "same daemon")."""
+    d, start = quiet
+
+    def count(change: str) -> float:
+        return _metric(d, f'membroker_journal_wait_seconds_count{{change="{change}"}}')
+
+    def total(change: str) -> float:
+        return _metric(d, f'membroker_journal_wait_seconds_sum{{change="{change}"}}')
+
+    before = {c: count(c) for c in ("share", "grant_rw", "grant_ro", "revoke", "private")}
+    with membroker.connect("vmm", d.runtime_dir) as owner:
+        space = owner.create_space(MiB)
+        space.share(0, MiB)
+        space.grant("backend", 0, 4 * PAGE)
+        space.grant("backend", 4 * PAGE, PAGE, "ro")
+        backend = start("backend")
+        backend.ok("attach_va", space=space.space_id)
+        for _ in range(3):
+            assert space.revoke("backend", PAGE, PAGE).all_acked
+            space.grant("backend", PAGE, PAGE)
+        assert space.unshare(8 * PAGE, PAGE).all_acked
+    after = {c: count(c) for c in before}
+    assert {c: after[c] - before[c] for c in before} == {
+        "share": 1,
+        "grant_rw": 4,
+        "grant_ro": 1,
+        "revoke": 3,
+        "private": 1,
+    }
+    assert 0 < total("revoke") < 3 * 1.0  # three waits, each well under the deadline

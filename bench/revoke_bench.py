@@ -805,7 +805,6 @@ def main() -> int:
                     single, fan = bench_revoke(rt, k, iters, cpu=meters, histograms=measured)
                     if k == 1:
                         parts[verify] = {key: v / iters for key, v in measured.totals.items()}
-                    if k == 1:
                         cpu_rows.append((f"Revoke, 1 VA client, verify {verify}", meters[0]))
                     cpu_rows.append((fan_name(k, verify), meters[1]))
                     if k == 1:

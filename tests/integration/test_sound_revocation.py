@@ -45,15 +45,22 @@ def quiet(tmp_path):
         yield world
 
 
+def _attached(owner: Any, start: Any, name: str, op: str) -> tuple[Any, Any]:
+    """A 1 MiB shared space of `owner` with its first 4 pages granted (rw) to client `name`, and
+    that client's process attached to it (`op`: attach_va or attach_fd)."""
+    space = owner.create_space(MiB)
+    space.share(0, MiB)
+    space.grant(name, 0, 4 * PAGE)
+    client = start(name)
+    client.ok(op, space=space.space_id)
+    return space, client
+
+
 def test_a_cancelled_revoke_still_waits_verifies_and_fences(quiet):
     """Item 1: the owner's call gives up after 0.3 s; the revocation does not."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("stuck", 0, 4 * PAGE)
-        stuck = start("stuck")
-        stuck.ok("attach_va", space=space.space_id)
+        space, stuck = _attached(owner, start, "stuck", "attach_va")
         stuck.ok("touch", space=space.space_id, offset=0)
         stop_process(stuck.pid)
         request = pb.RevokeRequest(
@@ -83,11 +90,7 @@ def test_a_grant_racing_a_revoke_never_fences_the_honest_client(quiet):
     and nobody is fenced."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("busy", 0, 4 * PAGE)
-        busy = start("busy")
-        busy.ok("attach_va", space=space.space_id)
+        space, busy = _attached(owner, start, "busy", "attach_va")
         busy.ok("write", space=space.space_id, offset=PAGE, data="ab")
         busy.ok("access_enter", space=space.space_id, offset=PAGE, length=PAGE)
         reports: dict[str, object] = {}
@@ -123,11 +126,7 @@ def test_concurrent_delete_and_revoke_each_get_their_own_seq(quiet):
     """Item 3: a DeleteSpace waiting on a pin, and a Revoke of the same space 0.1 s later."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("dma", 0, 4 * PAGE)
-        dma = start("dma")
-        dma.ok("attach_fd", space=space.space_id)
+        space, dma = _attached(owner, start, "dma", "attach_fd")
         pin = dma.ok("pin", space=space.space_id, offset=0, length=PAGE)["pin_id"]
         results: dict[str, object] = {}
 
@@ -169,11 +168,7 @@ def test_a_second_mapping_defeats_no_verification(quiet, keep_fd, looked_at):
     revocation: a PROCMAP_QUERY walk on the loop)."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("sly", 0, 4 * PAGE)
-        sly = start("sly")
-        sly.ok("attach_va", space=space.space_id)
+        space, sly = _attached(owner, start, "sly", "attach_va")
         seq = 3
         if looked_at:
             assert space.revoke("sly", 3 * PAGE, PAGE).all_acked
@@ -204,11 +199,7 @@ def test_a_client_that_execs_is_still_verified_in_its_new_image(quiet):
     acks a revoke without unmapping: fenced, and killed since it still maps the page."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("shifty", 0, 4 * PAGE)
-        shifty = start("shifty")
-        shifty.ok("attach_fd", space=space.space_id)
+        space, shifty = _attached(owner, start, "shifty", "attach_fd")
         shifty.ok("exec_liar", space=space.space_id, length=4 * PAGE)
         image = shifty._read(30)
         assert image.get("ready") and image["pid"] == shifty.pid, image
@@ -224,11 +215,7 @@ def test_a_client_that_execs_is_still_verified_in_its_new_image(quiet):
 def test_an_honest_client_with_a_wrong_report_is_still_verified_not_fenced(quiet):
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("odd", 0, 4 * PAGE)
-        odd = start("odd")
-        odd.ok("attach_va", space=space.space_id)
+        space, odd = _attached(owner, start, "odd", "attach_va")
         odd.ok("touch", space=space.space_id, offset=PAGE)
         odd.ok("report_mapped", space=space.space_id)
         report = space.revoke("odd", PAGE, PAGE)
@@ -262,11 +249,7 @@ def test_a_teardown_that_fails_is_refused_not_acked(quiet):
     the report names the failure."""
     d, start = quiet
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("vmmslot", 0, 4 * PAGE)
-        slot = start("vmmslot")
-        slot.ok("attach_fd", space=space.space_id)
+        space, slot = _attached(owner, start, "vmmslot", "attach_fd")
         slot.ok("refuse_revokes", space=space.space_id)
         report = space.revoke("vmmslot", 0, PAGE)
         ((outcome, reason, fence),) = [(c.outcome, c.reason, c.fence) for c in report.clients]
@@ -514,11 +497,7 @@ def test_a_client_busy_with_its_mmap_lock_is_judged_on_a_worker_and_still_verifi
     loop = 'membroker_verify_seconds_count{where="loop"}'
     worker = 'membroker_verify_seconds_count{where="worker"}'
     with membroker.connect("vmm", d.runtime_dir) as owner:
-        space = owner.create_space(MiB)
-        space.share(0, MiB)
-        space.grant("busy", 0, 4 * PAGE)
-        busy = start("busy")
-        busy.ok("attach_va", space=space.space_id)
+        space, busy = _attached(owner, start, "busy", "attach_va")
         assert space.revoke("busy", PAGE, PAGE).all_acked  # its first look: the maps text
         space.grant("busy", PAGE, PAGE)
         walked = _metric(d, loop)

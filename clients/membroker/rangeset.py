@@ -46,6 +46,12 @@ def _check(start: int, end: int) -> None:
 # -- the flat algorithms, on one pair of sorted columns ---------------------------------------
 
 
+def _few(intervals: Iterable[Interval]) -> bool:
+    """Whether a batch is a list or tuple of at most _SMALL_BATCH intervals: applied one at a
+    time, without a set made of it first."""
+    return type(intervals) in (list, tuple) and len(intervals) <= _SMALL_BATCH  # type: ignore[arg-type]
+
+
 def _flat_add(starts: array[int], ends: array[int], start: int, end: int) -> None:
     """Add ``[start, end)`` to the columns in place, merging what it overlaps or touches."""
     if not ends or start > ends[-1]:  # past the last interval
@@ -249,6 +255,8 @@ class RangeSet:
         self._last: list[int] = []
         self._len = 0
         self._own_last = True
+        if type(intervals) is tuple and not intervals:  # RangeSet(): nothing to sort
+            return
         if isinstance(intervals, RangeSet):
             # Already sorted and merged: the chunks are shared (copy on write: a change makes
             # new arrays for what it touches), so a copy of a million fragments costs two lists
@@ -259,6 +267,12 @@ class RangeSet:
             self._last = intervals._last[:]
             self._len = intervals._len
             self._own_last = intervals._own_last = False
+            return
+        if type(intervals) in (list, tuple) and len(intervals) == 1:  # type: ignore[arg-type]
+            # One interval (a single range's batch): no sort, no merge.
+            ((start, end),) = intervals
+            _check(start, end)
+            self._set_columns(array("Q", (start,)), array("Q", (end,)))
             return
         starts: array[int] = array("Q")
         ends: array[int] = array("Q")
@@ -276,6 +290,14 @@ class RangeSet:
 
     def _set_columns(self, starts: array[int], ends: array[int]) -> None:
         """Make the set these (valid) columns, cut into chunks."""
+        n = len(starts)
+        if n <= 2 * _LOAD:  # one chunk, or none
+            self._cs, self._ce = ([starts], [ends]) if n else ([], [])
+            self._first = [starts[0]] if n else []
+            self._last = [ends[-1]] if n else []
+            self._len = n
+            self._own_last = n > 0
+            return
         self._cs, self._ce = [], []
         self._first, self._last = [], []
         self._len = 0
@@ -285,6 +307,16 @@ class RangeSet:
         """Replace chunks ``[k0, k1)`` by these columns (valid, and fitting between the chunks
         around them), cut into even chunks of about `_LOAD` if longer than twice that."""
         n = len(starts)
+        if k1 - k0 == 1 and 0 < n <= 2 * _LOAD:
+            # The usual small change: one chunk for one (no lists of chunks made).
+            self._len += n - len(self._cs[k0])
+            if k1 == len(self._cs):
+                self._own_last = True
+            self._cs[k0] = starts
+            self._ce[k0] = ends
+            self._first[k0] = starts[0]
+            self._last[k0] = ends[-1]
+            return
         self._len += n - sum(len(c) for c in self._cs[k0:k1])
         if k1 >= len(self._cs):  # the last chunk is replaced: by new arrays, or by an older one
             self._own_last = n > 0
@@ -380,6 +412,14 @@ class RangeSet:
         in one pass (untouched stretches copied as array slices): k intervals into n cost
         O(k log n) bisections plus one C-level copy; a smaller one goes one interval at a time,
         each costing a chunk."""
+        if _few(intervals):
+            # A union does not depend on order or overlaps: each goes in as it is, once all
+            # are checked (a bad one changes nothing).
+            for start, end in intervals:
+                _check(start, end)
+            for start, end in intervals:
+                self.add(start, end)
+            return
         batch = RangeSet(intervals)  # sorted, merged, checked
         if not batch:
             return
@@ -401,6 +441,14 @@ class RangeSet:
 
     def remove_many(self, intervals: Iterable[Interval]) -> None:
         """Remove many intervals at once (see `add_many`)."""
+        if _few(intervals):
+            for start, end in intervals:
+                _check(start, end)
+            for start, end in intervals:
+                if not self._cs:
+                    return
+                self.remove(start, end)
+            return
         batch = RangeSet(intervals)
         if not batch or not self._cs:
             return
@@ -519,9 +567,9 @@ class RangeSet:
         O(min(n, m) log max(n, m)) bisections plus a C-level copy of the output.
         """
         small, large = (self, other) if len(self) <= len(other) else (other, self)
-        if len(small) > len(large._cs):
-            # Both large: one pass over the large one's whole columns beats a chunk lookup
-            # per interval.
+        if len(small) > len(large._cs) or len(large._cs) == 1:
+            # Both large, or the large one a single chunk: one pass over its whole columns
+            # beats a chunk lookup per interval.
             return RangeSet.from_columns(*_flat_intersect(*large.columns(), small))
         out = _Builder()
         for start, end in small:

@@ -160,6 +160,21 @@ def test_invalid_intervals(start: int, end: int) -> None:
     assert rs == RangeSet([(0, 10)])
 
 
+def test_a_bad_interval_in_a_small_batch_changes_nothing() -> None:
+    """Small batches go in one interval at a time: all are checked before the first."""
+    rs = RangeSet([(0, 10), (20, 30)])
+    for batch in ([(40, 50), (5, 5)], ((40, 50), (7, 3)), [(40, 50), (-1, 2)]):
+        with pytest.raises(ValueError, match=r"invalid interval"):
+            rs.add_many(batch)
+        with pytest.raises(ValueError, match=r"invalid interval"):
+            rs.remove_many([(0, 5), *batch])
+    assert rs == RangeSet([(0, 10), (20, 30)])
+    rs.add_many([(40, 50), (9, 21)])  # unsorted, overlapping: a union all the same
+    assert list(rs) == [(0, 30), (40, 50)]
+    rs.remove_many(((45, 60), (0, 1), (44, 46)))
+    assert list(rs) == [(1, 30), (40, 44)]
+
+
 def test_large_page_numbers() -> None:
     top = 2**64 - 1
     rs = RangeSet([(top - 10, top)])

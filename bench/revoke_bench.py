@@ -390,8 +390,8 @@ def cpu_ns(pid: int) -> int:
 
 class Histograms:
     """What the daemon's own histograms (`membroker_verify_seconds`, judging each
-    acknowledgement; `membroker_journal_wait_seconds{change="revoke"}`, the wait for the
-    journal's commit once the revocation was done) summed over a stretch of operations: the
+    acknowledgement; `membroker_journal_wait_seconds{change="revoke"}`, the append of each
+    revocation to the journal's change log) summed over a stretch of operations: the
     parts of those operations' time measured by the daemon that served them, in the same run.
     Sums over every label set but those filtered out."""
 
@@ -870,9 +870,9 @@ def main() -> int:
         f"The journal adds {parts['always']['journal'] * 1e6:.0f} µs mean to a verified 1-client "
         "revoke, and "
         f"{parts['off']['journal'] * 1e6:.0f} µs to an unverified one (each daemon's "
-        'membroker_journal_wait_seconds{change="revoke"} over those revokes: the wait for the '
-        "commit once the revocation was done; the commit's CPU, on the journal's thread, is in "
-        "the broker CPU column).",
+        'membroker_journal_wait_seconds{change="revoke"} over those revokes: capturing each '
+        "revocation and appending it to the change log, on the loop; the folds of the log into "
+        "the database, on the journal's thread, are in the broker CPU column).",
         f"Target 2: 32 clients p50 {fan32[0]:.0f} µs vs 2500 µs → "
         f"{'met' if fan32[0] <= 2500 else 'NOT met'}.",
     ]

@@ -225,8 +225,7 @@ class Broker:
 
         def begin_then_journal(session: Session, kind: str, reason: str) -> Any:
             reach = begin(session, kind, reason)
-            # Awaited by the fencing before it reports (Enforcer.fence).
-            session.forgotten = self._journal_forget(session.name)
+            self._journal_forget(session.name)
             return reach
 
         self.enforcer._begin = begin_then_journal  # type: ignore[method-assign]
@@ -1359,49 +1358,36 @@ class Broker:
 
     def _journal_change(
         self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
-    ) -> asyncio.Future[None] | None:
-        """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
-        the shared attribute), captured now and written by the journal's thread (in the order
-        of the changes) while the change is carried out; `_journal_wait` before the call
-        returns, so it is in the journal before anyone is told it is done (membrokerd.journal).
-        The write overlaps the clients' teardowns instead of adding to them."""
-        if self.journal is None or space.ephemeral:
-            return None
-        change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)
-        pending = asyncio.wrap_future(self.journal.submit(self.journal.journal.apply, change))
-        # Logged by the journal; retrieved here so that a call that fails before waiting for
-        # it leaves no "exception never retrieved" behind.
-        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return pending
-
-    async def _journal_wait(
-        self, space: Space, key: str, kind: str, pending: asyncio.Future[None] | None
     ) -> Exception | None:
-        """Waits for a `_journal_change` write of a change of `kind`; how long, once the change
-        was carried out, is what the journal added to its call (membroker_journal_wait_seconds).
-        A failed write is returned, not raised: the change is in force in the table, so it was
-        carried out (clients told, revocations verified) all the same, and only now does the
-        call fail, saying it will not survive a restart (see `_saved`)."""
-        if pending is None or self.journal is None:
+        """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
+        the shared attribute), captured and appended to the journal's change log now, before
+        it is carried out: in the journal before anyone is told it is done (membrokerd.journal).
+        One write on the loop, no thread hop (its time: membroker_journal_wait_seconds). A
+        failed write is returned, not raised: the change is in force in the table, so it is
+        carried out (clients told, revocations verified) all the same, and only then does the
+        call fail, saying it will not survive a restart (`_saved`)."""
+        if self.journal is None or space.ephemeral:
             return None
         started = time.perf_counter()
         try:
-            try:
-                await asyncio.shield(pending)
-            finally:
-                self.metrics.journal_wait.labels(kind).observe(time.perf_counter() - started)
-        except Exception as exc:
-            # The next change of this set must write it whole: its logged operations may miss
+            change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)
+            self.journal.log(change)
+        except OSError as exc:
+            log.error("journal write failed: %s", exc)
+            # The next change of this set must write it whole: its logged operations miss
             # this one.
             self.journal.compaction.logged[(space.space_id, key)] = self.journal.compaction.max_ops
             return exc
+        finally:
+            self.metrics.journal_wait.labels(kind).observe(time.perf_counter() - started)
         return None
 
-    def _journal_forget(self, client: str) -> asyncio.Future[None] | None:
-        """A fenced client's grants are gone from every space: written now; the fencing waits
-        for it before it reports (so a revocation that reports a fence reports it durable)."""
+    def _journal_forget(self, client: str) -> None:
+        """A fenced client's grants are gone from every space: in the journal's change log
+        before the fencing goes on (so a revocation that reports a fence reports it durable);
+        a failed write is logged, and the drop stays in force here."""
         if self.journal is None:
-            return None
+            return
         forget = self.journal.compaction.forget
         changes = [
             forget(space.space_id, space.table, client)
@@ -1409,10 +1395,15 @@ class Broker:
             if not space.ephemeral
         ]
         if not changes:
-            return None
-        pending = asyncio.wrap_future(self.journal.submit(self.journal.journal.apply, *changes))
-        pending.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return pending
+            return
+        try:
+            self.journal.log(*changes)
+        except OSError as exc:
+            log.error("journal write failed: %s (fence of %r)", exc, client)
+            for change in changes:
+                self.journal.compaction.logged[(change.space_id, client)] = (
+                    self.journal.compaction.max_ops
+                )
 
     async def _journal_gone(self, space: Space) -> None:
         if self.journal is None or space.ephemeral:
@@ -1799,15 +1790,15 @@ class Broker:
             if shared:
                 with collector_paused():
                     delta = space.table.set_shared_many(spans)
-                pending = self._journal_change(space, SHARED, SHARE, spans)
+                unsaved = self._journal_change(space, SHARED, SHARE, spans)
                 result = await self.carry_out(space, delta, "shared", t0)
-                return _saved(result, await self._journal_wait(space, SHARED, SHARE, pending))
+                return _saved(result, unsaved)
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
             with collector_paused():
                 delta = space.table.set_private_many(spans)
-            pending = self._journal_change(space, SHARED, PRIVATE, spans)
+            unsaved = self._journal_change(space, SHARED, PRIVATE, spans)
             result = await self.carry_out(space, delta, "private", t0, fenced)
-            return _saved(result, await self._journal_wait(space, SHARED, PRIVATE, pending))
+            return _saved(result, unsaved)
 
         return await self.change(space, "shared" if shared else "private", job)
 
@@ -1848,12 +1839,10 @@ class Broker:
                 ) from None
             self.metrics.grants.inc()
             kind = GRANT_RW if access is Access.RW else GRANT_RO
-            pending = self._journal_change(space, client, kind, spans)
+            unsaved = self._journal_change(space, client, kind, spans)
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
-            return _saved(
-                (delta.seq, int(notified)), await self._journal_wait(space, client, kind, pending)
-            )
+            return _saved((delta.seq, int(notified)), unsaved)
 
         return await self.change(space, "grant", job)
 
@@ -1903,9 +1892,9 @@ class Broker:
             fenced = await self._clear_pins_of(space, spans, client, on_pinned)
             with collector_paused():
                 delta = space.table.revoke_many(client, spans)
-            pending = self._journal_change(space, client, REVOKE, spans)
+            unsaved = self._journal_change(space, client, REVOKE, spans)
             result = await self.carry_out(space, delta, "revoke", t0, fenced)
-            return _saved(result, await self._journal_wait(space, client, REVOKE, pending))
+            return _saved(result, unsaved)
 
         return await self.change(space, "revoke", job)
 

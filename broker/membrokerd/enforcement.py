@@ -10,7 +10,6 @@ exactly which: never a bare "fenced".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -176,12 +175,8 @@ class Enforcer:
             session.retain()
             try:
                 spaces = self._begin(session, kind, reason) + list(also)
+                # The grants' drop went to the journal's change log in _begin (the broker's).
                 outcome = await self._follow_up(session, reason, spaces)
-                if session.forgotten is not None:
-                    # The grants' drop is on disk before the fence is reported (a failed
-                    # write is logged by the journal, and the drop stays in force here).
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(session.forgotten)
             except BaseException as exc:
                 session.fencing.set_exception(exc)
                 session.fencing.exception()

@@ -1,12 +1,17 @@
 """The journal: what a restarted daemon needs to take its spaces back, on disk.
 
-One sqlite3 database (STATE_DIR/journal.sqlite) in WAL mode with `synchronous=NORMAL`: a change
-is in the WAL (written, in the page cache) when its transaction commits, and the broker commits
-it before the call that made the change reports success. A crash of the daemon (kill -9, the
-watchdog, an upgrade gone wrong) leaves every committed change and none of a torn one: sqlite
-replays or drops the WAL tail on the next open.
+Two parts. The changes of the access tables (grants, revocations, the shared attribute, a
+fence's drop), the hot path, go to a change log (`ChangeLog`, STATE_DIR/changes.N.log): one
+checksummed record per change, appended by the event loop before the change is carried out, so
+it is in the journal before the call that made it reports success, at the cost of one write(2)
+and no thread hop. Everything else, and the log itself once a generation of it is full, goes to
+one sqlite3 database (STATE_DIR/journal.sqlite) in WAL mode with `synchronous=NORMAL`, on the
+journal's thread (`Writer`); a start folds the log a previous daemon left into the database
+before it reads it. A crash of the daemon (kill -9, the watchdog, an upgrade gone wrong) leaves
+every logged or committed change and none of a torn one: a record cut short ends its log, and
+sqlite replays or drops the WAL tail on the next open.
 
-Why not fsync every commit (`synchronous=FULL`, ~150 us a commit here): what the journal
+Why not fsync every change (`synchronous=FULL`, ~150 us a commit here): what the journal
 restores is only worth anything while the memory it describes exists, and that memory (memfd,
 guest_memfd, hugetlbfs pages) and systemd's fd store that carries it across a restart live in
 RAM. A power loss or kernel crash that could lose an unsynced WAL tail loses the spaces too,
@@ -37,16 +42,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
 import os
 import sqlite3
 import stat
+import struct
 import threading
+import zlib
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -379,6 +388,293 @@ class Compaction:
             del self.logged[key]
 
 
+def _apply(db: sqlite3.Connection, changes: Iterable[Change]) -> None:
+    """The SQL of `Journal.apply`, inside its caller's transaction."""
+    for change in changes:
+        if change.shared is None:
+            cur = db.execute(
+                "UPDATE spaces SET seq = ? WHERE space_id = ?",
+                (change.seq, change.space_id),
+            )
+        else:
+            cur = db.execute(
+                "UPDATE spaces SET seq = ?, shared_starts = ?, shared_ends = ? WHERE space_id = ?",
+                (change.seq, change.shared.starts, change.shared.ends, change.space_id),
+            )
+        if cur.rowcount == 0:
+            continue
+        if change.shared is not None:
+            db.execute(
+                "DELETE FROM ops WHERE space_id = ? AND client = ?",
+                (change.space_id, SHARED),
+            )
+        for op in change.ops:
+            db.execute(
+                "INSERT INTO ops (space_id, client, kind, starts, ends) VALUES (?,?,?,?,?)",
+                (change.space_id, op.client, op.kind, op.spans.starts, op.spans.ends),
+            )
+        for client, sets in change.clients.items():
+            db.execute(
+                "DELETE FROM ops WHERE space_id = ? AND client = ?",
+                (change.space_id, client),
+            )
+            if sets is None:
+                db.execute(
+                    "DELETE FROM grants WHERE space_id = ? AND client = ?",
+                    (change.space_id, client),
+                )
+                continue
+            db.execute(
+                "INSERT OR REPLACE INTO grants VALUES (?,?,?,?,?,?)",
+                (
+                    change.space_id,
+                    client,
+                    sets.readable.starts,
+                    sets.readable.ends,
+                    sets.writable.starts,
+                    sets.writable.ends,
+                ),
+            )
+
+
+# -- the change log ------------------------------------------------------------------------------
+
+LOG_PREFIX = "changes."
+LOG_SUFFIX = ".log"
+# A record: its payload's length and CRC-32 (u32 each, little-endian), then the payload.
+_RECORD = struct.Struct("<II")
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+# A generation of the log is folded into the database once it holds this much: what a start
+# replays, and what the journal's thread commits at a time.
+LOG_FOLD_BYTES = 256 * 1024
+# One record's payload at most (a change of sets of 8,192 ranges is ~260 KB; a batch of a
+# hundred thousand ranges logged as one operation, 1.6 MB): a length beyond it is damage.
+MAX_RECORD_BYTES = 1 << 30
+
+
+def log_path(directory: Path, gen: int) -> Path:
+    return directory / f"{LOG_PREFIX}{gen}{LOG_SUFFIX}"
+
+
+def _log_generation_of(name: str) -> int | None:
+    if not (name.startswith(LOG_PREFIX) and name.endswith(LOG_SUFFIX)):
+        return None
+    digits = name[len(LOG_PREFIX) : -len(LOG_SUFFIX)]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def _put_blob(out: list[bytes], blob: bytes) -> None:
+    out.append(_U32.pack(len(blob)))
+    out.append(blob)
+
+
+def _put_sets(out: list[bytes], sets: Sets) -> None:
+    _put_blob(out, sets.starts)
+    _put_blob(out, sets.ends)
+
+
+def encode_changes(changes: Sequence[Change]) -> bytes:
+    """Changes as one record's payload (`decode_changes` reads it back)."""
+    out: list[bytes] = [_U32.pack(len(changes))]
+    for change in changes:
+        _put_blob(out, change.space_id.encode())
+        out.append(_U64.pack(change.seq))
+        if change.shared is None:
+            out.append(b"\0")
+        else:
+            out.append(b"\1")
+            _put_sets(out, change.shared)
+        out.append(_U32.pack(len(change.clients)))
+        for client, sets in change.clients.items():
+            _put_blob(out, client.encode())
+            if sets is None:
+                out.append(b"\0")
+            else:
+                out.append(b"\1")
+                _put_sets(out, sets.readable)
+                _put_sets(out, sets.writable)
+        out.append(_U32.pack(len(change.ops)))
+        for op in change.ops:
+            _put_blob(out, op.client.encode())
+            out.append(_U8.pack(OP_KINDS.index(op.kind)))
+            _put_sets(out, op.spans)
+    return b"".join(out)
+
+
+class _Reader:
+    """A cursor over a payload; every read past its end is JournalError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise JournalError("a change log record ends inside a field")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u32(self) -> int:
+        value: int = _U32.unpack(self.take(4))[0]
+        return value
+
+    def u64(self) -> int:
+        value: int = _U64.unpack(self.take(8))[0]
+        return value
+
+    def blob(self) -> bytes:
+        return self.take(self.u32())
+
+    def text(self) -> str:
+        try:
+            return self.blob().decode()
+        except UnicodeDecodeError:
+            raise JournalError("a change log record holds a name that is not UTF-8") from None
+
+    def sets(self) -> Sets:
+        return Sets(self.blob(), self.blob())
+
+
+def decode_changes(payload: bytes) -> list[Change]:
+    """The changes of one record's payload; JournalError when it is not what
+    `encode_changes` makes."""
+    r = _Reader(payload)
+    changes = []
+    for _ in range(r.u32()):
+        space_id = r.text()
+        seq = r.u64()
+        shared = r.sets() if r.u8() else None
+        clients: dict[str, ClientSets | None] = {}
+        for _ in range(r.u32()):
+            client = r.text()
+            clients[client] = ClientSets(r.sets(), r.sets()) if r.u8() else None
+        ops = []
+        for _ in range(r.u32()):
+            client = r.text()
+            kind = r.u8()
+            if kind >= len(OP_KINDS):
+                raise JournalError(f"a change log record holds an unknown operation {kind}")
+            ops.append(Op(client, OP_KINDS[kind], r.sets()))
+        changes.append(Change(space_id, seq, shared, clients, tuple(ops)))
+    if r.pos != len(payload):
+        raise JournalError("a change log record has bytes after its changes")
+    return changes
+
+
+def read_log(data: bytes, path: Path) -> tuple[list[Change], int]:
+    """The changes of a log file's bytes, and how many bytes they were: less than all when
+    the last record is cut short (written when the daemon died). A whole record that is wrong
+    (its checksum, its contents) is JournalError, naming the file and where."""
+    changes: list[Change] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < _RECORD.size:
+            break
+        length, crc = _RECORD.unpack_from(data, pos)
+        if length > MAX_RECORD_BYTES:
+            raise JournalError(f"{path}: a record of {length} bytes at byte {pos}: damaged")
+        end = pos + _RECORD.size + length
+        if end > len(data):
+            break
+        payload = data[pos + _RECORD.size : end]
+        if zlib.crc32(payload) != crc:
+            raise JournalError(f"{path}: the record at byte {pos} fails its checksum")
+        try:
+            changes += decode_changes(payload)
+        except JournalError as exc:
+            raise JournalError(f"{path}: the record at byte {pos}: {exc}") from None
+        pos = end
+    return changes, pos
+
+
+class ChangeLog:
+    """The restart journal's fast half: each change of an access table (grants, revocations,
+    the shared attribute, a fence's drop) is appended to a file as one record, on the event
+    loop, before the change is carried out: one write(2) to the page cache, no thread hop.
+    What it holds is exactly what a committed `Journal.apply` would hold: a daemon that dies
+    leaves whole records (and at most one cut short, which a start drops: its call never
+    returned), and the next start folds them into the database before it reads it
+    (`Journal.fold_logs`). Durable as the database is (see the module's docstring): in the page
+    cache, not fsynced.
+
+    The file is a generation of the log (STATE_DIR/changes.N.log). Once it holds
+    `fold_bytes`, the next one is opened and the full one handed back, with its changes, to be
+    folded into the database on the journal's thread (`Journal.fold`), which then removes it.
+    """
+
+    def __init__(self, directory: Path, gen: int, fold_bytes: int = LOG_FOLD_BYTES) -> None:
+        self.directory = directory
+        self.fold_bytes = fold_bytes
+        self.gen = gen
+        self.size = 0
+        # The changes in this generation's file, in order: what its fold writes.
+        self.changes: list[Change] = []
+        self._fd = self._open(gen)
+
+    def _open(self, gen: int) -> int:
+        return os.open(
+            log_path(self.directory, gen),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+        )
+
+    @property
+    def path(self) -> Path:
+        return log_path(self.directory, self.gen)
+
+    def append(self, *changes: Change) -> tuple[int, list[Change]] | None:
+        """Writes `changes` as one record. Raises OSError when the file does not take it
+        whole; then the file is as it was (a part written is cut off again) and the changes are
+        not in the log. Returns (generation, its changes) when that generation is full and a
+        new one was started: the caller has it folded."""
+        payload = encode_changes(changes)
+        record = _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+        written = os.write(self._fd, record)
+        if written != len(record):
+            # Only a full disk or a file size limit stops a write to a file part way.
+            try:
+                os.ftruncate(self._fd, self.size)
+            except OSError as exc:
+                log.error("journal: cannot cut a partial record off %s: %s", self.path, exc)
+            raise OSError(
+                errno.ENOSPC,
+                f"{self.path} took {written} of a {len(record)}-byte record (disk full?)",
+            )
+        self.size += written
+        self.changes.extend(changes)
+        if self.size < self.fold_bytes:
+            return None
+        try:
+            fd = self._open(self.gen + 1)
+        except OSError as exc:
+            # This generation goes on; the next append tries again.
+            log.error("journal: cannot start change log %d: %s", self.gen + 1, exc)
+            return None
+        os.close(self._fd)
+        self._fd = fd
+        full = (self.gen, self.changes)
+        self.gen += 1
+        self.size = 0
+        self.changes = []
+        return full
+
+    def close(self) -> tuple[int, list[Change]]:
+        """Closes the file; returns its generation and changes (to be folded)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        return self.gen, self.changes
+
+
 # -- the database -----------------------------------------------------------------------------
 
 
@@ -425,6 +721,8 @@ class Journal:
                 "give each daemon its own state_dir"
             ) from None
         self._lock = threading.Lock()
+        # Log generations whose fold failed: folded again with the next one.
+        self._unfolded: list[tuple[int, Sequence[Change]]] = []
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=10
@@ -504,56 +802,88 @@ class Journal:
     def apply(self, *changes: Change) -> None:
         """Changes (of one or several spaces) as one transaction. A change of a space the
         journal does not have (deleted meanwhile) is skipped."""
+        self._write(lambda db: _apply(db, changes))
+
+    # -- the change log (ChangeLog) folded in ----------------------------------------------------
+
+    def log_generation(self) -> int:
+        """The first generation of the change log not yet folded into the database."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'log_gen'").fetchone()
+        try:
+            return int(row[0]) if row is not None else 0
+        except ValueError:
+            raise JournalError(f"{self.path}: log_gen {row[0]!r} is not a number") from None
+
+    def fold(self, gen: int, changes: Sequence[Change]) -> None:
+        """The changes of log generation `gen` (all of them, in order) into the database, in
+        one transaction that also marks `gen` folded; then its file goes. A generation whose
+        fold failed is folded again with the next one: `log_gen` never passes a generation
+        that is not in the database."""
+        todo = [*self._unfolded, (gen, changes)]
+        everything = [change for _, part in todo for change in part]
 
         def body(db: sqlite3.Connection) -> None:
-            for change in changes:
-                if change.shared is None:
-                    cur = db.execute(
-                        "UPDATE spaces SET seq = ? WHERE space_id = ?",
-                        (change.seq, change.space_id),
-                    )
-                else:
-                    cur = db.execute(
-                        "UPDATE spaces SET seq = ?, shared_starts = ?, shared_ends = ? "
-                        "WHERE space_id = ?",
-                        (change.seq, change.shared.starts, change.shared.ends, change.space_id),
-                    )
-                if cur.rowcount == 0:
-                    continue
-                if change.shared is not None:
-                    db.execute(
-                        "DELETE FROM ops WHERE space_id = ? AND client = ?",
-                        (change.space_id, SHARED),
-                    )
-                for op in change.ops:
-                    db.execute(
-                        "INSERT INTO ops (space_id, client, kind, starts, ends) VALUES (?,?,?,?,?)",
-                        (change.space_id, op.client, op.kind, op.spans.starts, op.spans.ends),
-                    )
-                for client, sets in change.clients.items():
-                    db.execute(
-                        "DELETE FROM ops WHERE space_id = ? AND client = ?",
-                        (change.space_id, client),
-                    )
-                    if sets is None:
-                        db.execute(
-                            "DELETE FROM grants WHERE space_id = ? AND client = ?",
-                            (change.space_id, client),
-                        )
-                        continue
-                    db.execute(
-                        "INSERT OR REPLACE INTO grants VALUES (?,?,?,?,?,?)",
-                        (
-                            change.space_id,
-                            client,
-                            sets.readable.starts,
-                            sets.readable.ends,
-                            sets.writable.starts,
-                            sets.writable.ends,
-                        ),
-                    )
+            _apply(db, everything)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('log_gen', ?)", (str(gen + 1),))
 
-        self._write(body)
+        try:
+            self._write(body)
+        except BaseException:
+            self._unfolded = todo
+            raise
+        self._unfolded = []
+        for folded, _ in todo:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_path(self.directory, folded))
+
+    def fold_logs(self) -> int:
+        """At open: every change log a previous daemon left (each generation at or after
+        `log_gen`, in order) into the database, and their files removed; files of folded
+        generations (left by a crash between a fold and its unlink) are removed too. Returns
+        the generation the next log starts at. A record cut short (the daemon died while it
+        was being written: its change was never reported done) ends its file, with a warning;
+        a record that is whole but wrong is JournalError."""
+        first = self.log_generation()
+        found: list[tuple[int, Path]] = []
+        for entry in os.listdir(self.directory):
+            gen = _log_generation_of(entry)
+            if gen is None:
+                continue
+            path = self.directory / entry
+            if gen < first:
+                os.unlink(path)
+                continue
+            found.append((gen, path))
+        if not found:
+            return first
+        found.sort()
+        changes: list[Change] = []
+        for _, path in found:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise JournalError(f"cannot read the change log {path}: {exc}") from exc
+            parsed, used = read_log(data, path)
+            if used < len(data):
+                log.warning(
+                    "journal: %s ends with %d byte(s) of a record that was being written when "
+                    "the daemon stopped (its change was never reported done): dropped",
+                    path,
+                    len(data) - used,
+                )
+            changes += parsed
+        self.fold(found[-1][0], changes)
+        for gen, _ in found[:-1]:  # fold() removed the last one's file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_path(self.directory, gen))
+        log.info(
+            "journal: %d change(s) of %d log file(s) folded into %s",
+            len(changes),
+            len(found),
+            self.path,
+        )
+        return found[-1][0] + 1
 
     def delete_space(self, space_id: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM spaces WHERE space_id = ?", (space_id,)))
@@ -697,15 +1027,39 @@ class Journal:
 
 
 class Writer:
-    """The journal's writes, off the event loop: one worker thread takes them in the order they
-    were submitted (the order the loop committed the changes), so the journal always moves
-    forward. `write` waits for the commit; `submit` does not. `compaction` (used on the loop)
-    decides what a change writes."""
+    """The journal's writes. Changes of the access tables go to the change log on the event
+    loop (`log`: one append each, in the order the loop made them); everything else (spaces,
+    sessions, names, reports, and the folds of full log generations) to the database on one
+    worker thread, in the order submitted, so the journal always moves forward. `write` waits
+    for its commit; `submit` does not. `compaction` (used on the loop) decides what a change
+    writes. Opening a Writer folds the change logs a previous daemon left; closing one folds
+    its own."""
 
-    def __init__(self, journal: Journal, compaction: Compaction | None = None) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        compaction: Compaction | None = None,
+        fold_bytes: int = LOG_FOLD_BYTES,
+    ) -> None:
         self.journal = journal
         self.compaction = compaction or Compaction()
+        try:
+            gen = journal.fold_logs()
+            self.changes = ChangeLog(journal.directory, gen, fold_bytes)
+        except OSError as exc:
+            journal.close()
+            raise JournalError(f"cannot open the change log in {journal.directory}: {exc}") from exc
+        except BaseException:
+            journal.close()
+            raise
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+
+    def log(self, *changes: Change) -> None:
+        """Appends `changes` to the change log (on the loop): they are in the journal when this
+        returns. Raises OSError when they are not (the log is as it was)."""
+        full = self.changes.append(*changes)
+        if full is not None:
+            self.submit(self.journal.fold, *full)
 
     def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
         future = self._pool.submit(fn, *args)
@@ -717,6 +1071,12 @@ class Writer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        gen, changes = self.changes.close()
+        try:
+            self.journal.fold(gen, changes)
+        except (sqlite3.Error, OSError) as exc:
+            # Its file stays: the next start folds it.
+            log.error("journal: folding change log %d at close failed: %s", gen, exc)
         self.journal.close()
 
 
@@ -727,6 +1087,7 @@ def _log_failure(future: concurrent.futures.Future[Any]) -> None:
 
 __all__ = [
     "Change",
+    "ChangeLog",
     "ClientSets",
     "Compaction",
     "Contents",

@@ -267,9 +267,10 @@ class Metrics:
         self.verify_on_worker = self.verify_seconds.labels("worker")
         self.journal_wait = Histogram(
             "membroker_journal_wait_seconds",
-            "How long a change's call waited for its journal commit once the change itself was "
-            "carried out (clients told, revocations verified): what the restart journal added "
-            "to the call, by change (revoke, grant_rw, grant_ro, share, private).",
+            "How long a change's call spent writing it to the restart journal (capturing the "
+            "change and appending it to the change log, on the event loop, before it is "
+            "carried out): what the journal adds to the call, by change (revoke, grant_rw, "
+            "grant_ro, share, private).",
             ["change"],
             buckets=(10e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1),
             registry=self.registry,

@@ -81,8 +81,6 @@ class Session:
         self.grpc_calls = 0
         self.pidfd = os.dup(conn.pidfd)
         self.fencing: asyncio.Future[Fenced] | None = None
-        # The journal write of a fence's grant drop (awaited before the fence reports)
-        self.forgotten: asyncio.Future[None] | None = None
         self.killed: str | None = None
         self._refs = 1
         self._next_tag = 1

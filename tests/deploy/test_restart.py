@@ -33,6 +33,7 @@ import membroker
 from membroker._sys.kvm import guest_memfd_support
 from membroker.errors import BrokerRestarting
 from membroker.types import Region
+from membrokerd.journal import read_log
 from tests.conftest import wait_for
 
 MiB = 1 << 20
@@ -126,14 +127,22 @@ def test_kill_9_restart_keeps_spaces_bytes_and_grants(sd: UserManager) -> None:
     space_id, data, grants, info = _make_guest(sd)
     with_space = _settled_fds(pid)
     assert sd.show(SERVICE, "NFileDescriptorStore")["NFileDescriptorStore"] == "1"
-    # The large client's later changes sit in the journal as logged operations.
-    journal = sd.runtime_dir.with_name("membroker.state") / "journal.sqlite"
-    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    # The large client's later changes sit in the journal as logged operations: in the
+    # database (folded) or still in the change log, which only the restart can fold in.
+    state_dir = sd.runtime_dir.with_name("membroker.state")
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
     try:
-        logged = db.execute("SELECT count(*) FROM ops WHERE client = 'frag'").fetchone()[0]
+        folded = db.execute("SELECT count(*) FROM ops WHERE client = 'frag'").fetchone()[0]
     finally:
         db.close()
-    assert logged > 10, logged
+    in_log = [
+        op
+        for path in sorted(state_dir.glob("changes.*.log"))
+        for change in read_log(path.read_bytes(), path)[0]
+        for op in change.ops
+        if op.client == "frag"
+    ]
+    assert in_log and folded + len(in_log) > 10, (folded, len(in_log))
 
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -142,6 +151,7 @@ def test_kill_9_restart_keeps_spaces_bytes_and_grants(sd: UserManager) -> None:
     log = sd.log_text()
     assert f"space {space_id} restored" in log, log
     assert "1 space(s) restored" in log, log
+    assert "log file(s) folded into" in log, log
     # Back to where it was: the space's fd (and nothing else kept from the store), no leak.
     assert _settled_fds(new_pid) == with_space, (idle, with_space)
     _check_guest(sd, space_id, data, grants, info)
@@ -384,38 +394,45 @@ def test_a_fenced_clients_grants_stay_dropped_after_a_restart(sd: UserManager) -
 def test_a_failed_journal_write_fails_the_call_but_the_change_is_in_force(
     tmp_path: Path,
 ) -> None:
-    """The journal's file stops taking writes (immutable): a grant is still carried out (the
-    table changed; clients would be told), and its call fails (the log says it is not
-    journaled). The
-    next change writes the client's set whole again once the journal works."""
+    """The journal's change log stops taking writes (immutable): a grant is still carried out
+    (the table changed; clients would be told), and its call fails (the log says it is not
+    journaled), leaving the log as it was. The next change writes the client's set whole again
+    once the journal works, and a clean stop folds the log into the database."""
     from deploy_helpers import Daemon, require_tool
 
     chattr = require_tool("chattr")
     d = Daemon(tmp_path / "rt")
-    wal = tmp_path / "rt.state" / "journal.sqlite-wal"
+    state_dir = tmp_path / "rt.state"
     try:
         with membroker.connect("vmm", str(d.runtime_dir)) as owner:
             space = owner.create_space(MiB)
             space.share(0, MiB)
-            assert wal.exists()
-            if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
+            [changes] = state_dir.glob("changes.*.log")
+            before = changes.read_bytes()
+            assert read_log(before, changes)[1] == len(before) > 0  # the share: one record
+            if subprocess.run([chattr, "+i", str(changes)], capture_output=True).returncode:
                 pytest.skip("chattr +i does not work on this file system")
             try:
                 # An INTERNAL error; the broker's log says what happened.
                 with pytest.raises(membroker.MembrokerError, match="internal error in Grant"):
                     space.grant("backend", 0, PAGE, "rw")
             finally:
-                subprocess.run([chattr, "-i", str(wal)], check=True)
+                subprocess.run([chattr, "-i", str(changes)], check=True)
+            assert changes.read_bytes() == before
             assert [c for c, _ in owner.list_grants(space.space_id)] == ["backend"]
             space.grant("backend", PAGE, PAGE, "ro")
-        db = sqlite3.connect(f"file:{wal.with_name('journal.sqlite')}?mode=ro", uri=True)
-        try:
-            [(length,)] = db.execute("SELECT length(readable_starts) FROM grants").fetchall()
-        finally:
-            db.close()
-        assert length == 8  # pages 0-1 as one range: both grants are in the journal
+            [after] = read_log(changes.read_bytes(), changes)[0][-1:]
+            [backend] = after.clients.values()
+            assert backend is not None and len(backend.readable) == 1  # pages 0-1, whole
     finally:
         assert d.stop() == 0, d.log()
+    assert not list(state_dir.glob("changes.*.log"))  # folded at the stop
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        [(length,)] = db.execute("SELECT length(readable_starts) FROM grants").fetchall()
+    finally:
+        db.close()
+    assert length == 8  # pages 0-1 as one range: both grants are in the journal
     log = d.log()
     assert "journal write failed" in log and "it will not survive a restart" in log, log
 

@@ -5,8 +5,10 @@ killed mid-stream leaves a journal that reopens consistent."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -29,7 +31,9 @@ from membrokerd.journal import (
     JournalError,
     Sets,
     SpaceRecord,
+    Writer,
     capture,
+    read_log,
     restore_table,
 )
 
@@ -433,3 +437,162 @@ def test_revocation_reports_keep_the_newest_and_go_with_their_space(tmp_path: Pa
     with pytest.raises((ValueError, KeyError)):
         report_from_json('{"seq": 1}')
     j.close()
+
+
+# -- the change log ----------------------------------------------------------------------------
+
+_LOG_WRITER = r"""
+import sys
+sys.path[:0] = [sys.argv[2] + "/clients", sys.argv[2] + "/broker"]
+from pathlib import Path
+from membrokerd.access import Access, AccessTable
+from membrokerd.journal import Journal, SpaceRecord, Writer, capture
+
+PAGE = 4096
+pages = 1 << 16
+table = AccessTable(pages * PAGE)
+w = Writer(Journal(Path(sys.argv[1])), fold_bytes=int(sys.argv[3]))
+w.journal.add_space(SpaceRecord("sp-0000abcd", "g", pages * PAGE, "memfd", PAGE, "vmm", 0, False,
+                                (), 1, 2, 15, 0.0))
+table.set_shared(0, pages * PAGE)
+w.log(capture("sp-0000abcd", table, (), True))
+i = 0
+while True:  # until killed: one logged grant after another, each reported once logged
+    client = f"c{i % 7}"
+    table.grant(client, (i * 2 % pages) * PAGE, PAGE, Access.RW if i % 3 else Access.RO)
+    w.log(capture("sp-0000abcd", table, (client,)))
+    print(table.seq, flush=True)
+    i += 1
+"""
+
+
+def _log_files(state_dir: Path) -> list[Path]:
+    return sorted(state_dir.glob("changes.*.log"), key=lambda p: int(p.name.split(".")[1]))
+
+
+def test_a_killed_writer_of_the_change_log_leaves_every_logged_change(tmp_path: Path) -> None:
+    """The broker's hot path: changes appended to the change log, full generations folded into
+    the database on the journal's thread meanwhile. Killed at any point, with the record it
+    was writing cut short: the next open folds what is left and loads exactly the changes it
+    reported (and at most the one it was writing)."""
+    state_dir = tmp_path / "s"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOG_WRITER, str(state_dir), str(ROOT), "4096"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seqs = []
+    try:
+        while len(seqs) < 600:
+            line = proc.stdout.readline()
+            assert line, "the writer died"
+            seqs.append(int(line))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rest = proc.stdout.read()
+        proc.stdout.close()
+    seqs += [int(line) for line in rest.split("\n")[:-1]]
+    logs = _log_files(state_dir)
+    assert logs, "no change log"
+    # Generations were folded while it ran (each ~4 KiB: 600 changes are many generations).
+    assert int(logs[0].name.split(".")[1]) > 0
+    # The record being written when it died, cut short: a header promising more than is there.
+    with open(logs[-1], "ab") as f:
+        f.write(struct.pack("<II", 100, 0) + b"\1\2")
+
+    w = Writer(Journal(state_dir))
+    try:
+        [state] = w.journal.load().spaces
+        # Folded and gone; the new daemon's own generation comes after them, empty.
+        [own] = _log_files(state_dir)
+        assert int(own.name.split(".")[1]) == int(logs[-1].name.split(".")[1]) + 1
+        assert own.stat().st_size == 0
+    finally:
+        w.close()
+    assert seqs[-1] <= state.seq <= seqs[-1] + 1, (seqs[-1], state.seq)
+    table = AccessTable(state.record.size)
+    restore_table(table, state)
+    replay = AccessTable(state.record.size)
+    pages = state.record.size // PAGE
+    replay.set_shared(0, pages * PAGE)
+    i = 0
+    while replay.seq < state.seq:
+        replay.grant(f"c{i % 7}", (i * 2 % pages) * PAGE, PAGE, Access.RW if i % 3 else Access.RO)
+        i += 1
+    same_table(replay, table)
+    assert not _log_files(state_dir)  # the close folded its own generation
+
+
+def _logged_space(state_dir: Path, fold_bytes: int = 1 << 20) -> tuple[Writer, AccessTable]:
+    w = Writer(Journal(state_dir), fold_bytes=fold_bytes)
+    w.journal.add_space(record(size=64 * PAGE))
+    table = AccessTable(64 * PAGE)
+    table.set_shared(0, 64 * PAGE)
+    w.log(capture("sp-0000abcd", table, (), True))
+    return w, table
+
+
+def test_a_damaged_record_in_the_change_log_refuses_the_journal(tmp_path: Path) -> None:
+    """A whole record that fails its checksum is not a torn write: the journal is not opened
+    (JournalError names the file and where), and nothing is folded or removed."""
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir)
+    for i in range(3):
+        table.grant("c", i * PAGE, PAGE, Access.RW)
+        w.log(capture("sp-0000abcd", table, ("c",)))
+    path = w.changes.path
+    w._pool.shutdown()
+    w.changes.close()
+    w.journal.close()  # as a crash would: nothing folded
+    data = bytearray(path.read_bytes())
+    _, first_end = read_log(bytes(data[: 8 + struct.unpack_from("<I", data)[0]]), path)
+    data[first_end + 20] ^= 0xFF  # inside the second record
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match=rf"{path.name}: the record at byte {first_end} fails"):
+        Writer(Journal(state_dir))
+    assert path.read_bytes() == bytes(data)
+    # The lock went with the refused open: a fixed log opens.
+    data[first_end + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    w = Writer(Journal(state_dir))
+    try:
+        [state] = w.journal.load().spaces
+        assert state.seq == table.seq
+    finally:
+        w.close()
+
+
+def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) -> None:
+    """The database refuses a fold (its WAL made immutable): that generation's file stays and
+    log_gen does not pass it; the next fold writes both, then removes both files."""
+    chattr = shutil.which("chattr") or pytest.skip("no chattr")
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
+    wal = state_dir / (JOURNAL_FILE + "-wal")
+    try:
+        w.submit(lambda: None).result()  # the share's fold is done
+        assert w.journal.log_generation() == 1
+        if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
+            pytest.skip("chattr +i does not work on this file system")
+        try:
+            table.grant("c", 0, PAGE, Access.RW)
+            w.log(capture("sp-0000abcd", table, ("c",)))
+            w.submit(lambda: None).result()  # the thread is past the fold that failed
+            assert [gen for gen, _ in w.journal._unfolded] == [1]
+        finally:
+            subprocess.run([chattr, "-i", str(wal)], check=True)
+        assert w.journal.log_generation() == 1
+        assert [p.name for p in _log_files(state_dir)] == ["changes.1.log", "changes.2.log"]
+        table.grant("c", PAGE, PAGE, Access.RO)
+        w.log(capture("sp-0000abcd", table, ("c",)))
+        w.submit(lambda: None).result()
+        assert w.journal.log_generation() == 3
+        assert [p.name for p in _log_files(state_dir)] == ["changes.3.log"]
+        [state] = w.journal.load().spaces
+        restored = AccessTable(64 * PAGE)
+        restore_table(restored, state)
+        same_table(table, restored)
+    finally:
+        w.close()

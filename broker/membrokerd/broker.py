@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from membroker import wire
 from membroker._sys import kvm as sys_kvm
@@ -2189,7 +2189,14 @@ class Broker:
             waited += 0.005
         try:
             results = list(fenced or ())
-            results += await asyncio.gather(*(self._conclude(space, ack) for ack in batch.acks))
+            # Acknowledged and verified: concluded here; only the rest (fences, judgements
+            # again) are awaited, each as a task (a task per ack costs loop turns).
+            concluded = [self._concluded(space, ack) for ack in batch.acks]
+            rest = [ack for ack, done in zip(batch.acks, concluded, strict=True) if done is None]
+            if rest:
+                later = iter(await asyncio.gather(*(self._conclude(space, ack) for ack in rest)))
+                concluded = [done if done is not None else next(later) for done in concluded]
+            results += cast(list[ClientResult], concluded)
         finally:
             for ack in batch.acks:
                 ack.session.pending_acks.pop((space.space_id, seq), None)
@@ -2231,7 +2238,26 @@ class Broker:
 
         self.journal.submit(write)
 
+    def _concluded(self, space: Space, ack: Ack) -> ClientResult | None:
+        """The outcome of an acknowledgement verified in time (its pins released); None for
+        any other verdict (`_conclude`)."""
+        if ack.verdict is not Verdict.ACKED:
+            return None
+        session = ack.session
+        released = (
+            space.table.release_pins(session.session_id, [(r.offset, r.length) for r in ack.ranges])
+            if space.table.pins(session.session_id)
+            else []
+        )
+        if released:
+            space.unpinned.set()
+            log.info("released %d pin(s) of %r on acknowledged revoke", len(released), session.name)
+        return self._result(ack, Outcome.ACKED)
+
     async def _conclude(self, space: Space, ack: Ack) -> ClientResult:
+        done = self._concluded(space, ack)
+        if done is not None:
+            return done
         session = ack.session
         seq = ack.seq
         verdict, why = ack.verdict, ack.reason
@@ -2244,20 +2270,6 @@ class Broker:
                 "no_ack",
                 f"no acknowledgement of seq {seq} within {ack.deadline_ms} ms",
             )
-        if verdict is Verdict.ACKED:
-            released = (
-                space.table.release_pins(
-                    session.session_id, [(r.offset, r.length) for r in ack.ranges]
-                )
-                if space.table.pins(session.session_id)
-                else []
-            )
-            if released:
-                space.unpinned.set()
-                log.info(
-                    "released %d pin(s) of %r on acknowledged revoke", len(released), session.name
-                )
-            return self._result(ack, Outcome.ACKED)
         if verdict is Verdict.CAUGHT:
             return await self._fenced(ack, "verify", f"acknowledged seq {seq} but {why}")
         if verdict is Verdict.REFUSED:

@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -162,6 +163,7 @@ def pass_credentials(sock: socket.socket) -> None:
 
 
 _CRED_SPACE: Final = socket.CMSG_SPACE(ctypes.sizeof(UCred))
+_UCRED_PID: Final = struct.Struct("=i")  # UCred.pid, at offset 0
 
 
 def _recv(
@@ -188,8 +190,9 @@ def _recv(
         if kind == socket.SCM_RIGHTS:
             whole = len(payload) - len(payload) % _INT_SIZE
             fds.extend(array.array("i", payload[:whole]))
-        elif kind == socket.SCM_CREDENTIALS and len(payload) >= ctypes.sizeof(UCred):
-            sender = UCred.from_buffer_copy(payload[: ctypes.sizeof(UCred)]).pid
+        elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED_PID.size:
+            # Every message's: the pid field alone, without a ctypes object each time.
+            (sender,) = _UCRED_PID.unpack_from(payload)
     truncated = bool(flags & socket.MSG_CTRUNC) or len(fds) > maxfds
     return data, fds, truncated, sender
 

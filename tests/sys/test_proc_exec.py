@@ -3,6 +3,7 @@ read as empty afterwards, which must never pass for "maps nothing"."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from membroker._sys import mman
 from membroker._sys.libc import PAGE_SIZE
-from membroker._sys.proc import ProcessView, TooManyMappings
+from membroker._sys.memfd import create_memfd
+from membroker._sys.proc import PAGE_IS_PRESENT, ProcessView, TooManyMappings
 
 # A program that, at image N > 0, maps the memfd read-write and touches its first page, says
 # where, and on "exec" replaces itself with image N + 1 (the memfd's fd inherited).
@@ -308,3 +311,27 @@ def test_a_walk_keeps_the_gil_through_its_ioctls() -> None:
             spinner.join()
         _end(child)
         view.close()
+
+
+def test_a_scan_with_more_runs_than_its_vectors_finds_every_one() -> None:
+    """PAGEMAP_SCAN fills a vector of runs at a time and goes on where it stopped; the vector
+    starts small and grows: 1,500 runs come back whole, in order, as pagemap entries say."""
+    pages = 3000
+    fd = create_memfd("scan-runs", pages * PAGE_SIZE)
+    m = mman.Mapping.map_shared(fd, pages * PAGE_SIZE, mman.PROT_READ | mman.PROT_WRITE)
+    view = ProcessView(os.getpid())
+    try:
+        for p in range(0, pages, 2):
+            os.pwrite(fd, b"x", p * PAGE_SIZE)
+            # Read through the mapping: faults the page in.
+            assert ctypes.c_char.from_address(m.address + p * PAGE_SIZE).value == b"x"
+        runs = list(view.present_regions(m.address, pages))
+        assert runs == [
+            (m.address + p * PAGE_SIZE, m.address + (p + 1) * PAGE_SIZE) for p in range(0, pages, 2)
+        ]
+        assert runs == view._scan_fallback(m.address, pages, PAGE_IS_PRESENT, 0, 0)
+        assert next(view.present_regions(m.address + PAGE_SIZE, pages - 1)) == runs[1]
+    finally:
+        view.close()
+        m.close()
+        os.close(fd)

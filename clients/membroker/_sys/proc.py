@@ -194,6 +194,7 @@ PAGE_IS_SWAPPED: Final = 1 << 4
 # Since 6.14 a guard marker is its own category (it is also reported as swapped).
 PAGE_IS_GUARD: Final = 1 << 8
 _SCAN_REGIONS = 1024
+_SCAN_FIRST_REGIONS = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -579,14 +580,18 @@ class ProcessView:
         """PAGEMAP_SCAN: the [start, end) address runs of matching pages in the range, a
         vector at a time (a caller that stops at the first run costs one ioctl); the kernel
         walks the page tables itself, so a GiB with few matches costs microseconds."""
-        vec = (PageRegion * _SCAN_REGIONS)()  # per call: a view may be asked from two threads
+        # Per call (a view may be asked from two threads); small at first: most scans find a
+        # few runs or stop at the first, and 24 KB zeroed for each would cost more than the
+        # ioctl (and evict as much of the cache). A full vector makes the next one larger.
+        regions = _SCAN_FIRST_REGIONS
+        vec = (PageRegion * regions)()
         start, end = addr, addr + pages * PAGE_SIZE
         arg = PmScanArg()
         while start < end:
             ctypes.memset(ctypes.addressof(arg), 0, ctypes.sizeof(arg))
             arg.size = ctypes.sizeof(arg)
             arg.start, arg.end = start, end
-            arg.vec, arg.vec_len = ctypes.addressof(vec), _SCAN_REGIONS
+            arg.vec, arg.vec_len = ctypes.addressof(vec), regions
             arg.category_inverted, arg.category_mask = inverted, mask
             arg.category_anyof_mask = anyof
             # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this call's own array of
@@ -599,6 +604,9 @@ class ProcessView:
             if walked <= start:
                 break
             start = walked
+            if count == regions and regions < _SCAN_REGIONS:
+                regions = _SCAN_REGIONS
+                vec = (PageRegion * regions)()
 
     def _scan_fallback(
         self, addr: int, pages: int, mask: int, inverted: int, anyof: int

@@ -31,6 +31,7 @@ from membrokerd.journal import (
     JournalError,
     Sets,
     SpaceRecord,
+    SpaceState,
     Writer,
     capture,
     read_log,
@@ -238,17 +239,14 @@ while True:  # until killed: one committed grant after another, each reported on
 """
 
 
-def test_a_killed_writer_leaves_a_consistent_journal(tmp_path: Path) -> None:
-    state_dir = tmp_path / "s"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(state_dir), str(ROOT)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def _seqs_until_killed(args: list[str], count: int) -> list[int]:
+    """Runs a writer script until it has reported `count` seqs, kills it (SIGKILL) and returns
+    every seq it reported: each complete line is a change it had written."""
+    proc = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     seqs = []
     try:
-        while len(seqs) < 300:
+        while len(seqs) < count:
             line = proc.stdout.readline()
             assert line, "the writer died"
             seqs.append(int(line))
@@ -256,10 +254,32 @@ def test_a_killed_writer_leaves_a_consistent_journal(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         # What it reported before it died but this test had not read yet (on a loaded machine
-        # the writer runs ahead of the reader): every complete line is a committed change.
+        # the writer runs ahead of the reader).
         rest = proc.stdout.read()
         proc.stdout.close()
-    seqs += [int(line) for line in rest.split("\n")[:-1]]
+    return seqs + [int(line) for line in rest.split("\n")[:-1]]
+
+
+def _check_the_writers_history(state: SpaceState, last_reported: int) -> None:
+    """Every change the writer reported is there, and at most the one it was writing when it
+    died; the same history (the writers' grants) replayed up to that seq gives the same table."""
+    assert last_reported <= state.seq <= last_reported + 1, (last_reported, state.seq)
+    table = AccessTable(state.record.size)
+    restore_table(table, state)  # checks every set
+    assert table.seq == state.seq
+    replay = AccessTable(state.record.size)
+    pages = state.record.size // PAGE
+    replay.set_shared(0, pages * PAGE)
+    i = 0
+    while replay.seq < state.seq:
+        replay.grant(f"c{i % 7}", (i * 2 % pages) * PAGE, PAGE, Access.RW if i % 3 else Access.RO)
+        i += 1
+    same_table(replay, table)
+
+
+def test_a_killed_writer_leaves_a_consistent_journal(tmp_path: Path) -> None:
+    state_dir = tmp_path / "s"
+    seqs = _seqs_until_killed([_WRITER, str(state_dir), str(ROOT)], 300)
     wal = state_dir / (JOURNAL_FILE + "-wal")
     assert wal.exists() and wal.stat().st_size > 0  # never checkpointed by a clean close
     # A torn last write: garbage where the next frame would have gone.
@@ -269,21 +289,7 @@ def test_a_killed_writer_leaves_a_consistent_journal(tmp_path: Path) -> None:
     j = Journal(state_dir)
     [state] = j.load().spaces
     j.close()
-    # Every change reported committed is there; at most the one being written when the
-    # writer died is there too.
-    assert seqs[-1] <= state.seq <= seqs[-1] + 1, (seqs[-1], state.seq)
-    table = AccessTable(state.record.size)
-    restore_table(table, state)  # checks every set
-    assert table.seq == state.seq
-    # The same history replayed up to that seq gives the same table.
-    replay = AccessTable(state.record.size)
-    pages = state.record.size // PAGE
-    replay.set_shared(0, pages * PAGE)
-    i = 0
-    while replay.seq < state.seq:
-        replay.grant(f"c{i % 7}", (i * 2 % pages) * PAGE, PAGE, Access.RW if i % 3 else Access.RO)
-        i += 1
-    same_table(replay, table)
+    _check_the_writers_history(state, seqs[-1])
 
 
 @pytest.mark.parametrize("small, max_ops", [(0, 1), (2, 3), (4, 50), (10**9, 1)])
@@ -476,24 +482,7 @@ def test_a_killed_writer_of_the_change_log_leaves_every_logged_change(tmp_path: 
     was writing cut short: the next open folds what is left and loads exactly the changes it
     reported (and at most the one it was writing)."""
     state_dir = tmp_path / "s"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LOG_WRITER, str(state_dir), str(ROOT), "4096"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    seqs = []
-    try:
-        while len(seqs) < 600:
-            line = proc.stdout.readline()
-            assert line, "the writer died"
-            seqs.append(int(line))
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        rest = proc.stdout.read()
-        proc.stdout.close()
-    seqs += [int(line) for line in rest.split("\n")[:-1]]
+    seqs = _seqs_until_killed([_LOG_WRITER, str(state_dir), str(ROOT), "4096"], 600)
     logs = _log_files(state_dir)
     assert logs, "no change log"
     # Generations were folded while it ran (each ~4 KiB: 600 changes are many generations).
@@ -511,17 +500,7 @@ def test_a_killed_writer_of_the_change_log_leaves_every_logged_change(tmp_path: 
         assert own.stat().st_size == 0
     finally:
         w.close()
-    assert seqs[-1] <= state.seq <= seqs[-1] + 1, (seqs[-1], state.seq)
-    table = AccessTable(state.record.size)
-    restore_table(table, state)
-    replay = AccessTable(state.record.size)
-    pages = state.record.size // PAGE
-    replay.set_shared(0, pages * PAGE)
-    i = 0
-    while replay.seq < state.seq:
-        replay.grant(f"c{i % 7}", (i * 2 % pages) * PAGE, PAGE, Access.RW if i % 3 else Access.RO)
-        i += 1
-    same_table(replay, table)
+    _check_the_writers_history(state, seqs[-1])
     assert not _log_files(state_dir)  # the close folded its own generation
 
 

@@ -67,6 +67,7 @@ from membrokerd.faults import FaultServer, SealedMapping
 from membrokerd.journal import (
     GRANT_RO,
     GRANT_RW,
+    LARGE_CHANGE_BYTES,
     PRIVATE,
     REVOKE,
     SHARE,
@@ -75,6 +76,7 @@ from membrokerd.journal import (
     SessionRecord,
     SpaceRecord,
     Writer,
+    change_bytes,
     restore_table,
 )
 from membrokerd.listener import Connection
@@ -1358,28 +1360,55 @@ class Broker:
 
     def _journal_change(
         self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
-    ) -> Exception | None:
+    ) -> JournalWrite | None:
         """The change `kind` over `spans` just made to the grants of client `key` (SHARED: to
-        the shared attribute), captured and appended to the journal's change log now, before
-        it is carried out: in the journal before anyone is told it is done (membrokerd.journal).
-        One write on the loop, no thread hop (its time: membroker_journal_wait_seconds). A
-        failed write is returned, not raised: the change is in force in the table, so it is
-        carried out (clients told, revocations verified) all the same, and only then does the
-        call fail, saying it will not survive a restart (`_saved`)."""
+        the shared attribute), captured and written to the journal now, before it is carried
+        out, so that it is in the journal before anyone is told it is done (membrokerd.journal):
+        appended to the change log on the loop (one write, no thread hop), or, for a change that
+        writes a large set whole, folded into the database on the journal's thread while the
+        change is carried out. `_journal_wait` before the call returns."""
         if self.journal is None or space.ephemeral:
             return None
         started = time.perf_counter()
+        future: asyncio.Future[None] = self.loop.create_future()
         try:
             change = self.journal.compaction.change(space.space_id, space.table, key, kind, spans)
-            self.journal.log(change)
-        except OSError as exc:
+            if change_bytes(change) < LARGE_CHANGE_BYTES:
+                self.journal.log(change)
+                future.set_result(None)
+            else:
+                future = asyncio.wrap_future(self.journal.log_large(change))
+        except Exception as exc:  # never between the table's change and carrying it out
+            future.set_exception(exc)
+        # Retrieved here: a call that fails before waiting leaves no "never retrieved" behind.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return JournalWrite(key, kind, future, time.perf_counter() - started)
+
+    async def _journal_wait(self, space: Space, write: JournalWrite | None) -> Exception | None:
+        """The outcome of a `_journal_change` write, waited for if it is still being written (a
+        large one); its time in all is what the journal added to the call
+        (membroker_journal_wait_seconds). A failed write is returned, not raised: the change is
+        in force in the table, so it was carried out (clients told, revocations verified) all
+        the same, and only now does the call fail, saying it will not survive a restart
+        (`_saved`)."""
+        if write is None or self.journal is None:
+            return None
+        started = time.perf_counter()
+        try:
+            try:
+                await asyncio.shield(write.future)  # done already, unless a large change
+            finally:
+                self.metrics.journal_wait.labels(write.kind).observe(
+                    write.seconds + time.perf_counter() - started
+                )
+        except Exception as exc:
             log.error("journal write failed: %s", exc)
             # The next change of this set must write it whole: its logged operations miss
             # this one.
-            self.journal.compaction.logged[(space.space_id, key)] = self.journal.compaction.max_ops
+            self.journal.compaction.logged[(space.space_id, write.key)] = (
+                self.journal.compaction.max_ops
+            )
             return exc
-        finally:
-            self.metrics.journal_wait.labels(kind).observe(time.perf_counter() - started)
         return None
 
     def _journal_forget(self, client: str) -> None:
@@ -1398,7 +1427,7 @@ class Broker:
             return
         try:
             self.journal.log(*changes)
-        except OSError as exc:
+        except Exception as exc:  # the fence goes on: its drop stays in force here
             log.error("journal write failed: %s (fence of %r)", exc, client)
             for change in changes:
                 self.journal.compaction.logged[(change.space_id, client)] = (
@@ -1790,15 +1819,15 @@ class Broker:
             if shared:
                 with collector_paused():
                     delta = space.table.set_shared_many(spans)
-                unsaved = self._journal_change(space, SHARED, SHARE, spans)
+                written = self._journal_change(space, SHARED, SHARE, spans)
                 result = await self.carry_out(space, delta, "shared", t0)
-                return _saved(result, unsaved)
+                return _saved(result, await self._journal_wait(space, written))
             fenced = await self._clear_pins_of(space, spans, None, on_pinned)
             with collector_paused():
                 delta = space.table.set_private_many(spans)
-            unsaved = self._journal_change(space, SHARED, PRIVATE, spans)
+            written = self._journal_change(space, SHARED, PRIVATE, spans)
             result = await self.carry_out(space, delta, "private", t0, fenced)
-            return _saved(result, unsaved)
+            return _saved(result, await self._journal_wait(space, written))
 
         return await self.change(space, "shared" if shared else "private", job)
 
@@ -1839,10 +1868,10 @@ class Broker:
                 ) from None
             self.metrics.grants.inc()
             kind = GRANT_RW if access is Access.RW else GRANT_RO
-            unsaved = self._journal_change(space, client, kind, spans)
+            written = self._journal_change(space, client, kind, spans)
             notified = self._attached(space, client) is not None
             await self.carry_out(space, delta, "downgrade", t0, fenced)
-            return _saved((delta.seq, int(notified)), unsaved)
+            return _saved((delta.seq, int(notified)), await self._journal_wait(space, written))
 
         return await self.change(space, "grant", job)
 
@@ -1892,9 +1921,9 @@ class Broker:
             fenced = await self._clear_pins_of(space, spans, client, on_pinned)
             with collector_paused():
                 delta = space.table.revoke_many(client, spans)
-            unsaved = self._journal_change(space, client, REVOKE, spans)
+            written = self._journal_change(space, client, REVOKE, spans)
             result = await self.carry_out(space, delta, "revoke", t0, fenced)
-            return _saved(result, unsaved)
+            return _saved(result, await self._journal_wait(space, written))
 
         return await self.change(space, "revoke", job)
 
@@ -2749,6 +2778,17 @@ class Broker:
         if self._gmem is not None:
             self._gmem.close()
             self._gmem = None
+
+
+@dataclasses.dataclass(slots=True)
+class JournalWrite:
+    """A change's write to the journal (`Broker._journal_change`): of `key`'s set, of `kind`;
+    `future` done when it is in the journal, `seconds` spent writing it on the loop."""
+
+    key: str
+    kind: str
+    future: asyncio.Future[None]
+    seconds: float
 
 
 def _saved(result: T, unsaved: Exception | None) -> T:

@@ -449,6 +449,10 @@ _U64 = struct.Struct("<Q")
 # A generation of the log is folded into the database once it holds this much: what a start
 # replays, and what the journal's thread commits at a time.
 LOG_FOLD_BYTES = 256 * 1024
+# A change that writes more than this (a set of ~32,000 ranges written whole: a client of many
+# fragments, once every `Compaction.max_ops` of its changes) is not appended on the loop
+# (encoding, checksumming and writing 32 MB there take ~100 ms): `Writer.log_large`.
+LARGE_CHANGE_BYTES = 1 << 20
 # One record's payload at most (a change of sets of 8,192 ranges is ~260 KB; a batch of a
 # hundred thousand ranges logged as one operation, 1.6 MB): a length beyond it is damage.
 MAX_RECORD_BYTES = 1 << 30
@@ -463,6 +467,19 @@ def _log_generation_of(name: str) -> int | None:
         return None
     digits = name[len(LOG_PREFIX) : -len(LOG_SUFFIX)]
     return int(digits) if digits.isascii() and digits.isdigit() else None
+
+
+def change_bytes(change: Change) -> int:
+    """How many bytes of range sets a change writes."""
+    total = 0
+    for sets in (change.shared, *(op.spans for op in change.ops)):
+        if sets is not None:
+            total += len(sets.starts) + len(sets.ends)
+    for client in change.clients.values():
+        if client is not None:
+            total += len(client.readable.starts) + len(client.readable.ends)
+            total += len(client.writable.starts) + len(client.writable.ends)
+    return total
 
 
 def _put_blob(out: list[bytes], blob: bytes) -> None:
@@ -654,18 +671,23 @@ class ChangeLog:
         if self.size < self.fold_bytes:
             return None
         try:
-            fd = self._open(self.gen + 1)
+            return self.rotate()
         except OSError as exc:
             # This generation goes on; the next append tries again.
             log.error("journal: cannot start change log %d: %s", self.gen + 1, exc)
             return None
+
+    def rotate(self) -> tuple[int, list[Change]]:
+        """Starts the next generation now; returns the one it ends, with its changes, to be
+        folded (raises OSError, changing nothing, when the next file cannot be made)."""
+        fd = self._open(self.gen + 1)
         os.close(self._fd)
         self._fd = fd
-        full = (self.gen, self.changes)
+        ended = (self.gen, self.changes)
         self.gen += 1
         self.size = 0
         self.changes = []
-        return full
+        return ended
 
     def close(self) -> tuple[int, list[Change]]:
         """Closes the file; returns its generation and changes (to be folded)."""
@@ -873,7 +895,10 @@ class Journal:
                     len(data) - used,
                 )
             changes += parsed
-        self.fold(found[-1][0], changes)
+        try:
+            self.fold(found[-1][0], changes)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot fold the change logs into {self.path}: {exc}") from exc
         for gen, _ in found[:-1]:  # fold() removed the last one's file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_path(self.directory, gen))
@@ -1061,6 +1086,17 @@ class Writer:
         if full is not None:
             self.submit(self.journal.fold, *full)
 
+    def log_large(self, change: Change) -> concurrent.futures.Future[None]:
+        """A change too large to append on the loop (`LARGE_CHANGE_BYTES`): the log's current
+        generation ends here, and it is folded into the database with this change as its last,
+        on the journal's thread, in one transaction; the future says when (the call that made
+        the change waits for it). In order with every other change: those before it are in
+        the generation it ends, those after it go to the next one, which is folded after it
+        (and a start that finds the ended generation unfolded replays it without this change,
+        whose call never returned). Raises OSError when the next generation cannot start."""
+        gen, changes = self.changes.rotate()
+        return self.submit(self.journal.fold, gen, [*changes, change])
+
     def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
         future = self._pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
@@ -1086,6 +1122,7 @@ def _log_failure(future: concurrent.futures.Future[Any]) -> None:
 
 
 __all__ = [
+    "LARGE_CHANGE_BYTES",
     "Change",
     "ChangeLog",
     "ClientSets",
@@ -1100,6 +1137,7 @@ __all__ = [
     "SpaceState",
     "Writer",
     "capture",
+    "change_bytes",
     "client_sets",
     "restore_table",
 ]

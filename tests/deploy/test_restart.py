@@ -159,6 +159,39 @@ def test_kill_9_restart_keeps_spaces_bytes_and_grants(sd: UserManager) -> None:
     print(f"kill -9 -> active again with the space restored in {took:.2f} s; fds {with_space}")
 
 
+def test_kill_9_keeps_a_change_too_large_for_the_change_log(sd: UserManager) -> None:
+    """A grant of 70,000 ranges (1.1 MB of sets) is folded into the database on the
+    journal's thread rather than appended on the loop; the small grant after it goes to the
+    change log. Both come back after a kill -9, in that order."""
+    sd.systemctl("start", SERVICE)
+    pid = sd.main_pid()
+    big = [(i * 2 * PAGE, PAGE) for i in range(70_000)]
+    with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
+        space = owner.create_space(1 << 30)  # sparse
+        space.share(0, 1 << 30)
+        space.grant_many("big", big, "ro")
+        space.grant("big", PAGE, PAGE, "rw")  # an operation on the large set, logged after it
+        space.grant("small", 0, PAGE, "rw")
+        before = owner.list_grants(space.space_id)
+        space.close()
+    state_dir = sd.runtime_dir.with_name("membroker.state")
+    logged = [
+        change
+        for path in sorted(state_dir.glob("changes.*.log"))
+        for change in read_log(path.read_bytes(), path)[0]
+    ]
+    assert [sorted(c.clients) or [op.client for op in c.ops] for c in logged][-2:] == [
+        ["big"],
+        ["small"],
+    ]
+    assert all(len(op.spans) < len(big) for c in logged for op in c.ops)  # not in the log
+    os.kill(pid, signal.SIGKILL)
+    _wait_restarted(sd, pid)
+    with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
+        assert owner.list_grants(space.space_id) == before
+    assert sum(1 for c, _ in before if c == "big") == 70_000 - 1 + 2  # page 1 joined 0 and 2
+
+
 def test_systemctl_restart_keeps_spaces_and_stop_drops_them(sd: UserManager) -> None:
     sd.systemctl("start", SERVICE)
     pid = sd.main_pid()

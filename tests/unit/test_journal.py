@@ -4,6 +4,8 @@ killed mid-stream leaves a journal that reopens consistent."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,13 +21,17 @@ import pytest
 from membroker.rangeset import RangeSet
 from membrokerd.access import Access, AccessTable
 from membrokerd.journal import (
+    EMPTY,
     GRANT_RO,
     GRANT_RW,
     JOURNAL_FILE,
+    LARGE_CHANGE_BYTES,
     PRIVATE,
     REVOKE,
     SHARE,
     SHARED,
+    Change,
+    ClientSets,
     Compaction,
     Journal,
     JournalError,
@@ -34,6 +40,7 @@ from membrokerd.journal import (
     SpaceState,
     Writer,
     capture,
+    change_bytes,
     read_log,
     restore_table,
 )
@@ -575,3 +582,58 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         same_table(table, restored)
     finally:
         w.close()
+
+
+def test_a_large_change_is_folded_with_the_generation_it_ends(tmp_path: Path) -> None:
+    """A change writing more than LARGE_CHANGE_BYTES is not appended on the loop: the log's
+    generation ends with it and is folded, it last, into the database on the journal's
+    thread; the changes after it go to the next generation. A start that finds that
+    generation unfolded (the daemon died before the fold: the large change's call never
+    returned) replays it without the large change, and the next generation after it."""
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir)
+    table.set_shared(0, 64 * PAGE)
+    table.grant("small", 0, PAGE, Access.RW)
+    w.log(capture("sp-0000abcd", table, ("small",)))
+    # A set written whole: 70,000 fragments' columns, 1.1 MB.
+    big = Change(
+        "sp-0000abcd",
+        table.seq + 1,
+        None,
+        {"big": ClientSets(Sets.of(RangeSet((2 * i, 2 * i + 1) for i in range(70_000))), EMPTY)},
+    )
+    assert change_bytes(big) > LARGE_CHANGE_BYTES
+    ended = w.changes.gen
+    w.log_large(big).result()
+    assert w.changes.gen == ended + 1 and w.journal.log_generation() == ended + 1
+    assert [p.name for p in _log_files(state_dir)] == [f"changes.{ended + 1}.log"]
+    [state] = w.journal.load().spaces
+    assert state.seq == big.seq and len(state.grants["big"].readable) == 70_000
+    assert "small" in state.grants
+    w.close()
+
+    # The daemon dies before a large change's fold commits: its generation's file stays.
+    w, table = _logged_space(tmp_path / "t")
+    table.grant("a", 0, PAGE, Access.RW)
+    w.log(capture("sp-0000abcd", table, ("a",)))
+    seq_before = table.seq
+    gen = w.changes.gen
+    with pytest.MonkeyPatch.context() as mp:
+        # The thread never gets to it: as if killed first.
+        mp.setattr(w, "submit", lambda fn, *args: concurrent.futures.Future())
+        w.log_large(dataclasses.replace(big, seq=table.seq + 1))
+    table.grant("b", PAGE, PAGE, Access.RO)  # a later change of another client
+    w.log(capture("sp-0000abcd", table, ("b",)))
+    w._pool.shutdown()
+    w.changes.close()
+    w.journal.close()
+    assert [p.name for p in _log_files(tmp_path / "t")] == [
+        f"changes.{gen}.log",
+        f"changes.{gen + 1}.log",
+    ]
+    w = Writer(Journal(tmp_path / "t"))
+    try:
+        [state] = w.journal.load().spaces
+    finally:
+        w.close()
+    assert set(state.grants) == {"a", "b"} and state.seq == seq_before + 1

@@ -8,7 +8,6 @@ import dataclasses
 import errno
 import fcntl
 import os
-import resource
 import select
 import struct
 import threading
@@ -237,6 +236,10 @@ class TooManyMappings(Exception):
 def _voluntary_switches() -> int:
     """How often the calling thread has slept so far (waiting for a lock, for I/O): one
     getrusage, ~0.5 us."""
+    # Imported here, not with the module: SDK clients import this module, and each shared
+    # object a process loads is five more mappings for every verification to walk.
+    import resource
+
     return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 

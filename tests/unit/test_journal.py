@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import os
 import shutil
 import signal
@@ -637,3 +638,50 @@ def test_a_large_change_is_folded_with_the_generation_it_ends(tmp_path: Path) ->
     finally:
         w.close()
     assert set(state.grants) == {"a", "b"} and state.seq == seq_before + 1
+
+
+_SHORT_WRITER = r"""
+import errno, resource, signal, sys
+sys.path[:0] = [sys.argv[2] + "/clients", sys.argv[2] + "/broker"]
+from pathlib import Path
+from membrokerd.access import Access, AccessTable
+from membrokerd.journal import ChangeLog, capture
+
+# The file may not grow past 1,000 bytes: a write across that line is cut short there (the
+# kernel writes what fits, then refuses with EFBIG), as a full disk would cut it.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+log = ChangeLog(Path(sys.argv[1]), 0)
+table = AccessTable(64 * 4096)
+table.set_shared(0, 64 * 4096)
+for i in range(64):
+    table.grant(f"client-{i}", i * 4096, 4096, Access.RW)
+    try:
+        log.append(capture("sp-0000abcd", table, (f"client-{i}",)))
+    except OSError as exc:
+        print(i, log.size, exc.errno, exc, flush=True)
+        break
+"""
+
+
+def test_a_record_cut_short_by_the_disk_is_cut_off_again(tmp_path: Path) -> None:
+    """A write that does not fit (the file size limit here, a full disk in production) leaves
+    part of a record behind: the append fails, and the part is cut off, so the log holds
+    whole records only (the next append would follow a whole one)."""
+    state_dir = tmp_path / "s"
+    state_dir.mkdir(mode=0o700)
+    out = subprocess.run(
+        [sys.executable, "-c", _SHORT_WRITER, str(state_dir), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    failed_at, size = int(out[0]), int(out[1])
+    # A part was written (the record straddled the limit), so the append said ENOSPC itself.
+    assert 0 < failed_at < 64 and out[2] == str(errno.ENOSPC) and "took" in out
+    path = state_dir / "changes.0.log"
+    data = path.read_bytes()
+    assert len(data) == size < 1000
+    changes, used = read_log(data, path)
+    assert used == len(data)  # no part of the refused record is left
+    assert [sorted(c.clients) for c in changes] == [[f"client-{i}"] for i in range(failed_at)]

@@ -42,7 +42,8 @@ class BrokerConfig(BaseSettings):
     )
     state_dir: str | None = Field(
         None,
-        description="Where the journal (journal.sqlite) keeps spaces, attributes and grants "
+        description="Where the journal (journal.sqlite and its change log, changes.N.log) "
+        "keeps spaces, attributes and grants "
         "so that a restarted daemon takes them back (with the space fds from systemd's fd "
         "store). Unset: /var/lib/membroker when runtime_dir is /run/membroker (the unit's "
         "StateDirectory=), else RUNTIME_DIR.state beside the runtime directory. Empty: no "

@@ -1413,8 +1413,10 @@ class Broker:
 
     def _journal_forget(self, client: str) -> None:
         """A fenced client's grants are gone from every space: in the journal's change log
-        before the fencing goes on (so a revocation that reports a fence reports it durable);
-        a failed write is logged, and the drop stays in force here."""
+        before the fencing goes on. When the log does not take it, it goes to the database on
+        the journal's thread (with the log's current generation, in order), not waited for;
+        failing that too, it is logged, and the drop stays in force here but not after a
+        restart."""
         if self.journal is None:
             return
         forget = self.journal.compaction.forget
@@ -1427,12 +1429,26 @@ class Broker:
             return
         try:
             self.journal.log(*changes)
+            return
         except Exception as exc:  # the fence goes on: its drop stays in force here
-            log.error("journal write failed: %s (fence of %r)", exc, client)
-            for change in changes:
-                self.journal.compaction.logged[(change.space_id, client)] = (
-                    self.journal.compaction.max_ops
-                )
+            log.error(
+                "journal write failed: %s (fence of %r): writing it to the database", exc, client
+            )
+
+        def lost(why: object) -> None:
+            log.error(
+                "journal: the fence of %r is not in the journal (%s): a restart gives its "
+                "grants back",
+                client,
+                why,
+            )
+
+        try:
+            folded = self.journal.log_large(*changes)
+        except Exception as exc:
+            lost(exc)
+            return
+        folded.add_done_callback(lambda f: None if f.exception() is None else lost(f.exception()))
 
     async def _journal_gone(self, space: Space) -> None:
         if self.journal is None or space.ephemeral:

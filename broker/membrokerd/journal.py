@@ -66,7 +66,9 @@ log = logging.getLogger("membrokerd.journal")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+# 2: the change log (changes.N.log, meta.log_gen). A daemon that knows only 1 refuses such a
+# journal rather than ignore a log it cannot read (and lose the changes in it).
+SCHEMA_VERSION = 2
 JOURNAL_FILE = "journal.sqlite"
 LOCK_FILE = "journal.lock"
 
@@ -441,8 +443,10 @@ def _apply(db: sqlite3.Connection, changes: Iterable[Change]) -> None:
 
 LOG_PREFIX = "changes."
 LOG_SUFFIX = ".log"
-# A record: its payload's length and CRC-32 (u32 each, little-endian), then the payload.
-_RECORD = struct.Struct("<II")
+# A record: its payload's length, the CRC-32 of those four bytes, and the payload's CRC-32 (u32
+# each, little-endian), then the payload. The length has a checksum of its own: a damaged one
+# must not pass for a record cut short by a crash (which a start drops, with what follows it).
+_RECORD = struct.Struct("<III")
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -466,7 +470,10 @@ def _log_generation_of(name: str) -> int | None:
     if not (name.startswith(LOG_PREFIX) and name.endswith(LOG_SUFFIX)):
         return None
     digits = name[len(LOG_PREFIX) : -len(LOG_SUFFIX)]
-    return int(digits) if digits.isascii() and digits.isdigit() else None
+    if not (digits.isascii() and digits.isdigit() and len(digits) < 20):
+        return None
+    gen = int(digits)
+    return gen if str(gen) == digits else None  # the name log_path gives it, nothing else
 
 
 def change_bytes(change: Change) -> int:
@@ -595,13 +602,13 @@ def read_log(data: bytes, path: Path) -> tuple[list[Change], int]:
     pos = 0
     while pos < len(data):
         if len(data) - pos < _RECORD.size:
-            break
-        length, crc = _RECORD.unpack_from(data, pos)
-        if length > MAX_RECORD_BYTES:
-            raise JournalError(f"{path}: a record of {length} bytes at byte {pos}: damaged")
+            break  # the file ends inside a header
+        length, length_crc, crc = _RECORD.unpack_from(data, pos)
+        if zlib.crc32(data[pos : pos + 4]) != length_crc or length > MAX_RECORD_BYTES:
+            raise JournalError(f"{path}: the record at byte {pos} has a damaged length")
         end = pos + _RECORD.size + length
         if end > len(data):
-            break
+            break  # the file ends inside the payload
         payload = data[pos + _RECORD.size : end]
         if zlib.crc32(payload) != crc:
             raise JournalError(f"{path}: the record at byte {pos} fails its checksum")
@@ -635,6 +642,9 @@ class ChangeLog:
         self.size = 0
         # The changes in this generation's file, in order: what its fold writes.
         self.changes: list[Change] = []
+        # Ended generations the caller has yet to have folded (`take_pending_folds`).
+        self.pending_folds: list[tuple[int, list[Change]]] = []
+        self._torn = False
         self._fd = self._open(gen)
 
     def _open(self, gen: int) -> int:
@@ -654,7 +664,11 @@ class ChangeLog:
         not in the log. Returns (generation, its changes) when that generation is full and a
         new one was started: the caller has it folded."""
         payload = encode_changes(changes)
-        record = _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+        if self._torn:
+            # A part of a record could not be cut off this file: nothing may follow it there.
+            self._end_torn()
+        length = _U32.pack(len(payload))
+        record = length + _U32.pack(zlib.crc32(length)) + _U32.pack(zlib.crc32(payload)) + payload
         written = os.write(self._fd, record)
         if written != len(record):
             # Only a full disk or a file size limit stops a write to a file part way.
@@ -662,6 +676,9 @@ class ChangeLog:
                 os.ftruncate(self._fd, self.size)
             except OSError as exc:
                 log.error("journal: cannot cut a partial record off %s: %s", self.path, exc)
+                self._torn = True
+                with contextlib.suppress(OSError):
+                    self._end_torn()
             raise OSError(
                 errno.ENOSPC,
                 f"{self.path} took {written} of a {len(record)}-byte record (disk full?)",
@@ -676,6 +693,15 @@ class ChangeLog:
             # This generation goes on; the next append tries again.
             log.error("journal: cannot start change log %d: %s", self.gen + 1, exc)
             return None
+
+    def _end_torn(self) -> None:
+        """Leaves a file that ends in part of a record (its cut-off failed) for the next
+        generation, whose fold takes this one's changes along: the part stays the file's last
+        bytes, which a start reads as a record cut short. Raises OSError while the next file
+        cannot be made (then every append fails)."""
+        ended = self.rotate()
+        self._torn = False
+        self.pending_folds.append(ended)
 
     def rotate(self) -> tuple[int, list[Change]]:
         """Starts the next generation now; returns the one it ends, with its changes, to be
@@ -753,7 +779,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):  # 1: nothing to change but the number
                 raise JournalError(
                     f"{self.path} has schema version {version}; this daemon knows {SCHEMA_VERSION}"
                 )
@@ -836,6 +862,10 @@ class Journal:
             return int(row[0]) if row is not None else 0
         except ValueError:
             raise JournalError(f"{self.path}: log_gen {row[0]!r} is not a number") from None
+
+    def defer_fold(self, gen: int, changes: Sequence[Change]) -> None:
+        """Generation `gen` is folded with the next fold (call only while no fold runs)."""
+        self._unfolded.append((gen, changes))
 
     def fold(self, gen: int, changes: Sequence[Change]) -> None:
         """The changes of log generation `gen` (all of them, in order) into the database, in
@@ -1082,11 +1112,29 @@ class Writer:
     def log(self, *changes: Change) -> None:
         """Appends `changes` to the change log (on the loop): they are in the journal when this
         returns. Raises OSError when they are not (the log is as it was)."""
-        full = self.changes.append(*changes)
+        try:
+            full = self.changes.append(*changes)
+        finally:
+            self._fold_ended()
         if full is not None:
-            self.submit(self.journal.fold, *full)
+            self._fold(*full)
 
-    def log_large(self, change: Change) -> concurrent.futures.Future[None]:
+    def _fold_ended(self) -> None:
+        """Has the generations the log ended early (see `ChangeLog._end_torn`) folded."""
+        while self.changes.pending_folds:
+            self._fold(*self.changes.pending_folds.pop(0))
+
+    def _fold(self, gen: int, changes: list[Change]) -> concurrent.futures.Future[None]:
+        try:
+            return self.submit(self.journal.fold, gen, changes)
+        except RuntimeError:
+            # The thread is gone (the journal is closing): the close folds it, with its own.
+            self.journal.defer_fold(gen, changes)
+            failed: concurrent.futures.Future[None] = concurrent.futures.Future()
+            failed.set_exception(JournalError("the journal is closing"))
+            return failed
+
+    def log_large(self, *changes: Change) -> concurrent.futures.Future[None]:
         """A change too large to append on the loop (`LARGE_CHANGE_BYTES`): the log's current
         generation ends here, and it is folded into the database with this change as its last,
         on the journal's thread, in one transaction; the future says when (the call that made
@@ -1094,8 +1142,9 @@ class Writer:
         the generation it ends, those after it go to the next one, which is folded after it
         (and a start that finds the ended generation unfolded replays it without this change,
         whose call never returned). Raises OSError when the next generation cannot start."""
-        gen, changes = self.changes.rotate()
-        return self.submit(self.journal.fold, gen, [*changes, change])
+        self._fold_ended()
+        gen, before = self.changes.rotate()
+        return self._fold(gen, [*before, *changes])
 
     def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
         future = self._pool.submit(fn, *args)

@@ -72,6 +72,11 @@ SIZE = 256 * MiB  # sparse: only DATA bytes are written
 DATA = 8 * MiB
 
 
+def _generation(path: Path) -> int:
+    """A change log file's generation: the order its records were written in."""
+    return int(path.name.split(".")[1])
+
+
 def _make_guest(sd: UserManager) -> tuple[str, bytes, list[tuple[str, object]], object]:
     """An owner 'vmm' creates a space, writes bytes, shares most of it and grants ranges to
     three client names (one with 20,000 fragments: its later changes are journaled as logged
@@ -137,7 +142,7 @@ def test_kill_9_restart_keeps_spaces_bytes_and_grants(sd: UserManager) -> None:
         db.close()
     in_log = [
         op
-        for path in sorted(state_dir.glob("changes.*.log"))
+        for path in sorted(state_dir.glob("changes.*.log"), key=_generation)
         for change in read_log(path.read_bytes(), path)[0]
         for op in change.ops
         if op.client == "frag"
@@ -177,7 +182,7 @@ def test_kill_9_keeps_a_change_too_large_for_the_change_log(sd: UserManager) -> 
     state_dir = sd.runtime_dir.with_name("membroker.state")
     logged = [
         change
-        for path in sorted(state_dir.glob("changes.*.log"))
+        for path in sorted(state_dir.glob("changes.*.log"), key=_generation)
         for change in read_log(path.read_bytes(), path)[0]
     ]
     assert [sorted(c.clients) or [op.client for op in c.ops] for c in logged][-2:] == [

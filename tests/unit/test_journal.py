@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -497,7 +498,8 @@ def test_a_killed_writer_of_the_change_log_leaves_every_logged_change(tmp_path: 
     assert int(logs[0].name.split(".")[1]) > 0
     # The record being written when it died, cut short: a header promising more than is there.
     with open(logs[-1], "ab") as f:
-        f.write(struct.pack("<II", 100, 0) + b"\1\2")
+        length = struct.pack("<I", 100)
+        f.write(length + struct.pack("<II", zlib.crc32(length), 0) + b"\1\2")
 
     w = Writer(Journal(state_dir))
     try:
@@ -521,34 +523,75 @@ def _logged_space(state_dir: Path, fold_bytes: int = 1 << 20) -> tuple[Writer, A
     return w, table
 
 
-def test_a_damaged_record_in_the_change_log_refuses_the_journal(tmp_path: Path) -> None:
-    """A whole record that fails its checksum is not a torn write: the journal is not opened
-    (JournalError names the file and where), and nothing is folded or removed."""
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        (20, "fails its checksum"),  # a payload byte
+        (2, "has a damaged length"),  # bit 16 of the length: it would reach past the end
+    ],
+)
+def test_a_damaged_record_in_the_change_log_refuses_the_journal(
+    tmp_path: Path, where: int, error: str
+) -> None:
+    """A whole record that is damaged, in its payload or in its length, is not a torn write
+    (a damaged length must not pass for a record cut short, which would drop the revocation
+    after it): the journal is not opened (JournalError names the file and where), and nothing
+    is folded or removed. A foreign file that only looks like a log is left alone."""
     state_dir = tmp_path / "s"
     w, table = _logged_space(state_dir)
-    for i in range(3):
-        table.grant("c", i * PAGE, PAGE, Access.RW)
-        w.log(capture("sp-0000abcd", table, ("c",)))
+    table.grant("c", 0, PAGE, Access.RW)
+    w.log(capture("sp-0000abcd", table, ("c",)))
+    table.revoke("c", 0, PAGE)
+    w.log(capture("sp-0000abcd", table, ("c",)))
+    table.grant("d", PAGE, PAGE, Access.RW)
+    w.log(capture("sp-0000abcd", table, ("d",)))
     path = w.changes.path
     w._pool.shutdown()
     w.changes.close()
     w.journal.close()  # as a crash would: nothing folded
+    foreign = state_dir / "changes.07.log"
+    foreign.write_bytes(b"not ours")
     data = bytearray(path.read_bytes())
-    _, first_end = read_log(bytes(data[: 8 + struct.unpack_from("<I", data)[0]]), path)
-    data[first_end + 20] ^= 0xFF  # inside the second record
+    # The records: the share's, the grant's, then the revoke's (the one damaged).
+    ends = [0]
+    while len(ends) < 3:
+        ends.append(ends[-1] + 12 + struct.unpack_from("<I", data, ends[-1])[0])
+    data[ends[2] + where] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(JournalError, match=rf"{path.name}: the record at byte {first_end} fails"):
+    with pytest.raises(JournalError, match=rf"{path.name}: the record at byte {ends[2]} {error}"):
         Writer(Journal(state_dir))
     assert path.read_bytes() == bytes(data)
-    # The lock went with the refused open: a fixed log opens.
-    data[first_end + 20] ^= 0xFF
+    # The lock went with the refused open: a fixed log opens, with the revocation in force.
+    data[ends[2] + where] ^= 0x01
     path.write_bytes(bytes(data))
     w = Writer(Journal(state_dir))
     try:
         [state] = w.journal.load().spaces
-        assert state.seq == table.seq
+        assert state.seq == table.seq and set(state.grants) == {"d"}
     finally:
         w.close()
+    assert foreign.read_bytes() == b"not ours"
+
+
+def test_a_journal_of_schema_1_opens_and_one_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """Schema 2 brought the change log: a journal of 1 (before it) opens and becomes 2; one
+    of a later schema is refused rather than read wrong (as a daemon knowing only 1 refuses
+    2, instead of ignoring the log it cannot read)."""
+    state_dir = tmp_path / "s"
+    Journal(state_dir).close()
+    for version, opens in ((1, True), (3, False)):
+        db = sqlite3.connect(state_dir / JOURNAL_FILE)
+        db.execute(f"PRAGMA user_version={version}")
+        db.close()
+        if opens:
+            j = Journal(state_dir)
+            j.close()
+            db = sqlite3.connect(state_dir / JOURNAL_FILE)
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+            db.close()
+        else:
+            with pytest.raises(JournalError, match="has schema version 3; this daemon knows 2"):
+                Journal(state_dir)
 
 
 def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) -> None:

@@ -397,10 +397,16 @@ time.sleep(60)
 
 def test_a_fenced_clients_grants_stay_dropped_after_a_restart(sd: UserManager) -> None:
     """A fence drops the client's grants in every space (the owner must grant again): the
-    journal says so too, so a restart does not bring them back."""
+    journal says so too, so a restart does not bring them back. In the space it is revoked in,
+    the revocation's own record drops them; in the other space only the fence's record
+    does."""
     sd.systemctl("start", SERVICE)
     pid = sd.main_pid()
     with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
+        other = owner.create_space(MiB)
+        other.share(0, MiB)
+        other.grant("victim", 0, MiB, "rw")
+        other.grant("bystander", 0, MiB, "ro")
         space = owner.create_space(MiB)
         space.share(0, MiB)
         space.grant("victim", 0, MiB, "rw")
@@ -417,16 +423,18 @@ def test_a_fenced_clients_grants_stay_dropped_after_a_restart(sd: UserManager) -
             report = space.revoke("victim", 0, 4096, on_pinned="fence")
             assert [c.outcome for c in report.clients] == ["fenced"], report
             assert [c for c, _ in owner.list_grants(space.space_id)] == ["bystander"]
+            assert [c for c, _ in owner.list_grants(other.space_id)] == ["bystander"]
         finally:
             victim.kill()
             victim.wait()
             if victim.stdout is not None:
                 victim.stdout.close()
-    # The fence's journal write was awaited before the revoke reported it.
+    # The fence's drop went to the journal before the revoke reported it.
     os.kill(pid, signal.SIGKILL)
     _wait_restarted(sd, pid)
     with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
         assert [c for c, _ in owner.list_grants(space.space_id)] == ["bystander"]
+        assert [c for c, _ in owner.list_grants(other.space_id)] == ["bystander"]
 
 
 def test_a_failed_journal_write_fails_the_call_but_the_change_is_in_force(

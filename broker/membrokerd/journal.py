@@ -642,7 +642,8 @@ class ChangeLog:
         self.size = 0
         # The changes in this generation's file, in order: what its fold writes.
         self.changes: list[Change] = []
-        # Ended generations the caller has yet to have folded (`take_pending_folds`).
+        # Generations ended early (`_end_torn`) that the caller has yet to have folded
+        # (`Writer._fold_ended`).
         self.pending_folds: list[tuple[int, list[Change]]] = []
         self._torn = False
         self._fd = self._open(gen)

@@ -598,7 +598,7 @@ class ProcessView:
             arg.category_inverted, arg.category_mask = inverted, mask
             arg.category_anyof_mask = anyof
             # SAFETY: arg is a live 96-byte pm_scan_arg; vec is this call's own array of
-            # _SCAN_REGIONS page_regions and vec_len never exceeds it; the kernel writes only
+            # `regions` page_regions, and vec_len is that; the kernel writes only
             # arg.walk_end and the first `count` entries of vec.
             count = fcntl.ioctl(self._pagemap, PAGEMAP_SCAN, arg)
             walked = arg.walk_end

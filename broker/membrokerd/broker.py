@@ -1341,22 +1341,35 @@ class Broker:
             created_unix=space.created_unix,
         )
 
-    def _persist_new(self, space: Space) -> None:
+    async def _persist_new(self, space: Space) -> None:
         """A new space (in self.spaces) into the journal, then its fd into systemd's fd store,
         before the call that made it returns; if the journal refuses, the space is undone.
-        Ephemeral spaces are neither: they end with their owner's session."""
+        Ephemeral spaces are neither: they end with their owner's session.
+
+        The row is written on the journal's thread, after whatever it is doing (a fold of the
+        change log can take ~100 ms): the loop serves everyone else meanwhile. A caller that
+        gives up while it waits does not stop it: the space is then kept or undone as if the
+        call had finished, and its owner finds it in ListSpaces."""
         if self.journal is None or space.ephemeral:
             return
-        try:
-            # On the loop: one small row (waits behind a journal write in progress, if any).
-            self.journal.journal.add_space(self._record(space), space.table.seq)
-        except BaseException:
-            self.spaces.pop(space.space_id, None)
-            space.close()
-            log.exception("journal: cannot record new space %s: refused", space.space_id)
-            raise
-        if self.fd_store:
-            systemd.fd_store_add(space.space_id, space.fd)
+        journal = self.journal
+        record = self._record(space)
+
+        async def persist() -> None:
+            try:
+                await journal.write(journal.journal.add_space, record, space.table.seq)
+            except BaseException:
+                self.spaces.pop(space.space_id, None)
+                space.close()
+                log.exception("journal: cannot record new space %s: refused", space.space_id)
+                raise
+            if self.fd_store:
+                systemd.fd_store_add(space.space_id, space.fd)
+
+        task = self.loop.create_task(persist())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     def _journal_change(
         self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
@@ -1676,7 +1689,7 @@ class Broker:
             self.config, session.name, len(owned), sum(s.size for s in owned), size
         )
 
-    def create_space(
+    async def create_space(
         self,
         session: Session,
         *,
@@ -1716,7 +1729,7 @@ class Broker:
             os.close(fd)
             raise
         self.spaces[space.space_id] = space
-        self._persist_new(space)
+        await self._persist_new(space)
         tag = session.deliver_fd(space.fd, space.space_id)
         log.info(
             "space %s created by %r: %s, %d bytes",
@@ -1727,7 +1740,7 @@ class Broker:
         )
         return space, tag
 
-    def import_space(
+    async def import_space(
         self,
         session: Session,
         *,
@@ -1769,7 +1782,7 @@ class Broker:
             ino=found.ino,
         )
         self.spaces[space.space_id] = space
-        self._persist_new(space)
+        await self._persist_new(space)
         log.info(
             "space %s imported by %r: %s, %d bytes",
             space.space_id,

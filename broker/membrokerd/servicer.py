@@ -241,7 +241,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
         if request.huge_page_size and backing is not BackingKind.MEMFD_HUGETLB:
             raise errors.BadRequest("huge_page_size applies to MEMFD_HUGETLB only")
         _check_name(request.name)
-        space, tag = self.broker.create_space(
+        space, tag = await self.broker.create_space(
             session,
             size=request.size,
             backing=backing,
@@ -257,7 +257,7 @@ class Servicer(pb_grpc.MemBrokerServicer):
         self, request: pb.ImportSpaceRequest, session: Session
     ) -> pb.CreateSpaceResponse:
         _check_name(request.name)
-        space = self.broker.import_space(
+        space = await self.broker.import_space(
             session,
             tag=request.fd_tag,
             name=request.name,

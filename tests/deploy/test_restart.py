@@ -483,6 +483,96 @@ def test_a_failed_journal_write_fails_the_call_but_the_change_is_in_force(
     assert "journal write failed" in log and "it will not survive a restart" in log, log
 
 
+def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """Another writer holds the journal's database (as a long fold would, or a slow disk): a
+    space creation waits for it, and meanwhile the daemon serves everyone else: a ping and a
+    grant (appended to the change log) return while the creation is still waiting. Once the
+    database is free the creation returns, with its space in the journal."""
+    from deploy_helpers import Daemon
+
+    d = Daemon(tmp_path / "rt")
+    state_dir = tmp_path / "rt.state"
+    created: list[membroker.Space] = []
+    failed: list[BaseException] = []
+    try:
+        with (
+            membroker.connect("vmm", str(d.runtime_dir)) as owner,
+            membroker.connect("vmm2", str(d.runtime_dir)) as creator,
+        ):
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            db = sqlite3.connect(state_dir / "journal.sqlite", isolation_level=None, timeout=5)
+            try:
+                db.execute("BEGIN IMMEDIATE")  # the write lock, until the rollback below
+
+                def create() -> None:
+                    try:
+                        created.append(creator.create_space(MiB, name="late"))
+                    except BaseException as exc:
+                        failed.append(exc)
+
+                thread = threading.Thread(target=create)
+                thread.start()
+                # The creation reached the daemon and waits for the journal's thread.
+                # (ListSpaces answering at all says the loop is free.)
+                wait_for(
+                    "the creation to reach the daemon",
+                    lambda: "late" in {s.name for s in owner.list_spaces()},
+                    timeout=10,
+                )
+                owner.ping()
+                space.grant("backend", 0, PAGE, "rw")
+                assert thread.is_alive() and not created and not failed
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+            thread.join(30)
+            assert not thread.is_alive() and not failed, failed
+            [late] = created
+            assert late.space_id in {s.space_id for s in owner.list_spaces()}
+            assert [c for c, _ in owner.list_grants(space.space_id)] == ["backend"]
+    finally:
+        assert d.stop() == 0, d.log()
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        ids = {space_id for (space_id,) in db.execute("SELECT space_id FROM spaces")}
+    finally:
+        db.close()
+    assert ids == {space.space_id, late.space_id}
+
+
+def test_a_space_the_journal_refuses_is_undone(tmp_path: Path) -> None:
+    """The journal's database takes no writes (its WAL immutable): CreateSpace fails, naming
+    no space; the daemon holds no new fd and lists no new space. Once the database takes
+    writes again, a creation succeeds."""
+    from deploy_helpers import Daemon, require_tool
+
+    chattr = require_tool("chattr")
+    d = Daemon(tmp_path / "rt")
+    wal = tmp_path / "rt.state" / "journal.sqlite-wal"
+    try:
+        with membroker.connect("vmm", str(d.runtime_dir)) as owner:
+            first = owner.create_space(MiB)
+            fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+            if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
+                pytest.skip("chattr +i does not work on this file system")
+            try:
+                with pytest.raises(membroker.MembrokerError, match="internal error in CreateSpace"):
+                    owner.create_space(MiB, name="refused")
+            finally:
+                subprocess.run([chattr, "-i", str(wal)], check=True)
+            assert [s.space_id for s in owner.list_spaces()] == [first.space_id]
+            assert len(os.listdir(f"/proc/{d.pid}/fd")) == fds
+            second = owner.create_space(MiB, name="taken")
+            assert {s.name for s in owner.list_spaces()} == {first.space_id, "taken"}
+            second.close()
+    finally:
+        assert d.stop() == 0, d.log()
+    assert "cannot record new space" in d.log()
+
+
 RESUME_CLIENT = Path(__file__).resolve().parents[1] / "integration" / "resume_client.py"
 
 

@@ -543,6 +543,50 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
     assert ids == {space.space_id, late.space_id}
 
 
+def test_a_space_creation_given_up_while_the_journal_waits_is_kept(tmp_path: Path) -> None:
+    """The caller of a CreateSpace waiting for the journal gives up (its deadline: the SDK
+    sends CallCancelled). As its message says, the change runs to its end: once the journal
+    takes the row, the space is listed, with its owner, and in the database; the daemon holds
+    one more fd (the space's) and nothing else."""
+    from deploy_helpers import Daemon
+
+    from membroker.v1 import broker_pb2 as pb
+
+    d = Daemon(tmp_path / "rt")
+    state_dir = tmp_path / "rt.state"
+    try:
+        with membroker.connect("vmm", str(d.runtime_dir)) as owner:
+            owner.create_space(MiB)
+            fds = len(os.listdir(f"/proc/{d.pid}/fd"))
+            db = sqlite3.connect(state_dir / "journal.sqlite", isolation_level=None, timeout=5)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                request = pb.CreateSpaceRequest(size=MiB, name="given-up", backing=pb.BACKING_MEMFD)
+                with pytest.raises(membroker.MembrokerError, match="deadline exceeded"):
+                    owner.call("CreateSpace", request, timeout=0.5)
+                db.execute("ROLLBACK")
+            finally:
+                db.close()
+            wait_for(
+                "the given-up space to be created",
+                lambda: "given-up" in {s.name for s in owner.list_spaces()},
+                timeout=15,
+            )
+            [given_up] = [s for s in owner.list_spaces() if s.name == "given-up"]
+            assert given_up.owner == "vmm"
+            assert len(os.listdir(f"/proc/{d.pid}/fd")) == fds + 1
+            owner.ping()
+    finally:
+        assert d.stop() == 0, d.log()
+    db = sqlite3.connect(f"file:{state_dir / 'journal.sqlite'}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT owner FROM spaces WHERE name = 'given-up'").fetchall() == [
+            ("vmm",)
+        ]
+    finally:
+        db.close()
+
+
 def test_a_space_the_journal_refuses_is_undone(tmp_path: Path) -> None:
     """The journal's database takes no writes (its WAL immutable): CreateSpace fails, naming
     no space; the daemon holds no new fd and lists no new space. Once the database takes

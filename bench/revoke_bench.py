@@ -181,9 +181,11 @@ def bench_floor(k: int, n: int, sound: bool) -> list[float]:
     """What Python itself allows for a verified revoke to K clients, with no broker: push a
     16-byte frame to K client processes (Python, with the SDK's libraries loaded), each zaps
     its page (MADV_DONTNEED) and acks with 8 bytes, and each ack is checked in the kernel's
-    view of that client -- `sound`: every mapping of the inode (a PROCMAP_QUERY walk of every
-    mapping, as membrokerd does on its loop), else one PROCMAP_QUERY at the address
-    the client gave plus one pagemap read (the targeted check, which misses a second mapping)."""
+    view of that client -- `sound`: what membrokerd checks for a VA client on its loop, its fd
+    table (no fd of the file) and every mapping of the inode (a PROCMAP_QUERY walk of every
+    mapping, each mapping of the inode scanned with PAGEMAP_SCAN); else one PROCMAP_QUERY at
+    the address the client gave plus one pagemap read (the targeted check, which misses a
+    second mapping and a kept fd)."""
     from membroker._sys.proc import ProcessView
 
     fd = sys_memfd.create_memfd("floor", 1 << 20)
@@ -216,6 +218,8 @@ def bench_floor(k: int, n: int, sound: bool) -> list[float]:
                 sock, address, view = by_fd[fileno]
                 sock.recv(8)
                 if sound:
+                    if view.fds_of(st.st_dev, st.st_ino):
+                        raise AssertionError("a floor client kept its fd")
                     for vma in view.walk_mappings_of(st.st_dev, st.st_ino, 1 << 20):
                         next(view.present_regions(vma.start, 1), None)
                 else:
@@ -605,7 +609,11 @@ REVOKE1_NOJOURNAL = "Revoke, 1 VA client, verify always, no journal (state_dir e
 
 
 def floor_name(k: int, sound: bool) -> str:
-    check = "PROCMAP_QUERY walk + PAGEMAP_SCAN" if sound else "one PROCMAP_QUERY + one pagemap read"
+    check = (
+        "fd table + PROCMAP_QUERY walk + PAGEMAP_SCAN"
+        if sound
+        else "one PROCMAP_QUERY + one pagemap read"
+    )
     return f"floor: bare Python fan-out to {k} client(s), zap, ack, {check}"
 
 

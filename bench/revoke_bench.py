@@ -12,8 +12,10 @@ the journal add to a 1-client revoke is read from the daemon's own histograms ov
 revokes (`Histograms`), never as a difference of two daemons. With verification on it also
 times, against a real client process, what judging an acknowledgement costs: `check_reach` over
 one revoked page, both ways the daemon looks, and its full-space form (the periodic audit of one
-client), with their parts. Verification looks at every mapping of the space's inode, by design,
-not only the one the client reports: on the event loop by a PROCMAP_QUERY walk of the process's
+client), with their parts, and issue 9's floor (`Floor`): the same fan-out between bare Python
+processes, timed once after each timed revoke, so that both are measured in the same moments.
+Verification looks at every mapping of the space's inode, by design, not only the one the
+client reports: on the event loop by a PROCMAP_QUERY walk of the process's
 mappings (a process looked at before, with at most 1,024 of them), else from the
 whole /proc/PID/maps text on a worker thread.
 
@@ -51,8 +53,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -177,7 +180,7 @@ while sock.recv(16):
 """
 
 
-def bench_floor(k: int, n: int, sound: bool) -> list[float]:
+class Floor:
     """What Python itself allows for a verified revoke to K clients, with no broker: push a
     16-byte frame to K client processes (Python, with the SDK's libraries loaded), each zaps
     its page (MADV_DONTNEED) and acks with 8 bytes, and each ack is checked in the kernel's
@@ -185,55 +188,76 @@ def bench_floor(k: int, n: int, sound: bool) -> list[float]:
     table (no fd of the file) and every mapping of the inode (a PROCMAP_QUERY walk of every
     mapping, each mapping of the inode scanned with PAGEMAP_SCAN); else one PROCMAP_QUERY at
     the address the client gave plus one pagemap read (the targeted check, which misses a
-    second mapping and a kept fd)."""
-    from membroker._sys.proc import ProcessView
+    second mapping and a kept fd).
 
-    fd = sys_memfd.create_memfd("floor", 1 << 20)
-    st = os.fstat(fd)
-    children = []
-    try:
-        for _ in range(k):
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            proc = subprocess.Popen(
-                [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
-                pass_fds=(fd, child_end.fileno()),
-                env=dict(os.environ, PYTHONPATH=SRC_PATH),
-            )
-            child_end.close()
-            address = int.from_bytes(parent_end.recv(8), "little")
-            children.append((proc, parent_end, address, ProcessView(proc.pid)))
-    finally:
-        os.close(fd)
-    by_fd = {sock.fileno(): (sock, address, view) for _, sock, address, view in children}
-    poller = select.poll()
-    for fileno in by_fd:
-        poller.register(fileno, select.POLLIN)
+    `timed()` runs one round and keeps its time in `samples`: `bench_revoke` runs one after
+    each revoke it times, so that floor and revoke are measured in the same moments (this
+    machine's speed drifts by 2x within minutes; two blocks one after the other compared
+    phases, not code)."""
 
-    def once() -> None:
-        for _, sock, _, _ in children:
+    def __init__(self, k: int, sound: bool) -> None:
+        from membroker._sys.proc import ProcessView
+
+        self.k, self.sound = k, sound
+        self.samples: list[float] = []
+        fd = sys_memfd.create_memfd("floor", 1 << 20)
+        st = os.fstat(fd)
+        self.dev, self.ino = st.st_dev, st.st_ino
+        self.children: list[tuple[subprocess.Popen[bytes], socket.socket, int, Any]] = []
+        try:
+            for _ in range(k):
+                parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
+                    pass_fds=(fd, child_end.fileno()),
+                    env=dict(os.environ, PYTHONPATH=SRC_PATH),
+                )
+                child_end.close()
+                address = int.from_bytes(parent_end.recv(8), "little")
+                self.children.append((proc, parent_end, address, ProcessView(proc.pid)))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(fd)
+        self.by_fd = {sock.fileno(): (sock, addr, view) for _, sock, addr, view in self.children}
+        self.poller = select.poll()
+        for fileno in self.by_fd:
+            self.poller.register(fileno, select.POLLIN)
+
+    @property
+    def name(self) -> str:
+        return floor_name(self.k, self.sound)
+
+    def once(self) -> None:
+        for _, sock, _, _ in self.children:
             sock.sendall(b"revoke-seq-00001")
-        left = len(children)
+        left = len(self.children)
         while left:
-            for fileno, _ in poller.poll():
-                sock, address, view = by_fd[fileno]
+            for fileno, _ in self.poller.poll():
+                sock, address, view = self.by_fd[fileno]
                 sock.recv(8)
-                if sound:
-                    if view.fds_of(st.st_dev, st.st_ino):
+                if self.sound:
+                    if view.fds_of(self.dev, self.ino):
                         raise AssertionError("a floor client kept its fd")
-                    for vma in view.walk_mappings_of(st.st_dev, st.st_ino, 1 << 20):
+                    for vma in view.walk_mappings_of(self.dev, self.ino, 1 << 20):
                         next(view.present_regions(vma.start, 1), None)
                 else:
                     view.vma_at(address)
                     view._entries(address, 1)
                 left -= 1
 
-    try:
-        return timeit(once, n)
-    finally:
-        for proc, sock, _, view in children:
+    def timed(self) -> None:
+        t0 = time.perf_counter()
+        self.once()
+        self.samples.append(time.perf_counter() - t0)
+
+    def close(self) -> None:
+        for proc, sock, _, view in self.children:
             sock.close()
             view.close()
             proc.wait(10)
+        self.children = []
 
 
 class Daemon:
@@ -392,6 +416,34 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def _asleep(pid: int) -> bool:
+    """Whether every thread of the process is asleep (not running or runnable)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # a thread that just ended
+        if state == b"R":
+            return False
+    return True
+
+
+def quiesce(pids: Sequence[int], timeout: float = 0.1) -> None:
+    """Returns once every thread of these processes is seen asleep twice in a row (or after
+    `timeout`): nothing of the previous operation still runs when the next one is timed (a
+    client still applying the push of the grant that undid the last revoke, a floor client
+    going back to its recv)."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        quiet = quiet + 1 if all(_asleep(pid) for pid in pids) else 0
+
+
 class Histograms:
     """What the daemon's own histograms (`membroker_verify_seconds`, judging each
     acknowledgement; `membroker_journal_wait_seconds{change="revoke"}`, the append of each
@@ -460,13 +512,24 @@ def bench_revoke(
     mode: str = "auto",
     cpu: tuple[CpuPerOp, CpuPerOp] | None = None,
     histograms: Histograms | None = None,
+    floors: Sequence[Floor] = (),
+    daemon_pid: int | None = None,
+    block: int = 1,
 ) -> tuple[list[float], list[float]]:
     """(Revoke of one client's page, SetAttributes(private) of a page all K clients hold).
 
     calls: how the owner's calls travel ("session" socket, the SDK's default, or "grpc");
     mode: the VA clients' mode ("auto": sealed where the kernel offers it); cpu: where to
     count the CPU time of each (single, fan-out) operation; histograms: the daemon's own
-    histograms, summed over the timed revokes of one client."""
+    histograms, summed over the timed revokes of one client; floors: the floors of the single
+    revoke (K=1) or of the fan-out (K>1), outside the CPU meters.
+
+    The operations run in blocks of `block`, one after the other within a block, and each
+    floor runs as many rounds after each block: floor and operation are measured in the same
+    moments. Each block starts once the daemon (`daemon_pid`), the clients and the floors'
+    processes are all asleep (`quiesce`): with `block` 1, every operation and every floor
+    round starts from a quiet machine, as a revocation does in a guest's life; a larger
+    block times them back to back."""
     with membroker.connect("bench-owner", runtime_dir, calls=calls) as owner:
         space = owner.create_space(1 << 20)
         space.share(0, 1 << 20)
@@ -476,27 +539,46 @@ def bench_revoke(
         single_cpu, fan_cpu = cpu or (CpuPerOp(None), CpuPerOp(None))
         single_cpu.clients = [procs[0].pid]
         fan_cpu.clients = [p.pid for p in procs]
+        others = [p.pid for floor in floors for p, *_ in floor.children]
+        settle = [*([daemon_pid] if daemon_pid else []), *fan_cpu.clients, *others]
+
+        def blocks(op: Callable[[int], None], its_floors: Sequence[Floor]) -> None:
+            for first in range(0, n + 10, block):
+                its = range(first, min(first + block, n + 10))
+                quiesce(settle)
+                for it in its:
+                    op(it)
+                for floor in its_floors:
+                    quiesce(settle)
+                    for it in its:
+                        (floor.timed if it >= 10 else floor.once)()
+
+        single: list[float] = []
+        fan: list[float] = []
+
+        def revoke_one(it: int) -> None:
+            if histograms is not None and it == 10:
+                histograms.start()
+            with single_cpu if cpu else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                report = space.revoke("c0", 0, PAGE)
+                single.append(time.perf_counter() - t0)
+            assert report.all_acked and len(report.clients) == 1, report
+            if histograms is not None and it == n + 9:
+                histograms.stop()  # before the grant: its journal wait is not a revoke's
+            space.grant("c0", 0, PAGE)
+
+        def revoke_all(it: int) -> None:
+            with fan_cpu if cpu else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                report = space.unshare(0, PAGE)
+                fan.append(time.perf_counter() - t0)
+            assert report.all_acked and len(report.clients) == k, report
+            space.share(0, PAGE)
+
         try:
-            single = []
-            for it in range(n + 10):
-                if histograms is not None and it == 10:
-                    histograms.start()
-                with single_cpu if cpu else contextlib.nullcontext():
-                    t0 = time.perf_counter()
-                    report = space.revoke("c0", 0, PAGE)
-                    single.append(time.perf_counter() - t0)
-                assert report.all_acked and len(report.clients) == 1, report
-                if histograms is not None and it == n + 9:
-                    histograms.stop()  # before the grant: its journal wait is not a revoke's
-                space.grant("c0", 0, PAGE)
-            fan = []
-            for _ in range(n + 10):
-                with fan_cpu if cpu else contextlib.nullcontext():
-                    t0 = time.perf_counter()
-                    report = space.unshare(0, PAGE)
-                    fan.append(time.perf_counter() - t0)
-                assert report.all_acked and len(report.clients) == k, report
-                space.share(0, PAGE)
+            blocks(revoke_one, floors if k == 1 else ())
+            blocks(revoke_all, () if k == 1 else floors)
         finally:
             stop_clients(procs)
         space.delete()
@@ -740,6 +822,14 @@ def main() -> int:
         "(does keeping woken clients off the broker's CPU help? issue 9, item 4)",
     )
     parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        metavar="N",
+        help="time the revokes (and their floors) in blocks of N, back to back within a block, "
+        "each block from a quiet machine (default 1: every one from a quiet machine)",
+    )
+    parser.add_argument(
         "--one-cpu",
         action="store_true",
         help="run membrokerd, this process and every client on one CPU (the lowest this "
@@ -810,7 +900,23 @@ def main() -> int:
                     meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
                     assert daemon.metrics_url is not None
                     measured = Histograms(daemon.metrics_url)
-                    single, fan = bench_revoke(rt, k, iters, cpu=meters, histograms=measured)
+                    floors = (
+                        [Floor(k, sound) for sound in (False, True)] if verify == "always" else []
+                    )
+                    try:
+                        single, fan = bench_revoke(
+                            rt,
+                            k,
+                            iters,
+                            cpu=meters,
+                            histograms=measured,
+                            floors=floors,
+                            daemon_pid=daemon.proc.pid,
+                            block=args.block,
+                        )
+                    finally:
+                        for floor in floors:
+                            floor.close()
                     if k == 1:
                         parts[verify] = {key: v / iters for key, v in measured.totals.items()}
                         cpu_rows.append((f"Revoke, 1 VA client, verify {verify}", meters[0]))
@@ -818,17 +924,22 @@ def main() -> int:
                     if k == 1:
                         rows.append((f"Revoke, 1 VA client, verify {verify}", percentiles(single)))
                     rows.append((fan_name(k, verify), percentiles(fan)))
-                    if verify == "always":
-                        for sound in (False, True):
-                            rows.append(
-                                (floor_name(k, sound), percentiles(bench_floor(k, iters, sound)))
-                            )
+                    rows += [(floor.name, percentiles(floor.samples)) for floor in floors]
                     if k == 1 and verify == "always":
                         # The owner's call over gRPC (the path before session calls), and a
                         # cooperative client (the mode before sealed mode), one change each.
-                        single, _ = bench_revoke(rt, 1, n, calls="grpc")
+                        single, _ = bench_revoke(
+                            rt, 1, n, calls="grpc", daemon_pid=daemon.proc.pid, block=args.block
+                        )
                         rows.append((REVOKE1_GRPC, percentiles(single)))
-                        single, _ = bench_revoke(rt, 1, n, mode="cooperative")
+                        single, _ = bench_revoke(
+                            rt,
+                            1,
+                            n,
+                            mode="cooperative",
+                            daemon_pid=daemon.proc.pid,
+                            block=args.block,
+                        )
                         rows.append((REVOKE1_COOP, percentiles(single)))
             finally:
                 daemon.stop()
@@ -837,7 +948,9 @@ def main() -> int:
         daemon = Daemon(rt, args.nice, "always", cpus=daemon_cpus, env={"MEMBROKER_STATE_DIR": ""})
         try:
             meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
-            single, _ = bench_revoke(rt, 1, n, cpu=meters)
+            single, _ = bench_revoke(
+                rt, 1, n, cpu=meters, daemon_pid=daemon.proc.pid, block=args.block
+            )
             rows.append((REVOKE1_NOJOURNAL, percentiles(single)))
             cpu_rows.append((REVOKE1_NOJOURNAL, meters[0]))
         finally:
@@ -920,7 +1033,13 @@ def main() -> int:
     write_results(
         args.out,
         "Revoke round trip",
-        f", {n} iterations (fan-out rows fewer for K>1).",
+        f", {n} iterations (fan-out rows fewer for K>1), "
+        + (
+            "each revoke and each floor round from a quiet machine (all its processes asleep)."
+            if args.block == 1
+            else f"in blocks of {args.block} back to back, each block from a quiet machine."
+        )
+        + " Floors are timed between the revokes, in the same moments.",
         table,
     )
     return 0

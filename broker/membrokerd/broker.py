@@ -200,15 +200,15 @@ class Broker:
         self.calls: SessionCalls | None = None
         # Set by the server: starts a live upgrade (the Upgrade call).
         self.request_upgrade: Callable[[], None] | None = None
+        # Set by restore(): the journal's writer (None: no journal), and whether space fds go
+        # to systemd's fd store.
+        self.journal: Writer | None = None
+        self.fd_store = False
         self.faults = FaultServer(self._fault_refused)
         self.metrics = Metrics(self.snapshot)
         self.faults.observe = self.metrics.fault_seconds.observe
         self.metrics_url = ""
         self.enforcer = Enforcer(self)
-        # Set by restore(): the journal's writer (None: no journal), and whether space fds go
-        # to systemd's fd store.
-        self.journal: Writer | None = None
-        self.fd_store = False
         # Revocation reports not yet in the journal (space id, report, whether it updates one
         # written before), and the timer that writes them (`_journal_report`).
         self._unjournaled: list[tuple[str, RevocationResult, bool]] = []
@@ -2784,6 +2784,8 @@ class Broker:
             pins=pins,
             attachments=attachments,
             open_fds=len(os.listdir("/proc/self/fd")),
+            journal_errors=dict(self.journal.errors) if self.journal is not None else {},
+            journal_unfolded=self.journal.unfolded if self.journal is not None else 0,
         )
 
     # -- shutdown ------------------------------------------------------------------------------

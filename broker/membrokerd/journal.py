@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from membroker.rangeset import RangeSet
 from membrokerd.access import AccessTable, _Grants
@@ -128,6 +129,12 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_unix REAL NOT NULL
 );
 """
+
+
+# What a failed journal write was: an append to the change log (or the start of its next
+# generation), a fold of a generation into the database, or any other write of the database
+# (a space, a session, a name binding, revocation reports).
+WRITE_KINDS: Final = ("append", "fold", "write")
 
 
 class JournalError(Exception):
@@ -1109,12 +1116,23 @@ class Writer:
             journal.close()
             raise
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        # Failed writes so far, by WRITE_KINDS (membroker_journal_errors_total); counted from
+        # the loop and the journal's thread.
+        self.errors = dict.fromkeys(WRITE_KINDS, 0)
+        self._errors_lock = threading.Lock()
+
+    def _failed(self, kind: str) -> None:
+        with self._errors_lock:
+            self.errors[kind] += 1
 
     def log(self, *changes: Change) -> None:
         """Appends `changes` to the change log (on the loop): they are in the journal when this
         returns. Raises OSError when they are not (the log is as it was)."""
         try:
             full = self.changes.append(*changes)
+        except OSError:
+            self._failed("append")
+            raise
         finally:
             self._fold_ended()
         if full is not None:
@@ -1127,7 +1145,7 @@ class Writer:
 
     def _fold(self, gen: int, changes: list[Change]) -> concurrent.futures.Future[None]:
         try:
-            return self.submit(self.journal.fold, gen, changes)
+            return self.submit(self.journal.fold, gen, changes, kind="fold")
         except RuntimeError:
             # The thread is gone (the journal is closing): the close folds it, with its own.
             self.journal.defer_fold(gen, changes)
@@ -1144,13 +1162,26 @@ class Writer:
         (and a start that finds the ended generation unfolded replays it without this change,
         whose call never returned). Raises OSError when the next generation cannot start."""
         self._fold_ended()
-        gen, before = self.changes.rotate()
+        try:
+            gen, before = self.changes.rotate()
+        except OSError:
+            self._failed("append")
+            raise
         return self._fold(gen, [*before, *changes])
 
-    def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[..., T], *args: object, kind: str = "write"
+    ) -> concurrent.futures.Future[T]:
+        """Runs `fn(*args)` on the journal's thread, after what was submitted before; a
+        failure is logged and counted as a failed write of `kind` (WRITE_KINDS)."""
         future = self._pool.submit(fn, *args)
-        future.add_done_callback(_log_failure)
+        future.add_done_callback(functools.partial(self._done, kind))
         return future
+
+    def _done(self, kind: str, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._failed(kind)
+            log.error("journal write failed: %s", future.exception())
 
     async def write(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args))
@@ -1162,17 +1193,19 @@ class Writer:
             self.journal.fold(gen, changes)
         except (sqlite3.Error, OSError) as exc:
             # Its file stays: the next start folds it.
+            self._failed("fold")
             log.error("journal: folding change log %d at close failed: %s", gen, exc)
         self.journal.close()
 
-
-def _log_failure(future: concurrent.futures.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("journal write failed: %s", future.exception())
+    @property
+    def unfolded(self) -> int:
+        """Generations of the change log whose fold failed, waiting for the next one."""
+        return len(self.journal._unfolded)
 
 
 __all__ = [
     "LARGE_CHANGE_BYTES",
+    "WRITE_KINDS",
     "Change",
     "ChangeLog",
     "ClientSets",

@@ -11,6 +11,7 @@ No `*_created` series are exposed: they double the series count and no rule uses
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import platform
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from membrokerd import __version__
+from membrokerd.journal import WRITE_KINDS
 
 log = logging.getLogger("membrokerd.metrics")
 
@@ -57,6 +59,10 @@ class Snapshot:
     faults_refused: int = 0
     faults_write_released: int = 0
     faults_read_ahead: int = 0
+    # failed journal writes by kind (journal.WRITE_KINDS), and generations of the change log
+    # whose fold failed (none without a journal)
+    journal_errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    journal_unfolded: int = 0
 
 
 class _StateCollector(Collector):
@@ -107,6 +113,23 @@ class _StateCollector(Collector):
         faults.add_metric(["write_released"], s.faults_write_released)
         faults.add_metric(["read_ahead"], s.faults_read_ahead)
         yield faults
+        errors = CounterMetricFamily(
+            "membroker_journal_errors",
+            "Writes the restart journal refused, by what was written: an append to the change "
+            "log, a fold of the log into the database, any other write of the database (a "
+            "space, a session, a name binding, reports). What was not written does not survive "
+            "a restart (a revoked grant may come back with it): see the daemon's log.",
+            labels=["write"],
+        )
+        for kind in WRITE_KINDS:
+            errors.add_metric([kind], s.journal_errors.get(kind, 0))
+        yield errors
+        yield GaugeMetricFamily(
+            "membroker_journal_unfolded_generations",
+            "Generations of the change log whose fold into the database failed, kept (in "
+            "memory and on disk) and folded again with the next one.",
+            value=s.journal_unfolded,
+        )
         yield GaugeMetricFamily(
             "membroker_process_open_fds",
             "File descriptors the daemon holds.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from deploy_helpers import SERVICE, UserManager, child_env
@@ -465,6 +466,7 @@ def test_a_failed_journal_write_fails_the_call_but_the_change_is_in_force(
             finally:
                 subprocess.run([chattr, "-i", str(changes)], check=True)
             assert changes.read_bytes() == before
+            assert _journal_errors(d) == {"append": 1, "fold": 0, "write": 0, "unfolded": 0}
             assert [c for c, _ in owner.list_grants(space.space_id)] == ["backend"]
             space.grant("backend", PAGE, PAGE, "ro")
             [after] = read_log(changes.read_bytes(), changes)[0][-1:]
@@ -609,12 +611,25 @@ def test_a_space_the_journal_refuses_is_undone(tmp_path: Path) -> None:
                 subprocess.run([chattr, "-i", str(wal)], check=True)
             assert [s.space_id for s in owner.list_spaces()] == [first.space_id]
             assert len(os.listdir(f"/proc/{d.pid}/fd")) == fds
+            assert _journal_errors(d) == {"append": 0, "fold": 0, "write": 1, "unfolded": 0}
             second = owner.create_space(MiB, name="taken")
             assert {s.name for s in owner.list_spaces()} == {first.space_id, "taken"}
             second.close()
     finally:
         assert d.stop() == 0, d.log()
     assert "cannot record new space" in d.log()
+
+
+def _journal_errors(d: Any) -> dict[str, float]:
+    """membroker_journal_errors_total by write kind, and the unfolded generations, scraped."""
+    _, body = d.scrape()
+    found = {
+        m[1]: float(m[2])
+        for m in re.finditer(r'^membroker_journal_errors_total\{write="(\w+)"\} (\S+)$', body, re.M)
+    }
+    [unfolded] = re.findall(r"^membroker_journal_unfolded_generations (\S+)$", body, re.M)
+    found["unfolded"] = float(unfolded)
+    return found
 
 
 RESUME_CLIENT = Path(__file__).resolve().parents[1] / "integration" / "resume_client.py"

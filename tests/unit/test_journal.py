@@ -611,6 +611,7 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
             w.log(capture("sp-0000abcd", table, ("c",)))
             w.submit(lambda: None).result()  # the thread is past the fold that failed
             assert [gen for gen, _ in w.journal._unfolded] == [1]
+            assert w.unfolded == 1 and w.errors == {"append": 0, "fold": 1, "write": 0}
         finally:
             subprocess.run([chattr, "-i", str(wal)], check=True)
         assert w.journal.log_generation() == 1
@@ -620,6 +621,7 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         w.submit(lambda: None).result()
         assert w.journal.log_generation() == 3
         assert [p.name for p in _log_files(state_dir)] == ["changes.3.log"]
+        assert w.unfolded == 0 and w.errors["fold"] == 1
         [state] = w.journal.load().spaces
         restored = AccessTable(64 * PAGE)
         restore_table(restored, state)
@@ -664,7 +666,7 @@ def test_a_large_change_is_folded_with_the_generation_it_ends(tmp_path: Path) ->
     gen = w.changes.gen
     with pytest.MonkeyPatch.context() as mp:
         # The thread never gets to it: as if killed first.
-        mp.setattr(w, "submit", lambda fn, *args: concurrent.futures.Future())
+        mp.setattr(w, "submit", lambda fn, *args, kind="write": concurrent.futures.Future())
         w.log_large(dataclasses.replace(big, seq=table.seq + 1))
     table.grant("b", PAGE, PAGE, Access.RO)  # a later change of another client
     w.log(capture("sp-0000abcd", table, ("b",)))

@@ -13,7 +13,7 @@ revokes (`Histograms`), never as a difference of two daemons. With verification 
 times, against a real client process, what judging an acknowledgement costs: `check_reach` over
 one revoked page, both ways the daemon looks, and its full-space form (the periodic audit of one
 client), with their parts, and issue 9's floor (`Floor`): the same fan-out between bare Python
-processes, timed once after each timed revoke, so that both are measured in the same moments.
+processes, timed between the revokes, so that both are measured in the same moments.
 Verification looks at every mapping of the space's inode, by design, not only the one the
 client reports: on the event loop by a PROCMAP_QUERY walk of the process's
 mappings (a process looked at before, with at most 1,024 of them), else from the
@@ -190,10 +190,10 @@ class Floor:
     the address the client gave plus one pagemap read (the targeted check, which misses a
     second mapping and a kept fd).
 
-    `timed()` runs one round and keeps its time in `samples`: `bench_revoke` runs one after
-    each revoke it times, so that floor and revoke are measured in the same moments (this
-    machine's speed drifts by 2x within minutes; two blocks one after the other compared
-    phases, not code)."""
+    `timed()` runs one round and keeps its time in `samples`: `bench_revoke` runs as many
+    rounds as it timed revokes after each block of them, so that floor and revoke are measured
+    in the same moments (this machine's speed drifts by 2x within minutes: a floor measured in
+    a block of its own, before or after, compared phases, not code)."""
 
     def __init__(self, k: int, sound: bool) -> None:
         from membroker._sys.proc import ProcessView

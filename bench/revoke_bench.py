@@ -118,11 +118,17 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     return p50 * 1e6, p99 * 1e6, statistics.fmean(s) * 1e6
 
 
-def timeit(fn: Callable[[], object], n: int, warmup: int = 20) -> list[float]:
+def timeit(
+    fn: Callable[[], object], n: int, warmup: int = 20, settle: Sequence[int] | None = None
+) -> list[float]:
+    """n timed calls of fn after `warmup` untimed ones; with `settle`, each timed call starts
+    once those processes are all asleep (`quiesce`), as the revokes do by default."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(n):
+        if settle is not None:
+            quiesce(settle)
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -145,7 +151,7 @@ def bench_zap(n: int) -> list[float]:
     return samples[20:]
 
 
-def bench_socket_pingpong(n: int) -> list[float]:
+def bench_socket_pingpong(n: int, quiet: bool) -> list[float]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -159,7 +165,7 @@ def bench_socket_pingpong(n: int) -> list[float]:
         a.sendall(b"12345678")
         a.recv(64)
 
-    samples = timeit(once, n)
+    samples = timeit(once, n, settle=[pid] if quiet else None)
     a.close()
     os.waitpid(pid, 0)
     return samples
@@ -360,11 +366,11 @@ class Daemon:
             self.proc.stdout.close()
 
 
-def bench_grpc_unary(runtime_dir: Path, n: int) -> list[float]:
+def bench_grpc_unary(runtime_dir: Path, n: int, settle: Sequence[int] | None = None) -> list[float]:
     with grpc.insecure_channel(f"unix:{runtime_dir / 'control.sock'}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         req = health_pb2.HealthCheckRequest(service="")
-        return timeit(lambda: stub.Check(req, timeout=10), n)
+        return timeit(lambda: stub.Check(req, timeout=10), n, settle=settle)
 
 
 def start_clients(
@@ -884,13 +890,16 @@ def main() -> int:
                             percentiles(bench_zap(n)),
                         )
                     )
-                    rows.append((SOCK, percentiles(bench_socket_pingpong(n))))
-                    rows.append((GRPC, percentiles(bench_grpc_unary(rt, n))))
+                    # Baselines timed like the revokes: each from a quiet machine, or not.
+                    quiet = args.block == 1
+                    settle = [daemon.proc.pid] if quiet else None
+                    rows.append((SOCK, percentiles(bench_socket_pingpong(n, quiet))))
+                    rows.append((GRPC, percentiles(bench_grpc_unary(rt, n, settle))))
                     with membroker.connect("bench-ping", rt) as s:
                         rows.append(
                             (
                                 "membroker session ping (SDK thread, framed)",
-                                percentiles(timeit(s.ping, n)),
+                                percentiles(timeit(s.ping, n, settle=settle)),
                             )
                         )
                 else:
@@ -1035,7 +1044,8 @@ def main() -> int:
         "Revoke round trip",
         f", {n} iterations (fan-out rows fewer for K>1), "
         + (
-            "each revoke and each floor round from a quiet machine (all its processes asleep)."
+            "each revoke, floor round and baseline round trip from a quiet machine (all its "
+            "processes asleep)."
             if args.block == 1
             else f"in blocks of {args.block} back to back, each block from a quiet machine."
         )

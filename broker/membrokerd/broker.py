@@ -204,6 +204,8 @@ class Broker:
         # to systemd's fd store.
         self.journal: Writer | None = None
         self.fd_store = False
+        # New spaces whose journal row is being written (`_add_space`): not in self.spaces yet.
+        self._creating: dict[str, Space] = {}
         self.faults = FaultServer(self._fault_refused)
         self.metrics = Metrics(self.snapshot)
         self.faults.observe = self.metrics.fault_seconds.observe
@@ -1341,35 +1343,61 @@ class Broker:
             created_unix=space.created_unix,
         )
 
-    async def _persist_new(self, space: Space) -> None:
-        """A new space (in self.spaces) into the journal, then its fd into systemd's fd store,
-        before the call that made it returns; if the journal refuses, the space is undone.
-        Ephemeral spaces are neither: they end with their owner's session.
+    async def _add_space(self, space: Space) -> None:
+        """Makes a new space known: its journal row first, then `self.spaces`, then its fd
+        into systemd's fd store, all before the call that made it returns. If the journal
+        refuses the row, the space is closed and the call fails; nobody saw it. Ephemeral
+        spaces are neither journaled nor stored: they end with their owner's session.
 
         The row is written on the journal's thread, after whatever it is doing (a fold of the
-        change log can take ~100 ms): the loop serves everyone else meanwhile. A caller that
-        gives up while it waits does not stop it: the space is then kept or undone as if the
-        call had finished, and its owner finds it in ListSpaces."""
+        change log can take ~100 ms): the loop serves everyone else meanwhile. Until the row
+        is in, the space is in `_creating` only: counted against the quotas, listed nowhere,
+        so nothing can attach to it, change it, or delete it. A caller that gives up while it
+        waits does not stop it: the space is then kept (its owner finds it in ListSpaces) or
+        closed, as if the call had finished."""
         if self.journal is None or space.ephemeral:
+            self.spaces[space.space_id] = space
             return
         journal = self.journal
-        record = self._record(space)
+        try:
+            # Queued now, in this loop step: ahead of any journal write that follows.
+            written = asyncio.wrap_future(
+                journal.submit(journal.journal.add_space, self._record(space), space.table.seq)
+            )
+        except BaseException:
+            space.close()
+            raise
+        self._creating[space.space_id] = space
 
         async def persist() -> None:
             try:
-                await journal.write(journal.journal.add_space, record, space.table.seq)
+                await written
+            except asyncio.CancelledError:
+                # The daemon is stopping (shutdown cancels it): the row may still be written;
+                # the next start then finds it without an fd and drops it, as it says.
+                log.warning(
+                    "space %s: the daemon stopped while it was being created", space.space_id
+                )
+                raise
             except BaseException:
-                self.spaces.pop(space.space_id, None)
-                space.close()
                 log.exception("journal: cannot record new space %s: refused", space.space_id)
                 raise
-            if self.fd_store:
-                systemd.fd_store_add(space.space_id, space.fd)
+            else:
+                self.spaces[space.space_id] = space
+                if self.fd_store:
+                    systemd.fd_store_add(space.space_id, space.fd)
+            finally:
+                if self._creating.pop(space.space_id, None) is not None and (
+                    self.spaces.get(space.space_id) is not space
+                ):
+                    space.close()
 
         task = self.loop.create_task(persist())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
+        if space.fd < 0 or self.spaces.get(space.space_id) is not space:
+            raise UnknownObject(f"space {space.space_id} went while it was being created")
 
     def _journal_change(
         self, space: Space, key: str, kind: str, spans: Sequence[tuple[int, int]]
@@ -1682,9 +1710,10 @@ class Broker:
     def _check_space_quota(self, session: Session, size: int) -> None:
         """Policy (may this identity own spaces?) and quotas, before anything is allocated."""
         policy.check_owner(self.config, session.identity)
-        if len(self.spaces) >= self.config.max_spaces:
+        every = [*self.spaces.values(), *self._creating.values()]
+        if len(every) >= self.config.max_spaces:
             raise LimitReached("max_spaces", self.config.max_spaces, "too many spaces")
-        owned = [s for s in self.spaces.values() if s.owner == session.name]
+        owned = [s for s in every if s.owner == session.name]
         policy.check_owner_quota(
             self.config, session.name, len(owned), sum(s.size for s in owned), size
         )
@@ -1728,8 +1757,7 @@ class Broker:
         except BaseException:
             os.close(fd)
             raise
-        self.spaces[space.space_id] = space
-        await self._persist_new(space)
+        await self._add_space(space)
         tag = session.deliver_fd(space.fd, space.space_id)
         log.info(
             "space %s created by %r: %s, %d bytes",
@@ -1781,8 +1809,7 @@ class Broker:
             dev=found.dev,
             ino=found.ino,
         )
-        self.spaces[space.space_id] = space
-        await self._persist_new(space)
+        await self._add_space(space)
         log.info(
             "space %s imported by %r: %s, %d bytes",
             space.space_id,

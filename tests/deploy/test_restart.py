@@ -489,9 +489,11 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
     tmp_path: Path,
 ) -> None:
     """Another writer holds the journal's database (as a long fold would, or a slow disk): a
-    space creation waits for it, and meanwhile the daemon serves everyone else: a ping and a
-    grant (appended to the change log) return while the creation is still waiting. Once the
-    database is free the creation returns, with its space in the journal."""
+    space creation waits for it, and meanwhile the daemon serves everyone else: ListSpaces, a
+    ping and a grant (appended to the change log) return while the creation is still waiting,
+    and the space being created is listed nowhere (nothing can attach to it or change it
+    before its row is in). Once the database is free the creation returns, with its space in
+    the journal and listed."""
     from deploy_helpers import Daemon
 
     d = Daemon(tmp_path / "rt")
@@ -517,13 +519,14 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
 
                 thread = threading.Thread(target=create)
                 thread.start()
-                # The creation reached the daemon and waits for the journal's thread.
-                # (ListSpaces answering at all says the loop is free.)
+                # The creation reached the daemon (its memfd, named after the space, is made)
+                # and waits for the journal's thread.
                 wait_for(
                     "the creation to reach the daemon",
-                    lambda: "late" in {s.name for s in owner.list_spaces()},
+                    lambda: "/memfd:membroker:late (deleted)" in _fd_targets(d.pid),
                     timeout=10,
                 )
+                assert [s.space_id for s in owner.list_spaces()] == [space.space_id]
                 owner.ping()
                 space.grant("backend", 0, PAGE, "rw")
                 assert thread.is_alive() and not created and not failed
@@ -545,11 +548,22 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
     assert ids == {space.space_id, late.space_id}
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the fds of process `pid` point to (fds closed while we look are skipped)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def test_a_space_creation_given_up_while_the_journal_waits_is_kept(tmp_path: Path) -> None:
     """The caller of a CreateSpace waiting for the journal gives up (its deadline: the SDK
-    sends CallCancelled). As its message says, the change runs to its end: once the journal
-    takes the row, the space is listed, with its owner, and in the database; the daemon holds
-    one more fd (the space's) and nothing else."""
+    sends CallCancelled). As its message says, the change runs to its end: the space is listed
+    only once the journal takes the row, then with its owner, and is in the database; the
+    daemon holds one more fd (the space's) and nothing else."""
     from deploy_helpers import Daemon
 
     from membroker.v1 import broker_pb2 as pb
@@ -566,6 +580,7 @@ def test_a_space_creation_given_up_while_the_journal_waits_is_kept(tmp_path: Pat
                 request = pb.CreateSpaceRequest(size=MiB, name="given-up", backing=pb.BACKING_MEMFD)
                 with pytest.raises(membroker.MembrokerError, match="deadline exceeded"):
                     owner.call("CreateSpace", request, timeout=0.5)
+                assert "given-up" not in {s.name for s in owner.list_spaces()}
                 db.execute("ROLLBACK")
             finally:
                 db.close()

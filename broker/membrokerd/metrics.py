@@ -115,10 +115,12 @@ class _StateCollector(Collector):
         yield faults
         errors = CounterMetricFamily(
             "membroker_journal_errors",
-            "Writes the restart journal refused, by what was written: an append to the change "
-            "log, a fold of the log into the database, any other write of the database (a "
-            "space, a session, a name binding, reports). What was not written does not survive "
-            "a restart (a revoked grant may come back with it): see the daemon's log.",
+            "Writes the restart journal refused, by what was written: append (a change of an "
+            "access table, in force but not journaled: a restart could undo it, a revoked "
+            "grant come back), fold (of the change log into the database: kept and retried, "
+            "see membroker_journal_unfolded_generations), write (any other database write: "
+            "the call that made it failed, or revocation reports were lost). The daemon's log "
+            "says what each was.",
             labels=["write"],
         )
         for kind in WRITE_KINDS:

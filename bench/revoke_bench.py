@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -213,14 +214,20 @@ class Floor:
         try:
             for _ in range(k):
                 parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
-                    pass_fds=(fd, child_end.fileno()),
-                    env=dict(os.environ, PYTHONPATH=SRC_PATH),
-                )
-                child_end.close()
+                with child_end:
+                    try:
+                        proc = subprocess.Popen(
+                            [sys.executable, "-c", FLOOR_CLIENT, str(fd), str(child_end.fileno())],
+                            pass_fds=(fd, child_end.fileno()),
+                            env=dict(os.environ, PYTHONPATH=SRC_PATH),
+                        )
+                    except BaseException:
+                        parent_end.close()
+                        raise
+                # Its own until it answers: the close below ends it.
+                self.children.append((proc, parent_end, 0, None))
                 address = int.from_bytes(parent_end.recv(8), "little")
-                self.children.append((proc, parent_end, address, ProcessView(proc.pid)))
+                self.children[-1] = (proc, parent_end, address, ProcessView(proc.pid))
         except BaseException:
             self.close()
             raise
@@ -260,8 +267,9 @@ class Floor:
 
     def close(self) -> None:
         for proc, sock, _, view in self.children:
-            sock.close()
-            view.close()
+            sock.close()  # the child's recv sees the end and it exits
+            if view is not None:
+                view.close()
             proc.wait(10)
         self.children = []
 
@@ -422,13 +430,16 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def _asleep(pid: int) -> bool:
-    """Whether every thread of the process is asleep (not running or runnable)."""
+def _asleep(pid: int, skip: str = "") -> bool:
+    """Whether every thread of the process (but `skip`, a thread id) is asleep (not running or
+    runnable)."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return True
     for task in tasks:
+        if task == skip:
+            continue
         try:
             with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
                 state = f.read().rpartition(b")")[2].split()[0]
@@ -439,15 +450,26 @@ def _asleep(pid: int) -> bool:
     return True
 
 
+# quiesce() calls, and how many of them gave up waiting (reported with the results)
+QUIESCE = {"calls": 0, "timeouts": 0}
+
+
 def quiesce(pids: Sequence[int], timeout: float = 0.1) -> None:
-    """Returns once every thread of these processes is seen asleep twice in a row (or after
-    `timeout`): nothing of the previous operation still runs when the next one is timed (a
+    """Returns once every thread of these processes, and every other thread of this one (an
+    SDK reader, gRPC's), is seen asleep twice in a row, or after `timeout` (counted in
+    QUIESCE): nothing of the previous operation still runs when the next one is timed (a
     client still applying the push of the grant that undid the last revoke, a floor client
     going back to its recv)."""
+    me = str(threading.get_native_id())
     deadline = time.monotonic() + timeout
     quiet = 0
-    while quiet < 2 and time.monotonic() < deadline:
-        quiet = quiet + 1 if all(_asleep(pid) for pid in pids) else 0
+    QUIESCE["calls"] += 1
+    while quiet < 2:
+        if time.monotonic() > deadline:
+            QUIESCE["timeouts"] += 1
+            return
+        asleep = _asleep(os.getpid(), me) and all(_asleep(pid) for pid in pids)
+        quiet = quiet + 1 if asleep else 0
 
 
 class Histograms:
@@ -564,7 +586,8 @@ def bench_revoke(
 
         def revoke_one(it: int) -> None:
             if histograms is not None and it == 10:
-                histograms.start()
+                histograms.start()  # a scrape: the daemon is busy until it has answered
+                quiesce(settle)
             with single_cpu if cpu else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 report = space.revoke("c0", 0, PAGE)
@@ -833,7 +856,9 @@ def main() -> int:
         default=1,
         metavar="N",
         help="time the revokes (and their floors) in blocks of N, back to back within a block, "
-        "each block from a quiet machine (default 1: every one from a quiet machine)",
+        "each block from a quiet machine (default 1: every one from a quiet machine); within a "
+        "block each revoke follows the grant that undid the last one, whose push its client "
+        "may still be applying, while floor rounds follow each other",
     )
     parser.add_argument(
         "--one-cpu",
@@ -909,10 +934,10 @@ def main() -> int:
                     meters = (CpuPerOp(daemon.proc.pid), CpuPerOp(daemon.proc.pid))
                     assert daemon.metrics_url is not None
                     measured = Histograms(daemon.metrics_url)
-                    floors = (
-                        [Floor(k, sound) for sound in (False, True)] if verify == "always" else []
-                    )
+                    floors: list[Floor] = []
                     try:
+                        for sound in (False, True) if verify == "always" else ():
+                            floors.append(Floor(k, sound))
                         single, fan = bench_revoke(
                             rt,
                             k,
@@ -1034,6 +1059,8 @@ def main() -> int:
         ]
     summary += [
         "",
+        f"Waits for a quiet machine before a timed operation: {QUIESCE['calls']}, of which "
+        f"{QUIESCE['timeouts']} gave up after 0.1 s (and timed it all the same).",
         f"Load average before / after the run: {load_before[0]:.2f} / {load_after[0]:.2f}; "
         f"{cpu.summary()} (p99s move with it).",
     ]

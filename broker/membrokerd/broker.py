@@ -2811,7 +2811,7 @@ class Broker:
             pins=pins,
             attachments=attachments,
             open_fds=len(os.listdir("/proc/self/fd")),
-            journal_errors=dict(self.journal.errors) if self.journal is not None else {},
+            journal_errors=self.journal.error_counts() if self.journal is not None else {},
             journal_unfolded=self.journal.unfolded if self.journal is not None else 0,
         )
 

@@ -1125,6 +1125,11 @@ class Writer:
         with self._errors_lock:
             self.errors[kind] += 1
 
+    def error_counts(self) -> dict[str, int]:
+        """A copy of `errors`, taken under their lock."""
+        with self._errors_lock:
+            return dict(self.errors)
+
     def log(self, *changes: Change) -> None:
         """Appends `changes` to the change log (on the loop): they are in the journal when this
         returns. Raises OSError when they are not (the log is as it was)."""

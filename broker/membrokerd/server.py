@@ -574,10 +574,19 @@ async def serve(config: BrokerConfig, ready: asyncio.Event | None = None) -> Non
         if broker is not None:
             if passing is not None:
                 broker.shutdown("broker upgrading: reconnect and resume", restarting=True)
+            elif not broker.fd_store:
+                broker.shutdown("broker shutting down", restarting=False)
+            elif await loop.run_in_executor(None, systemd.stopping_for_good):
+                # `systemctl stop` empties the fd store: the spaces end here, and sessions are
+                # told so instead of retrying for their resume window.
+                broker.shutdown(
+                    "broker stopped by its service manager: its spaces are gone",
+                    restarting=False,
+                )
             else:
                 # Under systemd's fd store the state outlives this process (a restart takes it
                 # back): sessions are told to resume.
-                broker.shutdown("broker shutting down", restarting=broker.fd_store)
+                broker.shutdown("broker shutting down", restarting=True)
         if server is not None:
             await server.stop(grace=1.0)
         if broker is not None:

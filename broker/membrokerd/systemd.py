@@ -16,8 +16,10 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -88,6 +90,66 @@ def fd_store_remove(name: str) -> bool:
     if not fd_store_enabled():
         return False
     return notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+
+# Jobs that end this process with another one to follow (the fd store kept for it).
+_RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart", "try-reload-or-restart"})
+
+
+def stopping_for_good(timeout: float = 1.0, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this service is being stopped with no restart to follow, so that its fd store
+    (the spaces) goes with it: asked of the manager (`systemctl list-jobs` for this unit, and
+    its FileDescriptorStorePreserve=, systemd 254+) when SIGTERM comes. A `systemctl stop` (or
+    a SIGTERM with no job: Restart=on-failure does not restart a clean exit) is for good; a
+    restart job, or a store kept across stops, is not. False when it cannot tell (not under
+    systemd, no systemctl, no answer within `timeout`): sessions are then told to resume, as
+    before, and find out when they cannot."""
+    env = os.environ if env is None else env
+    if not env.get("NOTIFY_SOCKET") or not env.get("INVOCATION_ID"):
+        return False
+    unit = _own_unit()
+    systemctl = shutil.which("systemctl")
+    if unit is None or systemctl is None:
+        return False
+    # A user manager sets MANAGERPID for what it starts; the system manager does not.
+    scope = ["--user"] if env.get("MANAGERPID") else []
+
+    def ask(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                [systemctl, *scope, "--no-pager", *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=True,
+                stdin=subprocess.DEVNULL,
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.info("cannot ask systemd whether %s restarts: %s", unit, exc)
+            return None
+
+    jobs = ask("list-jobs", "--no-legend", unit)
+    if jobs is None:
+        return False
+    kinds = {f[2] for f in map(str.split, jobs.splitlines()) if len(f) >= 3 and f[1] == unit}
+    if kinds & _RESTART_JOBS:
+        return False
+    preserve = ask("show", "--property=FileDescriptorStorePreserve", "--value", unit)
+    return preserve is not None and preserve.strip() != "yes"
+
+
+def _own_unit() -> str | None:
+    """The service unit this process runs in, from its cgroup (the last `*.service` of the
+    path: a user manager's own `user@UID.service` comes before it)."""
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        units = [p for p in line.rpartition(":")[2].split("/") if p.endswith(".service")]
+        if units:
+            return units[-1]
+    return None
 
 
 def monotonic_usec() -> int:

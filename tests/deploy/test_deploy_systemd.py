@@ -283,3 +283,15 @@ def test_mdwe_shim_really_forbids_wx_memory(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_outside_a_service_a_stop_is_never_taken_for_good() -> None:
+    """Whether a stop ends the spaces for good is asked of the manager only from inside a
+    systemd service (NOTIFY_SOCKET and INVOCATION_ID): anywhere else the answer is "cannot
+    tell" (False), and sessions are told to resume, as before. (The asking itself runs under
+    a real manager in tests/deploy/test_restart.py.)"""
+    from membrokerd import systemd
+
+    assert systemd.stopping_for_good(env={}) is False
+    assert systemd.stopping_for_good(env={"NOTIFY_SOCKET": "/run/x"}) is False
+    assert systemd.stopping_for_good(env={"INVOCATION_ID": "0" * 32}) is False

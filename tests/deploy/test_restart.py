@@ -234,6 +234,24 @@ def test_systemctl_restart_keeps_spaces_and_stop_drops_them(sd: UserManager) -> 
             owner.get_space(space_id)
 
 
+def test_systemctl_stop_ends_sessions_and_restart_resumes_them(sd: UserManager) -> None:
+    """A connected session is told what is happening: across `systemctl restart` it resumes
+    (its space is still there); at `systemctl stop`, which empties the fd store and so ends
+    the spaces, it ends at once, saying so, instead of retrying for its resume window. The
+    daemon asks the manager which job stops it."""
+    sd.systemctl("start", SERVICE)
+    with membroker.connect("vmm", str(sd.runtime_dir)) as owner:
+        space = owner.create_space(MiB)
+        sd.systemctl("restart", SERVICE)
+        assert _retrying(lambda: owner.get_space(space.space_id)).space_id == space.space_id
+        assert not owner.closed
+        sd.systemctl("stop", SERVICE)
+        wait_for("the session to end", lambda: owner.closed, timeout=10)
+        assert "spaces are gone" in (owner.closed_reason or ""), owner.closed_reason
+        with pytest.raises(membroker.SessionClosed, match="spaces are gone"):
+            owner.list_spaces()
+
+
 def test_kill_9_during_a_burst_of_grants_keeps_every_returned_grant(sd: UserManager) -> None:
     sd.systemctl("start", SERVICE)
     pid = sd.main_pid()

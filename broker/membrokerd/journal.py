@@ -464,6 +464,10 @@ LOG_FOLD_BYTES = 256 * 1024
 # fragments, once every `Compaction.max_ops` of its changes) is not appended on the loop
 # (encoding, checksumming and writing 32 MB there take ~100 ms): `Writer.log_large`.
 LARGE_CHANGE_BYTES = 1 << 20
+# Generations whose fold failed keep their changes in memory up to this many; older ones whose
+# file holds exactly their changes are read back from it at the next fold instead (a database
+# that refuses folds for hours would otherwise hold every change made meanwhile in memory).
+UNFOLDED_IN_MEMORY = 8
 # One record's payload at most (a change of sets of 8,192 ranges is ~260 KB; a batch of a
 # hundred thousand ranges logged as one operation, 1.6 MB): a length beyond it is damage.
 MAX_RECORD_BYTES = 1 << 30
@@ -777,8 +781,9 @@ class Journal:
                 "give each daemon its own state_dir"
             ) from None
         self._lock = threading.Lock()
-        # Log generations whose fold failed: folded again with the next one.
-        self._unfolded: list[tuple[int, Sequence[Change]]] = []
+        # Log generations whose fold failed: folded again with the next one. None: its changes
+        # are those of its file, read back then (`_spill`).
+        self._unfolded: list[tuple[int, Sequence[Change] | None]] = []
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=10
@@ -880,22 +885,53 @@ class Journal:
         one transaction that also marks `gen` folded; then its file goes. A generation whose
         fold failed is folded again with the next one: `log_gen` never passes a generation
         that is not in the database."""
-        todo = [*self._unfolded, (gen, changes)]
-        everything = [change for _, part in todo for change in part]
+        todo: list[tuple[int, Sequence[Change] | None]] = [*self._unfolded, (gen, changes)]
 
         def body(db: sqlite3.Connection) -> None:
-            _apply(db, everything)
+            _apply(db, (change for g, part in todo for change in self._changes_of(g, part)))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('log_gen', ?)", (str(gen + 1),))
 
         try:
             self._write(body)
         except BaseException:
-            self._unfolded = todo
+            self._unfolded = self._spill(todo)
             raise
         self._unfolded = []
         for folded, _ in todo:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(log_path(self.directory, folded))
+
+    def _changes_of(self, gen: int, changes: Sequence[Change] | None) -> Sequence[Change]:
+        """A pending generation's changes: as kept, or read back from its file (`_spill`)."""
+        if changes is not None:
+            return changes
+        path = log_path(self.directory, gen)
+        return read_log(path.read_bytes(), path)[0]
+
+    def _spill(
+        self, todo: list[tuple[int, Sequence[Change] | None]]
+    ) -> list[tuple[int, Sequence[Change] | None]]:
+        """`todo` with the changes of all but the newest UNFOLDED_IN_MEMORY generations left
+        to their files, where a file holds exactly them (whole records, as many changes: not a
+        generation a large change ended, whose change is in memory only, nor one that ends in
+        part of a record)."""
+        kept = 0
+        out: list[tuple[int, Sequence[Change] | None]] = []
+        for gen, changes in reversed(todo):
+            if changes is not None and kept >= UNFOLDED_IN_MEMORY:
+                path = log_path(self.directory, gen)
+                try:
+                    data = path.read_bytes()
+                    parsed, used = read_log(data, path)
+                except (OSError, JournalError):
+                    data, parsed, used = b"", [], -1
+                if used == len(data) and len(parsed) == len(changes):
+                    changes = None
+            if changes is not None:
+                kept += 1
+            out.append((gen, changes))
+        out.reverse()
+        return out
 
     def fold_logs(self) -> int:
         """At open: every change log a previous daemon left (each generation at or after
@@ -1207,9 +1243,16 @@ class Writer:
         """Generations of the change log whose fold failed, waiting for the next one."""
         return len(self.journal._unfolded)
 
+    @property
+    def unfolded_in_memory(self) -> int:
+        """Of those, the ones whose changes are held in memory (at most UNFOLDED_IN_MEMORY,
+        but for generations no file holds exactly)."""
+        return sum(1 for _, changes in self.journal._unfolded if changes is not None)
+
 
 __all__ = [
     "LARGE_CHANGE_BYTES",
+    "UNFOLDED_IN_MEMORY",
     "WRITE_KINDS",
     "Change",
     "ChangeLog",

@@ -128,8 +128,8 @@ class _StateCollector(Collector):
         yield errors
         yield GaugeMetricFamily(
             "membroker_journal_unfolded_generations",
-            "Generations of the change log whose fold into the database failed, kept (in "
-            "memory and on disk) and folded again with the next one.",
+            "Generations of the change log whose fold into the database failed, kept on disk "
+            "(the newest few in memory too) and folded again with the next one.",
             value=s.journal_unfolded,
         )
         yield GaugeMetricFamily(

@@ -32,6 +32,7 @@ from membrokerd.journal import (
     REVOKE,
     SHARE,
     SHARED,
+    UNFOLDED_IN_MEMORY,
     Change,
     ClientSets,
     Compaction,
@@ -622,6 +623,49 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         assert w.journal.log_generation() == 3
         assert [p.name for p in _log_files(state_dir)] == ["changes.3.log"]
         assert w.unfolded == 0 and w.errors["fold"] == 1
+        [state] = w.journal.load().spaces
+        restored = AccessTable(64 * PAGE)
+        restore_table(restored, state)
+        same_table(table, restored)
+    finally:
+        w.close()
+
+
+def test_folds_refused_for_long_keep_a_few_generations_in_memory(tmp_path: Path) -> None:
+    """The database refuses folds (its WAL immutable) while the log keeps taking changes: 31
+    generations wait, each the only record of its own client. Only the newest
+    UNFOLDED_IN_MEMORY keep their changes in memory; the older ones are left to their files,
+    but for the one a large change ended (that change is in no file). Once the database takes
+    writes, the next fold writes every generation (the spilled ones read back from their
+    files): the table read back from the database is the table."""
+    chattr = shutil.which("chattr") or pytest.skip("no chattr")
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
+    wal = state_dir / (JOURNAL_FILE + "-wal")
+    try:
+        w.submit(lambda: None).result()  # the share's fold is done
+        if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
+            pytest.skip("chattr +i does not work on this file system")
+        try:
+            for i in range(30):
+                if i == 10:  # ends generation 11 and is folded with it, from memory only
+                    table.grant("large", 50 * PAGE, PAGE, Access.RW)
+                    w.log_large(capture("sp-0000abcd", table, ("large",)))
+                table.grant(f"c{i}", i * PAGE, PAGE, Access.RW if i % 2 else Access.RO)
+                w.log(capture("sp-0000abcd", table, (f"c{i}",)))
+            w.submit(lambda: None).result()  # the thread is past every fold that failed
+            assert w.unfolded == 31
+            assert w.unfolded_in_memory == UNFOLDED_IN_MEMORY + 1 < 31
+            in_memory = [gen for gen, changes in w.journal._unfolded if changes is not None]
+            assert in_memory == [11, *range(31 - UNFOLDED_IN_MEMORY + 1, 32)]
+            assert w.errors["fold"] == 31
+        finally:
+            subprocess.run([chattr, "-i", str(wal)], check=True)
+        table.grant("last", 40 * PAGE, PAGE, Access.RO)
+        w.log(capture("sp-0000abcd", table, ("last",)))
+        w.submit(lambda: None).result()
+        assert w.unfolded == 0
+        assert [p.name for p in _log_files(state_dir)] == ["changes.33.log"]
         [state] = w.journal.load().spaces
         restored = AccessTable(64 * PAGE)
         restore_table(restored, state)

@@ -5,6 +5,7 @@ killed mid-stream leaves a journal that reopens consistent."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -595,26 +597,41 @@ def test_a_journal_of_schema_1_opens_and_one_of_a_newer_schema_is_refused(tmp_pa
                 Journal(state_dir)
 
 
+def _journal_holds(w: Writer, table: AccessTable) -> None:
+    """The journal's database, read back, gives `table` (its one space)."""
+    [state] = w.journal.load().spaces
+    restored = AccessTable(64 * PAGE)
+    restore_table(restored, state)
+    same_table(table, restored)
+
+
+@contextlib.contextmanager
+def _folds_refused(state_dir: Path) -> Iterator[None]:
+    """The journal's database refuses every write (its WAL made immutable) until the end."""
+    chattr = shutil.which("chattr") or pytest.skip("no chattr")
+    wal = state_dir / (JOURNAL_FILE + "-wal")
+    if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
+        pytest.skip("chattr +i does not work on this file system")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(wal)], check=True)
+
+
 def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) -> None:
     """The database refuses a fold (its WAL made immutable): that generation's file stays and
     log_gen does not pass it; the next fold writes both, then removes both files."""
-    chattr = shutil.which("chattr") or pytest.skip("no chattr")
     state_dir = tmp_path / "s"
     w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
-    wal = state_dir / (JOURNAL_FILE + "-wal")
     try:
         w.submit(lambda: None).result()  # the share's fold is done
         assert w.journal.log_generation() == 1
-        if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
-            pytest.skip("chattr +i does not work on this file system")
-        try:
+        with _folds_refused(state_dir):
             table.grant("c", 0, PAGE, Access.RW)
             w.log(capture("sp-0000abcd", table, ("c",)))
             w.submit(lambda: None).result()  # the thread is past the fold that failed
             assert [gen for gen, _ in w.journal._unfolded] == [1]
             assert w.unfolded == 1 and w.errors == {"append": 0, "fold": 1, "write": 0}
-        finally:
-            subprocess.run([chattr, "-i", str(wal)], check=True)
         assert w.journal.log_generation() == 1
         assert [p.name for p in _log_files(state_dir)] == ["changes.1.log", "changes.2.log"]
         table.grant("c", PAGE, PAGE, Access.RO)
@@ -623,10 +640,7 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         assert w.journal.log_generation() == 3
         assert [p.name for p in _log_files(state_dir)] == ["changes.3.log"]
         assert w.unfolded == 0 and w.errors["fold"] == 1
-        [state] = w.journal.load().spaces
-        restored = AccessTable(64 * PAGE)
-        restore_table(restored, state)
-        same_table(table, restored)
+        _journal_holds(w, table)
     finally:
         w.close()
 
@@ -638,15 +652,11 @@ def test_folds_refused_for_long_keep_a_few_generations_in_memory(tmp_path: Path)
     but for the one a large change ended (that change is in no file). Once the database takes
     writes, the next fold writes every generation (the spilled ones read back from their
     files): the table read back from the database is the table."""
-    chattr = shutil.which("chattr") or pytest.skip("no chattr")
     state_dir = tmp_path / "s"
     w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
-    wal = state_dir / (JOURNAL_FILE + "-wal")
     try:
         w.submit(lambda: None).result()  # the share's fold is done
-        if subprocess.run([chattr, "+i", str(wal)], capture_output=True).returncode:
-            pytest.skip("chattr +i does not work on this file system")
-        try:
+        with _folds_refused(state_dir):
             for i in range(30):
                 if i == 10:  # ends generation 11 and is folded with it, from memory only
                     table.grant("large", 50 * PAGE, PAGE, Access.RW)
@@ -659,17 +669,12 @@ def test_folds_refused_for_long_keep_a_few_generations_in_memory(tmp_path: Path)
             in_memory = [gen for gen, changes in w.journal._unfolded if changes is not None]
             assert in_memory == [11, *range(31 - UNFOLDED_IN_MEMORY + 1, 32)]
             assert w.errors["fold"] == 31
-        finally:
-            subprocess.run([chattr, "-i", str(wal)], check=True)
         table.grant("last", 40 * PAGE, PAGE, Access.RO)
         w.log(capture("sp-0000abcd", table, ("last",)))
         w.submit(lambda: None).result()
         assert w.unfolded == 0
         assert [p.name for p in _log_files(state_dir)] == ["changes.33.log"]
-        [state] = w.journal.load().spaces
-        restored = AccessTable(64 * PAGE)
-        restore_table(restored, state)
-        same_table(table, restored)
+        _journal_holds(w, table)
     finally:
         w.close()
 

@@ -354,6 +354,12 @@ def test_a_client_on_its_session_socket_never_loads_grpc(owner, clients, daemon)
     backend.ok("attach_va", space=space.space_id)
     assert space.revoke("backend", 0, PAGE).all_acked
     space.grant("backend", 0, PAGE)
+    # A raise of access is pushed, not acknowledged: the grant returns before the client has
+    # applied it.
+    deadline = time.monotonic() + 10
+    while backend.ok("ranges", space=space.space_id)["ranges"] != [[0, 2 * PAGE, "RW"]]:
+        assert time.monotonic() < deadline, "the grant never reached the client"
+        time.sleep(0.01)
     backend.ok("write", space=space.space_id, offset=0, data="01")
     failed = backend.cmd("attach_va", space="no-such-space")
     assert failed["error"].startswith("NotFound: "), failed

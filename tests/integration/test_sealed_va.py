@@ -187,8 +187,15 @@ def test_a_regrant_after_a_revoke_faults_in_again(world: Any) -> None:
     assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
     assert space.revoke("c", 0, 2 * PAGE).all_acked
     space.grant("c", 0, 2 * PAGE, "ro")
+    # A raise of access is pushed, not acknowledged: wait until the client has applied it.
+    assert wait_until(
+        lambda: c.ok("ranges", space=space.space_id)["ranges"] == [[0, 2 * PAGE, "RO"]]
+    )
     assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
     space.grant("c", 0, 2 * PAGE, "rw")
+    assert wait_until(
+        lambda: c.ok("ranges", space=space.space_id)["ranges"] == [[0, 2 * PAGE, "RW"]]
+    )
     assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "02"
     c.ok("write", space=space.space_id, offset=PAGE, data="77")
     assert c.ok("read", space=space.space_id, offset=PAGE, length=1)["data"] == "77"

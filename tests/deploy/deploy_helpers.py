@@ -61,6 +61,16 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def samples(exposition: str) -> dict[str, float]:
+    """{series (name and labels, as exposed): value} of a classic text exposition."""
+    out = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 class Daemon:
     """membrokerd as a child process; `argv_prefix` may wrap it (setpriv, a prctl shim).
     `command` replaces `python -m membrokerd` (an installed console script, say), run in `cwd`

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from deploy_helpers import ROOT, RULES, RULES_TEST, Daemon, require_tool
+from deploy_helpers import ROOT, RULES, RULES_TEST, Daemon, require_tool, samples
 
 import membrokerd
 
@@ -89,15 +89,6 @@ EXPECTED_SAMPLES = [
 
 def families(exposition: str) -> dict[str, str]:
     return dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M))
-
-
-def samples(exposition: str) -> dict[str, float]:
-    out = {}
-    for line in exposition.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 @pytest.fixture(scope="module")

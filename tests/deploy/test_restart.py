@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import sqlite3
 import subprocess
@@ -28,13 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from deploy_helpers import SERVICE, UserManager, child_env
+from deploy_helpers import SERVICE, UserManager, child_env, samples
 
 import membroker
 from membroker._sys.kvm import guest_memfd_support
+from membroker._sys.proc import fd_targets
 from membroker.errors import BrokerRestarting
 from membroker.types import Region
-from membrokerd.journal import read_log
+from membrokerd.journal import WRITE_KINDS, read_log
 from tests.conftest import wait_for
 
 MiB = 1 << 20
@@ -541,7 +541,7 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
                 # and waits for the journal's thread.
                 wait_for(
                     "the creation to reach the daemon",
-                    lambda: "/memfd:membroker:late (deleted)" in _fd_targets(d.pid),
+                    lambda: "/memfd:membroker:late (deleted)" in fd_targets(d.pid),
                     timeout=10,
                 )
                 assert [s.space_id for s in owner.list_spaces()] == [space.space_id]
@@ -564,17 +564,6 @@ def test_a_space_creation_waits_for_the_journal_without_stopping_the_daemon(
     finally:
         db.close()
     assert ids == {space.space_id, late.space_id}
-
-
-def _fd_targets(pid: int) -> list[str]:
-    """What the fds of process `pid` point to (fds closed while we look are skipped)."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except FileNotFoundError:
-            continue
-    return out
 
 
 def test_a_space_creation_given_up_while_the_journal_waits_is_kept(tmp_path: Path) -> None:
@@ -655,14 +644,10 @@ def test_a_space_the_journal_refuses_is_undone(tmp_path: Path) -> None:
 
 def _journal_errors(d: Any) -> dict[str, float]:
     """membroker_journal_errors_total by write kind, and the unfolded generations, scraped."""
-    _, body = d.scrape()
-    found = {
-        m[1]: float(m[2])
-        for m in re.finditer(r'^membroker_journal_errors_total\{write="(\w+)"\} (\S+)$', body, re.M)
-    }
-    [unfolded] = re.findall(r"^membroker_journal_unfolded_generations (\S+)$", body, re.M)
-    found["unfolded"] = float(unfolded)
-    return found
+    found = samples(d.scrape()[1])
+    out = {k: found[f'membroker_journal_errors_total{{write="{k}"}}'] for k in WRITE_KINDS}
+    out["unfolded"] = found["membroker_journal_unfolded_generations"]
+    return out
 
 
 RESUME_CLIENT = Path(__file__).resolve().parents[1] / "integration" / "resume_client.py"

@@ -719,6 +719,19 @@ REVOKE1_OFF = "Revoke, 1 VA client, verify off"
 REVOKE1_NOJOURNAL = "Revoke, 1 VA client, verify always, no journal (state_dir empty)"
 
 
+def hold_idle_poll() -> int:
+    """Ask the kernel for zero wakeup latency until this process exits (the open fd holds the
+    request; closing it drops it): cpuidle then keeps every idle CPU in its polling state."""
+    fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY | os.O_CLOEXEC)
+    os.write(fd, (0).to_bytes(4, sys.byteorder))
+    with open("/dev/cpu_dma_latency", "rb") as f:
+        held = int.from_bytes(f.read(4), sys.byteorder)
+    if held != 0:
+        os.close(fd)
+        raise RuntimeError(f"/dev/cpu_dma_latency reads {held} us after asking for 0")
+    return fd
+
+
 def floor_name(k: int, sound: bool) -> str:
     check = (
         "fd table + PROCMAP_QUERY walk + PAGEMAP_SCAN"
@@ -866,6 +879,14 @@ def main() -> int:
         help="run membrokerd, this process and every client on one CPU (the lowest this "
         "process may use): every wakeup stays on that CPU (issue 9, item 4)",
     )
+    parser.add_argument(
+        "--idle-poll",
+        action="store_true",
+        help="hold /dev/cpu_dma_latency at 0 for the run: an idle CPU polls instead of halting, "
+        "so a wakeup costs no exit to the hypervisor (what a latency profile such as tuned's "
+        "does; idle CPUs then stay busy). Measures what waking idle CPUs costs (issue 9, "
+        "item 4)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "revoke.md")
     parser.add_argument(
         "--compare",
@@ -888,6 +909,7 @@ def main() -> int:
             parser.error("--split-cpus needs at least two CPUs")
         os.sched_setaffinity(0, others)  # inherited by every client process started here
         daemon_cpus = "0"
+    idle_poll = hold_idle_poll() if args.idle_poll else None
     previous: list[tuple[str, dict[str, tuple[float, float, float]]]] = []
     for spec in args.compare or [f"{args.out}:the results file before this run"]:
         path, _, label = spec.partition(":")
@@ -1076,7 +1098,12 @@ def main() -> int:
             if args.block == 1
             else f"in blocks of {args.block} back to back, each block from a quiet machine."
         )
-        + " Floors are timed between the revokes, in the same moments.",
+        + " Floors are timed between the revokes, in the same moments."
+        + (
+            " Idle CPUs polled for the whole run (/dev/cpu_dma_latency held at 0, `--idle-poll`)."
+            if idle_poll is not None
+            else ""
+        ),
         table,
     )
     return 0

@@ -781,7 +781,7 @@ class Journal:
                 "give each daemon its own state_dir"
             ) from None
         self._lock = threading.Lock()
-        # Log generations whose fold failed: folded again with the next one. None: its changes
+        # Log generations whose fold failed: folded again before the next one. None: its changes
         # are those of its file, read back then (`_spill`).
         self._unfolded: list[tuple[int, Sequence[Change] | None]] = []
         try:
@@ -882,24 +882,28 @@ class Journal:
 
     def fold(self, gen: int, changes: Sequence[Change]) -> None:
         """The changes of log generation `gen` (all of them, in order) into the database, in
-        one transaction that also marks `gen` folded; then its file goes. A generation whose
-        fold failed is folded again with the next one: `log_gen` never passes a generation
-        that is not in the database."""
+        one transaction that also marks `gen` folded; then its file goes. Generations whose
+        fold failed before are folded first, oldest first, each in a transaction of its own
+        (a retry is no larger than the fold that failed, and each one that goes in frees its
+        file); the first that fails again stops there, and it and every later one wait for the
+        next fold: `log_gen` never passes a generation that is not in the database."""
         todo: list[tuple[int, Sequence[Change] | None]] = [*self._unfolded, (gen, changes)]
+        for i, (g, part) in enumerate(todo):
 
-        def body(db: sqlite3.Connection) -> None:
-            _apply(db, (change for g, part in todo for change in self._changes_of(g, part)))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('log_gen', ?)", (str(gen + 1),))
+            def body(
+                db: sqlite3.Connection, g: int = g, part: Sequence[Change] | None = part
+            ) -> None:
+                _apply(db, self._changes_of(g, part))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('log_gen', ?)", (str(g + 1),))
 
-        try:
-            self._write(body)
-        except BaseException:
-            self._unfolded = self._spill(todo)
-            raise
-        self._unfolded = []
-        for folded, _ in todo:
+            try:
+                self._write(body)
+            except BaseException:
+                self._unfolded = self._spill(todo[i:])
+                raise
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(log_path(self.directory, folded))
+                os.unlink(log_path(self.directory, g))
+        self._unfolded = []
 
     def _changes_of(self, gen: int, changes: Sequence[Change] | None) -> Sequence[Change]:
         """A pending generation's changes: as kept, or read back from its file (`_spill`)."""

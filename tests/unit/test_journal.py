@@ -645,6 +645,60 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         w.close()
 
 
+def test_waiting_generations_are_folded_one_at_a_time(tmp_path: Path) -> None:
+    """Three generations wait (the WAL was immutable). When the database takes writes again
+    but refuses the second generation's change (a trigger on the grants table), the retry
+    folds the first one, in its own transaction: log_gen moves past it and its file goes,
+    while the refused one and every later one wait. Once the trigger is gone, the next fold
+    writes them all."""
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
+    try:
+        w.submit(lambda: None).result()  # the share's fold is done
+        assert w.journal.log_generation() == 1
+        with _folds_refused(state_dir):
+            for i, client in enumerate(("a", "b", "c")):
+                table.grant(client, i * PAGE, PAGE, Access.RW)
+                w.log(capture("sp-0000abcd", table, (client,)))
+            w.submit(lambda: None).result()
+            assert w.unfolded == 3 and w.errors["fold"] == 3
+        other = sqlite3.connect(state_dir / JOURNAL_FILE)
+        try:
+            other.execute(
+                "CREATE TRIGGER refuse_b BEFORE INSERT ON grants WHEN NEW.client = 'b' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+            other.commit()
+            table.grant("d", 3 * PAGE, PAGE, Access.RO)
+            w.log(capture("sp-0000abcd", table, ("d",)))
+            w.submit(lambda: None).result()
+            assert w.errors["fold"] == 4
+            assert w.journal.log_generation() == 2  # generation 1 (client a) is in
+            assert [gen for gen, _ in w.journal._unfolded] == [2, 3, 4]
+            assert w.unfolded == 3
+            assert [p.name for p in _log_files(state_dir)] == [
+                "changes.2.log",
+                "changes.3.log",
+                "changes.4.log",
+                "changes.5.log",
+            ]
+            held = {row[0] for row in other.execute("SELECT client FROM grants")}
+            assert held == {"a"}
+            other.execute("DROP TRIGGER refuse_b")
+            other.commit()
+        finally:
+            other.close()
+        table.grant("e", 4 * PAGE, PAGE, Access.RO)
+        w.log(capture("sp-0000abcd", table, ("e",)))
+        w.submit(lambda: None).result()
+        assert w.unfolded == 0 and w.errors["fold"] == 4
+        assert w.journal.log_generation() == 6
+        assert [p.name for p in _log_files(state_dir)] == ["changes.6.log"]
+        _journal_holds(w, table)
+    finally:
+        w.close()
+
+
 def test_folds_refused_for_long_keep_a_few_generations_in_memory(tmp_path: Path) -> None:
     """The database refuses folds (its WAL immutable) while the log keeps taking changes: 31
     generations wait, each the only record of its own client. Only the newest

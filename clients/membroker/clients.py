@@ -34,6 +34,9 @@ log = logging.getLogger("membroker")
 RevokeCallback = Callable[[list[AccessRange]], None]
 # Share of the revoke deadline a VaClient waits for access() blocks before tearing down anyway.
 GUARD_WAIT_SHARE = 0.6
+# A sealed client's teardown of at least this many ranges zaps around what it still holds
+# instead of range by range, when that takes fewer calls (`VaClient._zap_spans`).
+ZAP_AROUND_MIN = 64
 
 
 _SEALED_AVAILABLE: bool | None = None
@@ -192,15 +195,20 @@ class _Attachment:
         for r in ranges:
             span = self._pages(r.offset, r.length)
             (none if r.access is Access.NONE else ro if r.access is Access.RO else rw).append(span)
+        # Each batch is sorted and merged once (a RangeSet), then applied to both sets: a copy
+        # of a RangeSet costs its chunk lists, not its ranges.
         if none:
-            self._readable.remove_many(none)
-            self._writable.remove_many(none)
+            gone = RangeSet(none)
+            self._readable.remove_many(gone)
+            self._writable.remove_many(gone)
         if ro:
-            self._readable.add_many(ro)
-            self._writable.remove_many(ro)
+            lowered = RangeSet(ro)
+            self._readable.add_many(lowered)
+            self._writable.remove_many(lowered)
         if rw:
-            self._readable.add_many(rw)
-            self._writable.add_many(rw)
+            raised = RangeSet(rw)
+            self._readable.add_many(raised)
+            self._writable.add_many(raised)
 
     # -- push handler protocol (session thread) ------------------------------------------------
 
@@ -581,12 +589,31 @@ class VaClient(_Attachment):
             # The broker maps held pages in on touch and write-protects itself; what is no
             # longer readable is zapped here (a refault of it is refused).
             page = self.page_size
-            for r in ranges:
-                if r.access is Access.NONE:
-                    first, last = r.offset // page, -(-(r.offset + r.length) // page)
-                    self.mapping.discard(first * page, (last - first) * page)
+            spans = [
+                (r.offset // page, -(-(r.offset + r.length) // page))
+                for r in ranges
+                if r.access is Access.NONE
+            ]
+            for first, last in self._zap_spans(spans):
+                self.mapping.discard(first * page, (last - first) * page)
             return
         self._apply_cooperative(ranges)
+
+    def _zap_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """What to zap (MADV_DONTNEED) for these no-longer-readable page spans, sealed mode,
+        called once they are recorded: the spans themselves, or, for a batch of many whose hull
+        holds few of the ranges still readable, the gaps between those (every page there is
+        held by nobody here, so none may be present: zapping it is what a revoke asks for, and
+        a held page is never zapped). A revocation of a million fragments that leaves nothing
+        held around them is then one madvise, not a million."""
+        if len(spans) < ZAP_AROUND_MIN:
+            return spans
+        lo = min(first for first, _ in spans)
+        hi = max(last for _, last in spans)
+        enough = len(spans) // 2
+        if len([iv for iv in self._readable.window(lo, enough) if iv[0] < hi]) >= enough:
+            return spans  # as many held ranges in between: zapping around them is no cheaper
+        return self._readable.missing(lo, hi)
 
     def _apply_cooperative(self, ranges: list[AccessRange]) -> None:
         """Makes the mapping match what is held, for the chunks the ranges touch.

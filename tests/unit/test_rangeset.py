@@ -325,6 +325,30 @@ def test_bulk_ops_on_a_million_fragments_are_linear() -> None:
     assert len(rs) == 500_000 and rs.total() == 1_000_000
 
 
+def test_removing_a_whole_set_at_once_empties_it_and_nothing_else() -> None:
+    """A batch that is exactly the set (a client's whole holding revoked) empties it, whether
+    it comes as a list, a generator or a RangeSet, and a copy sharing its chunks keeps them;
+    a batch one page short of it, or with one interval more, leaves exactly the difference."""
+    fragments = [(3 * i, 3 * i + 2) for i in range(5_000)]
+    for batch in (list(fragments), (iv for iv in fragments), RangeSet(fragments)):
+        rs = RangeSet(fragments)
+        kept = rs.copy()
+        rs.remove_many(batch)
+        assert not rs and len(rs) == 0 and list(rs) == [] and rs.total() == 0
+        assert_canonical(rs)
+        assert kept == RangeSet(fragments) and kept.total() == 10_000
+        rs.add(7, 9)  # still a working set
+        assert list(rs) == [(7, 9)]
+    rs = RangeSet(fragments)
+    rs.remove_many([*fragments[:-1], (fragments[-1][0], fragments[-1][1] - 1)])
+    assert list(rs) == [(3 * 4_999 + 1, 3 * 4_999 + 2)]
+    assert_canonical(rs)
+    rs = RangeSet(fragments)
+    rs.remove_many([*fragments, (50_000, 50_001)])  # not the set: removes what it has
+    assert not rs
+    assert_canonical(rs)
+
+
 def test_total_of_a_set_larger_than_one_summing_slice() -> None:
     rs = RangeSet((3 * i, 3 * i + 2) for i in range(200_000))  # three slices and a bit
     assert rs.total() == 400_000

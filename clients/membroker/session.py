@@ -572,9 +572,17 @@ class Session:
                 for frame, frame_fds in self._decoder.feed(data, fds):
                     try:
                         self._dispatch(frame, frame_fds)
-                    except SessionClosed as exc:
-                        # Only our own sends raise this here (handlers' errors are caught).
-                        reason = reason or exc.reason
+                    except (SessionClosed, BrokerRestarting) as exc:
+                        # Only our own sends raise these here (handlers' errors are caught):
+                        # the socket is broken. Whether the broker ended the session (fenced,
+                        # say, while a handler ran past the deadline) or restarts, its last
+                        # word may be queued behind what we read so far: read on for it
+                        # before a resume is tried.
+                        reason = reason or (
+                            exc.reason
+                            if isinstance(exc, SessionClosed)
+                            else f"session ended: {exc}"
+                        )
                         if broken_at is None:
                             broken_at = time.monotonic()
         except (OSError, MembrokerError) as exc:

@@ -366,6 +366,12 @@ def main() -> None:
 
                 attached[req["space"]]._user_on_revoke = refuse
                 answer({"ok": True})
+            elif op == "slow_revokes":
+                # An honest client whose teardown takes `delay` seconds (its on_revoke callback
+                # sleeps), then succeeds: past a short deadline it acknowledges too late.
+                delay = float(req["delay"])
+                attached[req["space"]]._user_on_revoke = lambda ranges, d=delay: time.sleep(d)
+                answer({"ok": True})
             elif op == "access_enter":
                 # Opens a `with va.access(...)` block and keeps it open across commands.
                 cm = attached[req["space"]].access(req["offset"], req["length"])

@@ -479,6 +479,39 @@ def test_a_fenced_client_behind_in_reading_still_learns_why(tmp_path):
         d.stop()
 
 
+def test_a_client_that_acknowledges_too_late_learns_it_was_fenced(tmp_path):
+    """An honest client whose teardown outlasts the deadline (its on_revoke sleeps 1.5 s
+    against 300 ms) is fenced meanwhile. When its handler returns, it sends the late
+    acknowledgement into a closed connection: it must still read the Goodbye the broker left
+    in its socket and end as fenced, with the reason, not take the lost connection for a
+    restart and try to resume. (It keeps its fd: the broker reports that instead of killing
+    it, so that it lives to tell.)"""
+    env = dict(_env(), MEMBROKER_AUDIT_INTERVAL_S="0", MEMBROKER_ON_FENCED_STILL_MAPPED="report")
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "300", env=env)
+    late = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(MiB)
+            space.share(0, MiB)
+            space.grant("late", 0, PAGE)
+            late = ClientProc(d.runtime_dir, "late")
+            late.ok("attach_fd", space=space.space_id)
+            late.ok("slow_revokes", space=space.space_id, delay=1.5)
+            report = space.revoke("late", 0, PAGE)
+            [(outcome, reason)] = [(c.outcome, c.reason) for c in report.clients]
+            assert outcome == "fenced" and "no acknowledgement of seq" in reason, reason
+            assert _wait_for(lambda: late.ok("session_state")["closed"])
+            state = late.ok("session_state", call=True)
+            assert state["fenced"], state
+            assert state["reason"].startswith("fenced: no acknowledgement of seq"), state
+            assert "SessionClosed" in state["error"], state
+            assert owner.stats().fenced_total == 1
+    finally:
+        if late is not None:
+            late.close()
+        d.stop()
+
+
 def _metric(d: Any, name: str) -> float:
     """One sample of the daemon's /metrics (0 when absent)."""
     for line in d.scrape().splitlines():

@@ -23,7 +23,7 @@ from membroker._sys import mman
 from membroker._sys import uffd as sys_uffd
 from membroker._sys.libc import KernelFeatureMissing
 from membroker.errors import BrokerRestarting, MembrokerError, SessionClosed, TeardownFailed
-from membroker.rangeset import RangeSet
+from membroker.rangeset import RangeSet, shared_batch
 from membroker.session import Session
 from membroker.types import Access, AccessRange, SpaceInfo, access_of
 from membroker.v1 import broker_pb2 as pb
@@ -195,18 +195,16 @@ class _Attachment:
         for r in ranges:
             span = self._pages(r.offset, r.length)
             (none if r.access is Access.NONE else ro if r.access is Access.RO else rw).append(span)
-        # Each batch is sorted and merged once (a RangeSet), then applied to both sets: a copy
-        # of a RangeSet costs its chunk lists, not its ranges.
         if none:
-            gone = RangeSet(none)
+            gone = shared_batch(none)
             self._readable.remove_many(gone)
             self._writable.remove_many(gone)
         if ro:
-            lowered = RangeSet(ro)
+            lowered = shared_batch(ro)
             self._readable.add_many(lowered)
             self._writable.remove_many(lowered)
         if rw:
-            raised = RangeSet(rw)
+            raised = shared_batch(rw)
             self._readable.add_many(raised)
             self._writable.add_many(raised)
 

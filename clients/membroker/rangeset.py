@@ -52,6 +52,13 @@ def _few(intervals: Iterable[Interval]) -> bool:
     return type(intervals) in (list, tuple) and len(intervals) <= _SMALL_BATCH  # type: ignore[arg-type]
 
 
+def shared_batch(intervals: list[Interval]) -> list[Interval] | RangeSet:
+    """A batch to apply to several sets (`add_many`, `remove_many`): a large one sorted and
+    merged once, as a RangeSet (each set then copies its chunk lists, not its intervals); a
+    small one as it is, which each set applies an interval at a time without making a set."""
+    return intervals if len(intervals) <= _SMALL_BATCH else RangeSet(intervals)
+
+
 def _flat_add(starts: array[int], ends: array[int], start: int, end: int) -> None:
     """Add ``[start, end)`` to the columns in place, merging what it overlaps or touches."""
     if not ends or start > ends[-1]:  # past the last interval

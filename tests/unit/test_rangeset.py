@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 from array import array
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from membroker import rangeset as rangeset_module
-from membroker.rangeset import RangeSet
+from membroker.rangeset import RangeSet, shared_batch
 
 UNIVERSE = 64
 
@@ -347,6 +348,28 @@ def test_removing_a_whole_set_at_once_empties_it_and_nothing_else() -> None:
     rs.remove_many([*fragments, (50_000, 50_001)])  # not the set: removes what it has
     assert not rs
     assert_canonical(rs)
+
+
+@pytest.mark.parametrize("count", [3, 16, 17, 400])
+def test_a_shared_batch_applies_to_several_sets_as_its_intervals_would(count: int) -> None:
+    """`shared_batch` (unsorted, overlapping intervals; a RangeSet once past _SMALL_BATCH)
+    added to one set and removed from another gives what the plain list gives, and the
+    batch is not changed by either."""
+    rng = random.Random(count)
+    intervals = [(a, a + rng.randint(1, 9)) for a in (rng.randrange(2_000) for _ in range(count))]
+    batch = shared_batch(intervals)
+    assert isinstance(batch, RangeSet) == (count > 16)
+    start = [(3 * i, 3 * i + 2) for i in range(700)]
+    added, removed = RangeSet(start), RangeSet(start)
+    added.add_many(batch)
+    removed.remove_many(batch)
+    want_added, want_removed = RangeSet(start), RangeSet(start)
+    want_added.add_many(list(intervals))
+    want_removed.remove_many(list(intervals))
+    assert added == want_added and removed == want_removed
+    assert_canonical(added)
+    assert_canonical(removed)
+    assert pages_of(RangeSet(batch)) == {p for s, e in intervals for p in range(s, e)}
 
 
 def test_total_of_a_set_larger_than_one_summing_slice() -> None:

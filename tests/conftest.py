@@ -195,7 +195,10 @@ class PeerProc:
                 self.kill()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream:
-                stream.close()
+                # A process that died with a command unread: its stdin's flush is EPIPE. The
+                # stream is closed all the same, and the caller's clean-up goes on.
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
 
 
 class ClientProc(PeerProc):

@@ -473,10 +473,12 @@ def test_a_fenced_client_behind_in_reading_still_learns_why(tmp_path):
             assert state["reason"].startswith("fenced: no acknowledgement of seq"), state
             assert "SessionClosed" in state["error"] and "no acknowledgement" in state["error"]
     finally:
-        if slow is not None:
-            os.kill(slow.pid, signal.SIGCONT)
-            slow.close()
-        d.stop()
+        try:
+            if slow is not None:
+                os.kill(slow.pid, signal.SIGCONT)
+                slow.close()
+        finally:
+            d.stop()
 
 
 def test_a_client_that_acknowledges_too_late_learns_it_was_fenced(tmp_path):
@@ -507,9 +509,11 @@ def test_a_client_that_acknowledges_too_late_learns_it_was_fenced(tmp_path):
             assert "SessionClosed" in state["error"], state
             assert owner.stats().fenced_total == 1
     finally:
-        if late is not None:
-            late.close()
-        d.stop()
+        try:
+            if late is not None:
+                late.close()
+        finally:
+            d.stop()
 
 
 def _metric(d: Any, name: str) -> float:

@@ -901,9 +901,22 @@ class Journal:
             except BaseException:
                 self._unfolded = self._spill(todo[i:])
                 raise
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(log_path(self.directory, g))
-        self._unfolded = []
+            self._unfolded = todo[i + 1 :]
+            # The generation is in the database: a file left behind (below log_gen) is removed
+            # by the next start, so a failure here fails nothing.
+            path = log_path(self.directory, g)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning(
+                    "journal: generation %d is folded, but its file %s could not be removed "
+                    "(%s): the next start removes it",
+                    g,
+                    path,
+                    exc,
+                )
 
     def _changes_of(self, gen: int, changes: Sequence[Change] | None) -> Sequence[Change]:
         """A pending generation's changes: as kept, or read back from its file (`_spill`)."""

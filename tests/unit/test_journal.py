@@ -699,6 +699,48 @@ def test_waiting_generations_are_folded_one_at_a_time(tmp_path: Path) -> None:
         w.close()
 
 
+def test_a_folded_generation_whose_file_cannot_be_removed_stays_folded(tmp_path: Path) -> None:
+    """Three generations wait (the WAL was immutable); then the state directory is made
+    append-only (`chattr +a`: files can be made there, none removed). The retry folds every
+    generation, and each file's removal fails (EPERM) after its commit: that fails nothing
+    (no fold error, nothing left waiting, log_gen past them all), and no generation is lost or
+    folded twice. The files stay until the next start, which removes them."""
+    chattr = shutil.which("chattr") or pytest.skip("no chattr")
+    state_dir = tmp_path / "s"
+    w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
+    try:
+        w.submit(lambda: None).result()  # the share's fold is done
+        with _folds_refused(state_dir):
+            for i, client in enumerate(("a", "b", "c")):
+                table.grant(client, i * PAGE, PAGE, Access.RW)
+                w.log(capture("sp-0000abcd", table, (client,)))
+            w.submit(lambda: None).result()
+            assert w.unfolded == 3 and w.errors["fold"] == 3
+        if subprocess.run([chattr, "+a", str(state_dir)], capture_output=True).returncode:
+            pytest.skip("chattr +a does not work on this file system")
+        try:
+            table.grant("d", 3 * PAGE, PAGE, Access.RO)
+            w.log(capture("sp-0000abcd", table, ("d",)))
+            w.submit(lambda: None).result()
+            assert w.unfolded == 0 and w.errors["fold"] == 3
+            assert w.journal.log_generation() == 5
+            assert [p.name for p in _log_files(state_dir)] == [
+                f"changes.{gen}.log" for gen in range(1, 6)
+            ]
+            _journal_holds(w, table)
+        finally:
+            subprocess.run([chattr, "-a", str(state_dir)], check=True)
+    finally:
+        w.close()
+    w = Writer(Journal(state_dir))
+    try:
+        # Generations 1-4 folded: removed at the start; 6 is the new daemon's own log.
+        assert [p.name for p in _log_files(state_dir)] == ["changes.6.log"]
+        _journal_holds(w, table)
+    finally:
+        w.close()
+
+
 def test_folds_refused_for_long_keep_a_few_generations_in_memory(tmp_path: Path) -> None:
     """The database refuses folds (its WAL immutable) while the log keeps taking changes: 31
     generations wait, each the only record of its own client. Only the newest

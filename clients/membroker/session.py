@@ -203,6 +203,15 @@ def _replace_fd(old: int, new: int) -> int:
     return new
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has something to read (or its end) within `timeout` seconds. poll, not
+    select: select refuses a descriptor number of 1024 or more (ValueError), which a process
+    with many files open gives a session socket."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000) + 1)))
+
+
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         try:
@@ -450,7 +459,7 @@ class Session:
         deadline = time.monotonic() + LAST_WORDS_WAIT
         while self._closed_reason is None and (left := deadline - time.monotonic()) > 0:
             try:
-                if not select.select([self._sock], [], [], left)[0]:
+                if not _readable(self._sock, left):
                     return
                 data, fds, _ = sys_sock.recv_with_fds(self._sock, self._recv_size())
                 if not data:
@@ -561,7 +570,7 @@ class Session:
                     # A send of ours failed: the broker is gone, but its Goodbye or Error may
                     # still be queued here. Read on, briefly.
                     left = broken_at + LAST_WORDS_WAIT - time.monotonic()
-                    if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                    if left <= 0 or not _readable(self._sock, left):
                         break
                 data, fds, truncated = sys_sock.recv_with_fds(self._sock, self._recv_size())
                 if truncated:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -502,6 +503,41 @@ def test_send_failing_before_the_goodbye_is_read_still_reports_the_fencing(
     assert caught.value.fenced
     assert caught.value.reason == "fenced: did not acknowledge seq 3"
     _wait_until(lambda: session._reader is not None and not session._reader.is_alive())
+
+
+def test_a_session_socket_past_fd_1024_still_reads_the_last_word(broker: RawBroker) -> None:
+    """A process with many files open (a VMM) gets a session socket numbered 1024 or more.
+    The reader is in a handler when the broker fences and closes; the handler's ack then fails
+    to send, and the reader reads on for the broker's last word: with select() that fd number
+    raised ValueError, and the session ended as a failed reader instead of as fenced."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        session, peer = broker.open()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    try:
+        assert session._sock.fileno() >= 1024
+        handler = Recorder()
+        handler.gate = threading.Event()
+        _install(session, handler)
+        peer.send(_revoke(3, _ranges(1)))
+        _wait_until(lambda: len(handler.revokes) == 1)  # the reader now waits in on_revoke
+        peer.send(spb.Frame(goodbye=spb.Goodbye(reason="did not acknowledge seq 3", fenced=True)))
+        peer.conn.close()
+        handler.gate.set()
+        _wait_until(lambda: session.closed)
+        assert session.fenced
+        assert session.closed_reason == "fenced: did not acknowledge seq 3"
+    finally:
+        session.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_error_frame_reason_survives_the_broken_pipe(broker: RawBroker) -> None:

@@ -741,6 +741,27 @@ def test_va_client_whose_teardown_fails_refuses(broker: RawBroker, control: Fake
         va.close()
 
 
+def test_a_sealed_teardown_of_many_ranges_zaps_around_what_is_held() -> None:
+    """The plan a sealed VaClient zaps by (`_zap_spans`, after the ranges are recorded): a
+    revoke of 1,000 fragments that leaves nothing held is one span over them all; with two
+    held pages in between, the three gaps around them; with as many held as revoked (every
+    other page kept), span by span; a batch under ZAP_AROUND_MIN, span by span."""
+    from membroker.clients import ZAP_AROUND_MIN
+    from membroker.rangeset import RangeSet
+
+    va = object.__new__(VaClient)  # only its readable set is consulted
+    revoked = [(2 * i, 2 * i + 1) for i in range(1_000)]
+    va._readable = RangeSet()
+    assert va._zap_spans(revoked) == [(0, 1_999)]
+    va._readable = RangeSet([(501, 502), (703, 704)])
+    assert va._zap_spans(revoked) == [(0, 501), (502, 703), (704, 1_999)]
+    va._readable = RangeSet((2 * i + 1, 2 * i + 2) for i in range(1_000))
+    assert va._zap_spans(revoked) == revoked
+    few = revoked[: ZAP_AROUND_MIN - 1]
+    va._readable = RangeSet()
+    assert va._zap_spans(few) == few
+
+
 def test_status_code_names_are_grpcs() -> None:
     """The SDK names status codes without importing grpc (membroker.errors): the same numbers
     and names as grpc.StatusCode, and an error's `code` is grpc's."""

@@ -645,13 +645,9 @@ def test_a_failed_fold_is_folded_again_with_the_next_generation(tmp_path: Path) 
         w.close()
 
 
-def test_waiting_generations_are_folded_one_at_a_time(tmp_path: Path) -> None:
-    """Three generations wait (the WAL was immutable). When the database takes writes again
-    but refuses the second generation's change (a trigger on the grants table), the retry
-    folds the first one, in its own transaction: log_gen moves past it and its file goes,
-    while the refused one and every later one wait. Once the trigger is gone, the next fold
-    writes them all."""
-    state_dir = tmp_path / "s"
+def _three_generations_waiting(state_dir: Path) -> tuple[Writer, AccessTable]:
+    """A logged space whose generations 1-3 (a grant each, to clients a, b and c) wait: their
+    folds were refused (the WAL immutable meanwhile), so log_gen is still 1."""
     w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
     try:
         w.submit(lambda: None).result()  # the share's fold is done
@@ -662,6 +658,22 @@ def test_waiting_generations_are_folded_one_at_a_time(tmp_path: Path) -> None:
                 w.log(capture("sp-0000abcd", table, (client,)))
             w.submit(lambda: None).result()
             assert w.unfolded == 3 and w.errors["fold"] == 3
+            assert w.journal.log_generation() == 1
+    except BaseException:
+        w.close()
+        raise
+    return w, table
+
+
+def test_waiting_generations_are_folded_one_at_a_time(tmp_path: Path) -> None:
+    """Three generations wait (the WAL was immutable). When the database takes writes again
+    but refuses the second generation's change (a trigger on the grants table), the retry
+    folds the first one, in its own transaction: log_gen moves past it and its file goes,
+    while the refused one and every later one wait. Once the trigger is gone, the next fold
+    writes them all."""
+    state_dir = tmp_path / "s"
+    w, table = _three_generations_waiting(state_dir)
+    try:
         other = sqlite3.connect(state_dir / JOURNAL_FILE)
         try:
             other.execute(
@@ -707,15 +719,8 @@ def test_a_folded_generation_whose_file_cannot_be_removed_stays_folded(tmp_path:
     folded twice. The files stay until the next start, which removes them."""
     chattr = shutil.which("chattr") or pytest.skip("no chattr")
     state_dir = tmp_path / "s"
-    w, table = _logged_space(state_dir, fold_bytes=1)  # every append fills its generation
+    w, table = _three_generations_waiting(state_dir)
     try:
-        w.submit(lambda: None).result()  # the share's fold is done
-        with _folds_refused(state_dir):
-            for i, client in enumerate(("a", "b", "c")):
-                table.grant(client, i * PAGE, PAGE, Access.RW)
-                w.log(capture("sp-0000abcd", table, (client,)))
-            w.submit(lambda: None).result()
-            assert w.unfolded == 3 and w.errors["fold"] == 3
         if subprocess.run([chattr, "+a", str(state_dir)], capture_output=True).returncode:
             pytest.skip("chattr +a does not work on this file system")
         try:

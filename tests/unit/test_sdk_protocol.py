@@ -481,12 +481,9 @@ def test_fenced_goodbye_is_what_the_next_send_reports(broker: RawBroker) -> None
     assert "x" in str(caught.value) and session.fenced
 
 
-def test_send_failing_before_the_goodbye_is_read_still_reports_the_fencing(
-    broker: RawBroker,
-) -> None:
-    """The reader is busy in a handler when the broker fences and closes: the application's
-    send fails with EPIPE first, and must still learn that it was fenced and why."""
-    session, peer = broker.open()
+def _fenced_in_a_handler(session: Session, peer: Peer) -> Recorder:
+    """The broker pushes revoke seq 3 and, while the session's reader waits in on_revoke
+    (until the returned handler's gate is set), fences the session and closes its end."""
     handler = Recorder()
     handler.gate = threading.Event()
     _install(session, handler)
@@ -494,7 +491,17 @@ def test_send_failing_before_the_goodbye_is_read_still_reports_the_fencing(
     _wait_until(lambda: len(handler.revokes) == 1)  # the reader now waits in on_revoke
     peer.send(spb.Frame(goodbye=spb.Goodbye(reason="did not acknowledge seq 3", fenced=True)))
     peer.conn.close()
-    threading.Timer(0.1, handler.gate.set).start()
+    return handler
+
+
+def test_send_failing_before_the_goodbye_is_read_still_reports_the_fencing(
+    broker: RawBroker,
+) -> None:
+    """The reader is busy in a handler when the broker fences and closes: the application's
+    send fails with EPIPE first, and must still learn that it was fenced and why."""
+    session, peer = broker.open()
+    handler = _fenced_in_a_handler(session, peer)
+    threading.Timer(0.1, handler.gate.set).start()  # type: ignore[union-attr]
 
     t0 = time.monotonic()
     with pytest.raises(SessionClosed) as caught:
@@ -524,14 +531,8 @@ def test_a_session_socket_past_fd_1024_still_reads_the_last_word(broker: RawBrok
             os.close(fd)
     try:
         assert session._sock.fileno() >= 1024
-        handler = Recorder()
-        handler.gate = threading.Event()
-        _install(session, handler)
-        peer.send(_revoke(3, _ranges(1)))
-        _wait_until(lambda: len(handler.revokes) == 1)  # the reader now waits in on_revoke
-        peer.send(spb.Frame(goodbye=spb.Goodbye(reason="did not acknowledge seq 3", fenced=True)))
-        peer.conn.close()
-        handler.gate.set()
+        handler = _fenced_in_a_handler(session, peer)
+        handler.gate.set()  # type: ignore[union-attr]
         _wait_until(lambda: session.closed)
         assert session.fenced
         assert session.closed_reason == "fenced: did not acknowledge seq 3"

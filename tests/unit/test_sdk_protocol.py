@@ -89,6 +89,7 @@ class Peer:
         assert self.expect("pong").pong.nonce == nonce
 
     def read_until_eof(self, timeout: float = WAIT) -> None:
+        """Reads to the end of the stream; the frames the SDK sent meanwhile go to `frames`."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -98,10 +99,14 @@ class Peer:
                 data, fds, _ = sys_sock.recv_with_fds(self.conn, 1 << 16)
             except ConnectionResetError:
                 return
-            for fd in fds:
-                os.close(fd)
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 return
+            for frame, frame_fds in self.decoder.feed(data, fds):
+                for fd in frame_fds:
+                    os.close(fd)
+                self.frames.append(frame)
 
     def close(self) -> None:
         self.conn.close()
@@ -394,6 +399,23 @@ def test_refusal_reason_is_cut_to_fit_a_frame(broker: RawBroker) -> None:
     reason = peer.expect("revoke_refused").revoke_refused.reason
     assert len(reason.encode()) <= session_mod.MAX_REASON_BYTES
     assert reason.startswith("éé") and reason.endswith("...")
+
+
+def test_an_access_level_that_is_not_one_ends_the_session_and_reaches_no_handler(
+    broker: RawBroker,
+) -> None:
+    """A revoke whose range carries access 7 (no such level): the SDK acknowledges nothing,
+    calls no handler, and ends the session (no resume: a broker that says that is broken)
+    with a reason naming the value."""
+    session, peer = broker.open()
+    handler = Recorder()
+    _install(session, handler)
+    peer.send(_revoke(4, [*_ranges(2), spb.AccessRange(offset=0, length=PAGE, access=7)]))  # type: ignore[arg-type]
+    _wait_until(lambda: session.closed)
+    assert "7 is not a valid Access" in (session.closed_reason or "")
+    assert handler.revokes == [] and session.resume == 0
+    peer.read_until_eof()
+    assert [f.WhichOneof("body") for f in peer.frames] == []
 
 
 def test_revoke_of_a_space_without_handler_is_acked(broker: RawBroker) -> None:

@@ -909,7 +909,10 @@ def main() -> int:
             parser.error("--split-cpus needs at least two CPUs")
         os.sched_setaffinity(0, others)  # inherited by every client process started here
         daemon_cpus = "0"
-    idle_poll = hold_idle_poll() if args.idle_poll else None
+    try:
+        idle_poll = hold_idle_poll() if args.idle_poll else None
+    except (OSError, RuntimeError) as exc:
+        parser.error(f"--idle-poll: {exc} (it needs root and /dev/cpu_dma_latency)")
     previous: list[tuple[str, dict[str, tuple[float, float, float]]]] = []
     for spec in args.compare or [f"{args.out}:the results file before this run"]:
         path, _, label = spec.partition(":")

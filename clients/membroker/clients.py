@@ -37,6 +37,9 @@ GUARD_WAIT_SHARE = 0.6
 # A sealed client's teardown of at least this many ranges zaps around what it still holds
 # instead of range by range, when that takes fewer calls (`VaClient._zap_spans`).
 ZAP_AROUND_MIN = 64
+# An FdClient's teardown compares each pin with each revoked range up to this many pairs; past
+# it, it makes a set of the revoked ranges once and looks each pin up in it.
+PIN_SCAN_MAX = 4096
 
 
 _SEALED_AVAILABLE: bool | None = None
@@ -96,7 +99,8 @@ class _Attachment:
         self._cv = threading.Condition(self._lock)
         # access() blocks in progress (offset, end, write) and ranges a revoke waits to clear
         self._guards: list[tuple[int, int, bool]] = []
-        self._revoking: list[tuple[int, int]] = []
+        # The byte ranges of each revocation waiting for access() blocks: no new block there.
+        self._revoking: list[RangeSet] = []
         self._closed = False
         self.seq = 0
         # Why this attachment was dropped when its session resumed after a broker restart
@@ -275,17 +279,25 @@ class _Attachment:
         faults if it touches them) rather than have this client fenced.
         """
 
+        if not self._guards:
+            return
+        # The revoked bytes as sets, made once (a revocation may carry a million ranges, and
+        # the check runs again each time a block exits): every range, which a write block
+        # conflicts with, and those that lose all access, which any block conflicts with.
+        changed = RangeSet((r.offset, r.end) for r in ranges if r.length > 0)
+        gone = RangeSet(
+            (r.offset, r.end) for r in ranges if r.length > 0 and r.access is Access.NONE
+        )
+
         def conflicts() -> bool:
             return any(
-                (write or r.access is Access.NONE) and start < r.end and r.offset < end
+                (changed if write else gone).overlaps(start, end)
                 for start, end, write in self._guards
-                for r in ranges
             )
 
         if not conflicts():
             return
-        marks = [(r.offset, r.end) for r in ranges]
-        self._revoking.extend(marks)
+        self._revoking.append(changed)  # no new block over these ranges meanwhile
         try:
             deadline = time.monotonic() + GUARD_WAIT_SHARE * (deadline_ms or 1000) / 1000
             while conflicts() and (left := deadline - time.monotonic()) > 0:
@@ -297,8 +309,7 @@ class _Attachment:
                     self.space_id,
                 )
         finally:
-            for mark in marks:
-                self._revoking.remove(mark)
+            self._revoking = [waiting for waiting in self._revoking if waiting is not changed]
 
     def on_unpin_request(self, ranges: list[tuple[int, int]]) -> None:
         """A revocation waits for this client's pins in `ranges` (FdClient acts on it)."""
@@ -727,7 +738,7 @@ class VaClient(_Attachment):
         with self._lock:
             if not self.holds(offset, length, needed):
                 raise NotHeld(offset, length, needed)
-            if any(offset < end and start < offset + length for start, end in self._revoking):
+            if any(waiting.overlaps(offset, offset + length) for waiting in self._revoking):
                 raise NotHeld(offset, length, needed)
             guard = (offset, offset + length, write)
             self._guards.append(guard)
@@ -864,10 +875,24 @@ class FdClient(_Attachment):
             return list(self._pins.values())
 
     def _teardown(self, ranges: list[AccessRange]) -> None:
+        """Releases every pin that overlaps a revoked range."""
+        if not self._pins:
+            return
+        if len(self._pins) * len(ranges) <= PIN_SCAN_MAX:
+            for pin in list(self._pins.values()):
+                if any(pin.offset < r.end and r.offset < pin.offset + pin.length for r in ranges):
+                    self._drop_pin(pin)
+            return
+        # Many pins against a large revocation (a DMA engine's in-flight I/O against a million
+        # ranges): one set of the revoked bytes, then a bisection per pin, not a scan each.
+        revoked = RangeSet((r.offset, r.end) for r in ranges if r.length > 0)
         for pin in list(self._pins.values()):
-            if any(pin.offset < r.end and r.offset < pin.offset + pin.length for r in ranges):
-                pin.released = True
-                del self._pins[pin.pin_id]
+            if pin.length > 0 and revoked.overlaps(pin.offset, pin.offset + pin.length):
+                self._drop_pin(pin)
+
+    def _drop_pin(self, pin: Pin) -> None:
+        pin.released = True
+        del self._pins[pin.pin_id]
 
     def _release(self) -> None:
         if not self._closed:

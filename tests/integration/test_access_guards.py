@@ -91,3 +91,43 @@ def test_a_block_that_outlives_the_deadline_loses_its_pages_not_its_session(tmp_
         if backend is not None:
             backend.close()
         assert d.stop() == 0
+
+
+def test_a_large_revocation_waits_for_a_block_and_is_acknowledged_in_time(tmp_path):
+    """50,000 fragments revoked at once while an access() block is open over one of them: the
+    revocation waits for the block, a new block over another of its pages is refused meanwhile,
+    and once the block exits the client tears everything down and acknowledges. (The client
+    now marks the revoked ranges as one set; it used to mark and unmark each range in a list,
+    one list.remove per range: quadratic, ~3 s at 200,000 ranges, past its deadline at a
+    million.)"""
+    fragments = 50_000
+    size = 2 * fragments * PAGE
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "5000", env=_env())
+    backend = None
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as vmm:
+            space = vmm.create_space(size)
+            space.share(0, size)
+            space.grant_many("backend", [(2 * i * PAGE, PAGE) for i in range(fragments)])
+            backend = ClientProc(d.runtime_dir, "backend")
+            attached = backend.ok("attach_va", space=space.space_id)
+            assert len(attached["ranges"]) == fragments
+            middle = 2 * (fragments // 2) * PAGE
+            backend.ok("access_enter", space=space.space_id, offset=middle, length=PAGE)
+            thread, box = _revoke_in_thread(space, "backend", 0, size)
+            time.sleep(0.5)
+            assert thread.is_alive()  # held back by the block
+            refused = backend.cmd("access_enter", space=space.space_id, offset=0, length=PAGE)
+            assert not refused["ok"] and refused["error"].startswith("NotHeld")
+            backend.ok("access_exit", space=space.space_id)
+            thread.join(30)
+            report = box["report"]
+            assert isinstance(report, membroker.RevocationReport)
+            assert [(c.outcome, c.reason) for c in report.clients] == [("acked", "")]
+            assert report.revoked_bytes == fragments * PAGE
+            assert backend.ok("ranges", space=space.space_id)["ranges"] == []
+            assert vmm.stats().fenced_total == 0
+    finally:
+        if backend is not None:
+            backend.close()
+        assert d.stop() == 0

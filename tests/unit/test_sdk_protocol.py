@@ -785,6 +785,39 @@ def test_a_sealed_teardown_of_many_ranges_zaps_around_what_is_held() -> None:
     assert va._zap_spans(few) == few
 
 
+@pytest.mark.parametrize("revoked_count", [3, 100_000])
+def test_a_revocation_releases_exactly_the_pins_it_overlaps(revoked_count: int) -> None:
+    """FdClient's teardown releases the pins that overlap a revoked range and keeps the others
+    (one ending where a revoked range starts, one in a gap, one past them all), the same with
+    a few ranges (pairwise) as with 100,000 against 40 pins (a set of the ranges, one lookup
+    per pin: pairwise, 40 pins not overlapping a million ranges took seconds, past the
+    deadline)."""
+    from membroker.clients import PIN_SCAN_MAX, Pin
+
+    fd = object.__new__(FdClient)  # only its pins are consulted
+    revoked = [AccessRange(2 * i * PAGE, PAGE, Access.NONE) for i in range(revoked_count)]
+    last = 2 * (revoked_count - 1) * PAGE
+    pins = {  # the revoked ranges are the even pages
+        "in the first": (0, PAGE),
+        "across a gap": (PAGE + PAGE // 2, PAGE),  # from the middle of page 1 into page 2
+        "in a gap": (PAGE, PAGE),
+        "ends where one starts": (3 * PAGE, PAGE),
+        "in the last": (last, PAGE),
+        "past them all": (last + PAGE, 4 * PAGE),
+    }
+    for i in range(34):  # more that sit in gaps, for the large case's pair count
+        pins[f"gap {i}"] = ((2 * i + 1) * PAGE, PAGE)
+    fd._pins = {i: Pin(fd, i, off, n, False) for i, (off, n) in enumerate(pins.values())}
+    names = dict(enumerate(pins))
+    if revoked_count > 3:
+        assert len(fd._pins) * len(revoked) > PIN_SCAN_MAX
+    held = dict(fd._pins)
+    fd._teardown(revoked)
+    released = {names[i] for i, pin in held.items() if pin.released}
+    assert released == {"in the first", "across a gap", "in the last"}
+    assert {names[i] for i in fd._pins} == set(pins) - released
+
+
 def test_status_code_names_are_grpcs() -> None:
     """The SDK names status codes without importing grpc (membroker.errors): the same numbers
     and names as grpc.StatusCode, and an error's `code` is grpc's."""

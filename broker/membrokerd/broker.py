@@ -116,6 +116,9 @@ FEW_RANGES = 64
 # this many (~1 us each: a Python process has ~200) and no walk of it was ever slow. Any other,
 # or a walk that meets more, is judged on a worker thread from the maps text.
 INLINE_MAPPINGS = 1024
+# Up to this many (pin, range) pairs, a batch's ranges are each compared with every pin; past
+# it, pins and ranges are looked up in sets (`_clear_pins_of`).
+PIN_SCAN_MAX = 4096
 # Revocation reports are written to the journal together, at most this often.
 REPORTS_FLUSH_S = 0.2
 # How often a process whose session ended is looked at again during its fence grace.
@@ -1993,8 +1996,23 @@ class Broker:
     ) -> list[ClientResult]:
         """`_clear_pins` for each range of a batch that has pins (none: no cost per range)."""
         fenced: list[ClientResult] = []
-        if not space.table.pins():
+        pins = space.table.pins()
+        if not pins:
             return fenced
+        if len(pins) * len(spans) > PIN_SCAN_MAX:
+            # Thousands of pins against a batch of thousands of ranges: not every pin against
+            # every range (seconds on the loop), but each pin looked up in one set of the
+            # batch's bytes, and then only the ranges touching such a pin looked at.
+            batch = RangeSet((offset, offset + length) for offset, length in spans)
+            touched = RangeSet(
+                (p.offset, p.offset + p.length)
+                for p in pins
+                if (client is None or p.client == client)
+                and batch.overlaps(p.offset, p.offset + p.length)
+            )
+            if not touched:
+                return fenced
+            spans = [(o, n) for o, n in spans if touched.overlaps(o, o + n)]
         for offset, length in spans:
             if space.table.pins_overlapping(offset, length, client):
                 fenced += await self._clear_pins(

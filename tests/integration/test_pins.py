@@ -100,3 +100,48 @@ def test_on_pinned_fence_fences_the_pinner_and_goes_on(world, how):
     if how != "delete":
         assert [c for c, _ in space.grants()] == ["other"]
         assert owner.list_pins(space.space_id) == []
+
+
+def test_a_large_batch_waits_only_for_the_pins_it_overlaps(tmp_path):
+    """A revoke_many of 5,000 pages while the client holds three pins (one on a revoked page,
+    two on pages the batch leaves alone): pins and ranges are matched through sets (15,000
+    pairs), and the batch still fails naming the one pin in its way, changing nothing; once
+    that pin goes it is acknowledged, and the other two pins are still held."""
+    pages = 10_000
+    d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "300", env=_env())
+    try:
+        with membroker.connect("vmm", d.runtime_dir) as owner:
+            space = owner.create_space(pages * PAGE)
+            space.share(0, pages * PAGE)
+            space.grant("dma", 0, pages * PAGE)
+            dma = ClientProc(d.runtime_dir, "dma")
+            try:
+                dma.ok("attach_fd", space=space.space_id)
+                kept = [
+                    dma.ok("pin", space=space.space_id, offset=page * PAGE, length=PAGE)["pin_id"]
+                    for page in (1, 4_001)
+                ]
+                in_the_way = dma.ok(
+                    "pin", space=space.space_id, offset=2 * 1_234 * PAGE, length=PAGE
+                )["pin_id"]
+                batch = [(2 * i * PAGE, PAGE) for i in range(pages // 2)]
+                seq = owner.get_space(space.space_id).seq
+                with pytest.raises(membroker.FailedPrecondition) as info:
+                    space.revoke_many("dma", batch)
+                assert info.value.details.startswith(
+                    f"offset {2 * 1_234 * PAGE:#x} is pinned by client 'dma'"
+                )
+                assert f"pin {in_the_way})" in info.value.details
+                assert owner.get_space(space.space_id).seq == seq
+                assert [(c, r.offset, r.length) for c, r in space.grants()] == [
+                    ("dma", 0, pages * PAGE)
+                ]
+                dma.ok("unpin", pin_id=in_the_way)
+                (report,) = space.revoke_many("dma", batch)
+                assert [c.outcome for c in report.clients] == ["acked"]
+                assert report.revoked_bytes == pages // 2 * PAGE
+                assert sorted(p.pin_id for p in owner.list_pins(space.space_id)) == kept
+            finally:
+                dma.close()
+    finally:
+        assert d.stop() == 0

@@ -67,6 +67,9 @@ class Access(enum.IntEnum):
 
 
 _BY_VALUE = (Access.NONE, Access.RO, Access.RW)  # level by value, for column readers
+# Up to this many (pin, range) pairs, `release_pins` compares each pin with each range; past
+# it, it looks the pins up in one set of the ranges.
+PIN_PAIRS_MAX = 4096
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -993,20 +996,24 @@ class AccessTable:
     ) -> list[Pin]:
         """Release `holder`'s pins touching any of the byte ``(offset, length)`` ranges, or all
         of its pins when `ranges` is None; return them in id order."""
+        mine = [p for p in self._pins.values() if p.holder == holder]
         if ranges is None:
-            spans = None
+            released = mine
         else:
             spans = list(ranges)
             for offset, length in spans:
                 self._pages(offset, length)
-        released = [
-            p
-            for p in self._pins.values()
-            if p.holder == holder
-            and (
-                spans is None or any(p.offset < o + n and o < p.offset + p.length for o, n in spans)
-            )
-        ]
+            if len(mine) * len(spans) <= PIN_PAIRS_MAX:
+                released = [
+                    p
+                    for p in mine
+                    if any(p.offset < o + n and o < p.offset + p.length for o, n in spans)
+                ]
+            else:
+                # Thousands of pins against the ranges of a large acknowledgement: each pin
+                # looked up in one set of them, not compared with every one.
+                acked = RangeSet((o, o + n) for o, n in spans)
+                released = [p for p in mine if acked.overlaps(p.offset, p.offset + p.length)]
         for p in released:
             self._forget_pin(p)
         return released

@@ -285,6 +285,30 @@ def test_pins(table: AccessTable) -> None:
     assert table.pin("s1", "a", 0, PS).pin_id == 4  # ids keep increasing, never reused
 
 
+def test_release_pins_of_many_against_many_ranges_releases_exactly_the_overlapping() -> None:
+    """300 pins of one session (and one of another) against 2,000 acknowledged ranges: past
+    PIN_PAIRS_MAX pairs they are matched through a set of the ranges, with the same result as
+    pin by pin, range by range: the holder's pins touching a range, in id order, and only
+    those."""
+    from membrokerd.access import PIN_PAIRS_MAX
+
+    pages = 8_192
+    table = AccessTable(pages * PS)
+    table.set_shared(0, pages * PS)
+    table.grant("dma", 0, pages * PS, RW)
+    pins = [
+        table.pin("s1", "dma", 3 * i * PS, (1 + i % 2) * PS, max_pins=1_000) for i in range(300)
+    ]
+    other = table.pin("s2", "dma", 0, PS)
+    acked = [(4 * i * PS, PS) for i in range(2_000)]  # every fourth page
+    assert 300 * len(acked) > PIN_PAIRS_MAX
+    want = [p for p in pins if any(p.offset < o + n and o < p.offset + p.length for o, n in acked)]
+    assert 0 < len(want) < len(pins)
+    assert table.release_pins("s1", acked) == want
+    assert table.pins() == [*[p for p in pins if p not in want], other]
+    assert table.release_pins("s1", acked) == []  # nothing left there to release
+
+
 def test_fragment_count_and_shared_snapshot(table: AccessTable) -> None:
     table.set_shared(0, 16 * PS)
     for page in range(0, 16, 2):

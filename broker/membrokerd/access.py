@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import overload
 
-from membroker.rangeset import RangeSet
+from membroker.rangeset import RangeSet, touching
 
 __all__ = [
     "Access",
@@ -67,9 +67,6 @@ class Access(enum.IntEnum):
 
 
 _BY_VALUE = (Access.NONE, Access.RO, Access.RW)  # level by value, for column readers
-# Up to this many (pin, range) pairs, `release_pins` compares each pin with each range; past
-# it, it looks the pins up in one set of the ranges.
-PIN_PAIRS_MAX = 4096
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -406,6 +403,11 @@ class Pin:
     length: int
     write: bool
     since: float
+
+
+def pin_span(pin: Pin) -> tuple[int, int]:
+    """The pin's bytes, ``[offset, offset + length)``."""
+    return pin.offset, pin.offset + pin.length
 
 
 def _coalesce(ranges: list[AccessRange]) -> tuple[AccessRange, ...]:
@@ -1003,17 +1005,7 @@ class AccessTable:
             spans = list(ranges)
             for offset, length in spans:
                 self._pages(offset, length)
-            if len(mine) * len(spans) <= PIN_PAIRS_MAX:
-                released = [
-                    p
-                    for p in mine
-                    if any(p.offset < o + n and o < p.offset + p.length for o, n in spans)
-                ]
-            else:
-                # Thousands of pins against the ranges of a large acknowledgement: each pin
-                # looked up in one set of them, not compared with every one.
-                acked = RangeSet((o, o + n) for o, n in spans)
-                released = [p for p in mine if acked.overlaps(p.offset, p.offset + p.length)]
+            released = touching(mine, pin_span, [(o, o + n) for o, n in spans])
         for p in released:
             self._forget_pin(p)
         return released

@@ -31,7 +31,7 @@ from membroker._sys import sock as sys_sock
 from membroker._sys import uffd as sys_uffd
 from membroker._sys.proc import ProcessView, TooManyMappings, Vma
 from membroker.errors import ProtocolError
-from membroker.rangeset import RangeSet
+from membroker.rangeset import RangeSet, touching
 from membroker.v1 import session_pb2 as spb
 from membrokerd import pidns, policy, systemd
 from membrokerd.access import (
@@ -44,6 +44,7 @@ from membrokerd.access import (
     StaleChange,
     TooFragmented,
     TooManyPins,
+    pin_span,
 )
 from membrokerd.config import BrokerConfig
 from membrokerd.enforcement import (
@@ -116,9 +117,6 @@ FEW_RANGES = 64
 # this many (~1 us each: a Python process has ~200) and no walk of it was ever slow. Any other,
 # or a walk that meets more, is judged on a worker thread from the maps text.
 INLINE_MAPPINGS = 1024
-# Up to this many (pin, range) pairs, a batch's ranges are each compared with every pin; past
-# it, pins and ranges are looked up in sets (`_clear_pins_of`).
-PIN_SCAN_MAX = 4096
 # Revocation reports are written to the journal together, at most this often.
 REPORTS_FLUSH_S = 0.2
 # How often a process whose session ended is looked at again during its fence grace.
@@ -1996,23 +1994,14 @@ class Broker:
     ) -> list[ClientResult]:
         """`_clear_pins` for each range of a batch that has pins (none: no cost per range)."""
         fenced: list[ClientResult] = []
-        pins = space.table.pins()
+        pins = [p for p in space.table.pins() if client is None or p.client == client]
         if not pins:
             return fenced
-        if len(pins) * len(spans) > PIN_SCAN_MAX:
-            # Thousands of pins against a batch of thousands of ranges: not every pin against
-            # every range (seconds on the loop), but each pin looked up in one set of the
-            # batch's bytes, and then only the ranges touching such a pin looked at.
-            batch = RangeSet((offset, offset + length) for offset, length in spans)
-            touched = RangeSet(
-                (p.offset, p.offset + p.length)
-                for p in pins
-                if (client is None or p.client == client)
-                and batch.overlaps(p.offset, p.offset + p.length)
-            )
-            if not touched:
-                return fenced
-            spans = [(o, n) for o, n in spans if touched.overlaps(o, o + n)]
+        # Only the ranges that touch a pin, found through sets when there are many of both
+        # (thousands of pins against a batch of thousands of ranges: seconds on the loop pair
+        # by pair).
+        in_the_way = touching(pins, pin_span, [(o, o + n) for o, n in spans])
+        spans = touching(spans, lambda s: (s[0], s[0] + s[1]), [pin_span(p) for p in in_the_way])
         for offset, length in spans:
             if space.table.pins_overlapping(offset, length, client):
                 fenced += await self._clear_pins(

@@ -23,7 +23,7 @@ from membroker._sys import mman
 from membroker._sys import uffd as sys_uffd
 from membroker._sys.libc import KernelFeatureMissing
 from membroker.errors import BrokerRestarting, MembrokerError, SessionClosed, TeardownFailed
-from membroker.rangeset import RangeSet, shared_batch
+from membroker.rangeset import RangeSet, shared_batch, touching
 from membroker.session import Session
 from membroker.types import Access, AccessRange, SpaceInfo, access_of
 from membroker.v1 import broker_pb2 as pb
@@ -37,9 +37,6 @@ GUARD_WAIT_SHARE = 0.6
 # A sealed client's teardown of at least this many ranges zaps around what it still holds
 # instead of range by range, when that takes fewer calls (`VaClient._zap_spans`).
 ZAP_AROUND_MIN = 64
-# An FdClient's teardown compares each pin with each revoked range up to this many pairs; past
-# it, it makes a set of the revoked ranges once and looks each pin up in it.
-PIN_SCAN_MAX = 4096
 
 
 _SEALED_AVAILABLE: bool | None = None
@@ -878,21 +875,15 @@ class FdClient(_Attachment):
         """Releases every pin that overlaps a revoked range."""
         if not self._pins:
             return
-        if len(self._pins) * len(ranges) <= PIN_SCAN_MAX:
-            for pin in list(self._pins.values()):
-                if any(pin.offset < r.end and r.offset < pin.offset + pin.length for r in ranges):
-                    self._drop_pin(pin)
-            return
         # Many pins against a large revocation (a DMA engine's in-flight I/O against a million
-        # ranges): one set of the revoked bytes, then a bisection per pin, not a scan each.
-        revoked = RangeSet((r.offset, r.end) for r in ranges if r.length > 0)
-        for pin in list(self._pins.values()):
-            if pin.length > 0 and revoked.overlaps(pin.offset, pin.offset + pin.length):
-                self._drop_pin(pin)
-
-    def _drop_pin(self, pin: Pin) -> None:
-        pin.released = True
-        del self._pins[pin.pin_id]
+        # ranges) are looked up in one set of the revoked bytes, not compared with each.
+        for pin in touching(
+            self._pins.values(),
+            lambda pin: (pin.offset, pin.offset + pin.length),
+            [(r.offset, r.end) for r in ranges],
+        ):
+            pin.released = True
+            del self._pins[pin.pin_id]
 
     def _release(self) -> None:
         if not self._closed:

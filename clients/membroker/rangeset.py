@@ -20,10 +20,12 @@ from __future__ import annotations
 import itertools
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
-__all__ = ["RangeSet"]
+__all__ = ["PAIRWISE_MAX", "RangeSet", "shared_batch", "touching"]
 
+T = TypeVar("T")
 Interval = tuple[int, int]
 Columns = tuple["array[int]", "array[int]"]
 
@@ -57,6 +59,38 @@ def shared_batch(intervals: list[Interval]) -> list[Interval] | RangeSet:
     merged once, as a RangeSet (each set then copies its chunk lists, not its intervals); a
     small one as it is, which each set applies an interval at a time without making a set."""
     return intervals if len(intervals) <= _SMALL_BATCH else RangeSet(intervals)
+
+
+# Up to this many (item, interval) pairs, `touching` compares each item with each interval;
+# past it, it looks each item up in one set of the intervals.
+PAIRWISE_MAX = 4096
+
+
+def touching(
+    items: Iterable[T], span_of: Callable[[T], Interval], intervals: Sequence[Interval]
+) -> list[T]:
+    """The items (in their order) whose span ``[start, end)`` (`span_of`) overlaps one of the
+    `intervals` ``[start, end)``, any order; empty spans and intervals overlap nothing. Few
+    pairs are compared each with each; many (thousands of pins against a revocation of
+    thousands of ranges) go through one RangeSet of the intervals, a bisection per item."""
+    items = list(items)
+    wide = [iv for iv in intervals if iv[0] < iv[1]]
+    if not items or not wide:
+        return []
+    if len(items) * len(wide) <= PAIRWISE_MAX:
+        out = []
+        for item in items:
+            start, end = span_of(item)
+            if start < end and any(lo < end and start < hi for lo, hi in wide):
+                out.append(item)
+        return out
+    within = RangeSet(wide)
+    out = []
+    for item in items:
+        start, end = span_of(item)
+        if start < end and within.overlaps(start, end):
+            out.append(item)
+    return out
 
 
 def _flat_add(starts: array[int], ends: array[int], start: int, end: int) -> None:

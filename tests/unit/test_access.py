@@ -287,10 +287,10 @@ def test_pins(table: AccessTable) -> None:
 
 def test_release_pins_of_many_against_many_ranges_releases_exactly_the_overlapping() -> None:
     """300 pins of one session (and one of another) against 2,000 acknowledged ranges: past
-    PIN_PAIRS_MAX pairs they are matched through a set of the ranges, with the same result as
+    PAIRWISE_MAX pairs they are matched through a set of the ranges, with the same result as
     pin by pin, range by range: the holder's pins touching a range, in id order, and only
     those."""
-    from membrokerd.access import PIN_PAIRS_MAX
+    from membroker.rangeset import PAIRWISE_MAX
 
     pages = 8_192
     table = AccessTable(pages * PS)
@@ -301,7 +301,7 @@ def test_release_pins_of_many_against_many_ranges_releases_exactly_the_overlappi
     ]
     other = table.pin("s2", "dma", 0, PS)
     acked = [(4 * i * PS, PS) for i in range(2_000)]  # every fourth page
-    assert 300 * len(acked) > PIN_PAIRS_MAX
+    assert 300 * len(acked) > PAIRWISE_MAX
     want = [p for p in pins if any(p.offset < o + n and o < p.offset + p.length for o, n in acked)]
     assert 0 < len(want) < len(pins)
     assert table.release_pins("s1", acked) == want

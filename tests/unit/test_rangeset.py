@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from membroker import rangeset as rangeset_module
-from membroker.rangeset import RangeSet, shared_batch
+from membroker.rangeset import RangeSet, shared_batch, touching
 
 UNIVERSE = 64
 
@@ -370,6 +370,28 @@ def test_a_shared_batch_applies_to_several_sets_as_its_intervals_would(count: in
     assert_canonical(added)
     assert_canonical(removed)
     assert pages_of(RangeSet(batch)) == {p for s, e in intervals for p in range(s, e)}
+
+
+@pytest.mark.parametrize("items, intervals", [(20, 50), (300, 400)])
+def test_touching_finds_the_items_that_overlap_whichever_way_it_compares(
+    items: int, intervals: int
+) -> None:
+    """`touching` keeps, in order, the items whose span overlaps an interval: the same set
+    compared pair by pair (20 x 50) as through a RangeSet (300 x 400, past PAIRWISE_MAX), with
+    empty spans and intervals overlapping nothing, and an item that only meets an interval's
+    end kept out."""
+    rng = random.Random(items)
+    spans = [(a, a + rng.randint(0, 6)) for a in (rng.randrange(3_000) for _ in range(items))]
+    spans.append((100, 100))  # empty
+    ivs = [(a, a + rng.randint(0, 5)) for a in (rng.randrange(3_000) for _ in range(intervals))]
+    ivs.append((7_000, 7_010))
+    spans.append((7_010, 7_020))  # starts where an interval ends
+    assert (len(spans) * len(ivs) > rangeset_module.PAIRWISE_MAX) == (items > 20)
+    want = [s for s in spans if any(lo < s[1] and s[0] < hi for lo, hi in ivs if lo < hi)]
+    want = [s for s in want if s[0] < s[1]]
+    assert touching(spans, lambda s: s, ivs) == want
+    assert (7_010, 7_020) not in want and (100, 100) not in want
+    assert touching([], lambda s: s, ivs) == [] and touching(spans, lambda s: s, []) == []
 
 
 def test_total_of_a_set_larger_than_one_summing_slice() -> None:

@@ -792,7 +792,8 @@ def test_a_revocation_releases_exactly_the_pins_it_overlaps(revoked_count: int) 
     a few ranges (pairwise) as with 100,000 against 40 pins (a set of the ranges, one lookup
     per pin: pairwise, 40 pins not overlapping a million ranges took seconds, past the
     deadline)."""
-    from membroker.clients import PIN_SCAN_MAX, Pin
+    from membroker.clients import Pin
+    from membroker.rangeset import PAIRWISE_MAX
 
     fd = object.__new__(FdClient)  # only its pins are consulted
     revoked = [AccessRange(2 * i * PAGE, PAGE, Access.NONE) for i in range(revoked_count)]
@@ -810,7 +811,7 @@ def test_a_revocation_releases_exactly_the_pins_it_overlaps(revoked_count: int) 
     fd._pins = {i: Pin(fd, i, off, n, False) for i, (off, n) in enumerate(pins.values())}
     names = dict(enumerate(pins))
     if revoked_count > 3:
-        assert len(fd._pins) * len(revoked) > PIN_SCAN_MAX
+        assert len(fd._pins) * len(revoked) > PAIRWISE_MAX
     held = dict(fd._pins)
     fd._teardown(revoked)
     released = {names[i] for i, pin in held.items() if pin.released}

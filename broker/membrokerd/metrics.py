@@ -129,7 +129,8 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "membroker_journal_unfolded_generations",
             "Generations of the change log whose fold into the database failed, kept on disk "
-            "(the newest few in memory too) and folded again with the next one.",
+            "(the newest few in memory too) and folded again at the next fold, oldest first, "
+            "one transaction each.",
             value=s.journal_unfolded,
         )
         yield GaugeMetricFamily(

@@ -26,6 +26,20 @@ def _revoke_in_thread(space, client, offset, length):
     return thread, box
 
 
+def _block_refused(backend, space_id, offset):
+    """A new access() block over a page being revoked is refused (NotHeld)."""
+    refused = backend.cmd("access_enter", space=space_id, offset=offset, length=PAGE)
+    assert not refused["ok"] and refused["error"].startswith("NotHeld")
+
+
+def _joined_report(thread, box):
+    """The report of `_revoke_in_thread`, once it returned."""
+    thread.join(30)
+    report = box["report"]
+    assert isinstance(report, membroker.RevocationReport)
+    return report
+
+
 def test_revoke_waits_for_the_access_block_and_the_block_reads_safely(tmp_path):
     d = Daemon(tmp_path / "rt", "--revoke-deadline-ms", "5000", env=_env())
     backend = None
@@ -46,9 +60,7 @@ def test_revoke_waits_for_the_access_block_and_the_block_reads_safely(tmp_path):
             assert backend.ok("access_read", space=space.space_id, index=0)["value"] == 0x2A
             # ... and returns, acknowledged, as soon as the block exits.
             backend.ok("access_exit", space=space.space_id)
-            thread.join(10)
-            report = box["report"]
-            assert isinstance(report, membroker.RevocationReport)
+            report = _joined_report(thread, box)
             assert [c.outcome for c in report.clients] == ["acked"]
             assert float(box["elapsed"]) >= 0.4  # type: ignore[arg-type]
             result = backend.cmd("touch", space=space.space_id, offset=PAGE)
@@ -74,13 +86,8 @@ def test_a_block_that_outlives_the_deadline_loses_its_pages_not_its_session(tmp_
             # A new block over a range being revoked is refused while the revoke waits.
             thread, box = _revoke_in_thread(space, "backend", 0, 4 * PAGE)
             time.sleep(0.2)
-            refused = backend.cmd(
-                "access_enter", space=space.space_id, offset=2 * PAGE, length=PAGE
-            )
-            assert not refused["ok"] and refused["error"].startswith("NotHeld")
-            thread.join(10)
-            report = box["report"]
-            assert isinstance(report, membroker.RevocationReport)
+            _block_refused(backend, space.space_id, 2 * PAGE)
+            report = _joined_report(thread, box)
             # Torn down at ~60 % of the deadline and acknowledged: not fenced.
             assert [c.outcome for c in report.clients] == ["acked"]
             assert 0.5 <= float(box["elapsed"]) < 1.0 + 5  # type: ignore[arg-type]
@@ -117,12 +124,9 @@ def test_a_large_revocation_waits_for_a_block_and_is_acknowledged_in_time(tmp_pa
             thread, box = _revoke_in_thread(space, "backend", 0, size)
             time.sleep(0.5)
             assert thread.is_alive()  # held back by the block
-            refused = backend.cmd("access_enter", space=space.space_id, offset=0, length=PAGE)
-            assert not refused["ok"] and refused["error"].startswith("NotHeld")
+            _block_refused(backend, space.space_id, 0)
             backend.ok("access_exit", space=space.space_id)
-            thread.join(30)
-            report = box["report"]
-            assert isinstance(report, membroker.RevocationReport)
+            report = _joined_report(thread, box)
             assert [(c.outcome, c.reason) for c in report.clients] == [("acked", "")]
             assert report.revoked_bytes == fragments * PAGE
             assert backend.ok("ranges", space=space.space_id)["ranges"] == []
